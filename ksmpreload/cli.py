@@ -1,0 +1,18 @@
+"""The `ksmpreload` command: a click group; each subcommand lives in ksmpreload/commands/."""
+import click
+
+from . import __version__
+from .commands import COMMANDS
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ksmpreload")
+def main():
+    """Kernel Samepage Merging for unmodified programs: status, control and demo.
+
+    Run programs with KSM using `ksm-wrap COMMAND`; inspect the result here.
+    """
+
+
+for command in COMMANDS:
+    main.add_command(command)

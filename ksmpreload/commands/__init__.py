@@ -1,0 +1,5 @@
+"""One module per subcommand; COMMANDS is what `ksmpreload` offers."""
+from .ksm import ksm
+from .status import status
+
+COMMANDS = [status, ksm]

@@ -1,0 +1,237 @@
+"""Kernel facts in one place: the KSM paths under /proc and /sys, their parsing, version checks.
+
+Nothing else in ksmpreload opens /sys/kernel/mm/ksm or /proc/<pid>/ksm_stat directly.
+"""
+import errno
+import os
+import platform
+import re
+from collections import namedtuple
+
+from .errors import KsmError, NeedsRoot
+
+KSM_DIR = "/sys/kernel/mm/ksm"
+PROC_DIR = "/proc"
+RMAP_ITEM_BYTES = 64           # what the kernel charges per rmap_item in general_profit
+FULL_SCAN_TARGET_SECONDS = 60  # suggested_pages_to_scan aims at one pass over RAM per minute
+PAGES_TO_SCAN_RANGE = (100, 20000)
+
+Feature = namedtuple("Feature", "name since what")
+
+# What appeared when (mainline; "about" where dated from patch mails, see KSM-NOTES.md).
+KERNEL_FEATURES = (
+    Feature("ksm_stat", (6, 1), "/proc/<pid>/ksm_stat with ksm_rmap_items"),
+    Feature("prctl_merge", (6, 4), "prctl(PR_SET_MEMORY_MERGE); ksm_stat gains "
+                                   "ksm_merging_pages and ksm_process_profit"),
+    Feature("ksm_zero_pages", (6, 6), "ksm_zero_pages in ksm_stat and in /sys/kernel/mm/ksm"),
+    Feature("smaps_ksm", (6, 6), "a 'KSM:' line per VMA in /proc/<pid>/smaps"),
+    Feature("smart_scan", (6, 7), "/sys/kernel/mm/ksm/smart_scan and pages_skipped"),
+    Feature("advisor", (6, 8), "advisor_mode: pages_to_scan is read-only unless it is none"),
+    Feature("ksm_stat_flags", (6, 14), "'ksm_merge_any: yes|no' and 'ksm_mergeable: yes|no' "
+                                       "in ksm_stat (about 6.14)"),
+)
+
+
+# ---- the running kernel ---------------------------------------------------------------------
+
+def ksm_available():
+    return os.path.isdir(KSM_DIR)
+
+
+def require_ksm():
+    if not ksm_available():
+        raise KsmError(f"this kernel has no KSM ({KSM_DIR} is missing: built without CONFIG_KSM)")
+
+
+def page_size():
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def kernel_version(release=None):
+    """(major, minor) of `release` (default: the running kernel), e.g. '6.18.44-fc' -> (6, 18)."""
+    release = release or platform.release()
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if not match:
+        raise ValueError(f"cannot read a kernel version from {release!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def kernel_features(version=None):
+    """{feature name: present} for `version` (default: the running kernel), from KERNEL_FEATURES."""
+    version = version or kernel_version()
+    return {feature.name: version >= feature.since for feature in KERNEL_FEATURES}
+
+
+def prctl_merge_supported(version=None):
+    """prctl(PR_SET_MEMORY_MERGE) exists (Linux 6.4+)."""
+    return kernel_features(version)["prctl_merge"]
+
+
+def mem_total_bytes():
+    with open(os.path.join(PROC_DIR, "meminfo")) as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise KsmError("no MemTotal line in /proc/meminfo")
+
+
+# ---- values as the kernel prints them -------------------------------------------------------
+
+def parse_value(text):
+    """One value from sysfs or procfs: '[a] b' -> 'a' (the selected choice), '-12' -> -12,
+    'yes'/'no' -> True/False; any other text is kept as a string."""
+    text = text.strip()
+    choice = re.search(r"\[([^\]]*)\]", text)
+    if choice:
+        return choice.group(1)
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return {"yes": True, "no": False}.get(text, text)
+
+
+# ---- /sys/kernel/mm/ksm ---------------------------------------------------------------------
+
+def knob_path(name, ksm_dir=None):
+    return os.path.join(ksm_dir or KSM_DIR, name)
+
+
+def read_knob(name, ksm_dir=None):
+    """The parsed value of one file under /sys/kernel/mm/ksm, or None if this kernel lacks it."""
+    try:
+        with open(knob_path(name, ksm_dir)) as f:
+            return parse_value(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def read_knobs(ksm_dir=None):
+    """Every file under /sys/kernel/mm/ksm: ints as int, advisor_mode as the selected word."""
+    ksm_dir = ksm_dir or KSM_DIR
+    return {name: read_knob(name, ksm_dir) for name in sorted(os.listdir(ksm_dir))}
+
+
+def write_knob(name, value):
+    """Write one KSM knob and return its previous value. Raises NeedsRoot, or KsmError with
+    the reason in one line when the kernel refuses."""
+    if os.geteuid() != 0:
+        raise NeedsRoot(f"writing {knob_path(name)}")
+    require_ksm()
+    previous = read_knob(name)
+    if previous is None:
+        raise KsmError(f"this kernel has no KSM knob {name} ({knob_path(name)} is missing)")
+    try:
+        with open(knob_path(name), "w") as f:
+            f.write(str(value))
+    except OSError as error:
+        raise KsmError(explain_write_error(name, value, error)) from None
+    return previous
+
+
+def explain_write_error(name, value, error):
+    """One line saying why the kernel refused `value` for knob `name`, and the fix if known."""
+    advisor = read_knob("advisor_mode")
+    if error.errno == errno.EINVAL and name == "pages_to_scan" and advisor not in (None, "none"):
+        return (f"cannot set pages_to_scan while advisor_mode is {advisor} (the advisor sets the "
+                f"scan rate); first run: echo none > {knob_path('advisor_mode')}")
+    if error.errno == errno.EBUSY:
+        return (f"cannot change {name} while KSM has merged pages; "
+                f"unmerge first with: ksmpreload ksm unmerge")
+    if error.errno == errno.EINVAL:
+        return f"the kernel rejected {name} = {value} (invalid value)"
+    return f"cannot write {value} to {knob_path(name)}: {error.strerror}"
+
+
+def pages_saved(knobs):
+    """Pages KSM saves: pages_sharing + ksm_zero_pages (the latter exists from Linux 6.6)."""
+    return knobs.get("pages_sharing", 0) + knobs.get("ksm_zero_pages", 0)
+
+
+def full_scan_seconds(mem_total_bytes, pages_to_scan, sleep_ms):
+    """Seconds ksmd needs for one pass over `mem_total_bytes` of memory, ignoring scan time."""
+    return mem_total_bytes / page_size() / pages_to_scan * sleep_ms / 1000
+
+
+def suggested_pages_to_scan(mem_total_bytes, sleep_ms=20):
+    """A pages_to_scan with which one full scan of all RAM takes about a minute.
+
+    ksmd wakes every `sleep_ms` ms and scans `pages_to_scan` pages, so a pass over R pages
+    takes R / pages_to_scan * sleep_ms ms (the time spent scanning is ignored). Solving for
+    FULL_SCAN_TARGET_SECONDS (60 s) gives R * sleep_ms / 60000, rounded up and clamped to
+    PAGES_TO_SCAN_RANGE: at least 100 (the kernel's default), at most 20000 (to bound the CPU
+    ksmd uses on very large machines). 24 GiB of 4 KiB pages at 20 ms: 2098.
+    """
+    if sleep_ms <= 0:
+        raise ValueError("sleep_ms must be positive")
+    ram_pages = mem_total_bytes // page_size()
+    wanted = -(-ram_pages * sleep_ms // (FULL_SCAN_TARGET_SECONDS * 1000))
+    low, high = PAGES_TO_SCAN_RANGE
+    return max(low, min(high, wanted))
+
+
+# ---- /proc/<pid> ----------------------------------------------------------------------------
+
+def parse_ksm_stat(text):
+    """/proc/<pid>/ksm_stat as a dict. Takes 'key value' lines and, from about 6.14,
+    'key: yes|no' lines; numbers become int, yes/no bool; unknown fields are kept."""
+    fields = {}
+    for line in text.splitlines():
+        parts = line.replace(":", " ", 1).split(None, 1)
+        if len(parts) == 2:
+            fields[parts[0]] = parse_value(parts[1])
+    return fields
+
+
+def read_proc(pid, name):
+    """Text of /proc/<pid>/<name>, or None if the process (or the file) is gone.
+    PermissionError passes through: the caller decides what an unreadable process means."""
+    try:
+        with open(os.path.join(PROC_DIR, str(pid), name), errors="replace") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def process_ksm_stat(pid):
+    """Parsed /proc/<pid>/ksm_stat, or None when the process is gone or the file missing.
+    A kernel thread or zombie has an empty file: {}."""
+    text = read_proc(pid, "ksm_stat")
+    return None if text is None else parse_ksm_stat(text)
+
+
+def uses_ksm(stat):
+    """Whether a parsed ksm_stat shows the process involved with KSM in any way."""
+    counters = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages")
+    flags = ("ksm_merge_any", "ksm_mergeable")
+    return any(stat.get(name, 0) > 0 for name in counters) or any(stat.get(f) for f in flags)
+
+
+def short_cmdline(raw, comm, limit=80):
+    """A NUL-separated /proc/<pid>/cmdline as one line of at most `limit` characters."""
+    text = " ".join(raw.rstrip("\0").split("\0")) or f"[{comm}]"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def pids():
+    return sorted(int(entry) for entry in os.listdir(PROC_DIR) if entry.isdigit())
+
+
+def ksm_process(pid):
+    """{pid, comm, cmdline, ksm_stat fields...} if `pid` uses KSM; None if it does not, has
+    vanished meanwhile, or cannot be read."""
+    try:
+        stat = process_ksm_stat(pid)
+        if not stat or not uses_ksm(stat):
+            return None
+        comm, cmdline = read_proc(pid, "comm"), read_proc(pid, "cmdline")
+    except PermissionError:
+        return None
+    if comm is None or cmdline is None:
+        return None
+    comm = comm.strip()
+    return {"pid": pid, "comm": comm, "cmdline": short_cmdline(cmdline, comm), **stat}
+
+
+def ksm_processes():
+    """Every process whose ksm_stat shows KSM involvement, by pid."""
+    found = (ksm_process(pid) for pid in pids())
+    return [entry for entry in found if entry is not None]

@@ -1,0 +1,97 @@
+#define _GNU_SOURCE
+#include "config.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+void ksm_say(const char *text)
+{
+    char line[512];
+    int len = snprintf(line, sizeof line, "ksmpreload: %s\n", text);
+    if (len > 0)
+        (void)!write(STDERR_FILENO, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
+}
+
+static void warn_invalid(const char *name, const char *value, const char *expected, const char *used)
+{
+    char text[400];
+    snprintf(text, sizeof text, "%s='%.64s' is not %s; using %s", name, value, expected, used);
+    ksm_say(text);
+}
+
+/* "65536", "64K", "2M", "1G" (powers of 1024). Returns 0 when not a size. */
+static size_t parse_size(const char *text)
+{
+    char *end;
+    if (!*text || *text == '-')
+        return 0;
+    unsigned long long value = strtoull(text, &end, 10);
+    unsigned shift = 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    }
+    if (*end == 'i' || *end == 'B' || *end == 'b')
+        end += (*end == 'i' && end[1] == 'B') ? 2 : 1;
+    if (end == text || *end || value > (SIZE_MAX >> shift))
+        return 0;
+    return (size_t)value << shift;
+}
+
+static void read_threshold(struct ksm_config *config, size_t page_size)
+{
+    const char *text = getenv("KSMPRELOAD_THRESHOLD");
+    if (!text)
+        return;
+    size_t value = parse_size(text);
+    if (value >= page_size && value <= ((size_t)1 << 40)) {
+        config->threshold = value;
+        return;
+    }
+    char used[64], expected[96];
+    snprintf(used, sizeof used, "%zu", config->threshold);
+    snprintf(expected, sizeof expected, "a size from %zu bytes to 1T (like 64K or 2M)", page_size);
+    warn_invalid("KSMPRELOAD_THRESHOLD", text, expected, used);
+}
+
+static void read_strategy(struct ksm_config *config)
+{
+    static const char *const names[] = {"auto", "prctl", "madvise"};
+    const char *text = getenv("KSMPRELOAD_STRATEGY");
+    if (!text)
+        return;
+    for (int i = 0; i < 3; i++)
+        if (strcmp(text, names[i]) == 0) {
+            config->strategy = (enum ksm_strategy)i;
+            return;
+        }
+    warn_invalid("KSMPRELOAD_STRATEGY", text, "auto, prctl or madvise", "auto");
+}
+
+static void read_flag(const char *name, int *flag)
+{
+    const char *text = getenv(name);
+    if (!text)
+        return;
+    if (strcmp(text, "0") == 0 || strcmp(text, "1") == 0)
+        *flag = text[0] == '1';
+    else
+        warn_invalid(name, text, "0 or 1", *flag ? "1" : "0");
+}
+
+void ksm_config_read(struct ksm_config *config, size_t page_size)
+{
+    config->threshold = KSM_DEFAULT_THRESHOLD;
+    config->strategy = KSM_STRATEGY_AUTO;
+    config->align = 1;
+    config->verbose = 0;
+    config->stats_dir = getenv("KSMPRELOAD_STATS_DIR");
+    read_threshold(config, page_size);
+    read_strategy(config);
+    read_flag("KSMPRELOAD_ALIGN", &config->align);
+    read_flag("KSMPRELOAD_VERBOSE", &config->verbose);
+}

@@ -1,0 +1,26 @@
+/* Configuration read from the environment once, in the constructor. */
+#ifndef KSMPRELOAD_CONFIG_H
+#define KSMPRELOAD_CONFIG_H
+
+#include <stddef.h>
+
+enum ksm_strategy { KSM_STRATEGY_AUTO, KSM_STRATEGY_PRCTL, KSM_STRATEGY_MADVISE };
+
+/* Allocations and mappings of at least this size are handled; smaller ones pass straight through.
+ * 16 KiB: see docs/BENCHMARKS.md, "Default threshold". */
+#define KSM_DEFAULT_THRESHOLD ((size_t)16 * 1024)
+
+struct ksm_config {
+    size_t threshold;
+    enum ksm_strategy strategy;
+    int align;
+    int verbose;
+    const char *stats_dir;
+};
+
+/* Reads KSMPRELOAD_* variables; an invalid value gives one line on stderr and the default. */
+void ksm_config_read(struct ksm_config *config, size_t page_size);
+/* One line on stderr, "ksmpreload: <text>", without stdio. */
+void ksm_say(const char *text);
+
+#endif

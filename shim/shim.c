@@ -1,0 +1,511 @@
+/* libksmpreload.so: preloaded into an unmodified program, it makes large
+ * allocations page-aligned (so identical buffers give identical pages) and
+ * gets them merged by KSM, through prctl(PR_SET_MEMORY_MERGE) for the whole
+ * process or madvise(MADV_MERGEABLE) region by region.
+ *
+ * A guest in someone else's process: every wrapper keeps errno, never shows a
+ * failure of ours to the program, and below the threshold costs one comparison. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "hooks.h"
+#include "stats.h"
+
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+static struct ksm_config config;
+static size_t page_size = 4096;
+/* SIZE_MAX until the constructor has run: before that every call passes through. */
+static size_t large_threshold = SIZE_MAX;
+static int marking_by_prctl;
+static uintptr_t main_heap_start;
+static uint64_t vma_budget;
+
+/* ---- the real functions ------------------------------------------------ */
+
+static __thread int resolving __attribute__((tls_model("initial-exec")));
+
+#define KSM_DECLARE_REAL(name, ret, params, args, required) static name##_fn real_##name;
+KSM_HOOKS(KSM_DECLARE_REAL)
+#undef KSM_DECLARE_REAL
+
+/* dlsym may call calloc or malloc: while it runs, those are served from here,
+ * and free ignores these blocks. Each block keeps its size 16 bytes before it. */
+static char bootstrap_pool[64 * 1024] __attribute__((aligned(16)));
+static size_t bootstrap_used;
+
+static int in_bootstrap_pool(const void *ptr)
+{
+    return (const char *)ptr >= bootstrap_pool && (const char *)ptr < bootstrap_pool + sizeof bootstrap_pool;
+}
+
+static void *bootstrap_alloc(size_t size)
+{
+    size_t need = 16 + ((size + 15) & ~(size_t)15);
+    size_t at = __atomic_fetch_add(&bootstrap_used, need, __ATOMIC_RELAXED);
+    if (size > sizeof bootstrap_pool || at + need > sizeof bootstrap_pool)
+        return NULL;
+    memcpy(bootstrap_pool + at, &size, sizeof size);
+    return bootstrap_pool + at + 16;
+}
+
+static size_t bootstrap_size(const void *ptr)
+{
+    size_t size;
+    memcpy(&size, (const char *)ptr - 16, sizeof size);
+    return size;
+}
+
+static void resolve_real_functions(void)
+{
+    resolving = 1;
+#define KSM_RESOLVE(name, ret, params, args, required)                                   \
+    if (!real_##name)                                                                    \
+        __atomic_store_n(&real_##name, (name##_fn)dlsym(RTLD_NEXT, #name), __ATOMIC_RELEASE); \
+    if (required && !real_##name) {                                                     \
+        ksm_say("no '" #name "' after libksmpreload in the link order; cannot run");     \
+        _exit(127);                                                                      \
+    }
+    KSM_HOOKS(KSM_RESOLVE)
+#undef KSM_RESOLVE
+    resolving = 0;
+}
+
+/* Before the constructor, jemalloc may map memory from its own constructor:
+ * no dlsym then (it can deadlock), the system calls themselves serve. */
+static void *mmap_syscall(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+}
+
+static int ensure_malloc_family(void)
+{
+    if (UNLIKELY(!real_malloc)) {
+        if (resolving)
+            return 0;
+        resolve_real_functions();
+    }
+    return 1;
+}
+
+/* ---- marking ----------------------------------------------------------- */
+
+static uintptr_t page_down(uintptr_t address) { return address & ~(uintptr_t)(page_size - 1); }
+static uintptr_t page_up(uintptr_t address) { return page_down(address + page_size - 1); }
+static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (page_size - 1)) == 0; }
+
+static void count_madvise_failure(int error)
+{
+    switch (error) {
+    case EINVAL: ksm_stat_add(KSM_STAT_madvise_einval, 1); break;
+    case ENOMEM: ksm_stat_add(KSM_STAT_madvise_enomem, 1); break;
+    case EAGAIN: ksm_stat_add(KSM_STAT_madvise_eagain, 1); break;
+    default: ksm_stat_add(KSM_STAT_madvise_other, 1); break;
+    }
+}
+
+/* Callers keep errno: a failure here is counted, never shown to the program. */
+static void madvise_mergeable(uintptr_t start, uintptr_t end)
+{
+    ksm_stat_add(KSM_STAT_madvise_calls, 1);
+    if (madvise((void *)start, end - start, MADV_MERGEABLE) != 0)
+        count_madvise_failure(errno);
+}
+
+/* Marking one block at a time would split the brk heap into a VMA per block.
+ * Marking from the block to the top of the heap keeps the heap in two VMAs:
+ * unmarked below the lowest large block, marked above it. */
+static int mark_in_main_heap(uintptr_t start)
+{
+    uintptr_t top = page_up((uintptr_t)sbrk(0));
+    if (!main_heap_start || start < main_heap_start || start >= top)
+        return 0;
+    madvise_mergeable(start, top);
+    return 1;
+}
+
+/* Each madvise on part of a mapping can split it in three; the kernel caps a
+ * process's mappings (vm.max_map_count), so the splits we cause are budgeted. */
+static int take_vma_budget(void)
+{
+    uint64_t left = __atomic_load_n(&vma_budget, __ATOMIC_RELAXED);
+    while (left > 0)
+        if (__atomic_compare_exchange_n(&vma_budget, &left, left - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return 1;
+    ksm_stat_add(KSM_STAT_vma_budget_skips, 1);
+    return 0;
+}
+
+static void mark_heap_block(void *ptr, size_t size)
+{
+    ksm_stats_publish_pending();
+    ksm_stat_add(KSM_STAT_heap_regions, 1);
+    ksm_stat_add(KSM_STAT_heap_bytes, size);
+    if (config.align)
+        ksm_stat_add(KSM_STAT_padding_bytes, real_malloc_usable_size(ptr) - size);
+    if (marking_by_prctl)
+        return;
+    uintptr_t start = page_up((uintptr_t)ptr), end = page_down((uintptr_t)ptr + size);
+    if (end <= start || mark_in_main_heap(start))
+        return;
+    if (take_vma_budget())
+        madvise_mergeable(start, end);
+}
+
+/* Anonymous private memory only: KSM ignores shared and file pages, and stacks
+ * and huge pages are not worth a scan. */
+static int mergeable_mapping(int flags)
+{
+    return (flags & MAP_TYPE) == MAP_PRIVATE && (flags & MAP_ANONYMOUS)
+        && !(flags & (MAP_GROWSDOWN | MAP_STACK | MAP_HUGETLB));
+}
+
+static void *mark_mapping(void *ptr, size_t len, int flags)
+{
+    if (ptr == MAP_FAILED || len < large_threshold || !mergeable_mapping(flags))
+        return ptr;
+    ksm_stats_publish_pending();
+    ksm_stat_add(KSM_STAT_mmap_regions, 1);
+    ksm_stat_add(KSM_STAT_mmap_bytes, len);
+    if (!marking_by_prctl) {
+        int saved_errno = errno;
+        madvise_mergeable((uintptr_t)ptr, (uintptr_t)ptr + page_up(len));
+        errno = saved_errno;
+    }
+    return ptr;
+}
+
+/* ---- large heap allocations -------------------------------------------- */
+
+static size_t large_alignment(size_t align)
+{
+    return config.align && align < page_size ? page_size : align;
+}
+
+/* Returns a block of at least `size` bytes, page-aligned when aligning; errno kept on success. */
+static void *allocate_large(size_t size, size_t align)
+{
+    int saved_errno = errno;
+    void *ptr = NULL;
+    size_t alignment = large_alignment(align);
+    if (alignment <= 16) {
+        ptr = real_malloc(size);
+    } else if (real_posix_memalign(&ptr, alignment, size) != 0) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (!ptr)
+        return NULL;
+    mark_heap_block(ptr, size);
+    errno = saved_errno;
+    return ptr;
+}
+
+static void *reallocate_large(void *old, size_t size)
+{
+    int saved_errno = errno;
+    void *ptr = real_realloc(old, size);
+    if (!ptr)
+        return NULL;
+    if (config.align && !is_page_aligned(ptr)) {
+        void *aligned = NULL;
+        if (real_posix_memalign(&aligned, page_size, size) == 0) {
+            memcpy(aligned, ptr, size);
+            real_free(ptr);
+            ptr = aligned;
+            ksm_stat_add(KSM_STAT_realloc_copies, 1);
+        }
+    }
+    mark_heap_block(ptr, size);
+    errno = saved_errno;
+    return ptr;
+}
+
+static void *reallocate_bootstrap_block(void *old, size_t size)
+{
+    void *ptr = malloc(size);
+    if (ptr) {
+        size_t old_size = bootstrap_size(old);
+        memcpy(ptr, old, old_size < size ? old_size : size);
+    }
+    return ptr;
+}
+
+/* ---- the wrappers ------------------------------------------------------ */
+
+EXPORT void *malloc(size_t size)
+{
+    if (UNLIKELY(!ensure_malloc_family()))
+        return bootstrap_alloc(size);
+    if (size < large_threshold)
+        return real_malloc(size);
+    return allocate_large(size, 16);
+}
+
+EXPORT void *calloc(size_t count, size_t size)
+{
+    size_t total;
+    if (UNLIKELY(!ensure_malloc_family()))
+        return __builtin_mul_overflow(count, size, &total) ? NULL : bootstrap_alloc(total);
+    if (__builtin_mul_overflow(count, size, &total) || total < large_threshold)
+        return real_calloc(count, size);
+    void *ptr = allocate_large(total, 16);
+    if (ptr)
+        memset(ptr, 0, total);
+    return ptr;
+}
+
+EXPORT void *realloc(void *old, size_t size)
+{
+    if (UNLIKELY(in_bootstrap_pool(old)))
+        return reallocate_bootstrap_block(old, size);
+    if (UNLIKELY(!ensure_malloc_family()))
+        return old ? NULL : bootstrap_alloc(size);
+    if (size < large_threshold)
+        return real_realloc(old, size);
+    return old ? reallocate_large(old, size) : allocate_large(size, 16);
+}
+
+EXPORT void *reallocarray(void *old, size_t count, size_t size)
+{
+    size_t total;
+    if (__builtin_mul_overflow(count, size, &total)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return realloc(old, total);
+}
+
+EXPORT void free(void *ptr)
+{
+    if (UNLIKELY(in_bootstrap_pool(ptr)))
+        return;
+    if (UNLIKELY(!ensure_malloc_family()))
+        return;
+    real_free(ptr);
+}
+
+EXPORT size_t malloc_usable_size(void *ptr)
+{
+    if (UNLIKELY(in_bootstrap_pool(ptr)))
+        return bootstrap_size(ptr);
+    if (UNLIKELY(!ensure_malloc_family()))
+        return 0;
+    return real_malloc_usable_size(ptr);
+}
+
+static int valid_posix_alignment(size_t align)
+{
+    return align >= sizeof(void *) && (align & (align - 1)) == 0;
+}
+
+EXPORT int posix_memalign(void **out, size_t align, size_t size)
+{
+    if (UNLIKELY(!ensure_malloc_family()))
+        return ENOMEM;
+    if (size < large_threshold || !valid_posix_alignment(align))
+        return real_posix_memalign(out, align, size);
+    void *ptr = allocate_large(size, align);
+    if (!ptr)
+        return ENOMEM;
+    *out = ptr;
+    return 0;
+}
+
+/* aligned_alloc, memalign, valloc and pvalloc: large ones become page-aligned
+ * posix_memalign blocks, small ones and unusual alignments go to the real one. */
+static void *aligned_or_real(void *(*real)(size_t, size_t), size_t align, size_t size)
+{
+    if (size < large_threshold || (align & (align - 1)) != 0 || !real)
+        return real ? real(align, size) : (errno = ENOMEM, NULL);
+    return allocate_large(size, align < sizeof(void *) ? sizeof(void *) : align);
+}
+
+EXPORT void *aligned_alloc(size_t align, size_t size)
+{
+    if (UNLIKELY(!ensure_malloc_family()))
+        return NULL;
+    return aligned_or_real(real_aligned_alloc, align, size);
+}
+
+EXPORT void *memalign(size_t align, size_t size)
+{
+    if (UNLIKELY(!ensure_malloc_family()))
+        return NULL;
+    return aligned_or_real(real_memalign, align, size);
+}
+
+EXPORT void *valloc(size_t size)
+{
+    if (UNLIKELY(!ensure_malloc_family()))
+        return NULL;
+    if (size < large_threshold || !real_valloc)
+        return real_valloc ? real_valloc(size) : (errno = ENOMEM, NULL);
+    return allocate_large(size, page_size);
+}
+
+EXPORT void *pvalloc(size_t size)
+{
+    if (UNLIKELY(!ensure_malloc_family()))
+        return NULL;
+    if (size < large_threshold || !real_pvalloc || size > SIZE_MAX - page_size)
+        return real_pvalloc ? real_pvalloc(size) : (errno = ENOMEM, NULL);
+    return allocate_large(page_up(size), page_size);
+}
+
+EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    mmap_fn real = __atomic_load_n(&real_mmap, __ATOMIC_ACQUIRE);
+    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags);
+}
+
+EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    mmap_fn real = __atomic_load_n(&real_mmap64, __ATOMIC_ACQUIRE);
+    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags);
+}
+
+EXPORT void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
+{
+    void *new_addr = NULL;
+    if (flags & MREMAP_FIXED) {
+        va_list ap;
+        va_start(ap, flags);
+        new_addr = va_arg(ap, void *);
+        va_end(ap);
+    }
+    mremap_fn real = __atomic_load_n(&real_mremap, __ATOMIC_ACQUIRE);
+    if (!real)
+        return (void *)syscall(SYS_mremap, old, old_len, new_len, flags, new_addr);
+    return real(old, old_len, new_len, flags, new_addr);
+}
+
+EXPORT int munmap(void *addr, size_t len)
+{
+    munmap_fn real = __atomic_load_n(&real_munmap, __ATOMIC_ACQUIRE);
+    int result = real ? real(addr, len) : (int)syscall(SYS_munmap, addr, len);
+    if (result == 0 && len >= large_threshold)
+        ksm_stat_add(KSM_STAT_unmapped_bytes, len);
+    return result;
+}
+
+/* ---- start-up, fork and exit ------------------------------------------- */
+
+static void default_stats_dir(char *dir, size_t size)
+{
+    if (geteuid() == 0)
+        snprintf(dir, size, "/run/ksmpreload");
+    else
+        snprintf(dir, size, "/tmp/ksmpreload-%u", (unsigned)geteuid());
+}
+
+/* start_brk is field 47 of /proc/self/stat: the bottom of the brk heap. */
+static uintptr_t read_heap_start(void)
+{
+    char text[2048];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t len = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (len <= 0)
+        return 0;
+    text[len] = '\0';
+    char *field = strrchr(text, ')'); /* the command name may hold spaces */
+    for (int index = 2; field && index < 47; index++)
+        field = strchr(field + 1, ' ');
+    return field ? (uintptr_t)strtoull(field + 1, NULL, 10) : 0;
+}
+
+static uint64_t read_max_map_count(void)
+{
+    char text[32] = {0};
+    int fd = open("/proc/sys/vm/max_map_count", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 65530;
+    ssize_t len = read(fd, text, sizeof text - 1);
+    close(fd);
+    return len > 0 ? strtoull(text, NULL, 10) : 65530;
+}
+
+static void choose_marking(void)
+{
+    if (config.strategy == KSM_STRATEGY_MADVISE)
+        return;
+    if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0) {
+        marking_by_prctl = 1;
+        return;
+    }
+    if (config.verbose) {
+        char text[160];
+        snprintf(text, sizeof text, "prctl(PR_SET_MEMORY_MERGE) refused (%s); marking with madvise instead",
+                 strerror(errno));
+        ksm_say(text);
+    }
+}
+
+static void say_configuration(void)
+{
+    char text[256];
+    snprintf(text, sizeof text, "pid %d: strategy %s, threshold %zu bytes, %s", (int)getpid(),
+             marking_by_prctl ? "prctl" : "madvise", config.threshold,
+             config.align ? "large blocks page-aligned" : "no alignment");
+    ksm_say(text);
+}
+
+static void after_fork_in_child(void)
+{
+    ksm_stats_after_fork();
+}
+
+__attribute__((constructor)) static void ksmpreload_start(void)
+{
+    int saved_errno = errno;
+    page_size = getauxval(AT_PAGESZ) ? getauxval(AT_PAGESZ) : 4096;
+    resolve_real_functions();
+    ksm_config_read(&config, page_size);
+    choose_marking();
+    main_heap_start = read_heap_start();
+    vma_budget = read_max_map_count() / 4;
+
+    ksm_stat_set(KSM_STAT_pid, (uint64_t)getpid());
+    ksm_stat_set(KSM_STAT_strategy, marking_by_prctl ? 1 : 2);
+    ksm_stat_set(KSM_STAT_threshold, config.threshold);
+    ksm_stat_set(KSM_STAT_align, (uint64_t)config.align);
+    ksm_stat_set(KSM_STAT_page_size, page_size);
+    char dir[256];
+    if (!config.stats_dir)
+        default_stats_dir(dir, sizeof dir);
+    ksm_stats_publish(config.stats_dir ? config.stats_dir : dir);
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+    if (config.verbose)
+        say_configuration();
+    __atomic_store_n(&large_threshold, config.threshold, __ATOMIC_RELEASE);
+    errno = saved_errno;
+}
+
+__attribute__((destructor)) static void ksmpreload_stop(void)
+{
+    int saved_errno = errno;
+    ksm_stats_unpublish();
+    errno = saved_errno;
+}

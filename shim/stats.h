@@ -1,0 +1,56 @@
+/* Counters the shim keeps, readable from outside the process.
+ * File format (docs/COUNTERS.md): "KSMPRLD1", u64 slot count, the u64 slots,
+ * then the slot names, each NUL-terminated, in slot order. Little-endian. */
+#ifndef KSMPRELOAD_STATS_H
+#define KSMPRELOAD_STATS_H
+
+#include <stdint.h>
+
+#define KSM_STAT_SLOTS(X)                                                          \
+    X(pid)                 /* process that writes this file */                     \
+    X(strategy)            /* 1 prctl, 2 madvise */                                \
+    X(threshold)           /* bytes: allocations and mappings this large are handled */ \
+    X(align)               /* 1 when large heap blocks are page-aligned */         \
+    X(page_size)                                                                   \
+    X(heap_regions)        /* large heap blocks made mergeable (cumulative) */     \
+    X(heap_bytes)                                                                  \
+    X(mmap_regions)        /* large anonymous private mappings made mergeable */   \
+    X(mmap_bytes)                                                                  \
+    X(padding_bytes)       /* usable size beyond the request of aligned blocks */  \
+    X(realloc_copies)      /* reallocs copied again to keep page alignment */      \
+    X(madvise_calls)                                                               \
+    X(madvise_einval)      /* failures by errno: never shown to the program */     \
+    X(madvise_enomem)                                                              \
+    X(madvise_eagain)                                                              \
+    X(madvise_other)                                                               \
+    X(vma_budget_skips)    /* blocks left unmarked to keep the VMA count bounded */ \
+    X(unmapped_bytes)      /* bytes given back by munmap calls at or above the threshold */
+
+enum ksm_stat_slot {
+#define KSM_STAT_ENUM(name) KSM_STAT_##name,
+    KSM_STAT_SLOTS(KSM_STAT_ENUM)
+#undef KSM_STAT_ENUM
+    KSM_STAT_COUNT
+};
+
+extern uint64_t *ksm_stats;
+
+static inline void ksm_stat_add(enum ksm_stat_slot slot, uint64_t value)
+{
+    __atomic_fetch_add(&ksm_stats[slot], value, __ATOMIC_RELAXED);
+}
+
+static inline void ksm_stat_set(enum ksm_stat_slot slot, uint64_t value)
+{
+    __atomic_store_n(&ksm_stats[slot], value, __ATOMIC_RELAXED);
+}
+
+/* Counters go to <dir>/<pid>.stats (mode 0600) at the first large event; dir "off": stay private. */
+void ksm_stats_publish(const char *dir);
+/* In a forked child: a file of its own, counters from zero, configuration kept. */
+void ksm_stats_after_fork(void);
+/* Called on the slow paths: creates the file on the process's first large event. */
+void ksm_stats_publish_pending(void);
+void ksm_stats_unpublish(void);
+
+#endif
