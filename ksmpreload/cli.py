@@ -3,11 +3,12 @@ import click
 
 from . import __version__
 from .commands import COMMANDS
+from .errors import run_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ksmpreload")
-def main():
+def group():
     """Kernel Samepage Merging for unmodified programs: status, control and demo.
 
     Run programs with KSM using `ksm-wrap COMMAND`; inspect the result here.
@@ -15,4 +16,8 @@ def main():
 
 
 for command in COMMANDS:
-    main.add_command(command)
+    group.add_command(command)
+
+
+def main():
+    run_cli(group, "ksmpreload")

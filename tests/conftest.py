@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-KSM_DIR = "/sys/kernel/mm/ksm"
+from ksmpreload.kernel import KSM_DIR, process_ksm_stat
+
 IN_CI = os.environ.get("CI") == "true"
 
 
@@ -70,10 +71,46 @@ def wait_full_scans(count, timeout=120.0, poll=0.1):
 
 
 def ksm_stat(pid):
-    """Parsed /proc/<pid>/ksm_stat: {'ksm_merging_pages': int, ...}; yes/no become bools."""
-    fields = {}
-    with open(f"/proc/{pid}/ksm_stat") as f:
-        for line in f:
-            key, value = line.replace(":", " ").split()
-            fields[key] = {"yes": True, "no": False}.get(value, None) if not value.isdigit() else int(value)
-    return fields
+    """Parsed /proc/<pid>/ksm_stat (ksmpreload.kernel.parse_ksm_stat); raises if pid is gone."""
+    stat = process_ksm_stat(pid)
+    if stat is None:
+        raise FileNotFoundError(f"/proc/{pid}/ksm_stat: no such process or no ksm_stat")
+    return stat
+
+
+# ---- the shim and the C test programs -------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+@pytest.fixture(scope="session")
+def c_programs(tmp_path_factory):
+    """The C test programs of tests/c, built with CMake; returns a path -> program function."""
+    import subprocess
+    build = tmp_path_factory.mktemp("c-build")
+    subprocess.run(["cmake", "-S", REPO, "-B", str(build), "-DKSMPRELOAD_TESTS=ON",
+                    "-DCMAKE_BUILD_TYPE=Debug"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    return lambda name: str(build / "tests" / "c" / name)
+
+
+@pytest.fixture(scope="session")
+def shim():
+    import ksmpreload
+    path = ksmpreload.shim_path()
+    assert os.path.isfile(path), f"the installed package has no shim at {path}"
+    return path
+
+
+@pytest.fixture
+def shim_env(shim, tmp_path):
+    """Environment that preloads the shim, with its counters in a private directory."""
+    def make(preload_after=(), **settings):
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = " ".join([shim, *preload_after])
+        env["KSMPRELOAD_STATS_DIR"] = str(tmp_path / "stats")
+        for name, value in settings.items():
+            env[f"KSMPRELOAD_{name.upper()}"] = str(value)
+        return env
+    return make

@@ -1,0 +1,138 @@
+"""ksm-wrap: run an unmodified program with libksmpreload.so preloaded, so its memory merges.
+
+The launcher execs the program itself: the pid stays the program's.
+"""
+import os
+import shutil
+import sys
+
+import click
+
+from . import binary, kernel, shim_path
+from .errors import EXIT_NOT_FOUND, KsmError, run_cli
+from .sizes import SizeParam
+
+CANNOT_EXECUTE = 126  # as a shell says
+
+
+def say(message):
+    click.echo(f"ksm-wrap: {message}", err=True)
+
+
+def find_program(name):
+    """The file `name` runs, as the shell would find it, or a KsmError with its exit code."""
+    path = name if "/" in name else shutil.which(name)
+    if not path or not os.path.exists(path):
+        raise KsmError(f"command not found: {name}", EXIT_NOT_FOUND)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise KsmError(f"cannot execute {path}: not an executable file", CANNOT_EXECUTE)
+    return path
+
+
+def preload_list(existing, shim):
+    """The shim first, so its wrappers see every call and pass it to whatever allocator
+    follows (a preloaded jemalloc included); what was already preloaded is kept."""
+    others = [entry for entry in existing.replace(":", " ").split() if entry != shim]
+    return " ".join([shim] + others)
+
+
+def shim_environment(environ, strategy, threshold, align, verbose):
+    shim = shim_path()
+    if not os.path.isfile(shim):
+        raise KsmError(f"the shim is missing ({shim}); reinstall ksmpreload")
+    env = dict(environ)
+    env["LD_PRELOAD"] = preload_list(environ.get("LD_PRELOAD", ""), shim)
+    env["KSMPRELOAD_STRATEGY"] = strategy
+    env["KSMPRELOAD_ALIGN"] = "1" if align else "0"
+    env["KSMPRELOAD_VERBOSE"] = "1" if verbose else "0"
+    if threshold is not None:
+        env["KSMPRELOAD_THRESHOLD"] = str(threshold)
+    return env
+
+
+def turn_ksm_on():
+    """Turn KSM on with a scan rate suited to this machine's memory; report what changed."""
+    kernel.require_ksm()
+    knobs = kernel.read_knobs()
+    if knobs.get("run") == 1:
+        say("KSM is already running; nothing changed")
+        return
+    changes = []
+    suggested = kernel.suggested_pages_to_scan(kernel.mem_total_bytes(), knobs.get("sleep_millisecs", 20))
+    if knobs.get("advisor_mode", "none") == "none" and knobs.get("pages_to_scan", 0) < suggested:
+        kernel.write_knob("pages_to_scan", suggested)
+        changes.append(f"pages_to_scan {knobs['pages_to_scan']} -> {suggested}")
+    kernel.write_knob("run", 1)
+    changes.append(f"run {knobs.get('run')} -> 1")
+    say("changed " + ", ".join(changes))
+
+
+def warn_if_ksm_idle():
+    if not kernel.ksm_available():
+        say("this kernel has no KSM: the program runs, but nothing will merge")
+    elif kernel.read_knobs().get("run") != 1:
+        say("KSM is not running (run != 1): nothing merges until it is; "
+            "use --enable-ksm or 'ksmpreload ksm on'")
+
+
+def merge_without_preload(program, reason, verbose):
+    """For static and secure programs: prctl here, kept across exec on Linux 6.7+ (no alignment)."""
+    if not kernel.prctl_merge_supported():
+        say(f"{program} {reason}; this kernel has no prctl(PR_SET_MEMORY_MERGE) either, "
+            "so its memory cannot be made mergeable; running it unchanged")
+        return
+    from . import native
+    try:
+        native.set_memory_merge(True)
+    except OSError as error:
+        say(f"{program} {reason}; prctl(PR_SET_MEMORY_MERGE) failed ({error.strerror}); running it unchanged")
+        return
+    say(f"{program} {reason}: using prctl(PR_SET_MEMORY_MERGE), which the program inherits "
+        "(whole-process merging, no alignment of its allocations)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
+@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise"]), default="auto", show_default=True,
+              help="How memory is made mergeable. auto: prctl(PR_SET_MEMORY_MERGE) where the kernel has it "
+                   "(6.4+), else madvise. prctl marks every mapping without splitting any; madvise marks "
+                   "only large allocations and mappings.")
+@click.option("--threshold", type=SizeParam(), default=None,
+              help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M). "
+                   "[default: 16K]")
+@click.option("--no-align", "no_align", is_flag=True,
+              help="Leave large allocations where the allocator puts them (identical buffers then rarely "
+                   "give identical pages).")
+@click.option("--enable-ksm", is_flag=True, help="Turn KSM on (root) with a scan rate suited to this machine if it is off.")
+@click.option("-v", "--verbose", is_flag=True, help="The shim says what it chose, on stderr.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
+    """Run COMMAND with Kernel Samepage Merging working on its memory.
+
+    \b
+    Example:
+      ksm-wrap redis-server --port 6380
+      ksm-wrap --strategy madvise --threshold 64K python3 app.py
+    """
+    if threshold is not None and threshold < kernel.page_size():
+        raise click.BadParameter(f"must be at least one page ({kernel.page_size()} bytes)", param_hint="--threshold")
+    program = find_program(command[0])
+    if enable_ksm:
+        turn_ksm_on()
+    else:
+        warn_if_ksm_idle()
+    target = binary.inspect(os.path.realpath(program))
+    env = dict(os.environ)
+    if target.is_elf and target.preload_ignored_because:
+        merge_without_preload(program, target.preload_ignored_because, verbose)
+    else:
+        env = shim_environment(os.environ, strategy, threshold, not no_align, verbose)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(program, list(command), env)
+    except OSError as error:
+        raise KsmError(f"cannot execute {program}: {error.strerror}", CANNOT_EXECUTE)
+
+
+def main():
+    run_cli(cli, "ksm-wrap")

@@ -1,0 +1,107 @@
+"""Merging on the real kernel, judged by the ksm_stat of the processes the tests start."""
+import json
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ksm_stat, wait_full_scans
+from ksmpreload import shimstats
+
+DISTINCT, COPIES = 64, 4
+
+
+def start_dup_buffers(program, *wrap_args):
+    proc = subprocess.Popen(["ksm-wrap", *wrap_args, program, str(DISTINCT), str(COPIES)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    report = json.loads(proc.stdout.readline())
+    assert report["pid"] == proc.pid
+    return proc, report["mergeable_pages"]
+
+
+def merged_pages_after_scans(proc, scans=3):
+    wait_full_scans(scans)
+    return ksm_stat(proc.pid)["ksm_merging_pages"]
+
+
+def stop(proc):
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "prctl", "madvise"])
+def test_duplicate_buffers_merge(ksm_running, c_programs, strategy):
+    proc, mergeable = start_dup_buffers(c_programs("dup_buffers"), "--strategy", strategy)
+    try:
+        merged = merged_pages_after_scans(proc)
+    finally:
+        stop(proc)
+    assert merged >= 0.9 * mergeable, f"{merged} of {mergeable} duplicate pages merged"
+
+
+@pytest.mark.parametrize("strategy", ["prctl", "madvise"])
+def test_without_alignment_most_duplicates_stay_apart(ksm_running, c_programs, strategy):
+    """glibc's chunk headers put identical buffers at different page offsets."""
+    proc, mergeable = start_dup_buffers(c_programs("dup_buffers"), "--strategy", strategy, "--no-align")
+    try:
+        merged = merged_pages_after_scans(proc)
+    finally:
+        stop(proc)
+    assert merged < 0.5 * mergeable, f"{merged} of {mergeable} merged even without alignment"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port, strategy):
+    proc = subprocess.Popen(["ksm-wrap", "--strategy", strategy, "redis-server", "--port", str(port),
+                             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--loglevel", "warning"], stdout=subprocess.DEVNULL)
+    import redis
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            return proc, client
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+
+
+VALUES, VALUE_BYTES = 1500, 32 * 1024
+
+
+def load_same_values(client):
+    import random
+    pipe = client.pipeline(transaction=False)
+    for i in range(VALUES):
+        pipe.set(f"key:{i}", random.Random(i).randbytes(VALUE_BYTES))
+    pipe.execute()
+
+
+def test_two_redis_servers_with_the_same_values_merge(ksm_running):
+    servers = [start_redis(free_port(), "madvise") for _ in range(2)]
+    try:
+        for _, client in servers:
+            load_same_values(client)
+        wait_full_scans(3)
+        stats = [ksm_stat(proc.pid) for proc, _ in servers]
+        counters = [shimstats.read_process_stats(proc.pid) for proc, _ in servers]
+        for _, client in servers:  # what was written is still what is read
+            assert client.get("key:7") == __import__("random").Random(7).randbytes(VALUE_BYTES)
+    finally:
+        for proc, client in servers:
+            client.shutdown(nosave=True)
+            proc.wait(timeout=30)
+    value_pages = VALUES * VALUE_BYTES // 4096
+    for stat, counter in zip(stats, counters):
+        assert stat["ksm_merge_any"] is False, "madvise strategy: no whole-process merging"
+        assert stat["ksm_merging_pages"] >= 0.9 * value_pages, stat
+        assert counter["strategy"] == "madvise" and counter["mmap_regions"] > 0, counter

@@ -1,0 +1,114 @@
+"""ksm-wrap as a user runs it: the installed command, real programs, real exit codes."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import JEMALLOC, require_root_ksm
+
+
+def wrap(*args, env=None, **kwargs):
+    return subprocess.run(["ksm-wrap", *args], capture_output=True, text=True, timeout=60,
+                          env=env, **kwargs)
+
+
+def one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ksm-wrap: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--bogus", "true"], 2, "No such option '--bogus'"),
+    ([], 2, "Missing argument 'COMMAND...'"),
+    (["no-such-program-here"], 127, "command not found: no-such-program-here"),
+    (["--threshold", "lots", "true"], 2, "'lots' is not a size"),
+    (["--threshold", "100", "true"], 2, "must be at least one page"),
+    (["--strategy", "fast", "true"], 2, "'fast' is not one of"),
+    (["/"], 126, "not an executable file"),
+])
+def test_bad_input_gives_one_line_and_exit_code(args, code, says):
+    env = dict(os.environ, KSMPRELOAD_STATS_DIR="off")
+    result = wrap(*args, env=env)
+    assert result.returncode == code
+    assert says in one_error_line(result)
+
+
+def test_program_keeps_its_pid_and_sees_the_shim_first(shim):
+    env = dict(os.environ, LD_PRELOAD=JEMALLOC)
+    proc = subprocess.Popen(["ksm-wrap", "sh", "-c", 'echo "$$ $LD_PRELOAD $KSMPRELOAD_STRATEGY"'],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    pid, shim_first, kept, strategy = out.split()
+    assert int(pid) == proc.pid, "ksm-wrap execs: the program has the launcher's pid"
+    assert shim_first == shim and kept == JEMALLOC
+    assert strategy == "auto"
+
+
+def test_exit_status_and_output_are_the_programs():
+    result = wrap("sh", "-c", "echo out; echo err >&2; exit 7", env=dict(os.environ, KSMPRELOAD_STATS_DIR="off"))
+    assert result.returncode == 7
+    assert result.stdout == "out\n"
+    assert result.stderr.splitlines()[-1] == "err"
+
+
+def test_options_reach_the_shim():
+    result = wrap("--strategy", "madvise", "--threshold", "64K", "--no-align", "-v", "true")
+    assert result.returncode == 0
+    assert "strategy madvise, threshold 65536 bytes, no alignment" in result.stderr
+
+
+def test_static_binary_gets_prctl_merging(c_programs):
+    program = c_programs("merge_flag_static")
+    assert subprocess.run([program], capture_output=True, text=True).stdout.strip() == "0"
+    result = wrap(program)
+    assert result.returncode == 0
+    assert "is statically linked" in result.stderr and "prctl(PR_SET_MEMORY_MERGE)" in result.stderr
+    assert result.stdout.strip() == "1", "the flag set by ksm-wrap survives exec into the program"
+
+
+def test_setuid_binary_is_named(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("making a setuid file of another owner needs root")
+    program = tmp_path / "id-setuid"
+    shutil.copy("/usr/bin/id", program)
+    os.chown(program, 65534, 65534)
+    os.chmod(program, 0o755 | stat.S_ISUID)
+    result = wrap(str(program))
+    assert "is setuid" in result.stderr and "prctl(PR_SET_MEMORY_MERGE)" in result.stderr
+
+
+def test_enable_ksm_turns_it_on_and_says_what_changed(ksm_running):
+    with open("/sys/kernel/mm/ksm/run", "w") as f:
+        f.write("0")
+    with open("/sys/kernel/mm/ksm/pages_to_scan", "w") as f:
+        f.write("100")
+    result = wrap("--enable-ksm", "true")
+    assert result.returncode == 0
+    assert "run 0 -> 1" in result.stderr and "pages_to_scan 100 -> " in result.stderr
+    with open("/sys/kernel/mm/ksm/run") as f:
+        assert f.read().strip() == "1"
+
+
+def test_warns_when_ksm_is_off(ksm_running):
+    with open("/sys/kernel/mm/ksm/run", "w") as f:
+        f.write("0")
+    result = wrap("true")
+    assert result.returncode == 0
+    assert "KSM is not running" in result.stderr and "--enable-ksm" in result.stderr
+
+
+def test_enable_ksm_without_root_says_so(ksm_running):
+    """Run as root with the effective uid of nobody (so the installed package stays readable)."""
+    with open("/sys/kernel/mm/ksm/run", "w") as f:
+        f.write("0")
+    code = ("import os, sys, locale, gettext, ksmpreload.wrap as wrap, ksmpreload.kernel, ksmpreload.binary; "
+            "os.seteuid(65534); sys.argv = ['ksm-wrap', '--enable-ksm', 'true']; wrap.main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd="/")
+    assert result.returncode == 1
+    assert "needs root" in one_error_line(result)
