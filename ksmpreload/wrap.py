@@ -98,7 +98,7 @@ def merge_without_preload(program, reason, verbose):
                    "only large allocations and mappings.")
 @click.option("--threshold", type=SizeParam(), default=None,
               help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M). "
-                   "[default: 16K]")
+                   "[default: 8K]")
 @click.option("--no-align", "no_align", is_flag=True,
               help="Leave large allocations where the allocator puts them (identical buffers then rarely "
                    "give identical pages).")
