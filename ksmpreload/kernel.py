@@ -206,8 +206,11 @@ def uses_ksm(stat):
 
 
 def short_cmdline(raw, comm, limit=80):
-    """A NUL-separated /proc/<pid>/cmdline as one line of at most `limit` characters."""
-    text = " ".join(raw.rstrip("\0").split("\0")) or f"[{comm}]"
+    """A NUL-separated /proc/<pid>/cmdline as one line of at most `limit` characters, the
+    program without its directory ('/usr/bin/redis-server x' -> 'redis-server x')."""
+    args = raw.rstrip("\0").split("\0")
+    args[0] = os.path.basename(args[0])
+    text = " ".join(args) or f"[{comm}]"
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 

@@ -1,12 +1,16 @@
 """Output shared by the commands: one renderer per format (JSON; text and tables with rich)."""
 import json
+import os
 
 import click
+from rich.columns import Columns
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+TEXT_COLUMN_WIDTH = 40  # text cells longer than this are cut with '…'
+PIPE_WIDTH = 160  # columns when stdout is not a terminal (rich would use 80) and no $COLUMNS
 
 
 def print_json(obj, compact=False):
@@ -15,8 +19,11 @@ def print_json(obj, compact=False):
 
 
 def console():
-    """A rich console on the current stdout (no guessing of colours for numbers)."""
-    return Console(highlight=False)
+    """A rich console on the current stdout, wide enough for a table row per line in a pipe."""
+    result = Console(highlight=False)
+    if not result.is_terminal and "COLUMNS" not in os.environ:
+        result.width = PIPE_WIDTH
+    return result
 
 
 def print_rich(renderable):
@@ -39,11 +46,24 @@ def key_value_lines(pairs):
     return Text("\n".join(f"{name}: {value}" for name, value in pairs))
 
 
+def key_value_columns(pairs):
+    """The same 'name: value' items laid out in columns, to fit a terminal's height."""
+    return Columns([Text(f"{name}: {value}") for name, value in pairs], column_first=True,
+                   padding=(0, 3))
+
+
 def table(columns, rows, title=None):
-    """A rich table. `columns` are (header, justify) pairs; cells are converted with str()."""
+    """A rich table, one line per row. `columns` are (header, justify) pairs; cells are
+    shown as plain text. Left-justified (text) cells longer than TEXT_COLUMN_WIDTH, or too
+    long for the terminal, are cut with '…'; numbers are never cut, headers wrap."""
     result = Table(title=title, title_justify="left")
-    for header, justify in columns:
-        result.add_column(header, justify=justify)
+    for index, (header, justify) in enumerate(columns):
+        widest = max((len(str(row[index])) for row in rows), default=0)
+        if justify == "left":
+            result.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis",
+                              max_width=TEXT_COLUMN_WIDTH)
+        else:
+            result.add_column(header, justify=justify, min_width=widest)
     for row in rows:
-        result.add_row(*(str(cell) for cell in row))
+        result.add_row(*(Text(str(cell)) for cell in row))
     return result

@@ -8,13 +8,13 @@ from .errors import KsmError
 
 FAST_PAGES_TO_SCAN = 5000
 FAST_SLEEP_MS = 10
-SAVED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
+SAVED_KNOBS = ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "run")  # run last
 
 
 @contextlib.contextmanager
 def fast_scanning(pages_to_scan=FAST_PAGES_TO_SCAN, sleep_ms=FAST_SLEEP_MS):
-    """KSM on at a fast rate inside the block; run, pages_to_scan and sleep_millisecs
-    (and advisor_mode, which must be none to set the rate) are restored after."""
+    """KSM on at a fast rate inside the block; SAVED_KNOBS (and advisor_mode, which must be
+    none to set the rate) are restored after, whatever the block changed."""
     kernel.require_ksm()
     saved = kernel.read_knobs()
     advisor = saved.get("advisor_mode", "none")
@@ -27,7 +27,8 @@ def fast_scanning(pages_to_scan=FAST_PAGES_TO_SCAN, sleep_ms=FAST_SLEEP_MS):
         yield
     finally:
         for name in SAVED_KNOBS:
-            kernel.write_knob(name, saved[name])
+            if kernel.read_knob(name) != saved[name]:
+                kernel.write_knob(name, saved[name])
         if advisor != "none":
             kernel.write_knob("advisor_mode", advisor)
 

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from ksmpreload import scanning
 from ksmpreload.kernel import KSM_DIR, process_ksm_stat
 
 IN_CI = os.environ.get("CI") == "true"
@@ -32,42 +33,17 @@ def _write(name, value):
         f.write(str(value))
 
 
-RESTORED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "max_page_sharing")
-
-
 @pytest.fixture
 def ksm_running():
     """KSM on with a fast scan rate for the test; every knob it changes is restored after."""
     require_root_ksm()
-    advisor = _read("advisor_mode") if os.path.exists(os.path.join(KSM_DIR, "advisor_mode")) else None
-    if advisor is not None and "[none]" not in advisor:
-        _write("advisor_mode", "none")
-    saved = {name: _read(name) for name in RESTORED_KNOBS}
-    _write("pages_to_scan", 5000)
-    _write("sleep_millisecs", 10)
-    _write("run", 1)
-    yield
-    # max_page_sharing can only change while nothing is merged; restore run last.
-    for name in ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "run"):
-        if _read(name) != saved[name]:
-            _write(name, saved[name])
-    if advisor is not None and "[none]" not in advisor:
-        _write("advisor_mode", advisor.split("[")[1].split("]")[0])
+    with scanning.fast_scanning():
+        yield
 
 
-def full_scans():
-    return int(_read("full_scans"))
-
-
-def wait_full_scans(count, timeout=120.0, poll=0.1):
+def wait_full_scans(count, timeout=120.0):
     """Wait until ksmd has finished `count` more full scans than now."""
-    import time
-    target = full_scans() + count
-    deadline = time.monotonic() + timeout
-    while full_scans() < target:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"ksmd did not finish {count} full scans in {timeout}s")
-        time.sleep(poll)
+    scanning.wait_full_scans(count, timeout)
 
 
 def ksm_stat(pid):

@@ -1,5 +1,6 @@
 """One module per subcommand; COMMANDS is what `ksmpreload` offers."""
+from .demo import demo
 from .ksm import ksm
 from .status import status
 
-COMMANDS = [status, ksm]
+COMMANDS = [status, ksm, demo]

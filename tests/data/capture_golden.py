@@ -5,14 +5,17 @@
 Runs two KSM-enabled children (identical pattern pages, and zero pages with
 use_zero_pages=1), lets ksmd merge them, then copies /proc/<pid>/ksm_stat of each, of a
 process without KSM and of a kernel thread, every file of /sys/kernel/mm/ksm, and
-advisor_mode as printed in each mode; KERNEL records the release and page size. Every knob it changes is restored.
+advisor_mode as printed in each mode; KERNEL records the release and page size. Every knob
+it changes is restored. No other process may use KSM meanwhile: the capture checks that
+general_profit is explained by its two children alone, which the tests rely on.
 """
 import os
 import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+TESTS = os.path.dirname(HERE)
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from conftest import wait_full_scans  # noqa: E402
 from mergeable_child import mergeable_process  # noqa: E402
 
@@ -56,6 +59,15 @@ def capture_sysfs(dirname):
         save(os.path.join(dirname, name), read(os.path.join(KSM_DIR, name)))
 
 
+def check_only_children(stats):
+    """general_profit = (pages_sharing + ksm_zero_pages) * page size - 64 * all rmap_items."""
+    rmap_items = sum(int(text.split()[1]) for text in stats)  # first line: ksm_rmap_items N
+    saved = int(knob("pages_sharing")) + int(knob("ksm_zero_pages"))
+    if int(knob("general_profit")) != saved * os.sysconf("SC_PAGE_SIZE") - 64 * rmap_items:
+        raise SystemExit("another process uses KSM (general_profit does not add up): "
+                         "stop it and capture again")
+
+
 def capture_merging():
     set_knob("pages_to_scan", 5000)
     set_knob("sleep_millisecs", 10)
@@ -63,9 +75,11 @@ def capture_merging():
     set_knob("run", 1)
     with mergeable_process(1024) as pattern, mergeable_process(512, zero=True) as zeros:
         wait_full_scans(3)
-        save(f"ksm_stat_{VERSION}_prctl_merging.txt", read(f"/proc/{pattern.pid}/ksm_stat"))
-        save(f"ksm_stat_{VERSION}_prctl_zero_pages.txt", read(f"/proc/{zeros.pid}/ksm_stat"))
+        stats = [read(f"/proc/{child.pid}/ksm_stat") for child in (pattern, zeros)]
         capture_sysfs(f"sys_kernel_mm_ksm_{VERSION}_merging")
+        check_only_children(stats)
+        save(f"ksm_stat_{VERSION}_prctl_merging.txt", stats[0])
+        save(f"ksm_stat_{VERSION}_prctl_zero_pages.txt", stats[1])
     save(f"ksm_stat_{VERSION}_not_involved.txt", read("/proc/self/ksm_stat"))
     save(f"ksm_stat_{VERSION}_kernel_thread.txt", read("/proc/2/ksm_stat"))
 

@@ -1,0 +1,117 @@
+"""`ksmpreload status`: KSM's knobs and counters, the pages it saves, the processes using it."""
+import sys
+import time
+
+import click
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
+
+from .. import kernel, render
+
+MIB = 1024 * 1024
+NOT_SHOWN = "-"  # a ksm_stat field this kernel does not have
+
+PROCESS_COLUMNS = (  # (header, justify, ksm_stat field or key of the process entry)
+    ("pid", "right", "pid"),
+    ("command", "left", "cmdline"),
+    ("merging pages", "right", "ksm_merging_pages"),
+    ("zero pages", "right", "ksm_zero_pages"),
+    ("profit", "right", "ksm_process_profit"),
+    ("rmap items", "right", "ksm_rmap_items"),
+    ("merge_any", "center", "ksm_merge_any"),
+    ("mergeable", "center", "ksm_mergeable"),
+)
+
+
+def snapshot():
+    """Everything `status` shows, as one JSON-ready dict."""
+    knobs = kernel.read_knobs()
+    saved = kernel.pages_saved(knobs)
+    return {
+        "ksm": knobs,
+        "pages_saved": saved,
+        "mib_saved": round(saved * kernel.page_size() / MIB, 2),
+        "processes": kernel.ksm_processes(),
+    }
+
+
+def cell(process, key):
+    value = process.get(key, NOT_SHOWN)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key == "ksm_process_profit" and value != NOT_SHOWN:
+        return render.human_bytes(value)
+    return value
+
+
+def saved_pages(process):
+    return process.get("ksm_merging_pages", 0) + process.get("ksm_zero_pages", 0)
+
+
+def process_table(processes):
+    rows = [[cell(process, key) for _, _, key in PROCESS_COLUMNS]
+            for process in sorted(processes, key=saved_pages, reverse=True)]
+    columns = [(header, justify) for header, justify, _ in PROCESS_COLUMNS]
+    return render.table(columns, rows, title="Processes with KSM-enabled memory")
+
+
+def status_view(snap, compact=False):
+    """The text form of a snapshot: one line per knob (in columns if `compact`, to fit a
+    terminal), pages saved, the process table."""
+    saved = Text(f"pages saved (pages_sharing + ksm_zero_pages): "
+                 f"{snap['pages_saved']} pages, {snap['mib_saved']} MiB")
+    processes = (process_table(snap["processes"]) if snap["processes"]
+                 else Text("no process has KSM-enabled memory"))
+    layout = render.key_value_columns if compact else render.key_value_lines
+    return Group(layout(snap["ksm"].items()), Text(), saved, Text(), processes)
+
+
+def show(snap, as_json, json_lines=False):
+    if as_json:
+        render.print_json(snap, compact=json_lines)
+    else:
+        render.print_rich(status_view(snap))
+
+
+def watch_live(seconds):
+    """Redraw in place on a terminal until Ctrl-C."""
+    view = status_view(snapshot(), compact=True)
+    with Live(view, console=render.console(), auto_refresh=False) as live:
+        while True:
+            time.sleep(seconds)
+            live.update(status_view(snapshot(), compact=True), refresh=True)
+
+
+def watch_stream(seconds, as_json):
+    """One snapshot per interval (JSON: one object per line) until Ctrl-C."""
+    while True:
+        show(snapshot(), as_json, json_lines=True)
+        if not as_json:
+            click.echo()
+        sys.stdout.flush()
+        time.sleep(seconds)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+@click.option("--watch", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Refresh every SECONDS until Ctrl-C: in place on a terminal, else one "
+                   "snapshot per interval (with --json, one object per line).")
+def status(as_json, watch):
+    """Show KSM's knobs, pages saved and processes.
+
+    Every value under /sys/kernel/mm/ksm, the pages KSM saves (pages_sharing +
+    ksm_zero_pages) and each process with KSM-enabled memory, from /proc/<pid>/ksm_stat.
+    """
+    kernel.require_ksm()
+    if watch is None:
+        show(snapshot(), as_json)
+        return
+    try:
+        if sys.stdout.isatty() and not as_json:
+            watch_live(watch)
+        else:
+            watch_stream(watch, as_json)
+    except KeyboardInterrupt:
+        pass
