@@ -44,7 +44,7 @@ static uint64_t vma_budget;
 
 static __thread int resolving __attribute__((tls_model("initial-exec")));
 
-#define KSM_DECLARE_REAL(name, ret, params, args, required) static name##_fn real_##name;
+#define KSM_DECLARE_REAL(name, ret, params, required) static name##_fn real_##name;
 KSM_HOOKS(KSM_DECLARE_REAL)
 #undef KSM_DECLARE_REAL
 
@@ -78,7 +78,7 @@ static size_t bootstrap_size(const void *ptr)
 static void resolve_real_functions(void)
 {
     resolving = 1;
-#define KSM_RESOLVE(name, ret, params, args, required)                                   \
+#define KSM_RESOLVE(name, ret, params, required)                                   \
     if (!real_##name)                                                                    \
         __atomic_store_n(&real_##name, (name##_fn)dlsym(RTLD_NEXT, #name), __ATOMIC_RELEASE); \
     if (required && !real_##name) {                                                     \
@@ -132,14 +132,38 @@ static void madvise_mergeable(uintptr_t start, uintptr_t end)
 }
 
 /* Marking one block at a time would split the brk heap into a VMA per block.
- * Marking from the block to the top of the heap keeps the heap in two VMAs:
- * unmarked below the lowest large block, marked above it. */
+ * Marking from the lowest large block to the top of the heap keeps it to one
+ * unmarked and one marked part, plus one part per growth of the heap (a new
+ * brk VMA cannot join a marked one). The marked range is remembered so that a
+ * block inside it costs no system call while the top has not moved. */
+static uintptr_t heap_marked_from, heap_marked_top;
+static int heap_lock;
+
+static void lock_heap_marks(void)
+{
+    while (__atomic_test_and_set(&heap_lock, __ATOMIC_ACQUIRE))
+        ;
+}
+
+static void unlock_heap_marks(void)
+{
+    __atomic_clear(&heap_lock, __ATOMIC_RELEASE);
+}
+
 static int mark_in_main_heap(uintptr_t start)
 {
     uintptr_t top = page_up((uintptr_t)sbrk(0));
     if (!main_heap_start || start < main_heap_start || start >= top)
         return 0;
-    madvise_mergeable(start, top);
+    lock_heap_marks();
+    if (!heap_marked_from || start < heap_marked_from || top != heap_marked_top) {
+        /* A moved top may hide a trim and regrowth: mark the whole range again. */
+        uintptr_t from = heap_marked_from && heap_marked_from < start ? heap_marked_from : start;
+        madvise_mergeable(from, top);
+        heap_marked_from = from;
+        heap_marked_top = top;
+    }
+    unlock_heap_marks();
     return 1;
 }
 
@@ -474,6 +498,7 @@ static void say_configuration(void)
 
 static void after_fork_in_child(void)
 {
+    heap_lock = 0; /* another thread may have held it when the parent forked */
     ksm_stats_after_fork();
 }
 
