@@ -136,3 +136,7 @@ def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
 
 def main():
     run_cli(cli, "ksm-wrap")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,8 @@ SETTLED_SCANS = 2  # merging has settled when this many full scans change nothin
 def start_workers(count, mib):
     workers = []
     for _ in range(count):
-        proc = subprocess.Popen(["ksm-wrap", sys.executable, "-m", "ksmpreload.demo_worker", str(mib), "1"],
+        launcher = [sys.executable, "-m", "ksmpreload.wrap"]  # ksm-wrap, even when not on PATH
+        proc = subprocess.Popen([*launcher, sys.executable, "-m", "ksmpreload.demo_worker", str(mib), "1"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         workers.append(proc)
     for proc in workers:
