@@ -50,3 +50,30 @@ def wait_full_scans(count, timeout=120.0, on_progress=None, poll=0.1):
         time.sleep(poll)
     if on_progress:
         on_progress(count, count)
+
+
+# smart_scan (6.7+) looks at a page that has not merged for long only every 8th scan
+# (mm/ksm.c skip_age), so merging has settled only after more than 8 scans without change.
+SETTLE_SCANS = 9
+
+
+def wait_until_settled(merged_now, min_scans=3, steady_scans=SETTLE_SCANS, timeout=120.0, on_progress=None,
+                       poll=0.2):
+    """Wait until merging settles: at least `min_scans` full scans have passed and
+    `merged_now()` has not changed for `steady_scans` full scans (or `timeout` passed).
+    Pages need two scans with the same checksum before they merge, and smart_scan skips
+    pages that did not merge for a growing number of scans, so a fixed count stops short.
+    Returns the last value; on_progress(value) is called at each poll."""
+    start = full_scans()
+    deadline = time.monotonic() + timeout
+    last, steady_since = None, start
+    while time.monotonic() < deadline:
+        value, scans = merged_now(), full_scans()
+        if on_progress:
+            on_progress(value)
+        if value != last:
+            last, steady_since = value, scans
+        elif scans - start >= min_scans and scans - steady_since >= steady_scans:
+            break
+        time.sleep(poll)
+    return last

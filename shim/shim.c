@@ -30,12 +30,17 @@
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
+/* The large paths stay out of line so the small path needs no stack frame. */
+#define SLOW_PATH __attribute__((noinline, cold))
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define LIKELY(x) __builtin_expect(!!(x), 1)
 
 static struct ksm_config config;
 static size_t page_size = 4096;
-/* SIZE_MAX until the constructor has run: before that every call passes through. */
-static size_t large_threshold = SIZE_MAX;
+/* 0 until the real functions are known, so that every call takes the slow path
+ * that finds them; then SIZE_MAX (all pass through) until the constructor sets
+ * the configured threshold. The fast path is then one comparison. */
+static size_t large_threshold;
 static int marking_by_prctl;
 static uintptr_t main_heap_start;
 static uint64_t vma_budget;
@@ -55,7 +60,7 @@ static size_t bootstrap_used;
 
 static int in_bootstrap_pool(const void *ptr)
 {
-    return (const char *)ptr >= bootstrap_pool && (const char *)ptr < bootstrap_pool + sizeof bootstrap_pool;
+    return (uintptr_t)ptr - (uintptr_t)bootstrap_pool < sizeof bootstrap_pool; /* one comparison */
 }
 
 static void *bootstrap_alloc(size_t size)
@@ -75,7 +80,7 @@ static size_t bootstrap_size(const void *ptr)
     return size;
 }
 
-static void resolve_real_functions(void)
+__attribute__((noinline)) static void resolve_real_functions(void)
 {
     resolving = 1;
 #define KSM_RESOLVE(name, ret, params, required)                                   \
@@ -87,6 +92,8 @@ static void resolve_real_functions(void)
     }
     KSM_HOOKS(KSM_RESOLVE)
 #undef KSM_RESOLVE
+    size_t unresolved = 0;
+    __atomic_compare_exchange_n(&large_threshold, &unresolved, SIZE_MAX, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
     resolving = 0;
 }
 
@@ -97,15 +104,25 @@ static void *mmap_syscall(void *addr, size_t len, int prot, int flags, int fd, o
     return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
 }
 
-static int ensure_malloc_family(void)
+/* The first calls, before the real functions are known: resolve them, or tell
+ * the caller to use the pool while dlsym itself allocates. */
+SLOW_PATH static int resolve_or_use_pool(void)
 {
-    if (UNLIKELY(!real_malloc)) {
-        if (resolving)
-            return 0;
-        resolve_real_functions();
-    }
-    return 1;
+    if (resolving)
+        return 1;
+    resolve_real_functions();
+    return 0;
 }
+
+/* The threshold for the slow paths: a call racing the first resolution may see 0. */
+static size_t threshold_now(void)
+{
+    size_t threshold = __atomic_load_n(&large_threshold, __ATOMIC_ACQUIRE);
+    return threshold ? threshold : SIZE_MAX;
+}
+
+/* True when the caller must serve from the bootstrap pool. */
+#define NEEDS_POOL() (UNLIKELY(!real_malloc) && resolve_or_use_pool())
 
 /* ---- marking ----------------------------------------------------------- */
 
@@ -205,7 +222,7 @@ static int mergeable_mapping(int flags)
 
 static void *mark_mapping(void *ptr, size_t len, int flags)
 {
-    if (ptr == MAP_FAILED || len < large_threshold || !mergeable_mapping(flags))
+    if (ptr == MAP_FAILED || !config.threshold || len < config.threshold || !mergeable_mapping(flags))
         return ptr;
     ksm_stats_publish_pending();
     ksm_stat_add(KSM_STAT_mmap_regions, 1);
@@ -226,7 +243,7 @@ static size_t large_alignment(size_t align)
 }
 
 /* Returns a block of at least `size` bytes, page-aligned when aligning; errno kept on success. */
-static void *allocate_large(size_t size, size_t align)
+SLOW_PATH static void *allocate_large(size_t size, size_t align)
 {
     int saved_errno = errno;
     void *ptr = NULL;
@@ -244,20 +261,55 @@ static void *allocate_large(size_t size, size_t align)
     return ptr;
 }
 
-static void *reallocate_large(void *old, size_t size)
+SLOW_PATH static void *allocate_large_zeroed(size_t size)
+{
+    void *ptr = allocate_large(size, 16);
+    if (ptr)
+        memset(ptr, 0, size);
+    return ptr;
+}
+
+/* Learned at run time: this allocator's realloc can move a page-aligned block
+ * to an unaligned place (jemalloc offsets large blocks within their first page). */
+static int realloc_loses_alignment;
+
+/* One copy of what the old block holds into a new page-aligned block; NULL
+ * (the old block intact) when there is no memory for it. */
+static void *move_to_aligned(void *old, size_t old_size, size_t size)
+{
+    void *ptr = NULL;
+    if (real_posix_memalign(&ptr, page_size, size) != 0)
+        return NULL;
+    memcpy(ptr, old, old_size < size ? old_size : size);
+    real_free(old);
+    ksm_stat_add(KSM_STAT_realloc_copies, 1);
+    return ptr;
+}
+
+/* Aligned blocks go through the allocator's realloc while it keeps them
+ * aligned (in place, or mremap for glibc's mapped chunks: no copy); others
+ * move once, straight to an aligned block. */
+static void *realloc_keeping_alignment(void *old, size_t size)
+{
+    size_t old_size = real_malloc_usable_size(old);
+    if (!is_page_aligned(old) || (realloc_loses_alignment && size > old_size))
+        return move_to_aligned(old, old_size, size);
+    void *ptr = real_realloc(old, size);
+    if (ptr && !is_page_aligned(ptr)) {
+        realloc_loses_alignment = 1;
+        void *aligned = move_to_aligned(ptr, size, size);
+        ptr = aligned ? aligned : ptr;
+    }
+    return ptr;
+}
+
+SLOW_PATH static void *reallocate_large(void *old, size_t size)
 {
     int saved_errno = errno;
-    void *ptr = real_realloc(old, size);
-    if (!ptr)
+    void *ptr = config.align ? realloc_keeping_alignment(old, size) : real_realloc(old, size);
+    if (!ptr) {
+        errno = ENOMEM;
         return NULL;
-    if (config.align && !is_page_aligned(ptr)) {
-        void *aligned = NULL;
-        if (real_posix_memalign(&aligned, page_size, size) == 0) {
-            memcpy(aligned, ptr, size);
-            real_free(ptr);
-            ptr = aligned;
-            ksm_stat_add(KSM_STAT_realloc_copies, 1);
-        }
     }
     mark_heap_block(ptr, size);
     errno = saved_errno;
@@ -276,37 +328,58 @@ static void *reallocate_bootstrap_block(void *old, size_t size)
 
 /* ---- the wrappers ------------------------------------------------------ */
 
+/* malloc, calloc, realloc and free: the fast path is the condition and a tail
+ * call to the real function; everything else (first calls, the bootstrap pool,
+ * large blocks) is in the out-of-line *_slow functions. */
+
+SLOW_PATH static void *malloc_slow(size_t size)
+{
+    if (NEEDS_POOL())
+        return bootstrap_alloc(size);
+    return size < threshold_now() ? real_malloc(size) : allocate_large(size, 16);
+}
+
 EXPORT void *malloc(size_t size)
 {
-    if (UNLIKELY(!ensure_malloc_family()))
-        return bootstrap_alloc(size);
-    if (size < large_threshold)
+    if (LIKELY(size < large_threshold))
         return real_malloc(size);
-    return allocate_large(size, 16);
+    return malloc_slow(size);
+}
+
+SLOW_PATH static void *calloc_slow(size_t count, size_t size)
+{
+    size_t total;
+    if (NEEDS_POOL())
+        return __builtin_mul_overflow(count, size, &total) ? NULL : bootstrap_alloc(total);
+    if (__builtin_mul_overflow(count, size, &total) || total < threshold_now())
+        return real_calloc(count, size);
+    return allocate_large_zeroed(total);
 }
 
 EXPORT void *calloc(size_t count, size_t size)
 {
     size_t total;
-    if (UNLIKELY(!ensure_malloc_family()))
-        return __builtin_mul_overflow(count, size, &total) ? NULL : bootstrap_alloc(total);
-    if (__builtin_mul_overflow(count, size, &total) || total < large_threshold)
+    if (LIKELY(!__builtin_mul_overflow(count, size, &total) && total < large_threshold))
         return real_calloc(count, size);
-    void *ptr = allocate_large(total, 16);
-    if (ptr)
-        memset(ptr, 0, total);
-    return ptr;
+    return calloc_slow(count, size);
+}
+
+SLOW_PATH static void *realloc_slow(void *old, size_t size)
+{
+    if (in_bootstrap_pool(old))
+        return reallocate_bootstrap_block(old, size);
+    if (NEEDS_POOL())
+        return old ? NULL : bootstrap_alloc(size);
+    if (size < threshold_now())
+        return real_realloc(old, size);
+    return old ? reallocate_large(old, size) : allocate_large(size, 16);
 }
 
 EXPORT void *realloc(void *old, size_t size)
 {
-    if (UNLIKELY(in_bootstrap_pool(old)))
-        return reallocate_bootstrap_block(old, size);
-    if (UNLIKELY(!ensure_malloc_family()))
-        return old ? NULL : bootstrap_alloc(size);
-    if (size < large_threshold)
+    if (LIKELY(size < large_threshold && !in_bootstrap_pool(old)))
         return real_realloc(old, size);
-    return old ? reallocate_large(old, size) : allocate_large(size, 16);
+    return realloc_slow(old, size);
 }
 
 EXPORT void *reallocarray(void *old, size_t count, size_t size)
@@ -319,20 +392,25 @@ EXPORT void *reallocarray(void *old, size_t count, size_t size)
     return realloc(old, total);
 }
 
+SLOW_PATH static void free_slow(void *ptr)
+{
+    if (!in_bootstrap_pool(ptr) && !NEEDS_POOL())
+        real_free(ptr);
+}
+
 EXPORT void free(void *ptr)
 {
-    if (UNLIKELY(in_bootstrap_pool(ptr)))
-        return;
-    if (UNLIKELY(!ensure_malloc_family()))
-        return;
-    real_free(ptr);
+    if (LIKELY(!in_bootstrap_pool(ptr) && real_malloc))
+        real_free(ptr);
+    else
+        free_slow(ptr);
 }
 
 EXPORT size_t malloc_usable_size(void *ptr)
 {
     if (UNLIKELY(in_bootstrap_pool(ptr)))
         return bootstrap_size(ptr);
-    if (UNLIKELY(!ensure_malloc_family()))
+    if (NEEDS_POOL())
         return 0;
     return real_malloc_usable_size(ptr);
 }
@@ -344,9 +422,9 @@ static int valid_posix_alignment(size_t align)
 
 EXPORT int posix_memalign(void **out, size_t align, size_t size)
 {
-    if (UNLIKELY(!ensure_malloc_family()))
+    if (NEEDS_POOL())
         return ENOMEM;
-    if (size < large_threshold || !valid_posix_alignment(align))
+    if (size < threshold_now() || !valid_posix_alignment(align))
         return real_posix_memalign(out, align, size);
     void *ptr = allocate_large(size, align);
     if (!ptr)
@@ -359,39 +437,39 @@ EXPORT int posix_memalign(void **out, size_t align, size_t size)
  * posix_memalign blocks, small ones and unusual alignments go to the real one. */
 static void *aligned_or_real(void *(*real)(size_t, size_t), size_t align, size_t size)
 {
-    if (size < large_threshold || (align & (align - 1)) != 0 || !real)
+    if (size < threshold_now() || (align & (align - 1)) != 0 || !real)
         return real ? real(align, size) : (errno = ENOMEM, NULL);
     return allocate_large(size, align < sizeof(void *) ? sizeof(void *) : align);
 }
 
 EXPORT void *aligned_alloc(size_t align, size_t size)
 {
-    if (UNLIKELY(!ensure_malloc_family()))
+    if (NEEDS_POOL())
         return NULL;
     return aligned_or_real(real_aligned_alloc, align, size);
 }
 
 EXPORT void *memalign(size_t align, size_t size)
 {
-    if (UNLIKELY(!ensure_malloc_family()))
+    if (NEEDS_POOL())
         return NULL;
     return aligned_or_real(real_memalign, align, size);
 }
 
 EXPORT void *valloc(size_t size)
 {
-    if (UNLIKELY(!ensure_malloc_family()))
+    if (NEEDS_POOL())
         return NULL;
-    if (size < large_threshold || !real_valloc)
+    if (size < threshold_now() || !real_valloc)
         return real_valloc ? real_valloc(size) : (errno = ENOMEM, NULL);
     return allocate_large(size, page_size);
 }
 
 EXPORT void *pvalloc(size_t size)
 {
-    if (UNLIKELY(!ensure_malloc_family()))
+    if (NEEDS_POOL())
         return NULL;
-    if (size < large_threshold || !real_pvalloc || size > SIZE_MAX - page_size)
+    if (size < threshold_now() || !real_pvalloc || size > SIZE_MAX - page_size)
         return real_pvalloc ? real_pvalloc(size) : (errno = ENOMEM, NULL);
     return allocate_large(page_up(size), page_size);
 }
@@ -427,7 +505,7 @@ EXPORT int munmap(void *addr, size_t len)
 {
     munmap_fn real = __atomic_load_n(&real_munmap, __ATOMIC_ACQUIRE);
     int result = real ? real(addr, len) : (int)syscall(SYS_munmap, addr, len);
-    if (result == 0 && len >= large_threshold)
+    if (result == 0 && config.threshold && len >= config.threshold)
         ksm_stat_add(KSM_STAT_unmapped_bytes, len);
     return result;
 }

@@ -17,7 +17,7 @@
     X(mmap_regions)        /* large anonymous private mappings made mergeable */   \
     X(mmap_bytes)                                                                  \
     X(padding_bytes)       /* usable size beyond the request of aligned blocks */  \
-    X(realloc_copies)      /* reallocs copied again to keep page alignment */      \
+    X(realloc_copies)      /* reallocs the shim moved to a page-aligned block */      \
     X(madvise_calls)                                                               \
     X(madvise_einval)      /* failures by errno: never shown to the program */     \
     X(madvise_enomem)                                                              \

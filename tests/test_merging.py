@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from conftest import ksm_stat, wait_full_scans
-from ksmpreload import shimstats
+from conftest import ksm_stat
+from ksmpreload import scanning, shimstats
 
 DISTINCT, COPIES = 64, 4
 
@@ -20,9 +20,12 @@ def start_dup_buffers(program, *wrap_args):
     return proc, report["mergeable_pages"]
 
 
-def merged_pages_after_scans(proc, scans=3):
-    wait_full_scans(scans)
-    return ksm_stat(proc.pid)["ksm_merging_pages"]
+def merged_pages(*pids):
+    return sum(ksm_stat(pid)["ksm_merging_pages"] for pid in pids)
+
+
+def merged_pages_when_settled(*pids):
+    return scanning.wait_until_settled(lambda: merged_pages(*pids))
 
 
 def stop(proc):
@@ -34,7 +37,7 @@ def stop(proc):
 def test_duplicate_buffers_merge(ksm_running, c_programs, strategy):
     proc, mergeable = start_dup_buffers(c_programs("dup_buffers"), "--strategy", strategy)
     try:
-        merged = merged_pages_after_scans(proc)
+        merged = merged_pages_when_settled(proc.pid)
     finally:
         stop(proc)
     assert merged >= 0.9 * mergeable, f"{merged} of {mergeable} duplicate pages merged"
@@ -45,7 +48,7 @@ def test_without_alignment_most_duplicates_stay_apart(ksm_running, c_programs, s
     """glibc's chunk headers put identical buffers at different page offsets."""
     proc, mergeable = start_dup_buffers(c_programs("dup_buffers"), "--strategy", strategy, "--no-align")
     try:
-        merged = merged_pages_after_scans(proc)
+        merged = merged_pages_when_settled(proc.pid)
     finally:
         stop(proc)
     assert merged < 0.5 * mergeable, f"{merged} of {mergeable} merged even without alignment"
@@ -91,7 +94,7 @@ def test_two_redis_servers_with_the_same_values_merge(ksm_running):
     try:
         for _, client in servers:
             load_same_values(client)
-        wait_full_scans(3)
+        merged_pages_when_settled(*(proc.pid for proc, _ in servers))
         stats = [ksm_stat(proc.pid) for proc, _ in servers]
         counters = [shimstats.read_process_stats(proc.pid) for proc, _ in servers]
         for _, client in servers:  # what was written is still what is read

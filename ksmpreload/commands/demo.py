@@ -12,15 +12,13 @@ from .. import kernel, scanning
 from ..errors import KsmError
 from ..render import console, human_bytes, print_json, print_rich, table
 
-SETTLED_SCANS = 2  # merging has settled when this many full scans change nothing
-
-
 def start_workers(count, mib):
     workers = []
     for _ in range(count):
         launcher = [sys.executable, "-m", "ksmpreload.wrap"]  # ksm-wrap, even when not on PATH
+        # cwd "/": started in a source checkout, `-m` would import the unbuilt package there.
         proc = subprocess.Popen([*launcher, sys.executable, "-m", "ksmpreload.demo_worker", str(mib), "1"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
         workers.append(proc)
     for proc in workers:
         line = proc.stdout.readline()
@@ -54,15 +52,8 @@ def watch_merging(workers, timeout, quiet):
                TimeElapsedColumn())
     with Progress(*columns, console=console(), disable=quiet, transient=False) as progress:
         task = progress.add_task("merge", total=total)
-        deadline, last, steady_since = time.monotonic() + timeout, -1, scanning.full_scans()
-        while time.monotonic() < deadline:
-            merged = merged_pages(workers)
-            progress.update(task, completed=min(merged, total))
-            if merged != last:
-                last, steady_since = merged, scanning.full_scans()
-            elif merged and scanning.full_scans() - steady_since >= SETTLED_SCANS:
-                break
-            time.sleep(0.2)
+        scanning.wait_until_settled(lambda: merged_pages(workers), timeout=timeout,
+                                    on_progress=lambda merged: progress.update(task, completed=min(merged, total)))
     return total
 
 
