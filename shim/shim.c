@@ -23,6 +23,7 @@
 
 #include "config.h"
 #include "hooks.h"
+#include "marking.h"
 #include "stats.h"
 
 #ifndef PR_SET_MEMORY_MERGE
@@ -42,8 +43,6 @@ static size_t page_size = 4096;
  * the configured threshold. The fast path is then one comparison. */
 static size_t large_threshold;
 static int marking_by_prctl;
-static uintptr_t main_heap_start;
-static uint64_t vma_budget;
 
 /* ---- the real functions ------------------------------------------------ */
 
@@ -124,92 +123,15 @@ static size_t threshold_now(void)
 /* True when the caller must serve from the bootstrap pool. */
 #define NEEDS_POOL() (UNLIKELY(!real_malloc) && resolve_or_use_pool())
 
-/* ---- marking ----------------------------------------------------------- */
+/* ---- what the wrappers hand to the marking policy ----------------------- */
 
-static uintptr_t page_down(uintptr_t address) { return address & ~(uintptr_t)(page_size - 1); }
-static uintptr_t page_up(uintptr_t address) { return page_down(address + page_size - 1); }
 static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (page_size - 1)) == 0; }
-
-static void count_madvise_failure(int error)
-{
-    switch (error) {
-    case EINVAL: ksm_stat_add(KSM_STAT_madvise_einval, 1); break;
-    case ENOMEM: ksm_stat_add(KSM_STAT_madvise_enomem, 1); break;
-    case EAGAIN: ksm_stat_add(KSM_STAT_madvise_eagain, 1); break;
-    default: ksm_stat_add(KSM_STAT_madvise_other, 1); break;
-    }
-}
-
-/* Callers keep errno: a failure here is counted, never shown to the program. */
-static void madvise_mergeable(uintptr_t start, uintptr_t end)
-{
-    ksm_stat_add(KSM_STAT_madvise_calls, 1);
-    if (madvise((void *)start, end - start, MADV_MERGEABLE) != 0)
-        count_madvise_failure(errno);
-}
-
-/* Marking one block at a time would split the brk heap into a VMA per block.
- * Marking from the lowest large block to the top of the heap keeps it to one
- * unmarked and one marked part, plus one part per growth of the heap (a new
- * brk VMA cannot join a marked one). The marked range is remembered so that a
- * block inside it costs no system call while the top has not moved. */
-static uintptr_t heap_marked_from, heap_marked_top;
-static int heap_lock;
-
-static void lock_heap_marks(void)
-{
-    while (__atomic_test_and_set(&heap_lock, __ATOMIC_ACQUIRE))
-        ;
-}
-
-static void unlock_heap_marks(void)
-{
-    __atomic_clear(&heap_lock, __ATOMIC_RELEASE);
-}
-
-static int mark_in_main_heap(uintptr_t start)
-{
-    uintptr_t top = page_up((uintptr_t)sbrk(0));
-    if (!main_heap_start || start < main_heap_start || start >= top)
-        return 0;
-    lock_heap_marks();
-    if (!heap_marked_from || start < heap_marked_from || top != heap_marked_top) {
-        /* A moved top may hide a trim and regrowth: mark the whole range again. */
-        uintptr_t from = heap_marked_from && heap_marked_from < start ? heap_marked_from : start;
-        madvise_mergeable(from, top);
-        heap_marked_from = from;
-        heap_marked_top = top;
-    }
-    unlock_heap_marks();
-    return 1;
-}
-
-/* Each madvise on part of a mapping can split it in three; the kernel caps a
- * process's mappings (vm.max_map_count), so the splits we cause are budgeted. */
-static int take_vma_budget(void)
-{
-    uint64_t left = __atomic_load_n(&vma_budget, __ATOMIC_RELAXED);
-    while (left > 0)
-        if (__atomic_compare_exchange_n(&vma_budget, &left, left - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-            return 1;
-    ksm_stat_add(KSM_STAT_vma_budget_skips, 1);
-    return 0;
-}
 
 static void mark_heap_block(void *ptr, size_t size)
 {
-    ksm_stats_publish_pending();
-    ksm_stat_add(KSM_STAT_heap_regions, 1);
-    ksm_stat_add(KSM_STAT_heap_bytes, size);
     if (config.align)
         ksm_stat_add(KSM_STAT_padding_bytes, real_malloc_usable_size(ptr) - size);
-    if (marking_by_prctl)
-        return;
-    uintptr_t start = page_up((uintptr_t)ptr), end = page_down((uintptr_t)ptr + size);
-    if (end <= start || mark_in_main_heap(start))
-        return;
-    if (take_vma_budget())
-        madvise_mergeable(start, end);
+    ksm_mark_heap_block(ptr, size);
 }
 
 /* Anonymous private memory only: KSM ignores shared and file pages, and stacks
@@ -222,16 +144,8 @@ static int mergeable_mapping(int flags)
 
 static void *mark_mapping(void *ptr, size_t len, int flags)
 {
-    if (ptr == MAP_FAILED || !config.threshold || len < config.threshold || !mergeable_mapping(flags))
-        return ptr;
-    ksm_stats_publish_pending();
-    ksm_stat_add(KSM_STAT_mmap_regions, 1);
-    ksm_stat_add(KSM_STAT_mmap_bytes, len);
-    if (!marking_by_prctl) {
-        int saved_errno = errno;
-        madvise_mergeable((uintptr_t)ptr, (uintptr_t)ptr + page_up(len));
-        errno = saved_errno;
-    }
+    if (ptr != MAP_FAILED && config.threshold && len >= config.threshold && mergeable_mapping(flags))
+        ksm_mark_mapping(ptr, len);
     return ptr;
 }
 
@@ -471,7 +385,7 @@ EXPORT void *pvalloc(size_t size)
         return NULL;
     if (size < threshold_now() || !real_pvalloc || size > SIZE_MAX - page_size)
         return real_pvalloc ? real_pvalloc(size) : (errno = ENOMEM, NULL);
-    return allocate_large(page_up(size), page_size);
+    return allocate_large((size + page_size - 1) & ~(page_size - 1), page_size);
 }
 
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
@@ -549,6 +463,13 @@ static uint64_t read_max_map_count(void)
     return len > 0 ? strtoull(text, NULL, 10) : 65530;
 }
 
+/* glibc's malloc, whose chunk headers the marking may read (marking.c). */
+static int malloc_is_glibc(void)
+{
+    Dl_info info;
+    return dladdr((void *)real_malloc, &info) && info.dli_fname && strstr(info.dli_fname, "/libc.so");
+}
+
 static void choose_marking(void)
 {
     if (config.strategy == KSM_STRATEGY_MADVISE)
@@ -576,7 +497,7 @@ static void say_configuration(void)
 
 static void after_fork_in_child(void)
 {
-    heap_lock = 0; /* another thread may have held it when the parent forked */
+    ksm_marking_after_fork();
     ksm_stats_after_fork();
 }
 
@@ -587,8 +508,10 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     resolve_real_functions();
     ksm_config_read(&config, page_size);
     choose_marking();
-    main_heap_start = read_heap_start();
-    vma_budget = read_max_map_count() / 4;
+    struct ksm_marking marking = {.page_size = page_size, .by_prctl = marking_by_prctl,
+                                  .glibc_chunks = malloc_is_glibc(), .main_heap_start = read_heap_start(),
+                                  .vma_budget = read_max_map_count() / 4};
+    ksm_marking_start(&marking);
 
     ksm_stat_set(KSM_STAT_pid, (uint64_t)getpid());
     ksm_stat_set(KSM_STAT_strategy, marking_by_prctl ? 1 : 2);
@@ -603,6 +526,7 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     if (config.verbose)
         say_configuration();
     __atomic_store_n(&large_threshold, config.threshold, __ATOMIC_RELEASE);
+    ksm_mark_existing_mappings(config.threshold);
     errno = saved_errno;
 }
 
