@@ -463,11 +463,19 @@ static uint64_t read_max_map_count(void)
     return len > 0 ? strtoull(text, NULL, 10) : 65530;
 }
 
-/* glibc's malloc, whose chunk headers the marking may read (marking.c). */
+/* glibc's malloc, whose chunk headers the marking may read (marking.c). The
+ * symbol alone is not enough: valgrind and sanitizers serve libc's malloc
+ * symbol with blocks of their own. On 64 bits glibc rounds a 100-byte request
+ * to a 112-byte chunk, of which 104 bytes are usable; those give back 100. */
 static int malloc_is_glibc(void)
 {
     Dl_info info;
-    return dladdr((void *)real_malloc, &info) && info.dli_fname && strstr(info.dli_fname, "/libc.so");
+    if (!dladdr((void *)real_malloc, &info) || !info.dli_fname || !strstr(info.dli_fname, "/libc.so"))
+        return 0;
+    void *probe = real_malloc(100);
+    size_t usable = probe ? real_malloc_usable_size(probe) : 0;
+    real_free(probe);
+    return sizeof(size_t) == 8 && usable == 104;
 }
 
 static void choose_marking(void)
