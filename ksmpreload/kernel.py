@@ -238,3 +238,44 @@ def ksm_processes():
     """Every process whose ksm_stat shows KSM involvement, by pid."""
     found = (ksm_process(pid) for pid in pids())
     return [entry for entry in found if entry is not None]
+
+
+# ---- regions: /proc/<pid>/smaps ---------------------------------------------------------------
+
+_SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
+
+
+def parse_smaps(text):
+    """One dict per VMA of a /proc/<pid>/smaps text: start, end, perms, path ('' for anonymous),
+    every 'Name: N kB' field in KiB under its name, and mergeable (VmFlags has 'mg')."""
+    regions = []
+    for line in text.splitlines():
+        header = _SMAPS_HEADER.match(line)
+        if header:
+            start, end, perms, path = header.groups()
+            regions.append({"start": int(start, 16), "end": int(end, 16), "perms": perms, "path": path,
+                            "mergeable": False})
+        elif line.startswith("VmFlags:"):
+            regions[-1]["mergeable"] = "mg" in line.split()[1:]
+        elif line.endswith(" kB"):
+            name, value = line.split(":", 1)
+            regions[-1][name] = int(value.split()[0])
+    return regions
+
+
+def process_regions(pid):
+    """parse_smaps of a live process, or None when it is gone."""
+    text = read_proc(pid, "smaps")
+    return None if text is None else parse_smaps(text)
+
+
+def is_anonymous_vma(region):
+    """No file behind it: what allocators map (the brk heap included), not a library's data."""
+    return region["path"] in ("", "[heap]")
+
+
+def mergeable_coverage(regions):
+    """(KiB in anonymous VMAs flagged mergeable, KiB in the other anonymous VMAs)."""
+    anonymous = [r for r in regions if is_anonymous_vma(r)]
+    marked = sum(r.get("Anonymous", 0) for r in anonymous if r["mergeable"])
+    return marked, sum(r.get("Anonymous", 0) for r in anonymous) - marked

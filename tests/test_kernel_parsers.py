@@ -272,3 +272,32 @@ def test_ksm_processes_finds_a_prctl_process(ksm_running):
         assert entry["ksm_merge_any"] is True
         assert entry["ksm_merging_pages"] >= npages
         assert kernel.pages_saved(kernel.read_knobs()) >= npages - 1
+
+
+# ---- smaps, captured from dup_buffers under `ksm-wrap --strategy madvise` after merging settled
+
+def golden(name):
+    with open(os.path.join(DATA, name)) as f:
+        return f.read()
+
+
+def test_smaps_ksm_lines_add_up_to_the_processes_merging_pages():
+    regions = kernel.parse_smaps(golden("smaps_6.18_dup_buffers_madvise.txt"))
+    stat = kernel.parse_ksm_stat(golden("ksm_stat_6.18_dup_buffers_madvise.txt"))
+    assert sum(region.get("KSM", 0) for region in regions) == stat["ksm_merging_pages"] * 4
+
+
+def test_smaps_shows_the_heap_kept_in_three_vmas_with_the_middle_marked():
+    regions = kernel.parse_smaps(golden("smaps_6.18_dup_buffers_madvise.txt"))
+    heap = [region for region in regions if region["path"] == "[heap]"]
+    assert [region["mergeable"] for region in heap] == [False, True, False]
+    assert heap[2]["end"] - heap[2]["start"] == 4096, "the top page stays unmarked so brk can grow it"
+    assert all(region["KSM"] == 0 for region in regions if not region["mergeable"])
+
+
+def test_smaps_fields_and_coverage():
+    regions = kernel.parse_smaps(golden("smaps_6.18_dup_buffers_madvise.txt"))
+    program = next(region for region in regions if region["path"].endswith("/dup_buffers"))
+    assert program["perms"] == "r--p" and program["Size"] > 0
+    marked, unmarked = kernel.mergeable_coverage(regions)
+    assert marked > 0 and marked >= 20 * unmarked
