@@ -7,7 +7,7 @@ import pytest
 
 from conftest import JEMALLOC
 
-CHECKS = ["alignment", "realloc", "errno", "threads", "fork", "exec"]
+CHECKS = ["alignment", "realloc", "errno", "enomem", "threads", "fork", "exec"]
 THRESHOLD = 16384
 
 
