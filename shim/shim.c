@@ -57,6 +57,15 @@ KSM_HOOKS(KSM_DECLARE_REAL)
 static char bootstrap_pool[64 * 1024] __attribute__((aligned(16)));
 static size_t bootstrap_used;
 
+/* free's fast path: one comparison. Until the real functions are known every
+ * pointer falls in this window, so the call takes the slow path that finds them. */
+static uintptr_t free_slow_window = UINTPTR_MAX;
+
+static int in_free_slow_window(const void *ptr)
+{
+    return (uintptr_t)ptr - (uintptr_t)bootstrap_pool < free_slow_window;
+}
+
 static int in_bootstrap_pool(const void *ptr)
 {
     return (uintptr_t)ptr - (uintptr_t)bootstrap_pool < sizeof bootstrap_pool; /* one comparison */
@@ -93,6 +102,7 @@ __attribute__((noinline)) static void resolve_real_functions(void)
 #undef KSM_RESOLVE
     size_t unresolved = 0;
     __atomic_compare_exchange_n(&large_threshold, &unresolved, SIZE_MAX, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+    __atomic_store_n(&free_slow_window, sizeof bootstrap_pool, __ATOMIC_RELEASE);
     resolving = 0;
 }
 
@@ -314,7 +324,7 @@ SLOW_PATH static void free_slow(void *ptr)
 
 EXPORT void free(void *ptr)
 {
-    if (LIKELY(!in_bootstrap_pool(ptr) && real_malloc))
+    if (LIKELY(!in_free_slow_window(ptr)))
         real_free(ptr);
     else
         free_slow(ptr);
