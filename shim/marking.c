@@ -163,9 +163,11 @@ void ksm_mark_heap_block(void *ptr, size_t size)
     uintptr_t start = page_up((uintptr_t)ptr), end = page_down((uintptr_t)ptr + size);
     if (end <= start || mark_in_main_heap(start))
         return;
-    if (setup.glibc_chunks && mark_by_glibc_chunk(ptr))
+    /* Other allocators (jemalloc) map their memory through the wrapped mmap,
+     * which marks whole mappings: a madvise per block would only cost a call. */
+    if (!setup.glibc_chunks || mark_by_glibc_chunk(ptr))
         return;
-    if (take_vma_budget())
+    if (take_vma_budget()) /* glibc's main arena outside the brk heap */
         madvise_mergeable(start, end);
 }
 
