@@ -57,19 +57,16 @@ def watch_merging(workers, timeout, quiet):
     return total
 
 
-def pages_saved_now():
-    return kernel.pages_saved(kernel.read_knobs())
-
-
-def summary(workers, total_pages, saved_before, seconds):
+def summary(workers, total_pages, seconds):
     stats = worker_stats(workers)
     page = kernel.page_size()
     rows = [{"pid": proc.pid, "held_bytes": proc.held_bytes, "merging_pages": stat.get("ksm_merging_pages", 0),
              "profit_bytes": stat.get("ksm_process_profit", 0)} for proc, stat in zip(workers, stats)]
-    # pages_sharing counts the copies KSM freed (n copies of a page leave one); it is machine-wide.
-    saved = (pages_saved_now() - saved_before) * page
-    return {"workers": rows, "held_bytes": total_pages * page,
-            "merged_pages": sum(row["merging_pages"] for row in rows),
+    merged = sum(row["merging_pages"] for row in rows)
+    # The workers hold the same data: n merged copies of a page leave one. (The machine-wide
+    # pages_sharing would also move with other processes' merging and unmerging.)
+    saved = merged * (len(workers) - 1) // len(workers) * page
+    return {"workers": rows, "held_bytes": total_pages * page, "merged_pages": merged,
             "saved_bytes": saved, "seconds": round(seconds, 1)}
 
 
@@ -84,11 +81,11 @@ def show_summary(result):
 
 
 def run_demo(workers_count, mib, timeout, as_json):
-    started, saved_before = time.monotonic(), pages_saved_now()
+    started = time.monotonic()
     workers = start_workers(workers_count, mib)
     try:
         total = watch_merging(workers, timeout, quiet=as_json)
-        result = summary(workers, total, saved_before, time.monotonic() - started)
+        result = summary(workers, total, time.monotonic() - started)
     finally:
         stop_workers(workers)
     print_json(result) if as_json else show_summary(result)
