@@ -90,3 +90,8 @@ def shim_env(shim, tmp_path):
             env[f"KSMPRELOAD_{name.upper()}"] = str(value)
         return env
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a real program or test suite for tens of seconds "
+                                       "(deselect with -m 'not slow')")
