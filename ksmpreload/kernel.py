@@ -279,3 +279,37 @@ def mergeable_coverage(regions):
     anonymous = [r for r in regions if is_anonymous_vma(r)]
     marked = sum(r.get("Anonymous", 0) for r in anonymous if r["mergeable"])
     return marked, sum(r.get("Anonymous", 0) for r in anonymous) - marked
+
+
+# ---- page frames: /proc/<pid>/pagemap, /proc/kpageflags, /proc/kpagecount (sharing.py) ------
+# Documentation/admin-guide/mm/pagemap.rst. One 64-bit word per virtual page (pagemap) or per
+# page frame (kpageflags, kpagecount). PFNs read as 0 without CAP_SYS_ADMIN (Linux 4.2+).
+
+PAGEMAP_PFN_MASK = (1 << 55) - 1   # bits 0-54: the page frame number, when present
+PAGEMAP_FILE = 1 << 61             # a file page or shared anonymous memory (never KSM)
+PAGEMAP_SWAPPED = 1 << 62
+PAGEMAP_PRESENT = 1 << 63
+KPAGEFLAGS = "/proc/kpageflags"
+KPAGECOUNT = "/proc/kpagecount"    # how many page-table entries map each frame
+KPF_KSM = 21                       # kpageflags bit: a KSM page
+# Kernel-provided mappings: never KSM memory (and [vsyscall] lies outside what pagemap shows).
+SPECIAL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+
+
+def pagemap_path(pid):
+    return os.path.join(PROC_DIR, str(pid), "pagemap")
+
+
+def process_maps(pid):
+    """The VMAs of /proc/<pid>/maps (start, end, perms, path), or None when the process is gone.
+    maps lines are smaps' header lines, so parse_smaps reads them (no page-table walk)."""
+    text = read_proc(pid, "maps")
+    return None if text is None else [{key: region[key] for key in ("start", "end", "perms", "path")}
+                                      for region in parse_smaps(text)]
+
+
+def can_hold_ksm_pages(region):
+    """KSM merges anonymous pages of private VMAs only: private anonymous memory and the
+    copied-on-write pages of private file mappings (a library's .data, relro). Shared
+    mappings and the kernel's own ones never hold KSM pages."""
+    return region["perms"][3] == "p" and region["path"] not in SPECIAL_MAPPINGS

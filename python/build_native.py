@@ -1,4 +1,5 @@
-"""cffi build script for ksmpreload._native: the syscalls the toolkit makes itself."""
+"""cffi build script for ksmpreload._native: the syscalls the toolkit makes itself, and the
+page-frame decoding behind ksmpreload.sharing (arrays in, arrays out, no Python per page)."""
 import os
 
 from cffi import FFI
@@ -11,6 +12,29 @@ ffibuilder.cdef("""
     int ksm_prctl_get_merge(void);
     int ksm_madvise_mergeable(void *addr, size_t length);
     long ksm_page_size(void);
+
+    long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf, size_t buf_words,
+                          uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
+                          uint64_t *out, size_t out_cap, uint64_t *next, uint64_t *counts);
+    long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long page_size,
+                                  uint64_t *buf, size_t buf_words,
+                                  uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
+                                  uint64_t *out, size_t out_cap, uint64_t *next, uint64_t *counts);
+    int ksm_sort_pfns(const uint64_t *pfns, size_t n, uint64_t *keys, uint64_t *tmp);
+    size_t ksm_distinct_pfns(const uint64_t *keys, size_t n, uint64_t *out);
+    int ksm_read_pfn_words(int fd, const uint64_t *pfns, size_t n, uint64_t max_gap,
+                           uint64_t *buf, size_t buf_words, uint64_t *out);
+    size_t ksm_select_pfns(const uint64_t *pfns, const uint64_t *words, size_t n, uint64_t mask,
+                           uint64_t *out);
+    int ksm_attribute(const uint64_t *keys, size_t n, const uint64_t *offsets, size_t nprocs,
+                      const uint64_t *ksm_pfns, const uint64_t *mapcounts, size_t nksm,
+                      uint8_t *entry_kind, uint64_t *per_proc, uint64_t *pairs, uint64_t *totals);
+    void ksm_count_kinds(const uint8_t *entry_kind, const uint64_t *offsets, size_t nranges,
+                         uint64_t *out);
+    static const int KSM_P_MAPPED, KSM_P_DISTINCT, KSM_P_SHARED_IN_SET, KSM_P_WITHIN_ONLY,
+                     KSM_P_WITHIN_ONLY_MAPPED, KSM_P_OUTSIDE, KSM_P_LONE, KSM_PROC_FIELDS;
+    static const int KSM_T_DISTINCT, KSM_T_MAPPED, KSM_T_SHARED, KSM_T_WITHIN_ONLY, KSM_T_OUTSIDE,
+                     KSM_T_LONE, KSM_TOTAL_FIELDS;
 """)
 with open(os.path.join(HERE, "native.c")) as source:
     ffibuilder.set_source("ksmpreload._native", source.read(), extra_compile_args=["-O2"])
