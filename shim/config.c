@@ -89,9 +89,11 @@ void ksm_config_read(struct ksm_config *config, size_t page_size)
     config->strategy = KSM_STRATEGY_AUTO;
     config->align = 1;
     config->verbose = 0;
+    config->jemalloc_hooks = 0;
     config->stats_dir = getenv("KSMPRELOAD_STATS_DIR");
     read_threshold(config, page_size);
     read_strategy(config);
     read_flag("KSMPRELOAD_ALIGN", &config->align);
     read_flag("KSMPRELOAD_VERBOSE", &config->verbose);
+    read_flag("KSMPRELOAD_JEMALLOC_HOOKS", &config->jemalloc_hooks);
 }

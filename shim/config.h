@@ -15,6 +15,7 @@ struct ksm_config {
     enum ksm_strategy strategy;
     int align;
     int verbose;
+    int jemalloc_hooks; /* measurement mode: count jemalloc's extents through its hooks */
     const char *stats_dir;
 };
 

@@ -171,6 +171,12 @@ void ksm_mark_heap_block(void *ptr, size_t size)
         madvise_mergeable(start, end);
 }
 
+void ksm_mark_range(void *ptr, size_t len)
+{
+    ksm_stats_publish_pending();
+    madvise_mergeable(page_down((uintptr_t)ptr), page_up((uintptr_t)ptr + len));
+}
+
 void ksm_mark_mapping(void *ptr, size_t len)
 {
     ksm_stats_publish_pending();

@@ -20,6 +20,8 @@ void ksm_marking_start(const struct ksm_marking *setup);
 void ksm_mark_heap_block(void *ptr, size_t size);
 /* A large anonymous private mapping the program (or its allocator) made. */
 void ksm_mark_mapping(void *ptr, size_t len);
+/* A range another path found (jemalloc's extent hooks): madvise it, counting only failures. */
+void ksm_mark_range(void *ptr, size_t len);
 /* Large anonymous mappings made before the shim started (an allocator's constructor). */
 void ksm_mark_existing_mappings(size_t threshold);
 void ksm_marking_after_fork(void);

@@ -23,6 +23,7 @@
 
 #include "config.h"
 #include "hooks.h"
+#include "jemalloc.h"
 #include "marking.h"
 #include "stats.h"
 
@@ -154,8 +155,10 @@ static int mergeable_mapping(int flags)
 
 static void *mark_mapping(void *ptr, size_t len, int flags)
 {
-    if (ptr != MAP_FAILED && config.threshold && len >= config.threshold && mergeable_mapping(flags))
+    if (ptr != MAP_FAILED && config.threshold && len >= config.threshold && mergeable_mapping(flags)) {
+        ksm_jemalloc_saw_mapping(ptr, len);
         ksm_mark_mapping(ptr, len);
+    }
     return ptr;
 }
 
@@ -194,7 +197,8 @@ SLOW_PATH static void *allocate_large_zeroed(size_t size)
 }
 
 /* Learned at run time: this allocator's realloc can move a page-aligned block
- * to an unaligned place (jemalloc offsets large blocks within their first page). */
+ * to an unaligned place (an allocator that offsets large blocks within their
+ * first page, as jemalloc does; jemalloc itself is asked for aligned blocks). */
 static int realloc_loses_alignment;
 
 /* One copy of what the old block holds into a new page-aligned block; NULL
@@ -230,7 +234,13 @@ static void *realloc_keeping_alignment(void *old, size_t size)
 SLOW_PATH static void *reallocate_large(void *old, size_t size)
 {
     int saved_errno = errno;
-    void *ptr = config.align ? realloc_keeping_alignment(old, size) : real_realloc(old, size);
+    void *ptr;
+    if (!config.align)
+        ptr = real_realloc(old, size);
+    else if (ksm_jemalloc_found())
+        ptr = ksm_jemalloc_realloc_aligned(old, size);
+    else
+        ptr = realloc_keeping_alignment(old, size);
     if (!ptr) {
         errno = ENOMEM;
         return NULL;
@@ -530,6 +540,7 @@ __attribute__((constructor)) static void ksmpreload_start(void)
                                   .glibc_chunks = malloc_is_glibc(), .main_heap_start = read_heap_start(),
                                   .vma_budget = read_max_map_count() / 4};
     ksm_marking_start(&marking);
+    ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
 
     ksm_stat_set(KSM_STAT_pid, (uint64_t)getpid());
     ksm_stat_set(KSM_STAT_strategy, marking_by_prctl ? 1 : 2);

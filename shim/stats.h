@@ -24,7 +24,13 @@
     X(madvise_eagain)                                                              \
     X(madvise_other)                                                               \
     X(vma_budget_skips)    /* blocks left unmarked to keep the VMA count bounded */ \
-    X(unmapped_bytes)      /* bytes given back by munmap calls at or above the threshold */
+    X(unmapped_bytes)      /* bytes given back by munmap calls at or above the threshold */ \
+    X(hook_arenas)         /* jemalloc arenas given the counting extent hooks (KSMPRELOAD_JEMALLOC_HOOKS=1) */ \
+    X(hook_extents)        /* extents at or above the threshold that jemalloc allocated through them */ \
+    X(hook_bytes)                                                                  \
+    X(hook_unseen_extents) /* of those, extents the mmap wrapper had not seen */  \
+    X(hook_unseen_bytes)                                                           \
+    X(hook_recommits)      /* commits of decommitted ranges in such extents, marked again */
 
 enum ksm_stat_slot {
 #define KSM_STAT_ENUM(name) KSM_STAT_##name,

@@ -1,7 +1,11 @@
 /* Holds `copies` copies of `distinct` buffers (sizes 8 to 64 KiB), allocated
  * with malloc between small allocations as real programs do, then waits for
  * stdin to close. Prints how many whole pages the copies could merge.
+ * With DUP_BUFFERS_PURGE_FIRST=1 the buffers reuse memory that held other data
+ * and that jemalloc purged (when jemalloc is the allocator).
  * usage: dup_buffers DISTINCT COPIES */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +24,24 @@ static void fill(unsigned char *buffer, size_t size, uint64_t seed)
     }
 }
 
+typedef int (*mallctl_fn)(const char *, void *, size_t *, void *, size_t);
+
+/* Large blocks filled with unrelated data, freed, then purged from every arena. */
+static void use_and_purge(int count)
+{
+    void **blocks = calloc((size_t)count, sizeof *blocks);
+    for (int i = 0; i < count; i++) {
+        blocks[i] = malloc(sizes[i % SIZE_COUNT]);
+        fill(blocks[i], sizes[i % SIZE_COUNT], (uint64_t)i + 1000003);
+    }
+    for (int i = 0; i < count; i++)
+        free(blocks[i]);
+    free(blocks);
+    mallctl_fn mallctl = (mallctl_fn)dlsym(RTLD_DEFAULT, "mallctl");
+    if (mallctl && mallctl("arena.4096.purge", NULL, NULL, NULL, 0) != 0) /* 4096: all arenas */
+        fprintf(stderr, "dup_buffers: arena.4096.purge failed\n");
+}
+
 int main(int argc, char **argv)
 {
     int distinct = argc > 1 ? atoi(argv[1]) : 64, copies = argc > 2 ? atoi(argv[2]) : 4;
@@ -27,6 +49,9 @@ int main(int argc, char **argv)
     size_t expected_pages = 0;
     void **keep = calloc((size_t)distinct * copies * 2, sizeof *keep);
     size_t kept = 0;
+    const char *purge_first = getenv("DUP_BUFFERS_PURGE_FIRST");
+    if (purge_first && purge_first[0] == '1')
+        use_and_purge(distinct * copies);
     for (int copy = 0; copy < copies; copy++)
         for (int id = 0; id < distinct; id++) {
             size_t size = sizes[id % SIZE_COUNT];
