@@ -67,3 +67,13 @@ def table(columns, rows, title=None):
     for row in rows:
         result.add_row(*(Text(str(cell)) for cell in row))
     return result
+
+
+def markdown_table(columns, rows, title=None):
+    """The same table as GitHub-flavoured Markdown: a '### title' line, then a pipe table."""
+    align = {"left": ":---", "right": "---:", "center": ":---:"}
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(header for header, _ in columns) + " |")
+    lines.append("|" + "|".join(align[justify] for _, justify in columns) + "|")
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -15,6 +15,7 @@
 #include "stats.h"
 
 typedef void *(*rallocx_fn)(void *ptr, size_t size, int flags);
+typedef size_t (*nallocx_fn)(size_t size, int flags);
 typedef int (*mallctl_fn)(const char *name, void *old, size_t *old_len, void *new_value, size_t new_len);
 
 /* jemalloc's extent_hooks_t (stable since 5.0): nine function pointers, of
@@ -31,6 +32,7 @@ struct extent_hooks {
 };
 
 static rallocx_fn real_rallocx;
+static nallocx_fn real_nallocx;
 static mallctl_fn real_mallctl;
 static int lg_page_flag;
 static size_t extent_threshold;
@@ -64,8 +66,7 @@ static void *counting_alloc(void *hooks, void *new_addr, size_t size, size_t ali
     if (!seen_by_mmap_wrapper(ptr, size)) {
         ksm_stat_add(KSM_STAT_hook_unseen_extents, 1);
         ksm_stat_add(KSM_STAT_hook_unseen_bytes, size);
-        if (!marking_by_prctl)
-            ksm_mark_range(ptr, size);
+        ksm_mark_extent(ptr, size);
     }
     return ptr;
 }
@@ -79,7 +80,7 @@ static bool counting_commit(void *hooks, void *addr, size_t size, size_t offset,
     if (!failed && size >= extent_threshold) {
         ksm_stat_add(KSM_STAT_hook_recommits, 1);
         if (!marking_by_prctl)
-            ksm_mark_range((char *)addr + offset, length);
+            ksm_mark_extent((char *)addr + offset, length);
     }
     return failed;
 }
@@ -122,8 +123,10 @@ void ksm_jemalloc_start(void *real_malloc, size_t page_size, size_t threshold, i
 {
     void *rallocx = dlsym(RTLD_NEXT, "rallocx");
     void *mallctl = dlsym(RTLD_NEXT, "mallctl");
-    if (!same_object(real_malloc, rallocx) || !same_object(real_malloc, mallctl))
+    void *nallocx = dlsym(RTLD_NEXT, "nallocx");
+    if (!same_object(real_malloc, rallocx) || !same_object(real_malloc, mallctl) || !same_object(real_malloc, nallocx))
         return;
+    real_nallocx = (nallocx_fn)nallocx;
     lg_page_flag = __builtin_ctzl(page_size); /* MALLOCX_LG_ALIGN(log2 page) */
     extent_threshold = threshold;
     marking_by_prctl = by_prctl;
@@ -141,4 +144,10 @@ int ksm_jemalloc_found(void)
 void *ksm_jemalloc_realloc_aligned(void *old, size_t size)
 {
     return real_rallocx(old, size, lg_page_flag);
+}
+
+size_t ksm_jemalloc_padding(size_t size, size_t usable)
+{
+    size_t unaligned = real_nallocx(size, 0);
+    return unaligned && usable > unaligned ? usable - unaligned : 0;
 }

@@ -108,7 +108,9 @@ static void mark_glibc_mapped_chunk(void *ptr)
 {
     uintptr_t chunk = (uintptr_t)ptr - 2 * sizeof(size_t);
     size_t offset = glibc_word_before(ptr, 2), size = glibc_word_before(ptr, 1) & ~(size_t)GLIBC_SIZE_BITS;
-    madvise_mergeable(chunk - offset, chunk + size);
+    ksm_region_record(chunk - offset, offset + size, KSM_REGION_GLIBC_CHUNK, NULL);
+    if (!setup.by_prctl)
+        madvise_mergeable(chunk - offset, chunk + size);
 }
 
 /* A thread arena's heap is marked whole, once: the parts it has not grown
@@ -122,8 +124,27 @@ static void mark_glibc_arena_heap(void *ptr)
     uintptr_t *seen = &marked_heaps[(heap / GLIBC_HEAP_MAX) % MARKED_HEAPS];
     if (__atomic_load_n(seen, __ATOMIC_RELAXED) == heap)
         return;
-    madvise_mergeable(heap, heap + GLIBC_HEAP_MAX);
+    ksm_region_record(heap, GLIBC_HEAP_MAX, KSM_REGION_GLIBC_ARENA, NULL);
+    if (!setup.by_prctl)
+        madvise_mergeable(heap, heap + GLIBC_HEAP_MAX);
     __atomic_store_n(seen, heap, __ATOMIC_RELAXED);
+}
+
+/* What glibc's malloc(size) would have given: a heap chunk of size + 8 bytes
+ * rounded to 16 (32 at least), or a mapping of it rounded to pages. */
+static size_t glibc_unaligned_usable(void *ptr, size_t size)
+{
+    size_t chunk = (size + sizeof(size_t) + 15) & ~(size_t)15;
+    chunk = chunk < 32 ? 32 : chunk;
+    if (glibc_word_before(ptr, 1) & GLIBC_IS_MMAPPED)
+        return page_up(chunk + sizeof(size_t)) - 2 * sizeof(size_t);
+    return chunk - sizeof(size_t);
+}
+
+size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
+{
+    size_t unaligned = glibc_unaligned_usable(ptr, size);
+    return usable > unaligned ? usable - unaligned : 0;
 }
 
 static int mark_by_glibc_chunk(void *ptr)
@@ -158,8 +179,11 @@ void ksm_mark_heap_block(void *ptr, size_t size)
     ksm_stats_publish_pending();
     ksm_stat_add(KSM_STAT_heap_regions, 1);
     ksm_stat_add(KSM_STAT_heap_bytes, size);
-    if (setup.by_prctl)
+    if (setup.by_prctl) { /* nothing to mark: only the region records */
+        if (setup.glibc_chunks)
+            mark_by_glibc_chunk(ptr);
         return;
+    }
     uintptr_t start = page_up((uintptr_t)ptr), end = page_down((uintptr_t)ptr + size);
     if (end <= start || mark_in_main_heap(start))
         return;
@@ -171,19 +195,27 @@ void ksm_mark_heap_block(void *ptr, size_t size)
         madvise_mergeable(start, end);
 }
 
-void ksm_mark_range(void *ptr, size_t len)
+void ksm_mark_extent(void *ptr, size_t len)
 {
     ksm_stats_publish_pending();
-    madvise_mergeable(page_down((uintptr_t)ptr), page_up((uintptr_t)ptr + len));
+    ksm_region_record((uintptr_t)ptr, len, KSM_REGION_JEMALLOC_EXTENT, NULL);
+    if (!setup.by_prctl)
+        madvise_mergeable(page_down((uintptr_t)ptr), page_up((uintptr_t)ptr + len));
 }
 
-void ksm_mark_mapping(void *ptr, size_t len)
+static void mark_mapping_of_kind(void *ptr, size_t len, enum ksm_region_kind kind, const void *caller)
 {
     ksm_stats_publish_pending();
+    ksm_region_record((uintptr_t)ptr, len, kind, caller);
     ksm_stat_add(KSM_STAT_mmap_regions, 1);
     ksm_stat_add(KSM_STAT_mmap_bytes, len);
     if (!setup.by_prctl)
         madvise_mergeable((uintptr_t)ptr, (uintptr_t)ptr + page_up(len));
+}
+
+void ksm_mark_mapping(void *ptr, size_t len, const void *caller)
+{
+    mark_mapping_of_kind(ptr, len, KSM_REGION_MAPPING, caller);
 }
 
 /* ---- mappings made before the shim started ------------------------------ */
@@ -199,7 +231,7 @@ static void mark_if_anonymous_private(const char *line, size_t threshold)
     if (sscanf(line, "%lx-%lx %7s %*s %*s %lu %n", &start, &stop, perms, &inode, &path_at) < 4)
         return;
     if (perms[3] == 'p' && inode == 0 && line[path_at] == '\0' && stop - start >= threshold)
-        ksm_mark_mapping((void *)start, stop - start);
+        mark_mapping_of_kind((void *)start, stop - start, KSM_REGION_AT_START, NULL);
 }
 
 void ksm_mark_existing_mappings(size_t threshold)

@@ -18,12 +18,14 @@ struct ksm_marking {
 void ksm_marking_start(const struct ksm_marking *setup);
 /* A large heap block the allocator returned (usable: its usable size). */
 void ksm_mark_heap_block(void *ptr, size_t size);
-/* A large anonymous private mapping the program (or its allocator) made. */
-void ksm_mark_mapping(void *ptr, size_t len);
-/* A range another path found (jemalloc's extent hooks): madvise it, counting only failures. */
-void ksm_mark_range(void *ptr, size_t len);
+/* A large anonymous private mapping the program (or its allocator) made; caller: who called mmap. */
+void ksm_mark_mapping(void *ptr, size_t len, const void *caller);
+/* An extent jemalloc's hooks found that no other path marked. */
+void ksm_mark_extent(void *ptr, size_t len);
 /* Large anonymous mappings made before the shim started (an allocator's constructor). */
 void ksm_mark_existing_mappings(size_t threshold);
 void ksm_marking_after_fork(void);
+/* glibc only: bytes of `usable` beyond what malloc(size) would have given. */
+size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable);
 
 #endif

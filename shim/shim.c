@@ -138,10 +138,23 @@ static size_t threshold_now(void)
 
 static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (page_size - 1)) == 0; }
 
+static int allocator_is_glibc;
+
+/* What the alignment costs: usable bytes beyond those of the same request unaligned. */
+static size_t alignment_padding(void *ptr, size_t size)
+{
+    size_t usable = real_malloc_usable_size(ptr);
+    if (allocator_is_glibc)
+        return ksm_glibc_padding(ptr, size, usable);
+    if (ksm_jemalloc_found())
+        return ksm_jemalloc_padding(size, usable);
+    return usable - size;
+}
+
 static void mark_heap_block(void *ptr, size_t size)
 {
     if (config.align)
-        ksm_stat_add(KSM_STAT_padding_bytes, real_malloc_usable_size(ptr) - size);
+        ksm_stat_add(KSM_STAT_padding_bytes, alignment_padding(ptr, size));
     ksm_mark_heap_block(ptr, size);
 }
 
@@ -153,11 +166,11 @@ static int mergeable_mapping(int flags)
         && !(flags & (MAP_GROWSDOWN | MAP_STACK | MAP_HUGETLB));
 }
 
-static void *mark_mapping(void *ptr, size_t len, int flags)
+static void *mark_mapping(void *ptr, size_t len, int flags, const void *caller)
 {
     if (ptr != MAP_FAILED && config.threshold && len >= config.threshold && mergeable_mapping(flags)) {
         ksm_jemalloc_saw_mapping(ptr, len);
-        ksm_mark_mapping(ptr, len);
+        ksm_mark_mapping(ptr, len, caller);
     }
     return ptr;
 }
@@ -411,13 +424,15 @@ EXPORT void *pvalloc(size_t size)
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
     mmap_fn real = __atomic_load_n(&real_mmap, __ATOMIC_ACQUIRE);
-    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags);
+    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags,
+                        __builtin_return_address(0));
 }
 
 EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
     mmap_fn real = __atomic_load_n(&real_mmap64, __ATOMIC_ACQUIRE);
-    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags);
+    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags,
+                        __builtin_return_address(0));
 }
 
 EXPORT void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
@@ -536,8 +551,9 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     resolve_real_functions();
     ksm_config_read(&config, page_size);
     choose_marking();
+    allocator_is_glibc = malloc_is_glibc();
     struct ksm_marking marking = {.page_size = page_size, .by_prctl = marking_by_prctl,
-                                  .glibc_chunks = malloc_is_glibc(), .main_heap_start = read_heap_start(),
+                                  .glibc_chunks = allocator_is_glibc, .main_heap_start = read_heap_start(),
                                   .vma_budget = read_max_map_count() / 4};
     ksm_marking_start(&marking);
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);

@@ -21,10 +21,47 @@ static const char slot_names[] =
 
 #define HEADER_BYTES 16
 #define VALUES_BYTES (KSM_STAT_COUNT * sizeof(uint64_t))
-#define FILE_BYTES (HEADER_BYTES + VALUES_BYTES + sizeof(slot_names))
+#define REGIONS_OFFSET ((HEADER_BYTES + VALUES_BYTES + sizeof(slot_names) + 7) & ~(size_t)7)
+
+struct region_record {
+    uint64_t start, length, kind, caller;
+};
+struct region_table {
+    char magic[8];     /* "KSMREGN1" */
+    uint64_t capacity;
+    uint64_t written;  /* records ever written; the last `capacity` are kept, a ring */
+    struct region_record records[KSM_REGION_CAPACITY];
+};
+#define FILE_BYTES (REGIONS_OFFSET + sizeof(struct region_table))
 
 static uint64_t private_slots[KSM_STAT_COUNT];
 uint64_t *ksm_stats = private_slots;
+static struct region_table private_regions;
+static struct region_table *regions = &private_regions;
+
+/* Only the records written: the table is mostly untouched (zero) pages. */
+static void copy_regions(struct region_table *to, const struct region_table *from)
+{
+    uint64_t written = __atomic_load_n(&from->written, __ATOMIC_ACQUIRE);
+    uint64_t count = written < KSM_REGION_CAPACITY ? written : KSM_REGION_CAPACITY;
+    memcpy(to->records, from->records, count * sizeof from->records[0]);
+    to->written = written;
+    memcpy(to->magic, "KSMREGN1", 8);
+    to->capacity = KSM_REGION_CAPACITY;
+}
+
+/* The kind goes last: a reader takes a record with kind 0 as not written yet. */
+void ksm_region_record(uintptr_t start, uint64_t length, enum ksm_region_kind kind, const void *caller)
+{
+    struct region_table *table = __atomic_load_n(&regions, __ATOMIC_ACQUIRE);
+    uint64_t index = __atomic_fetch_add(&table->written, 1, __ATOMIC_RELAXED) % KSM_REGION_CAPACITY;
+    struct region_record *record = &table->records[index];
+    __atomic_store_n(&record->kind, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&record->start, start, __ATOMIC_RELAXED);
+    __atomic_store_n(&record->length, length, __ATOMIC_RELAXED);
+    __atomic_store_n(&record->caller, (uint64_t)(uintptr_t)caller, __ATOMIC_RELAXED);
+    __atomic_store_n(&record->kind, (uint64_t)kind, __ATOMIC_RELEASE);
+}
 
 static char stats_dir[PATH_MAX];
 static char stats_path[PATH_MAX];
@@ -71,8 +108,11 @@ static void publish(void)
         uint64_t *values = (uint64_t *)(map + HEADER_BYTES);
         memcpy(values, ksm_stats, VALUES_BYTES);
         values[KSM_STAT_pid] = (uint64_t)getpid();
+        struct region_table *table = (struct region_table *)(map + REGIONS_OFFSET);
+        copy_regions(table, regions);
         stats_map = map;
         __atomic_store_n(&ksm_stats, values, __ATOMIC_RELEASE);
+        __atomic_store_n(&regions, table, __ATOMIC_RELEASE);
     }
     errno = saved_errno;
 }
@@ -102,6 +142,8 @@ void ksm_stats_after_fork(void)
     /* The parent's file stays the parent's: copy into private slots, then publish anew. */
     memcpy(private_slots, ksm_stats, VALUES_BYTES);
     ksm_stats = private_slots;
+    copy_regions(&private_regions, regions); /* the child has the parent's mappings */
+    regions = &private_regions;
     syscall(SYS_munmap, stats_map, FILE_BYTES);
     stats_map = NULL;
     publish_pending = 1;

@@ -51,6 +51,20 @@ static inline void ksm_stat_set(enum ksm_stat_slot slot, uint64_t value)
     __atomic_store_n(&ksm_stats[slot], value, __ATOMIC_RELAXED);
 }
 
+/* Regions the shim handled, so that tools can say what made a mapping. The
+ * file keeps the last KSM_REGION_CAPACITY records after the slot names
+ * (docs/COUNTERS.md); a record may outlive its region. */
+enum ksm_region_kind {
+    KSM_REGION_MAPPING = 1,   /* an mmap the wrapper saw; caller: the code that called mmap */
+    KSM_REGION_AT_START,      /* an anonymous mapping made before the shim started */
+    KSM_REGION_GLIBC_CHUNK,   /* a glibc chunk with a mapping of its own (large malloc) */
+    KSM_REGION_GLIBC_ARENA,   /* a glibc thread arena's 64 MiB heap */
+    KSM_REGION_JEMALLOC_EXTENT /* an extent jemalloc's hooks saw and the mmap wrapper did not */
+};
+#define KSM_REGION_CAPACITY 4096
+
+void ksm_region_record(uintptr_t start, uint64_t length, enum ksm_region_kind kind, const void *caller);
+
 /* Counters go to <dir>/<pid>.stats (mode 0600) at the first large event; dir "off": stay private. */
 void ksm_stats_publish(const char *dir);
 /* In a forked child: a file of its own, counters from zero, configuration kept. */

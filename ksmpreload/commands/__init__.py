@@ -1,6 +1,7 @@
 """One module per subcommand; COMMANDS is what `ksmpreload` offers."""
 from .demo import demo
 from .ksm import ksm
+from .report import report
 from .status import status
 
-COMMANDS = [status, ksm, demo]
+COMMANDS = [status, ksm, report, demo]
