@@ -90,3 +90,39 @@ def test_report_formats_and_bad_pid(tmp_path):
     assert f"### Regions of {proc.pid} (python" in markdown and "| thread stack |" in markdown
     gone = subprocess.run(["ksmpreload", "report", "999999999"], capture_output=True, text=True)
     assert gone.returncode == 2 and gone.stderr.count("\n") == 1 and "999999999" in gone.stderr
+
+
+def test_top_snapshot_sorts_filters_and_stops_on_ctrl_c(ksm_running, c_programs):
+    small, _ = start_wrapped([c_programs("dup_buffers"), "8", "2"])
+    big, _ = start_wrapped([c_programs("dup_buffers"), "64", "4"])
+    try:
+        scanning.wait_until_settled(lambda: ksm_stat(big.pid)["ksm_merging_pages"] + ksm_stat(small.pid)["ksm_merging_pages"])
+        snap = json.loads(subprocess.run(["ksmpreload", "top", "--json"], capture_output=True, text=True,
+                                         check=True).stdout)
+        table = subprocess.run(["ksmpreload", "top", "--filter", "dup_buffers 64"], capture_output=True, text=True,
+                               check=True).stdout
+        ctrl_c = interrupt_top_on_a_terminal()
+    finally:
+        finish(small)
+        finish(big)
+    order = [row["pid"] for row in snap["processes"] if row["pid"] in (small.pid, big.pid)]
+    assert order == [big.pid, small.pid], snap["processes"]
+    assert snap["totals"]["net_saved"] == sum(row["net_saved"] for row in snap["processes"])
+    assert str(big.pid) in table and str(small.pid) not in table
+    assert ctrl_c == (0, ""), ctrl_c
+
+
+def interrupt_top_on_a_terminal():
+    """Runs `ksmpreload top` on a pseudo-terminal, presses Ctrl-C: (exit code, stderr)."""
+    import pty
+    import signal
+    import time
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(["ksmpreload", "top", "--interval", "0.2"], stdin=terminal, stdout=terminal,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(terminal)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=10)
+    os.close(controller)
+    return proc.returncode, stderr

@@ -3,5 +3,6 @@ from .demo import demo
 from .ksm import ksm
 from .report import report
 from .status import status
+from .top import top
 
-COMMANDS = [status, ksm, report, demo]
+COMMANDS = [status, top, ksm, report, demo]
