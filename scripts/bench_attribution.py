@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""How fast ksmpreload.sharing attributes KSM pages to processes and regions.
+"""How fast ksmpreload attributes KSM pages to processes and regions: the whole report
+(attribution.attribution: smaps, labels, shim records and the sharing matrix), and its parts.
 
 For each total size (default 1, 2 and 4 GiB), PROCESSES workers start under ksm-wrap, each
 holding SIZE / PROCESSES of anonymous memory: the first DUPLICATE fraction of every worker's
 pages is the same in all workers, the rest is its own; no two pages of one worker are equal.
 KSM merges them at a fast scan rate (every knob restored after, scanning.fast_scanning)
-until merging settles. Then, REPS times each, we time sharing(pids) (with its steps) and
-reading plus parsing every worker's /proc/<pid>/smaps (kernel.parse_smaps), and report the
-median and fastest run in seconds and GiB of the workers' memory per second.
+until merging settles. Then, REPS times each, we time the whole attribution report
+(attribution.attribution(pids): what `ksmpreload report --json` computes), sharing(pids)
+alone (with its steps) and reading plus parsing every worker's /proc/<pid>/smaps
+(kernel.parse_smaps), and report the median and fastest run in seconds and GiB of the
+workers' memory per second.
 
     sudo python3 scripts/bench_attribution.py [--sizes 1,2,4] [--processes 2] [--json]
 """
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from ksmpreload import kernel, native, scanning
+from ksmpreload import attribution, kernel, native, scanning
 from ksmpreload.sharing import sharing
 
 GIB = 1 << 30
@@ -101,8 +104,11 @@ def measure_size(total_bytes, args):
         merged = scanning.wait_until_settled(lambda: merging_pages(pids), timeout=args.settle_timeout)
         settle_s = time.monotonic() - started
         load_before = os.getloadavg()[0]
-        runs, steps, smaps_runs = [], [], []
+        runs, steps, smaps_runs, report_runs = [], [], [], []
         for _ in range(args.reps):
+            start = time.perf_counter()
+            attribution.attribution(pids)
+            report_runs.append(time.perf_counter() - start)
             timings, start = {}, time.perf_counter()
             report = sharing(pids, timings=timings, pagemap_scan=args.pagemap_scan)
             runs.append(time.perf_counter() - start)
@@ -129,6 +135,7 @@ def measure_size(total_bytes, args):
         "sharing_steps_median_s": {name: statistics.median(step[name] for step in steps)
                                    for name in steps[0]},
         "smaps": summary(smaps_runs, gib), "smaps_runs_s": smaps_runs,
+        "report": summary(report_runs, gib), "report_runs_s": report_runs,
     }
 
 
@@ -146,13 +153,14 @@ def print_table(result):
           f"kernel {m['kernel']}, {m['date']}")
     print(f"pagemap_scan {result['pagemap_scan']}, kpageflags gap {result['pfn_read_gap']}, "
           f"{result['reps']} runs each")
-    print("| memory | pages read | KSM pages (ksm_stat) | sharing() median s | min s | GiB/s (median) "
-          "| smaps median s | GiB/s | load avg |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| memory | pages read | KSM pages (ksm_stat) | report median s | min s | sharing() median s "
+          "| min s | GiB/s (median) | smaps median s | GiB/s | load avg |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in result["sizes"]:
-        share, smaps = row["sharing"], row["smaps"]
+        share, smaps, report = row["sharing"], row["smaps"], row["report"]
         print(f"| {row['total_bytes'] / GIB:g} GiB | {row['pages_read']} | {row['ksm_pages_found']} "
-              f"({row['ksm_merging_pages'][0]}) | {share['median_s']:.3f} | {share['min_s']:.3f} "
+              f"({row['ksm_merging_pages'][0]}) | {report['median_s']:.3f} | {report['min_s']:.3f} "
+              f"| {share['median_s']:.3f} | {share['min_s']:.3f} "
               f"| {share['median_gib_s']:.1f} | {smaps['median_s']:.3f} | {smaps['median_gib_s']:.1f} "
               f"| {row['load_average'][0]:.2f}-{row['load_average'][1]:.2f} |")
     print()
