@@ -111,8 +111,8 @@ def process_attribution(pid, stats_dir=None):
     regions (those with anonymous memory) labelled. None when the process is gone."""
     stat = kernel.process_ksm_stat(pid)
     regions = kernel.process_regions(pid)
-    comm = kernel.read_proc(pid, "comm")
-    if stat is None or regions is None or comm is None:
+    comm, cmdline = kernel.read_proc(pid, "comm"), kernel.read_proc(pid, "cmdline")
+    if stat is None or regions is None or comm is None or cmdline is None:
         return None
     counters = shimstats.read_process_stats(pid, stats_dir)
     records = Records(shimstats.read_process_regions(pid, stats_dir) if counters else [], regions)
@@ -122,7 +122,8 @@ def process_attribution(pid, stats_dir=None):
     entries = [_region_entry(region, *region_label(index, regions, records))
                for index, region in enumerate(regions) if region.get("Anonymous", 0) or region.get("KSM", 0)]
     return {
-        "pid": pid, "comm": comm.strip(), "ksm_stat": stat, "shim": counters,
+        "pid": pid, "comm": comm.strip(), "cmdline": kernel.short_cmdline(cmdline, comm.strip()),
+        "ksm_stat": stat, "shim": counters,
         "merged_bytes": merged, "padding_bytes": padding, "net_saved_bytes": merged - padding,
         "ksm_smaps_kib": sum(entry["ksm_kib"] for entry in entries),
         "regions": entries,

@@ -55,3 +55,47 @@ def inspect(path):
     except (ELFError, OSError):
         return Binary(path, is_elf=False)
     return Binary(path, is_elf=True, static=static, secure_reason=_secure_reason(path))
+
+
+# ---- which allocator a program carries, and whether it bypasses libc's mmap -------------------
+
+ALLOCATOR_LIBRARIES = (("libjemalloc", "jemalloc (shared library)"), ("libtcmalloc", "tcmalloc (shared library)"),
+                       ("libmimalloc", "mimalloc (shared library)"))
+# Defined (not imported) symbols that give away an allocator linked into the program itself.
+ALLOCATOR_SYMBOLS = (("je_mallctl", "jemalloc (linked in, je_ prefix)"), ("mallctl", "jemalloc (linked in)"),
+                     ("tc_malloc", "tcmalloc (linked in)"), ("mi_malloc", "mimalloc (linked in)"))
+RAW_SYSCALL_RUNTIMES = ((".gopclntab", "Go"), (".go.buildinfo", "Go"))
+
+
+def _defined_symbols(elf):
+    names = set()
+    for section_name in (".symtab", ".dynsym"):
+        section = elf.get_section_by_name(section_name)
+        if section is None:
+            continue
+        names.update(symbol.name for symbol in section.iter_symbols()
+                     if symbol["st_shndx"] != "SHN_UNDEF" and symbol.name)
+    return names
+
+
+def _needed_libraries(elf):
+    dynamic = elf.get_section_by_name(".dynamic")
+    if dynamic is None:
+        return []
+    return [tag.needed for tag in dynamic.iter_tags() if tag.entry.d_tag == "DT_NEEDED"]
+
+
+def allocators(path, loaded_libraries=()):
+    """The allocators other than glibc's that `path` links or carries (names for people), and
+    the runtime that maps memory with raw system calls, if any: (allocators, runtime or '')."""
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            needed = _needed_libraries(elf) + [os.path.basename(lib) for lib in loaded_libraries]
+            symbols = _defined_symbols(elf)
+            runtime = next((name for section, name in RAW_SYSCALL_RUNTIMES if elf.get_section_by_name(section)), "")
+    except (ELFError, OSError):
+        return [], ""
+    found = [name for prefix, name in ALLOCATOR_LIBRARIES if any(lib.startswith(prefix) for lib in needed)]
+    found += [name for symbol, name in ALLOCATOR_SYMBOLS if symbol in symbols]
+    return list(dict.fromkeys(found)), runtime

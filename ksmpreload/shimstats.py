@@ -14,7 +14,7 @@ REGIONS_MAGIC = b"KSMREGN1"
 REGION_KINDS = {1: "mmap", 2: "mapped before start", 3: "glibc mmapped chunk", 4: "glibc arena heap",
                 5: "jemalloc extent"}
 SETTLE_SECONDS = 2  # a file younger than this may belong to a process about to map it
-STRATEGIES = {1: "prctl", 2: "madvise"}
+STRATEGIES = {1: "prctl", 2: "madvise", 3: "observe"}
 
 
 def default_stats_dir(euid=None):

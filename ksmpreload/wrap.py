@@ -92,10 +92,12 @@ def merge_without_preload(program, reason, verbose):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
-@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise"]), default="auto", show_default=True,
+@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise", "observe"]), default="auto",
+              show_default=True,
               help="How memory is made mergeable. auto: prctl(PR_SET_MEMORY_MERGE) where the kernel has it "
                    "(6.4+), else madvise. prctl marks every mapping without splitting any; madvise marks "
-                   "only large allocations and mappings.")
+                   "only large allocations and mappings. observe: change nothing, only count the program's "
+                   "own madvise calls (what `ksmpreload doctor --as-is` uses).")
 @click.option("--threshold", type=SizeParam(), default=None,
               help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M). "
                    "[default: 8K]")
@@ -122,7 +124,7 @@ def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
         warn_if_ksm_idle()
     target = binary.inspect(os.path.realpath(program))
     env = dict(os.environ)
-    if target.is_elf and target.preload_ignored_because:
+    if target.is_elf and target.preload_ignored_because and strategy != "observe":
         merge_without_preload(program, target.preload_ignored_because, verbose)
     else:
         env = shim_environment(os.environ, strategy, threshold, not no_align, verbose)

@@ -60,16 +60,16 @@ static void read_threshold(struct ksm_config *config, size_t page_size)
 
 static void read_strategy(struct ksm_config *config)
 {
-    static const char *const names[] = {"auto", "prctl", "madvise"};
+    static const char *const names[] = {"auto", "prctl", "madvise", "observe"};
     const char *text = getenv("KSMPRELOAD_STRATEGY");
     if (!text)
         return;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if (strcmp(text, names[i]) == 0) {
             config->strategy = (enum ksm_strategy)i;
             return;
         }
-    warn_invalid("KSMPRELOAD_STRATEGY", text, "auto, prctl or madvise", "auto");
+    warn_invalid("KSMPRELOAD_STRATEGY", text, "auto, prctl, madvise or observe", "auto");
 }
 
 static void read_flag(const char *name, int *flag)
@@ -96,4 +96,9 @@ void ksm_config_read(struct ksm_config *config, size_t page_size)
     read_flag("KSMPRELOAD_ALIGN", &config->align);
     read_flag("KSMPRELOAD_VERBOSE", &config->verbose);
     read_flag("KSMPRELOAD_JEMALLOC_HOOKS", &config->jemalloc_hooks);
+    if (config->strategy == KSM_STRATEGY_OBSERVE) {
+        config->threshold = SIZE_MAX; /* every allocation and mapping passes straight through */
+        config->align = 0;
+        config->jemalloc_hooks = 0;
+    }
 }

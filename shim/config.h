@@ -4,7 +4,9 @@
 
 #include <stddef.h>
 
-enum ksm_strategy { KSM_STRATEGY_AUTO, KSM_STRATEGY_PRCTL, KSM_STRATEGY_MADVISE };
+/* observe: mark and align nothing, only count (the program's own madvise calls): how the
+ * program behaves without the shim, seen from inside (ksmpreload doctor --as-is). */
+enum ksm_strategy { KSM_STRATEGY_AUTO, KSM_STRATEGY_PRCTL, KSM_STRATEGY_MADVISE, KSM_STRATEGY_OBSERVE };
 
 /* Allocations and mappings of at least this size are handled; smaller ones pass straight through.
  * 8 KiB: the best net saving but for 4 KiB, at half its memory cost (docs/BENCHMARKS.md). */

@@ -28,6 +28,7 @@
     X(mmap64, void *, (void *addr, size_t len, int prot, int flags, int fd, off_t off), 0)  \
     X(mremap, void *, (void *old, size_t old_len, size_t new_len, int flags, ...), 1)       \
     X(munmap, int, (void *addr, size_t len), 1)                                             \
+    X(madvise, int, (void *addr, size_t len, int advice), 1)                                \
     X(malloc, void *, (size_t size), 1)
 
 #define KSM_DECLARE_TYPE(name, ret, params, required) typedef ret(*name##_fn) params;

@@ -459,6 +459,21 @@ EXPORT int munmap(void *addr, size_t len)
     return result;
 }
 
+/* The program's own madvise: counted when it asks for merging, so that a
+ * diagnosis can say why its calls "return -1"; errno and result unchanged. */
+EXPORT int madvise(void *addr, size_t len, int advice)
+{
+    madvise_fn real = __atomic_load_n(&real_madvise, __ATOMIC_ACQUIRE);
+    int result = real ? real(addr, len, advice) : (int)syscall(SYS_madvise, addr, len, advice);
+    if (advice == MADV_MERGEABLE) {
+        ksm_stats_publish_pending(); /* keeps errno */
+        ksm_stat_add(KSM_STAT_program_madvise_mergeable, 1);
+        if (result != 0)
+            ksm_stat_add(errno == EINVAL ? KSM_STAT_program_madvise_einval : KSM_STAT_program_madvise_failed, 1);
+    }
+    return result;
+}
+
 /* ---- start-up, fork and exit ------------------------------------------- */
 
 static void default_stats_dir(char *dir, size_t size)
@@ -515,7 +530,7 @@ static int malloc_is_glibc(void)
 
 static void choose_marking(void)
 {
-    if (config.strategy == KSM_STRATEGY_MADVISE)
+    if (config.strategy == KSM_STRATEGY_MADVISE || config.strategy == KSM_STRATEGY_OBSERVE)
         return;
     if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0) {
         marking_by_prctl = 1;
@@ -533,7 +548,8 @@ static void say_configuration(void)
 {
     char text[256];
     snprintf(text, sizeof text, "pid %d: strategy %s, threshold %zu bytes, %s", (int)getpid(),
-             marking_by_prctl ? "prctl" : "madvise", config.threshold,
+             config.strategy == KSM_STRATEGY_OBSERVE ? "observe" : marking_by_prctl ? "prctl" : "madvise",
+             config.threshold,
              config.align ? "large blocks page-aligned" : "no alignment");
     ksm_say(text);
 }
@@ -559,7 +575,7 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
 
     ksm_stat_set(KSM_STAT_pid, (uint64_t)getpid());
-    ksm_stat_set(KSM_STAT_strategy, marking_by_prctl ? 1 : 2);
+    ksm_stat_set(KSM_STAT_strategy, config.strategy == KSM_STRATEGY_OBSERVE ? 3 : marking_by_prctl ? 1 : 2);
     ksm_stat_set(KSM_STAT_threshold, config.threshold);
     ksm_stat_set(KSM_STAT_align, (uint64_t)config.align);
     ksm_stat_set(KSM_STAT_page_size, page_size);

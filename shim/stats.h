@@ -25,6 +25,9 @@
     X(madvise_other)                                                               \
     X(vma_budget_skips)    /* blocks left unmarked to keep the VMA count bounded */ \
     X(unmapped_bytes)      /* bytes given back by munmap calls at or above the threshold */ \
+    X(program_madvise_mergeable) /* madvise(MADV_MERGEABLE) calls the program made itself */ \
+    X(program_madvise_einval)    /* ... that failed with EINVAL (an address not page-aligned) */ \
+    X(program_madvise_failed)    /* ... that failed otherwise */ \
     X(hook_arenas)         /* jemalloc arenas given the counting extent hooks (KSMPRELOAD_JEMALLOC_HOOKS=1) */ \
     X(hook_extents)        /* extents at or above the threshold that jemalloc allocated through them */ \
     X(hook_bytes)                                                                  \

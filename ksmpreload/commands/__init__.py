@@ -1,8 +1,9 @@
 """One module per subcommand; COMMANDS is what `ksmpreload` offers."""
 from .demo import demo
+from .doctor import doctor
 from .ksm import ksm
 from .report import report
 from .status import status
 from .top import top
 
-COMMANDS = [status, top, ksm, report, demo]
+COMMANDS = [status, top, ksm, report, doctor, demo]

@@ -1,0 +1,251 @@
+"""Why KSM is not merging: findings read from the kernel, each with its evidence, its cost in
+memory, the cause in one sentence and the fix.
+
+Three kinds of checks: the system (KSM itself and its knobs), a program's file (what
+LD_PRELOAD can do with it, which allocator it carries) and a running process (where its
+memory sits, how much of it KSM can and did merge). Findings are ordered by what they cost;
+facts that cost nothing go to notes.
+"""
+import os
+from dataclasses import asdict, dataclass, field
+
+from . import attribution, binary, kernel
+
+MIB = 1024 * 1024
+SLOW_SCAN_SECONDS = kernel.FULL_SCAN_TARGET_SECONDS  # a full scan slower than this is a finding
+NOT_SCANNED_SHARE = 0.5       # a process whose mergeable pages KSM has seen less than this share of
+VOLATILE_SHARE = 0.2          # pages_volatile above this share of the pages KSM tracks
+MYTH_NOTE = ("KSM needs no KVM and no particular hypervisor: it merges the memory of any process "
+             "that marks it mergeable, on bare metal or in any VM.")
+
+
+@dataclass
+class Finding:
+    key: str                  # stable name, for scripts and tests
+    title: str
+    cost_bytes: int           # memory this costs now (0: not measurable)
+    cause: str
+    fix: str
+    evidence: dict = field(default_factory=dict)
+    pid: int = 0              # 0: not about one process
+
+
+def _mib(count):
+    return f"{count / MIB:.1f} MiB"
+
+
+# ---- the system -----------------------------------------------------------------------------
+
+def ksm_off_finding(knobs, waiting_bytes):
+    if knobs.get("run") == 1:
+        return None
+    return Finding("ksm_not_running", "KSM is not running", waiting_bytes,
+                   f"/sys/kernel/mm/ksm/run is {knobs.get('run')}, so ksmd scans nothing.",
+                   "ksmpreload ksm on   (or: echo 1 > /sys/kernel/mm/ksm/run)", {"run": knobs.get("run")})
+
+
+def slow_scan_finding(knobs, scan_bytes):
+    pages, sleep_ms = knobs.get("pages_to_scan", 100), knobs.get("sleep_millisecs", 20)
+    seconds = kernel.full_scan_seconds(scan_bytes, pages, sleep_ms)
+    if seconds <= SLOW_SCAN_SECONDS:
+        return None
+    suggested = kernel.suggested_pages_to_scan(max(scan_bytes, kernel.mem_total_bytes()), sleep_ms)
+    return Finding("scan_too_slow", "KSM scans too slowly for this much memory", scan_bytes,
+                   f"at {pages} pages every {sleep_ms} ms one pass over {_mib(scan_bytes)} of mergeable "
+                   f"memory takes {seconds:.0f} s, and pages merge only after two passes find them equal.",
+                   f"ksmpreload ksm tune --pages-to-scan {max(suggested, pages + 1)}",
+                   {"pages_to_scan": pages, "sleep_millisecs": sleep_ms, "mergeable_bytes": scan_bytes,
+                    "full_scan_seconds": round(seconds, 1)})
+
+
+def smart_scan_finding(knobs, unmerged_bytes):
+    if knobs.get("smart_scan") != 1 or unmerged_bytes <= 0:
+        return None
+    return Finding("smart_scan", "smart_scan may hold back pages that did not merge at first", 0,
+                   "with smart_scan on, ksmd skips a page that did not merge on earlier passes for up to "
+                   "hundreds of passes, so duplicates written later wait that long.",
+                   "echo 0 > /sys/kernel/mm/ksm/smart_scan",
+                   {"smart_scan": 1, "pages_skipped": knobs.get("pages_skipped")})
+
+
+def chain_finding(knobs):
+    shared, sharing, limit = knobs.get("pages_shared", 0), knobs.get("pages_sharing", 0), knobs.get("max_page_sharing")
+    if not shared or not limit or sharing / shared < 0.9 * limit:
+        return None
+    return Finding("max_page_sharing", "pages are shared up to max_page_sharing", 0,
+                   f"on average {sharing / shared:.0f} mappings share each KSM page, near the limit of {limit}: "
+                   "beyond it KSM keeps extra copies of the same content.",
+                   f"echo {limit * 4} > /sys/kernel/mm/ksm/max_page_sharing   (after: ksmpreload ksm off; on)",
+                   {"pages_shared": shared, "pages_sharing": sharing, "max_page_sharing": limit})
+
+
+def system_findings(knobs, scan_bytes, unmerged_bytes, anonymous_bytes):
+    """anonymous_bytes: the memory of the processes looked at, all of which waits while KSM is off."""
+    found = [ksm_off_finding(knobs, anonymous_bytes), slow_scan_finding(knobs, scan_bytes),
+             smart_scan_finding(knobs, unmerged_bytes), chain_finding(knobs)]
+    return [finding for finding in found if finding]
+
+
+def system_notes(knobs):
+    notes = [MYTH_NOTE]
+    features = kernel.kernel_features()
+    missing = [name for name, present in features.items() if not present]
+    notes.append("kernel features: " + ", ".join(f"{name} {'yes' if present else 'no'}"
+                                                  for name, present in features.items()))
+    if missing:
+        notes.append(f"this kernel lacks {', '.join(missing)}: some figures are not available")
+    if "advisor_mode" in knobs:
+        notes.append(f"advisor_mode is {knobs['advisor_mode']}")
+    if not knobs.get("use_zero_pages"):
+        notes.append("use_zero_pages is 0: pages of zeros merge into one KSM page instead of the zero page")
+    thp = _thp_mode()
+    if thp:
+        notes.append(f"transparent huge pages: {thp} (KSM splits a huge page to merge its parts)")
+    return notes
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
+# ---- a program's file -----------------------------------------------------------------------
+
+def binary_findings(path, pid=0, loaded_libraries=()):
+    found = []
+    program = binary.inspect(path)
+    if program.is_elf and program.preload_ignored_because:
+        found.append(Finding("preload_ignored", f"LD_PRELOAD cannot act on {os.path.basename(path)}", 0,
+                             f"{path} {program.preload_ignored_because}: no shim inside, so nothing aligns or marks "
+                             "its allocations.",
+                             "ksm-wrap COMMAND   (it falls back to prctl(PR_SET_MEMORY_MERGE), inherited across exec)",
+                             {"static": program.static, "secure": program.secure_reason}, pid))
+    names, runtime = binary.allocators(path, loaded_libraries)
+    if names:
+        found.append(Finding("allocator", f"the memory comes from {', '.join(names)}", 0,
+                             "this allocator keeps blocks inside large extents of its own, at offsets that are not "
+                             "page-aligned, so madvise on a block's address fails (EINVAL) or marks a shared extent.",
+                             "ksm-wrap COMMAND   (marks the allocator's mappings whole and aligns large blocks)",
+                             {"allocators": names}, pid))
+    if runtime:
+        found.append(Finding("raw_syscalls", f"the {runtime} runtime maps memory with raw system calls", 0,
+                             "an LD_PRELOAD wrapper of mmap never sees those mappings.",
+                             "ksm-wrap --strategy prctl COMMAND   (the whole process merges)",
+                             {"runtime": runtime}, pid))
+    return found
+
+
+# ---- a running process ----------------------------------------------------------------------
+
+def _mergeable_bytes(process):
+    return sum(r["anonymous_kib"] for r in process["regions"] if r["mergeable"]) * 1024
+
+
+def _loaded_libraries(process):
+    return sorted({region["path"] for region in process["regions"] if region["path"].startswith("/")})
+
+
+def unmarked_finding(process):
+    unmarked = [r for r in process["regions"] if not r["mergeable"] and r["anonymous_kib"]
+                and not r["path"].startswith("/")]
+    total = sum(r["anonymous_kib"] for r in unmarked) * 1024
+    marked = _mergeable_bytes(process)
+    if total < MIB or total < 0.1 * (total + marked):
+        return None
+    biggest = sorted(unmarked, key=lambda r: -r["anonymous_kib"])[:5]
+    return Finding("not_mergeable", f"{_mib(total)} of {process['comm']}'s memory is not mergeable", total,
+                   "nothing marked it: KSM scans only VMAs marked by madvise(MADV_MERGEABLE) or "
+                   "prctl(PR_SET_MEMORY_MERGE) in the process itself; a script cannot mark them from outside "
+                   "(process_madvise refuses MADV_MERGEABLE).",
+                   f"ksm-wrap {process['cmdline']}   (restart it under the shim)",
+                   {"unmarked_bytes": total, "marked_bytes": marked,
+                    "regions": [{"start": hex(r["start"]), "end": hex(r["end"]), "made_by": r["label"],
+                                 "anonymous_kib": r["anonymous_kib"]} for r in biggest]}, process["pid"])
+
+
+def not_scanned_finding(process, knobs):
+    mergeable_pages = _mergeable_bytes(process) // kernel.page_size()
+    seen = process["ksm_stat"].get("ksm_rmap_items", 0) + process["ksm_stat"].get("ksm_merging_pages", 0)
+    if knobs.get("run") != 1 or mergeable_pages < 256 or seen >= NOT_SCANNED_SHARE * mergeable_pages:
+        return None
+    unseen = (mergeable_pages - seen) * kernel.page_size()
+    return Finding("not_scanned_yet", f"KSM has not scanned most of {process['comm']}'s mergeable memory yet", unseen,
+                   f"ksmd has looked at {seen} of its {mergeable_pages} mergeable pages; the rest waits for the "
+                   "next passes.", "wait one or two full scans, or speed them up: ksmpreload ksm tune --pages-to-scan N",
+                   {"mergeable_pages": mergeable_pages, "pages_seen": seen}, process["pid"])
+
+
+def volatile_finding(knobs):
+    tracked = sum(knobs.get(name, 0) for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
+    volatile = knobs.get("pages_volatile", 0)
+    if not tracked or volatile < VOLATILE_SHARE * tracked:
+        return None
+    return Finding("volatile", "pages change faster than KSM scans them", volatile * kernel.page_size(),
+                   f"{volatile} of the {tracked} pages KSM tracks changed between two passes (pages_volatile): "
+                   "KSM merges only pages that keep their content from one pass to the next.",
+                   "keep duplicate data still (write it once), or scan faster: ksmpreload ksm tune --pages-to-scan N",
+                   {"pages_volatile": volatile, "pages_tracked": tracked})
+
+
+def padding_finding(process):
+    padding = process["padding_bytes"]
+    if padding < MIB or padding < 0.1 * max(process["merged_bytes"], 1):
+        return None
+    return Finding("alignment_padding", f"aligning {process['comm']}'s large blocks costs {_mib(padding)}", padding,
+                   "page-aligned blocks use more memory than the allocator would give unaligned.",
+                   "ksm-wrap --threshold 16K ...   (align fewer, larger blocks)",
+                   {"padding_bytes": padding, "merged_bytes": process["merged_bytes"]}, process["pid"])
+
+
+def own_madvise_finding(process):
+    shim = process["shim"] or {}
+    einval, failed = shim.get("program_madvise_einval", 0), shim.get("program_madvise_failed", 0)
+    if not einval and not failed:
+        return None
+    return Finding("madvise_unaligned" if einval else "madvise_failed",
+                   f"{process['comm']}'s own madvise(MADV_MERGEABLE) calls failed", 0,
+                   f"{einval + failed} of its {shim.get('program_madvise_mergeable', 0)} calls returned -1"
+                   + (f", {einval} with EINVAL: madvise needs a page-aligned address, and a block from malloc "
+                      "starts inside a page." if einval else "."),
+                   "drop the program's own madvise calls and run it under ksm-wrap (it aligns large blocks and "
+                   "marks them); in code: madvise the page-aligned range inside the block, or use "
+                   "posix_memalign(4096) for the buffer",
+                   {"program_madvise_mergeable": shim.get("program_madvise_mergeable", 0),
+                    "einval": einval, "other_failures": failed}, process["pid"])
+
+
+def process_findings(process, knobs):
+    found = [unmarked_finding(process), not_scanned_finding(process, knobs), padding_finding(process),
+             own_madvise_finding(process)]
+    exe = f"/proc/{process['pid']}/exe"
+    found = [finding for finding in found if finding]
+    return found + binary_findings(exe, process["pid"], _loaded_libraries(process))
+
+
+# ---- all together ---------------------------------------------------------------------------
+
+def diagnose(pids=(), program=None):
+    """Findings for the system, the processes `pids` and the file `program` (for `doctor --`)."""
+    kernel.require_ksm()
+    knobs = kernel.read_knobs()
+    processes = [p for p in (attribution.process_attribution(pid) for pid in pids) if p]
+    scan_bytes = sum(_mergeable_bytes(p) for p in processes)
+    unmerged = max(scan_bytes - sum(p["merged_bytes"] for p in processes), 0)
+    anonymous = sum(r["anonymous_kib"] for p in processes for r in p["regions"]) * 1024
+    findings = system_findings(knobs, scan_bytes, unmerged, anonymous)
+    volatile = volatile_finding(knobs)
+    findings += [volatile] if volatile else []
+    for process in processes:
+        findings += process_findings(process, knobs)
+    if program and not pids:
+        findings += binary_findings(program)
+    findings.sort(key=lambda finding: -finding.cost_bytes)
+    return {"findings": [asdict(finding) for finding in findings], "notes": system_notes(knobs),
+            "processes": [{"pid": p["pid"], "comm": p["comm"], "merged_bytes": p["merged_bytes"],
+                           "mergeable_bytes": _mergeable_bytes(p)} for p in processes],
+            "ksm": {name: knobs.get(name) for name in ("run", "pages_to_scan", "sleep_millisecs", "full_scans",
+                                                        "pages_shared", "pages_sharing", "pages_volatile")}}
