@@ -102,7 +102,7 @@ def _region_entry(region, label, source):
         "label": label, "source": source, "mergeable": region["mergeable"],
         "size_kib": (region["end"] - region["start"]) // 1024,
         "rss_kib": region.get("Rss", 0), "anonymous_kib": region.get("Anonymous", 0),
-        "ksm_kib": region.get("KSM", 0),
+        "ksm_kib": region.get("KSM", 0), "anon_huge_kib": region.get("AnonHugePages", 0),
     }
 
 

@@ -218,9 +218,20 @@ def own_madvise_finding(process):
                     "einval": einval, "other_failures": failed}, process["pid"])
 
 
+def huge_pages_finding(process):
+    huge_kib = sum(region.get("anon_huge_kib", 0) for region in process["regions"] if region["mergeable"])
+    if huge_kib * 1024 < MIB:
+        return None
+    return Finding("huge_pages", f"{_mib(huge_kib * 1024)} of {process['comm']}'s mergeable memory is in huge pages",
+                   0, "ksmd must split a transparent huge page before it can merge its 4 KiB parts, and "
+                   "khugepaged may collapse them again.",
+                   "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled   (if it is 'always')",
+                   {"anon_huge_kib": huge_kib}, process["pid"])
+
+
 def process_findings(process, knobs):
     found = [unmarked_finding(process), not_scanned_finding(process, knobs), padding_finding(process),
-             own_madvise_finding(process)]
+             own_madvise_finding(process), huge_pages_finding(process)]
     exe = f"/proc/{process['pid']}/exe"
     found = [finding for finding in found if finding]
     return found + binary_findings(exe, process["pid"], _loaded_libraries(process))

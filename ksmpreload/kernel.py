@@ -23,6 +23,8 @@ KERNEL_FEATURES = (
     Feature("ksm_stat", (6, 1), "/proc/<pid>/ksm_stat with ksm_rmap_items"),
     Feature("prctl_merge", (6, 4), "prctl(PR_SET_MEMORY_MERGE); ksm_stat gains "
                                    "ksm_merging_pages and ksm_process_profit"),
+    Feature("prctl_merge_exec", (6, 10), "prctl merging kept across execve and the exec'd process "
+                                         "scanned (kept from about 6.7, scanned from about 6.10)"),
     Feature("ksm_zero_pages", (6, 6), "ksm_zero_pages in ksm_stat and in /sys/kernel/mm/ksm"),
     Feature("smaps_ksm", (6, 6), "a 'KSM:' line per VMA in /proc/<pid>/smaps"),
     Feature("smart_scan", (6, 7), "/sys/kernel/mm/ksm/smart_scan and pages_skipped"),

@@ -151,6 +151,15 @@ def test_features_of_6_6():
     assert not features["smart_scan"] and not features["ksm_stat_flags"]
 
 
+def _merge_flag_after_exec():
+    """PR_GET_MEMORY_MERGE in a process exec'd after setting the flag."""
+    after = "from ksmpreload import native; print(int(native.memory_merge_enabled()))"
+    before = ("import os, sys; from ksmpreload import native; native.set_memory_merge(True); "
+              f"os.execv(sys.executable, [sys.executable, '-c', {after!r}])")
+    done = subprocess.run([sys.executable, "-c", before], capture_output=True, text=True, timeout=60, cwd="/")
+    return done.stdout.strip()
+
+
 def test_features_said_present_exist_on_this_kernel():
     """KERNEL_FEATURES against the running kernel: what it promises is really there."""
     require(kernel.ksm_available(), "the kernel has no KSM")
@@ -167,6 +176,7 @@ def test_features_said_present_exist_on_this_kernel():
         "smart_scan": kernel.read_knob("smart_scan") is not None,
         "advisor": kernel.read_knob("advisor_mode") is not None,
         "ksm_stat_flags": "ksm_merge_any" in stat and "ksm_mergeable" in stat,
+        "prctl_merge_exec": _merge_flag_after_exec() == "1",
     }
     assert set(checks) == set(features)
     assert [name for name, present in features.items() if present and not checks[name]] == []
