@@ -55,7 +55,7 @@ def test_loaded_with_dlopen(c_programs, shim):
 @pytest.mark.parametrize("name, value, expected", [
     ("THRESHOLD", "abc", "KSMPRELOAD_THRESHOLD='abc' is not a size"),
     ("THRESHOLD", "100", "KSMPRELOAD_THRESHOLD='100' is not a size"),
-    ("STRATEGY", "fast", "KSMPRELOAD_STRATEGY='fast' is not auto, prctl or madvise; using auto"),
+    ("STRATEGY", "fast", "KSMPRELOAD_STRATEGY='fast' is not auto, prctl, madvise or observe; using auto"),
     ("ALIGN", "yes", "KSMPRELOAD_ALIGN='yes' is not 0 or 1; using 1"),
 ])
 def test_invalid_environment_value_names_variable_and_default(c_programs, shim_env, name, value, expected):
