@@ -77,3 +77,22 @@ def markdown_table(columns, rows, title=None):
     lines.append("|" + "|".join(align[justify] for _, justify in columns) + "|")
     lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def plot_lines(path, series, title, xlabel, ylabel):
+    """A PNG at `path` with one line per entry of `series` ({label: [(x, y), ...]})."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(8, 4.5), dpi=100)
+    for label, points in series.items():
+        axes.plot([x for x, _ in points], [y for _, y in points], label=label)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
