@@ -77,7 +77,7 @@ def measure(args):
 def print_table(results):
     print(f"duplicate data if every copy were page-aligned: "
           f"{results[0]['duplicate_pages_if_aligned'] * 4096 / MIB:.1f} MiB")
-    print(f"| arm | RssAnon MiB | extra MiB | merged MiB | profit MiB | net MiB | VMAs | rmap items |")
+    print("| arm | RssAnon MiB | extra MiB | merged MiB | profit MiB | net MiB | VMAs | rmap items |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['arm']} | {r['rss_anon'] / MIB:.1f} | {r['extra_rss'] / MIB:.1f} | "

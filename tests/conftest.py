@@ -95,3 +95,34 @@ def shim_env(shim, tmp_path):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs a real program or test suite for tens of seconds "
                                        "(deselect with -m 'not slow')")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(prefix=(), args=(), env=None, timeout=30):
+    """Debian's redis-server on a free loopback port (no persistence), started behind `prefix`
+    (e.g. ["ksm-wrap"]); returns (process, redis-py client) once it answers PING."""
+    import subprocess
+    import time
+
+    import redis
+    port = free_port()
+    proc = subprocess.Popen([*prefix, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--loglevel", "warning", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=60)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return proc, client
+        except (redis.ConnectionError, redis.BusyLoadingError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"redis-server did not start: {proc.communicate()[1]}")
+            time.sleep(0.05)

@@ -3,13 +3,11 @@ marked it: jemalloc shared (Debian's redis-server), jemalloc linked into the pro
 preloaded with its extent hooks counting (measurement mode) and after purges."""
 import json
 import os
-import socket
 import subprocess
-import time
 
 import pytest
 
-from conftest import JEMALLOC, ksm_stat
+from conftest import JEMALLOC, ksm_stat, start_redis
 from ksmpreload import kernel, scanning, shimstats
 
 MARKED_SHARE = 0.99  # of the process's anonymous memory, in VMAs flagged mergeable
@@ -20,27 +18,11 @@ def coverage(pid):
     return marked / (marked + unmarked)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_redis_jemalloc_memory_is_marked_through_heap_and_mmap_paths(tmp_path):
-    import redis
-    port, stats_dir = free_port(), tmp_path / "stats"
+    stats_dir = tmp_path / "stats"
     env = dict(os.environ, KSMPRELOAD_STATS_DIR=str(stats_dir))
-    proc = subprocess.Popen(["ksm-wrap", "--strategy", "madvise", "redis-server", "--port", str(port),
-                             "--bind", "127.0.0.1", "--save", "", "--loglevel", "warning"],
-                            env=env, stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    proc, client = start_redis(["ksm-wrap", "--strategy", "madvise"], env=env)
     try:
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         pipe = client.pipeline(transaction=False)
         for i in range(3000):
             pipe.set(f"small:{i}", b"s" * 300)

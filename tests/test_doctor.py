@@ -6,12 +6,9 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 
-import pytest
-
+from conftest import start_redis
 from ksmpreload import kernel, scanning
 
 SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE, MADV_MERGEABLE = 434, 440, 12
@@ -96,20 +93,8 @@ def test_memory_marked_from_outside_stays_unmergeable(c_programs):
 
 def test_jemalloc_holds_the_data():
     """The post's Redis: zmalloc's blocks come from jemalloc, inside its own extents."""
-    import redis
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-                            stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    proc, client = start_redis()
     try:
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         client.mset({f"key:{i}": b"v" * 20000 for i in range(500)})
         report = doctor(proc.pid)
     finally:

@@ -286,11 +286,6 @@ def test_ksm_processes_finds_a_prctl_process(ksm_running):
 
 # ---- smaps, captured from dup_buffers under `ksm-wrap --strategy madvise` after merging settled
 
-def golden(name):
-    with open(os.path.join(DATA, name)) as f:
-        return f.read()
-
-
 def test_smaps_ksm_lines_add_up_to_the_processes_merging_pages():
     regions = kernel.parse_smaps(golden("smaps_6.18_dup_buffers_madvise.txt"))
     stat = kernel.parse_ksm_stat(golden("ksm_stat_6.18_dup_buffers_madvise.txt"))

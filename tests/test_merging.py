@@ -1,12 +1,10 @@
 """Merging on the real kernel, judged by the ksm_stat of the processes the tests start."""
 import json
-import socket
 import subprocess
-import time
 
 import pytest
 
-from conftest import ksm_stat
+from conftest import ksm_stat, start_redis
 from ksmpreload import scanning, shimstats
 
 DISTINCT, COPIES = 64, 4
@@ -54,30 +52,6 @@ def test_without_alignment_most_duplicates_stay_apart(ksm_running, c_programs, s
     assert merged < 0.5 * mergeable, f"{merged} of {mergeable} merged even without alignment"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(port, strategy):
-    proc = subprocess.Popen(["ksm-wrap", "--strategy", strategy, "redis-server", "--port", str(port),
-                             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--loglevel", "warning"], stdout=subprocess.DEVNULL)
-    import redis
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            return proc, client
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-
-
 VALUES, VALUE_BYTES = 1500, 32 * 1024
 
 
@@ -90,7 +64,7 @@ def load_same_values(client):
 
 
 def test_two_redis_servers_with_the_same_values_merge(ksm_running):
-    servers = [start_redis(free_port(), "madvise") for _ in range(2)]
+    servers = [start_redis(["ksm-wrap", "--strategy", "madvise"]) for _ in range(2)]
     try:
         for _, client in servers:
             load_same_values(client)

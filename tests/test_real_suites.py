@@ -10,7 +10,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import JEMALLOC
+from conftest import JEMALLOC, free_port
 from ksmpreload import shimstats
 
 slow = pytest.mark.slow
@@ -248,12 +247,6 @@ def test_stress_ng_memory_stressors(shim_env, tmp_path, preload_after, strategy,
 
 KEYS, BATCH = 3000, 250
 VALUE_SIZES = (64, 1000, 5000, 9000, 20000, 70000)  # about half at or above the 8K threshold
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def value_for(key, generation):

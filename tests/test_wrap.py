@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import JEMALLOC, require_root_ksm
+from conftest import JEMALLOC
 
 
 def wrap(*args, env=None, **kwargs):
