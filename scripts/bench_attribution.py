@@ -22,12 +22,12 @@ import platform
 import random
 import statistics
 import struct
-import subprocess
 import sys
 import time
 
 from ksmpreload import attribution, kernel, native, scanning
 from ksmpreload.sharing import sharing
+from ksmpreload.workers import start_workers, stop_workers
 
 GIB = 1 << 30
 TEMPLATE_PAGES = 4096
@@ -61,26 +61,14 @@ def worker(total_bytes, duplicate, seed):
 
 # ---- the measurement ------------------------------------------------------------------------
 
-def start_workers(total_bytes, processes, duplicate):
+def start_bench_workers(total_bytes, processes, duplicate):
     command = [sys.executable, os.path.abspath(__file__), "--worker"]
     each = str(total_bytes // processes)
-    workers = [subprocess.Popen(["ksm-wrap", *command, each, str(duplicate), str(seed)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
-               for seed in range(1, processes + 1)]
+    workers = start_workers([["ksm-wrap", *command, each, str(duplicate), str(seed)]
+                             for seed in range(1, processes + 1)])
     for proc in workers:
-        line = proc.stdout.readline()
-        if not line:
-            stop_workers(workers)
-            raise SystemExit("a worker exited before it was ready")
-        proc.held = json.loads(line)["bytes"]
+        proc.held = proc.report["bytes"]
     return workers
-
-
-def stop_workers(workers):
-    for proc in workers:
-        proc.stdin.close()
-    for proc in workers:
-        proc.wait(timeout=60)
 
 
 def merging_pages(pids):
@@ -97,7 +85,7 @@ def summary(seconds, gib):
 
 
 def measure_size(total_bytes, args):
-    workers = start_workers(total_bytes, args.processes, args.duplicate)
+    workers = start_bench_workers(total_bytes, args.processes, args.duplicate)
     try:
         pids = [proc.pid for proc in workers]
         started = time.monotonic()

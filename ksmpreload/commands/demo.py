@@ -1,7 +1,5 @@
 """`ksmpreload demo`: two workers holding the same data under ksm-wrap, merging shown live."""
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -9,32 +7,17 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import kernel, scanning
+from ..workers import start_workers, stop_workers
 from ..errors import KsmError
 from ..render import console, human_bytes, print_json, print_rich, table
 
-def start_workers(count, mib):
-    workers = []
-    for _ in range(count):
-        launcher = [sys.executable, "-m", "ksmpreload.wrap"]  # ksm-wrap, even when not on PATH
-        # cwd "/": started in a source checkout, `-m` would import the unbuilt package there.
-        proc = subprocess.Popen([*launcher, sys.executable, "-m", "ksmpreload.demo_worker", str(mib), "1"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
-        workers.append(proc)
+def start_demo_workers(count, mib):
+    launcher = [sys.executable, "-m", "ksmpreload.wrap"]  # ksm-wrap, even when not on PATH
+    worker = [sys.executable, "-m", "ksmpreload.demo_worker", str(mib), "1"]
+    workers = start_workers([[*launcher, *worker] for _ in range(count)])
     for proc in workers:
-        line = proc.stdout.readline()
-        if not line:
-            stop_workers(workers)
-            raise KsmError("a demo worker exited before it was ready")
-        proc.held_bytes = json.loads(line)["bytes"]
+        proc.held_bytes = proc.report["bytes"]
     return workers
-
-
-def stop_workers(workers):
-    for proc in workers:
-        if proc.stdin:
-            proc.stdin.close()
-    for proc in workers:
-        proc.wait(timeout=30)
 
 
 def worker_stats(workers):
@@ -82,7 +65,7 @@ def show_summary(result):
 
 def run_demo(workers_count, mib, timeout, as_json):
     started = time.monotonic()
-    workers = start_workers(workers_count, mib)
+    workers = start_demo_workers(workers_count, mib)
     try:
         total = watch_merging(workers, timeout, quiet=as_json)
         result = summary(workers, total, time.monotonic() - started)
