@@ -1,4 +1,5 @@
 """One module per subcommand; COMMANDS is what `ksmpreload` offers."""
+from .compare import compare
 from .demo import demo
 from .doctor import doctor
 from .ksm import ksm
@@ -6,4 +7,4 @@ from .report import report
 from .status import status
 from .top import top
 
-COMMANDS = [status, top, ksm, report, doctor, demo]
+COMMANDS = [status, top, ksm, report, doctor, compare, demo]
