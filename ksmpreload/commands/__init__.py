@@ -2,9 +2,10 @@
 from .compare import compare
 from .demo import demo
 from .doctor import doctor
+from .exporter import exporter
 from .ksm import ksm
 from .report import report
 from .status import status
 from .top import top
 
-COMMANDS = [status, top, ksm, report, doctor, compare, demo]
+COMMANDS = [status, top, ksm, report, doctor, compare, exporter, demo]

@@ -1,0 +1,196 @@
+"""`ksmpreload exporter`: KSM's counters, each KSM process's and the shim's, as Prometheus metrics.
+
+Every scrape reads /sys/kernel/mm/ksm, /proc/<pid>/ksm_stat and the shim's counters files
+afresh; nothing is cached between scrapes.
+"""
+import socket
+import socketserver
+import time
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import click
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .. import kernel, shimstats
+from ..errors import KsmError
+
+DEFAULT_LISTEN = "127.0.0.1:9465"
+PREFIX = "ksmpreload"
+PROCESS_LABELS = ["pid", "command"]
+
+KNOB_HELP = {  # Documentation/admin-guide/mm/ksm.rst; a knob missing here gets its path as help
+    "advisor_max_cpu": "Most CPU percent ksmd may use under the scan-time advisor.",
+    "advisor_max_pages_to_scan": "Highest pages_to_scan the scan-time advisor sets.",
+    "advisor_min_pages_to_scan": "Lowest pages_to_scan the scan-time advisor sets.",
+    "advisor_target_scan_time": "Seconds per full scan the scan-time advisor aims at.",
+    "full_scans": "Full scans of all mergeable memory ksmd has finished since boot.",
+    "general_profit": "Bytes KSM saves machine-wide minus what its rmap_items cost (can be negative).",
+    "ksm_zero_pages": "Empty pages KSM mapped to the kernel's zero page (use_zero_pages).",
+    "max_page_sharing": "Most pages that may share one KSM page.",
+    "merge_across_nodes": "1 when pages of different NUMA nodes may merge.",
+    "pages_scanned": "Pages ksmd has scanned since boot.",
+    "pages_shared": "KSM pages in use: one per set of identical pages merged.",
+    "pages_sharing": "Pages that share a KSM page: with ksm_zero_pages, what KSM saves.",
+    "pages_skipped": "Pages smart_scan has skipped since boot.",
+    "pages_to_scan": "Pages ksmd scans each time it wakes.",
+    "pages_unshared": "Pages unique so far, checked again at each scan.",
+    "pages_volatile": "Pages changing too fast to be merged.",
+    "run": "0 stopped, 1 merging, 2 unmerging everything.",
+    "sleep_millisecs": "Milliseconds ksmd sleeps between two batches of pages_to_scan.",
+    "smart_scan": "1 when ksmd skips pages that did not merge in earlier scans.",
+    "stable_node_chains": "KSM pages that reached max_page_sharing and were duplicated.",
+    "stable_node_chains_prune_millisecs": "Milliseconds between two prunes of stable node chains.",
+    "stable_node_dups": "Duplicated KSM pages in stable node chains.",
+    "use_zero_pages": "1 when empty pages are mapped to the kernel's zero page.",
+}
+CUMULATIVE_KNOBS = ("full_scans", "pages_scanned", "pages_skipped")  # only ever grow until reboot
+
+PROCESS_FIELDS = {  # /proc/<pid>/ksm_stat field: help
+    "ksm_merging_pages": "Pages of the process that KSM merged.",
+    "ksm_zero_pages": "Empty pages of the process KSM mapped to the kernel's zero page.",
+    "ksm_process_profit": "Bytes KSM saves for the process minus what its rmap_items cost "
+                          "(can be negative).",
+    "ksm_rmap_items": "rmap_items KSM keeps for the process (one per page it looked at).",
+}
+SHIM_SETTINGS = ("pid", "strategy", "threshold", "align", "page_size")  # the rest count events
+
+
+# ---- what one scrape reports ---------------------------------------------------------------
+
+def knob_metrics(knobs):
+    for name, value in knobs.items():
+        if not isinstance(value, int):
+            continue  # advisor_mode: a word, not a number
+        help_text = KNOB_HELP.get(name, kernel.knob_path(name))
+        family_type = CounterMetricFamily if name in CUMULATIVE_KNOBS else GaugeMetricFamily
+        yield family_type(f"{PREFIX}_ksm_{name}", help_text, value=value)
+    saved = kernel.pages_saved(knobs) * kernel.page_size()
+    yield GaugeMetricFamily(f"{PREFIX}_saved_bytes", "Bytes KSM saves machine-wide: "
+                            "(pages_sharing + ksm_zero_pages) * page size.", value=saved)
+
+
+def process_metrics(processes):
+    for field, help_text in PROCESS_FIELDS.items():
+        family = GaugeMetricFamily(f"{PREFIX}_process_{field}", help_text, labels=PROCESS_LABELS)
+        for process in processes:
+            if field in process:
+                family.add_metric([str(process["pid"]), process["comm"]], process[field])
+        yield family
+
+
+def shim_metrics(counters, commands):
+    """`counters`: {pid: the shim's slots}; `commands`: {pid: comm} of the processes to report."""
+    reported = {pid: slots for pid, slots in counters.items() if pid in commands}
+    info = GaugeMetricFamily(f"{PREFIX}_shim_info", "1 for each process running libksmpreload.so, "
+                             "with the shim's strategy.", labels=[*PROCESS_LABELS, "strategy"])
+    counted = {}
+    for pid, slots in sorted(reported.items()):
+        info.add_metric([str(pid), commands[pid], slots["strategy"]], 1)
+        for slot, value in slots.items():
+            if slot not in SHIM_SETTINGS:
+                counted.setdefault(slot, []).append(([str(pid), commands[pid]], value))
+    yield info
+    for slot, samples in counted.items():
+        family = CounterMetricFamily(f"{PREFIX}_shim_{slot}", f"The shim's {slot} counter since the "
+                                     "process started (docs/COUNTERS.md).", labels=PROCESS_LABELS)
+        for labels, value in samples:
+            family.add_metric(labels, value)
+        yield family
+
+
+def shim_commands(counters, processes):
+    """{pid: comm} of the processes with shim counters; those that ended meanwhile are left out."""
+    known = {process["pid"]: process["comm"] for process in processes}
+    commands = {}
+    for pid in counters:
+        comm = known.get(pid) or kernel.read_proc(pid, "comm")
+        if comm is not None:
+            commands[pid] = comm.strip()
+    return commands
+
+
+class KsmCollector:
+    """Reads everything afresh at each scrape (prometheus_client calls collect() per scrape)."""
+
+    def collect(self):
+        started = time.perf_counter()
+        yield from knob_metrics(kernel.read_knobs())
+        processes = kernel.ksm_processes()
+        yield from process_metrics(processes)
+        counters = shimstats.all_process_stats(prune=False)  # read-only: leave left-overs to others
+        yield from shim_metrics(counters, shim_commands(counters, processes))
+        yield GaugeMetricFamily(f"{PREFIX}_scrape_duration_seconds", "Seconds this scrape took to "
+                                "read KSM's and the shim's counters.", value=time.perf_counter() - started)
+
+
+def metrics_registry():
+    registry = CollectorRegistry()
+    registry.register(KsmCollector())
+    return registry
+
+
+# ---- the HTTP server -----------------------------------------------------------------------
+
+class ListenAddress(click.ParamType):
+    """HOST:PORT, with an IPv6 host in brackets ([::1]:9465); port 0 picks a free one."""
+    name = "HOST:PORT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        host, colon, port = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not colon or not host or not port.isdigit() or int(port) > 65535:
+            self.fail(f"{value!r} is not HOST:PORT (for example {DEFAULT_LISTEN})", param, ctx)
+        return host, int(port)
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):
+        """No line per scrape: Prometheus scrapes every few seconds."""
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def metrics_server(host, port, app):
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        return make_server(host, port, app, server_class, QuietRequestHandler)
+    except OSError as error:
+        raise KsmError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def url(server):
+    host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/metrics"
+
+
+@click.command()
+@click.option("--listen", type=ListenAddress(), default=DEFAULT_LISTEN, show_default=True,
+              help="Address to serve /metrics on; 0.0.0.0:PORT to reach it from other machines.")
+@click.option("--once", is_flag=True, help="Print the metrics once to stdout and exit (no server).")
+def exporter(listen, once):
+    """Serve KSM's metrics to Prometheus.
+
+    Global KSM counters and knobs (ksmpreload_ksm_*, ksmpreload_saved_bytes), each process's
+    ksm_stat (ksmpreload_process_*) and the counters of processes running the shim
+    (ksmpreload_shim_*), read afresh at each scrape. Runs until Ctrl-C.
+    """
+    kernel.require_ksm()
+    registry = metrics_registry()
+    if once:
+        click.echo(generate_latest(registry).decode(), nl=False)
+        return
+    server = metrics_server(*listen, make_wsgi_app(registry))
+    click.echo(f"ksmpreload exporter: serving {url(server)} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
