@@ -121,6 +121,9 @@ def test_once_reports_a_merging_process_and_the_global_counters(ksm_running, c_p
     labels = next(labels for labels, _ in samples["ksmpreload_process_ksm_merging_pages"]
                   if labels["pid"] == str(proc.pid))
     assert labels["command"] == "dup_buffers"
+    by_region = {labels["made_by"]: value for labels, value in samples["ksmpreload_region_ksm_bytes"]
+                 if labels["pid"] == str(proc.pid)}
+    assert by_region.get("brk heap", 0) >= 0.9 * merged * kernel.page_size(), by_region
 
     assert value_for_pid(samples, "ksmpreload_shim_heap_regions_total", proc.pid) \
         == shim_counters["heap_regions"] >= DISTINCT * COPIES

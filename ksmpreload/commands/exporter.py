@@ -12,7 +12,7 @@ import click
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .. import kernel, shimstats
+from .. import attribution, kernel, shimstats
 from ..errors import KsmError
 
 DEFAULT_LISTEN = "127.0.0.1:9465"
@@ -99,6 +99,27 @@ def shim_metrics(counters, commands):
         yield family
 
 
+REGION_MIN_KIB = 1024  # regions kinds with less anonymous memory and nothing merged are left out
+
+
+def region_metrics(processes):
+    """Per process, its memory by what made it (attribution labels): anonymous and merged bytes."""
+    labels = [*PROCESS_LABELS, "made_by"]
+    anonymous = GaugeMetricFamily(f"{PREFIX}_region_anonymous_bytes", "Anonymous memory of the process's "
+                                  "regions, by what made them (ksmpreload report).", labels=labels)
+    merged = GaugeMetricFamily(f"{PREFIX}_region_ksm_bytes", "Memory of the process's regions mapped to "
+                               "KSM pages (smaps KSM:), by what made them.", labels=labels)
+    for process in processes:
+        found = attribution.process_attribution(process["pid"])
+        for made_by, totals in (attribution.by_label(found).items() if found else ()):
+            if totals["ksm_kib"] or totals["anonymous_kib"] >= REGION_MIN_KIB:
+                key = [str(process["pid"]), process["comm"], made_by]
+                anonymous.add_metric(key, totals["anonymous_kib"] * 1024)
+                merged.add_metric(key, totals["ksm_kib"] * 1024)
+    yield anonymous
+    yield merged
+
+
 def shim_commands(counters, processes):
     """{pid: comm} of the processes with shim counters; those that ended meanwhile are left out."""
     known = {process["pid"]: process["comm"] for process in processes}
@@ -118,6 +139,7 @@ class KsmCollector:
         yield from knob_metrics(kernel.read_knobs())
         processes = kernel.ksm_processes()
         yield from process_metrics(processes)
+        yield from region_metrics(processes)
         counters = shimstats.all_process_stats(prune=False)  # read-only: leave left-overs to others
         yield from shim_metrics(counters, shim_commands(counters, processes))
         yield GaugeMetricFamily(f"{PREFIX}_scrape_duration_seconds", "Seconds this scrape took to "
@@ -178,8 +200,9 @@ def exporter(listen, once):
     """Serve KSM's metrics to Prometheus.
 
     Global KSM counters and knobs (ksmpreload_ksm_*, ksmpreload_saved_bytes), each process's
-    ksm_stat (ksmpreload_process_*) and the counters of processes running the shim
-    (ksmpreload_shim_*), read afresh at each scrape. Runs until Ctrl-C.
+    ksm_stat (ksmpreload_process_*), their memory by what made it (ksmpreload_region_*, with
+    the label made_by) and the counters of processes running the shim (ksmpreload_shim_*),
+    read afresh at each scrape. Runs until Ctrl-C.
     """
     kernel.require_ksm()
     registry = metrics_registry()
