@@ -14,15 +14,14 @@ measures and stops it:
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import psutil
 
 from . import kernel, scanning, shimstats
+from .wrap import launcher
 from .errors import KsmError
-from .sharing import sharing
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 ALLOCATORS = {"glibc": None, "jemalloc": JEMALLOC}
@@ -57,7 +56,7 @@ def arm_command(command, allocator, strategy):
     options = STRATEGIES[strategy]
     if options is None:
         return list(command), env
-    return [sys.executable, "-m", "ksmpreload.wrap", *options, *command], env
+    return [*launcher(), *options, *command], env
 
 
 def process_tree(pid):
@@ -81,6 +80,7 @@ def unmerge_all():
 
 
 def measure(result, pids):
+    from .sharing import sharing  # the compiled helper: imported when needed, not with the CLI
     page = kernel.page_size()
     stats = [kernel.process_ksm_stat(pid) or {} for pid in pids]
     report = sharing(pids)

@@ -15,6 +15,13 @@ from .sizes import SizeParam
 CANNOT_EXECUTE = 126  # as a shell says
 
 
+def launcher():
+    """How to run ksm-wrap from Python: the installed script beside this interpreter, else
+    `python -m` (which, run from a source checkout, would import the unbuilt package there)."""
+    script = os.path.join(os.path.dirname(sys.executable), "ksm-wrap")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "ksmpreload.wrap"]
+
+
 def say(message):
     click.echo(f"ksm-wrap: {message}", err=True)
 

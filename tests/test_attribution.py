@@ -113,16 +113,18 @@ def test_top_snapshot_sorts_filters_and_stops_on_ctrl_c(ksm_running, c_programs)
 
 
 def interrupt_top_on_a_terminal():
-    """Runs `ksmpreload top` on a pseudo-terminal, presses Ctrl-C: (exit code, stderr)."""
+    """Runs `ksmpreload top` on a pseudo-terminal, reading what it draws, presses Ctrl-C:
+    (exit code, stderr)."""
     import pty
     import signal
-    import time
+    from test_status_cli import read_until
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(["ksmpreload", "top", "--interval", "0.2"], stdin=terminal, stdout=terminal,
                             stderr=subprocess.PIPE, text=True)
     os.close(terminal)
-    time.sleep(2)
+    read_until(controller, lambda out: out.count(b"total (") >= 2)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=10)
+    read_until(controller, lambda out: False, timeout=2)  # drain: a full terminal would block it
+    _, stderr = proc.communicate(timeout=30)
     os.close(controller)
     return proc.returncode, stderr

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from .. import diagnosis, kernel, render, scanning
 from ..errors import EXIT_NOT_FOUND, EXIT_USAGE, KsmError
+from ..wrap import launcher
 
 MIB = 1024 * 1024
 START_SECONDS = 1.0   # a started command gets this long to allocate before the wait for merging
@@ -22,7 +23,7 @@ def start_wrapped(command, as_is):
     """The command under ksm-wrap (as_is: in observe mode), its stdin closed and stdout dropped."""
     options = ["--strategy", "observe"] if as_is else []
     try:
-        return subprocess.Popen([sys.executable, "-m", "ksmpreload.wrap", *options, *command],
+        return subprocess.Popen([*launcher(), *options, *command],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     except OSError as error:
         raise KsmError(f"cannot start {command[0]}: {error.strerror}", EXIT_NOT_FOUND) from error
