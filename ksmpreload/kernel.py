@@ -294,6 +294,7 @@ PAGEMAP_PRESENT = 1 << 63
 KPAGEFLAGS = "/proc/kpageflags"
 KPAGECOUNT = "/proc/kpagecount"    # how many page-table entries map each frame
 KPF_KSM = 21                       # kpageflags bit: a KSM page
+KPF_ZERO_PAGE = 24                 # kpageflags bit: the zero page (or the huge zero page)
 # Kernel-provided mappings: never KSM memory (and [vsyscall] lies outside what pagemap shows).
 SPECIAL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 

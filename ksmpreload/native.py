@@ -37,6 +37,13 @@ def u64_array(count):
     return ffi.new("uint64_t[]", max(count, 1))
 
 
+def _grown(array, used, capacity):
+    """A new uint64 array of `capacity` words starting with the first `used` of `array`."""
+    grown = u64_array(capacity)
+    ffi.memmove(grown, array, used * 8)
+    return grown
+
+
 class PfnArray:
     """A growable array of uint64 (PFNs), filled by pagemap reads.
 
@@ -48,8 +55,9 @@ class PfnArray:
 
     SPARSE_ONE_IN = 16
 
-    def __init__(self, capacity=1 << 16, scan="auto"):
+    def __init__(self, capacity=1 << 16, scan="auto", with_pages=False):
         self.data, self.capacity, self.size = u64_array(capacity), capacity, 0
+        self.pages = u64_array(capacity) if with_pages else ffi.NULL   # page index of each PFN
         self.scan = scan
         self._buf = u64_array(PAGEMAP_CHUNK_WORDS)
         self._next = ffi.new("uint64_t *")
@@ -59,9 +67,10 @@ class PfnArray:
         if self.capacity - self.size >= extra:
             return
         capacity = max(self.capacity * 2, self.size + extra)
-        data = u64_array(capacity)
-        ffi.memmove(data, self.data, self.size * 8)
-        self.data, self.capacity = data, capacity
+        self.data = _grown(self.data, self.size, capacity)
+        if self.pages != ffi.NULL:
+            self.pages = _grown(self.pages, self.size, capacity)
+        self.capacity = capacity
 
     def read_pagemap(self, fd, first, end, keep_mask, keep_value, pfn_mask):
         """Append the PFNs of pages [first, end) whose pagemap entry matches: (entry &
@@ -71,17 +80,18 @@ class PfnArray:
             stop = min(end, page + PAGEMAP_CHUNK_WORDS)
             self._reserve(stop - page)
             out, room = self.data + self.size, self.capacity - self.size
+            pages = self.pages + self.size if self.pages != ffi.NULL else ffi.NULL
             if sparse:
                 got = lib.ksm_pagemap_read_present(fd, page, stop, lib.ksm_page_size(), self._buf,
                                                    PAGEMAP_CHUNK_WORDS, keep_mask, keep_value, pfn_mask,
-                                                   out, room, self._next, self.counts)
+                                                   out, pages, room, self._next, self.counts)
                 if got in (-errno.ENOTTY, -errno.EINVAL):   # no PAGEMAP_SCAN (before 6.7)
                     self.scan = "never"
                     sparse = False
                     continue
             else:
                 got = lib.ksm_pagemap_read(fd, page, stop, self._buf, PAGEMAP_CHUNK_WORDS, keep_mask,
-                                           keep_value, pfn_mask, out, room, self._next, self.counts)
+                                           keep_value, pfn_mask, out, pages, room, self._next, self.counts)
             self.size += _check(got)
             if self.scan == "auto":
                 sparse = got * self.SPARSE_ONE_IN < stop - page
@@ -138,3 +148,87 @@ def count_kinds(kinds, offsets):
     out = u64_array(3 * ranges)
     lib.ksm_count_kinds(kinds, ffi.new("uint64_t[]", offsets), ranges, out)
     return [tuple(out[3 * r:3 * r + 3]) for r in range(ranges)]
+
+
+# ---- page contents (ksmpreload.potential): pages read from /proc/<pid>/mem and hashed ------------
+
+READ_CHUNK_PAGES = 64           # pages per pread of /proc/<pid>/mem (256 KiB: docs/BENCHMARKS.md)
+KIND_FIELDS = ("zero_pages", "duplicate_pages", "duplicates_across", "duplicates_within", "ksm_pages",
+               "zero_frame_pages", "unmerged_pages")   # the bits of ksm_group_contents' kinds, in order
+CONTENT_FIELDS = ("contents", "zero_pages", "duplicate_pages", "duplicate_contents", "duplicates_across",
+                  "duplicates_within", "saving_across", "saving_within")
+assert len(KIND_FIELDS) == lib.KSM_KIND_BITS and len(CONTENT_FIELDS) == lib.KSM_CONTENT_FIELDS
+
+
+def hash_page(data):
+    """ksm_hash_page of a bytes-like page: XXH64 (seed 0), 0 for all zero bytes."""
+    return lib.ksm_hash_page(ffi.from_buffer(data), len(data))
+
+
+class PageHashes:
+    """Pages of processes as read: the PFN (frames.data), page index (frames.pages) and content
+    hash (hashes) of each, in arrays that grow. Pagemap finds the pages (PfnArray), then
+    read_hash reads and hashes them."""
+
+    def __init__(self, scan="auto", chunk_pages=None):
+        self.frames = PfnArray(scan=scan, with_pages=True)
+        self.hashes = u64_array(self.frames.capacity)
+        self.chunk_pages = chunk_pages or READ_CHUNK_PAGES
+        self._buf = ffi.new("unsigned char[]", self.chunk_pages * lib.ksm_page_size())
+        self.unreadable = ffi.new("uint64_t[1]")   # pages present but unreadable, dropped
+        self.seconds = ffi.new("double[2]")        # reading, hashing
+
+    @property
+    def size(self):
+        return self.frames.size
+
+    def truncate(self, size):
+        self.frames.size = size
+
+    def read_pagemap(self, fd, first, end, keep_mask, keep_value, pfn_mask):
+        """Append the pages [first, end) that pagemap shows as wanted (PfnArray.read_pagemap)."""
+        start = self.frames.size
+        self.frames.read_pagemap(fd, first, end, keep_mask, keep_value, pfn_mask)
+        if len(self.hashes) < self.frames.capacity:
+            self.hashes = _grown(self.hashes, start, self.frames.capacity)
+
+    def read_hash(self, mem_fd, start):
+        """Read and hash the pages from position `start` on (ksm_read_hash_pages); those that
+        cannot be read are dropped. ProcessLookupError when the process is gone."""
+        frames = self.frames
+        kept = _check(lib.ksm_read_hash_pages(mem_fd, frames.pages + start, frames.data + start,
+                                              frames.size - start, lib.ksm_page_size(), self._buf,
+                                              self.chunk_pages, self.hashes + start, self.unreadable,
+                                              self.seconds))
+        frames.size = start + kept
+
+
+def sort_hashes(hashes, count):
+    """keys[i] = top 32 bits of hashes[i] << 32 | i, sorted by those bits (ksm_sort_hashes)."""
+    keys, tmp = u64_array(count), u64_array(count)
+    _check(lib.ksm_sort_hashes(hashes, count, keys, tmp))
+    return keys
+
+
+def group_contents(keys, count, hashes, offsets):
+    """Pages grouped by content (ksm_group_contents). offsets: n + 1 positions bounding each
+    process's pages. Returns (kinds: a bit per KIND_FIELDS per page, CONTENT_FIELDS totals)."""
+    kinds = ffi.new("uint8_t[]", max(count, 1))
+    totals = u64_array(len(CONTENT_FIELDS))
+    lib.ksm_group_contents(keys, count, hashes, ffi.new("uint64_t[]", offsets), len(offsets) - 1, kinds,
+                           totals)
+    return kinds, dict(zip(CONTENT_FIELDS, totals[0:len(CONTENT_FIELDS)]))
+
+
+def mark_frames(keys, count, flags, ksm_mask, zero_mask, kinds):
+    """Add to kinds what backs each page (ksm_mark_frames): keys from sort_pfns, flags the
+    kpageflags word of each distinct PFN."""
+    lib.ksm_mark_frames(keys, count, flags, ksm_mask, zero_mask, kinds)
+
+
+def count_kind_bits(kinds, offsets):
+    """Per range [offsets[r], offsets[r+1]): {KIND_FIELDS name: pages with that bit}."""
+    ranges, width = len(offsets) - 1, len(KIND_FIELDS)
+    out = u64_array(ranges * width)
+    lib.ksm_count_kind_bits(kinds, ffi.new("uint64_t[]", offsets), ranges, out)
+    return [dict(zip(KIND_FIELDS, out[r * width:(r + 1) * width])) for r in range(ranges)]

@@ -1,5 +1,6 @@
-"""cffi build script for ksmpreload._native: the syscalls the toolkit makes itself, and the
-page-frame decoding behind ksmpreload.sharing (arrays in, arrays out, no Python per page)."""
+"""cffi build script for ksmpreload._native: the syscalls the toolkit makes itself, the
+page-frame decoding behind ksmpreload.sharing and the page hashing behind ksmpreload.potential
+(arrays in, arrays out, no Python per page)."""
 import os
 
 from cffi import FFI
@@ -15,11 +16,13 @@ ffibuilder.cdef("""
 
     long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf, size_t buf_words,
                           uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
-                          uint64_t *out, size_t out_cap, uint64_t *next, uint64_t *counts);
+                          uint64_t *out, uint64_t *pages, size_t out_cap, uint64_t *next,
+                          uint64_t *counts);
     long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long page_size,
                                   uint64_t *buf, size_t buf_words,
                                   uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
-                                  uint64_t *out, size_t out_cap, uint64_t *next, uint64_t *counts);
+                                  uint64_t *out, uint64_t *pages, size_t out_cap, uint64_t *next,
+                                  uint64_t *counts);
     int ksm_sort_pfns(const uint64_t *pfns, size_t n, uint64_t *keys, uint64_t *tmp);
     size_t ksm_distinct_pfns(const uint64_t *keys, size_t n, uint64_t *out);
     int ksm_read_pfn_words(int fd, const uint64_t *pfns, size_t n, uint64_t max_gap,
@@ -33,6 +36,18 @@ ffibuilder.cdef("""
                          uint64_t *out);
     static const int KSM_P_MAPPED, KSM_P_DISTINCT, KSM_P_SHARED_IN_SET, KSM_P_WITHIN_ONLY,
                      KSM_P_WITHIN_ONLY_MAPPED, KSM_P_OUTSIDE, KSM_P_LONE, KSM_PROC_FIELDS;
+    uint64_t ksm_hash_page(const void *page, size_t bytes);
+    long ksm_read_hash_pages(int mem_fd, uint64_t *pages, uint64_t *pfns, size_t n, long page_size,
+                             unsigned char *buf, size_t buf_pages, uint64_t *hashes, uint64_t *counts,
+                             double *seconds);
+    int ksm_sort_hashes(const uint64_t *hashes, size_t n, uint64_t *keys, uint64_t *tmp);
+    void ksm_group_contents(uint64_t *keys, size_t n, const uint64_t *hashes, const uint64_t *offsets,
+                            size_t nprocs, uint8_t *kinds, uint64_t *totals);
+    void ksm_mark_frames(const uint64_t *keys, size_t n, const uint64_t *flags, uint64_t ksm_mask,
+                         uint64_t zero_mask, uint8_t *kinds);
+    void ksm_count_kind_bits(const uint8_t *kinds, const uint64_t *offsets, size_t nranges,
+                             uint64_t *out);
+    static const int KSM_KIND_BITS, KSM_CONTENT_FIELDS;
     static const int KSM_T_DISTINCT, KSM_T_MAPPED, KSM_T_SHARED, KSM_T_WITHIN_ONLY, KSM_T_OUTSIDE,
                      KSM_T_LONE, KSM_TOTAL_FIELDS;
 """)

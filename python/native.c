@@ -75,14 +75,15 @@ static long ksm_pread_full(int fd, void *buf, size_t bytes, uint64_t offset)
 }
 
 /* Pagemap entries of pages [first, end) that satisfy (entry & keep_mask) == keep_value, as
- * PFNs (entry & pfn_mask), appended to out in address order. Reads buf_words entries per
- * pread. Stops before out could overflow: *next is the first page not looked at, so the
- * caller grows out and calls again. counts[0] += entries kept, counts[1] += kept entries
- * whose PFN reads as 0 (what an unprivileged reader gets). Returns the PFNs appended or
- * -errno. */
+ * PFNs (entry & pfn_mask), appended to out in address order, and their page indices to pages
+ * unless it is NULL. Reads buf_words entries per pread. Stops before out could overflow:
+ * *next is the first page not looked at, so the caller grows out and calls again.
+ * counts[0] += entries kept, counts[1] += kept entries whose PFN reads as 0 (what an
+ * unprivileged reader gets). Returns the PFNs appended or -errno. */
 static long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf, size_t buf_words,
                              uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
-                             uint64_t *out, size_t out_cap, uint64_t *next, uint64_t *counts)
+                             uint64_t *out, uint64_t *pages, size_t out_cap, uint64_t *next,
+                             uint64_t *counts)
 {
     size_t kept = 0;
     uint64_t page = first;
@@ -102,6 +103,8 @@ static long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf
             uint64_t entry = buf[i];
             if ((entry & keep_mask) == keep_value) {
                 uint64_t pfn = entry & pfn_mask;
+                if (pages)
+                    pages[kept] = page + i;
                 out[kept++] = pfn;
                 counts[1] += pfn == 0;
             }
@@ -124,7 +127,8 @@ static long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf
 static long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long page_size,
                                      uint64_t *buf, size_t buf_words,
                                      uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
-                                     uint64_t *out, size_t out_cap, uint64_t *next, uint64_t *counts)
+                                     uint64_t *out, uint64_t *pages, size_t out_cap, uint64_t *next,
+                                     uint64_t *counts)
 {
     struct ksm_page_region ranges[KSM_SCAN_RANGES];
     size_t kept = 0;
@@ -150,7 +154,8 @@ static long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long 
                 from = page;
             uint64_t stop = from;
             long got = ksm_pagemap_read(fd, from, to, buf, buf_words, keep_mask, keep_value, pfn_mask,
-                                        out + kept, out_cap - kept, &stop, counts);
+                                        out + kept, pages ? pages + kept : NULL, out_cap - kept, &stop,
+                                        counts);
             if (got < 0)
                 return got;
             kept += (size_t)got;
@@ -168,25 +173,12 @@ static long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long 
     return (long)kept;
 }
 
-/* Sorts PFNs by value with their positions: keys[i] = pfn << 32 | position, ascending by
- * PFN and, for one PFN, by position (a stable LSD radix sort on the PFN bits only, in as few
- * passes of at most 12 bits as the largest PFN needs: two up to 64 GiB of RAM). tmp has n
- * words. Returns 0, or -ERANGE if a PFN or n does not fit in 32 bits (16 TiB). */
-static int ksm_sort_pfns(const uint64_t *pfns, size_t n, uint64_t *keys, uint64_t *tmp)
+/* Sorts keys (value << 32 | position) by their top `bits` bits (32 at most) with a stable
+ * LSD radix sort, in as few passes of at most 12 bits as that needs. tmp has n words.
+ * Returns 0 or -ENOMEM. */
+static int ksm_radix_sort_high(uint64_t *keys, size_t n, uint64_t *tmp, int bits)
 {
     enum { MAX_DIGIT = 12 };
-    if ((uint64_t)n > UINT32_MAX)
-        return -ERANGE;
-    uint64_t all = 0;
-    for (size_t i = 0; i < n; i++) {
-        all |= pfns[i];
-        keys[i] = pfns[i] << 32 | (uint64_t)i;
-    }
-    if (all > UINT32_MAX)
-        return -ERANGE;
-    int bits = 0;
-    while (bits < 32 && (all >> bits) != 0)
-        bits++;
     int passes = (bits + MAX_DIGIT - 1) / MAX_DIGIT;
     if (passes == 0)
         return 0;
@@ -216,6 +208,27 @@ static int ksm_sort_pfns(const uint64_t *pfns, size_t n, uint64_t *keys, uint64_
     if (from != keys)
         memcpy(keys, from, n * sizeof *keys);
     return 0;
+}
+
+/* Sorts PFNs by value with their positions: keys[i] = pfn << 32 | position, ascending by
+ * PFN and, for one PFN, by position (ksm_radix_sort_high on the PFN bits only: two passes up
+ * to 64 GiB of RAM). tmp has n words. Returns 0, or -ERANGE if a PFN or n does not fit in
+ * 32 bits (16 TiB). */
+static int ksm_sort_pfns(const uint64_t *pfns, size_t n, uint64_t *keys, uint64_t *tmp)
+{
+    if ((uint64_t)n > UINT32_MAX)
+        return -ERANGE;
+    uint64_t all = 0;
+    for (size_t i = 0; i < n; i++) {
+        all |= pfns[i];
+        keys[i] = pfns[i] << 32 | (uint64_t)i;
+    }
+    if (all > UINT32_MAX)
+        return -ERANGE;
+    int bits = 0;
+    while (bits < 32 && (all >> bits) != 0)
+        bits++;
+    return ksm_radix_sort_high(keys, n, tmp, bits);
 }
 
 /* The distinct PFNs of sorted keys (ksm_sort_pfns), ascending, into out; returns how many. */
@@ -394,5 +407,253 @@ static void ksm_count_kinds(const uint8_t *entry_kind, const uint64_t *offsets, 
         out[3 * r] = ksm;
         out[3 * r + 1] = shared;
         out[3 * r + 2] = within;
+    }
+}
+
+/* ---- page contents: how much of some processes' memory could merge (ksmpreload/potential.py) --
+ *
+ * Pages are read from /proc/<pid>/mem where pagemap shows them present, hashed (XXH64), the
+ * hashes sorted and grouped: pages with equal hashes are taken to hold equal contents. */
+#include <time.h>
+
+#define KSM_XXH_P1 0x9E3779B185EBCA87ull
+#define KSM_XXH_P2 0xC2B2AE3D27D4EB4Full
+#define KSM_XXH_P3 0x165667B19E3779F9ull
+#define KSM_XXH_P4 0x85EBCA77C2B2AE63ull
+#define KSM_POSITION(key) ((key) & UINT32_MAX)
+
+static inline uint64_t ksm_load64(const unsigned char *p)
+{
+    uint64_t word;
+    memcpy(&word, p, sizeof word);
+    return word;
+}
+
+static inline uint64_t ksm_rotl(uint64_t x, int bits)
+{
+    return x << bits | x >> (64 - bits);
+}
+
+static inline uint64_t ksm_xxh_round(uint64_t acc, uint64_t input)
+{
+    return ksm_rotl(acc + input * KSM_XXH_P2, 31) * KSM_XXH_P1;
+}
+
+static inline uint64_t ksm_xxh_merge(uint64_t acc, uint64_t lane)
+{
+    return (acc ^ ksm_xxh_round(0, lane)) * KSM_XXH_P1 + KSM_XXH_P4;
+}
+
+/* XXH64 (seed 0, little-endian host) of a page of `bytes` bytes, a multiple of 32; 0 if every
+ * byte is zero, and 1 for a page whose XXH64 is 0, so that 0 means the zero page only. */
+static uint64_t ksm_hash_page(const void *page, size_t bytes)
+{
+    const unsigned char *p = page;
+    uint64_t v1 = KSM_XXH_P1 + KSM_XXH_P2, v2 = KSM_XXH_P2, v3 = 0, v4 = -KSM_XXH_P1, any = 0;
+    for (size_t at = 0; at < bytes; at += 32) {
+        uint64_t w1 = ksm_load64(p + at), w2 = ksm_load64(p + at + 8);
+        uint64_t w3 = ksm_load64(p + at + 16), w4 = ksm_load64(p + at + 24);
+        v1 = ksm_xxh_round(v1, w1);
+        v2 = ksm_xxh_round(v2, w2);
+        v3 = ksm_xxh_round(v3, w3);
+        v4 = ksm_xxh_round(v4, w4);
+        any |= w1 | w2 | w3 | w4;
+    }
+    if (!any)
+        return 0;
+    uint64_t h = ksm_rotl(v1, 1) + ksm_rotl(v2, 7) + ksm_rotl(v3, 12) + ksm_rotl(v4, 18);
+    h = ksm_xxh_merge(ksm_xxh_merge(ksm_xxh_merge(ksm_xxh_merge(h, v1), v2), v3), v4);
+    h += bytes;
+    h = (h ^ h >> 33) * KSM_XXH_P2;
+    h = (h ^ h >> 29) * KSM_XXH_P3;
+    h ^= h >> 32;
+    return h ? h : 1;
+}
+
+static double ksm_seconds(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+/* Reads and hashes pages of a process. pages[0..n) are ascending page indices (address /
+ * page_size), pfns[] their PFNs. Each run of consecutive pages is read from mem_fd
+ * (/proc/<pid>/mem) with preads of at most buf_pages pages, and each page read is hashed into
+ * hashes[] (ksm_hash_page). A page that cannot be read (EIO, EFAULT) is dropped: pages[] and
+ * pfns[] are compacted in place, staying aligned with hashes[], and counts[0] += pages
+ * dropped. seconds[0] += time reading, seconds[1] += time hashing. Returns the pages kept,
+ * or -ESRCH once the process is gone (its memory then reads as empty), or -errno. */
+static long ksm_read_hash_pages(int mem_fd, uint64_t *pages, uint64_t *pfns, size_t n, long page_size,
+                                unsigned char *buf, size_t buf_pages, uint64_t *hashes, uint64_t *counts,
+                                double *seconds)
+{
+    size_t kept = 0, i = 0, size = (size_t)page_size;
+    while (i < n) {
+        size_t run = 1;
+        while (i + run < n && run < buf_pages && pages[i + run] == pages[i] + run)
+            run++;
+        double started = ksm_seconds();
+        ssize_t got = pread(mem_fd, buf, run * size, (off_t)(pages[i] * size));
+        double read = ksm_seconds();
+        seconds[0] += read - started;
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0 && errno != EIO && errno != EFAULT)
+            return -errno;
+        if (got == 0)
+            return -ESRCH;
+        size_t whole = got > 0 ? (size_t)got / size : 0;
+        for (size_t k = 0; k < whole; k++) {
+            hashes[kept] = ksm_hash_page(buf + k * size, size);
+            pages[kept] = pages[i + k];
+            pfns[kept++] = pfns[i + k];
+        }
+        seconds[1] += ksm_seconds() - read;
+        if (whole < run) {          /* the page after those read failed: skip it */
+            counts[0]++;
+            whole++;
+        }
+        i += whole;
+    }
+    return (long)kept;
+}
+
+/* keys[i] = the top 32 bits of hashes[i] << 32 | i, sorted by those bits (ksm_radix_sort_high).
+ * Returns 0, -ERANGE if n does not fit in 32 bits, or -ENOMEM. */
+static int ksm_sort_hashes(const uint64_t *hashes, size_t n, uint64_t *keys, uint64_t *tmp)
+{
+    if ((uint64_t)n > UINT32_MAX)
+        return -ERANGE;
+    for (size_t i = 0; i < n; i++)
+        keys[i] = (hashes[i] & ~(uint64_t)UINT32_MAX) | (uint64_t)i;
+    return ksm_radix_sort_high(keys, n, tmp, 32);
+}
+
+/* Kinds of page (bits of ksm_group_contents' and ksm_mark_frames' kinds[]). */
+enum {
+    KSM_K_ZERO = 1,        /* every byte zero */
+    KSM_K_DUP = 2,         /* not zero, and another page of the set holds the same */
+    KSM_K_ACROSS = 4,      /* ... and another process of the set holds it */
+    KSM_K_WITHIN = 8,      /* ... and only its own process holds it, more than once */
+    KSM_K_KSM = 16,        /* maps a KSM page */
+    KSM_K_ZERO_FRAME = 32, /* maps the zero page */
+    KSM_K_UNMERGED = 64,   /* zero or duplicate, on a frame nothing else maps */
+    KSM_KIND_BITS = 7
+};
+
+/* Totals of ksm_group_contents (KSM_CONTENT_FIELDS). */
+enum {
+    KSM_C_CONTENTS,        /* distinct contents, the zero page's included */
+    KSM_C_ZERO,            /* zero pages */
+    KSM_C_DUP_PAGES,       /* non-zero pages whose content another page of the set holds */
+    KSM_C_DUP_CONTENTS,    /* distinct non-zero contents held more than once */
+    KSM_C_ACROSS_PAGES,    /* duplicate pages whose content two processes or more hold */
+    KSM_C_WITHIN_PAGES,    /* duplicate pages whose content one process holds, several times */
+    KSM_C_SAVING_ACROSS,   /* per duplicated content, processes holding it - 1 */
+    KSM_C_SAVING_WITHIN,   /* per duplicated content, copies - processes holding it */
+    KSM_CONTENT_FIELDS
+};
+
+/* Keys of equal top hash bits by full hash, positions ascending within a hash: an insertion
+ * sort, since hashes that agree in their top 32 bits but differ below are rare (about one
+ * pair in 2^32) and a run of equal hashes is already in order. */
+static void ksm_sort_run(uint64_t *keys, size_t n, const uint64_t *hashes)
+{
+    for (size_t i = 1; i < n; i++) {
+        uint64_t key = keys[i], hash = hashes[KSM_POSITION(key)];
+        size_t j = i;
+        for (; j > 0 && hashes[KSM_POSITION(keys[j - 1])] > hash; j--)
+            keys[j] = keys[j - 1];
+        keys[j] = key;
+    }
+}
+
+/* One content: the keys of its `copies` pages, positions ascending. */
+static void ksm_mark_content(const uint64_t *keys, size_t copies, uint64_t hash, const uint64_t *offsets,
+                             size_t nprocs, uint8_t *kinds, uint64_t *totals)
+{
+    uint8_t kind = 0;
+    totals[KSM_C_CONTENTS]++;
+    if (hash == 0) {
+        kind = KSM_K_ZERO;
+        totals[KSM_C_ZERO] += copies;
+    } else if (copies > 1) {
+        size_t procs = 0, last = SIZE_MAX;
+        for (size_t e = 0; e < copies; e++) {
+            size_t p = ksm_proc_of(offsets, nprocs, KSM_POSITION(keys[e]));
+            procs += p != last;
+            last = p;
+        }
+        kind = KSM_K_DUP | (procs > 1 ? KSM_K_ACROSS : KSM_K_WITHIN);
+        totals[KSM_C_DUP_PAGES] += copies;
+        totals[KSM_C_DUP_CONTENTS]++;
+        totals[procs > 1 ? KSM_C_ACROSS_PAGES : KSM_C_WITHIN_PAGES] += copies;
+        totals[KSM_C_SAVING_ACROSS] += procs - 1;
+        totals[KSM_C_SAVING_WITHIN] += copies - procs;
+    }
+    for (size_t e = 0; e < copies; e++)
+        kinds[KSM_POSITION(keys[e])] = kind;
+}
+
+/* Groups the pages of a set by content. keys: ksm_sort_hashes of hashes (reordered here
+ * within runs of equal top bits); process p owns positions [offsets[p], offsets[p+1]). Sets
+ * kinds[position] (KSM_K_ZERO, _DUP, _ACROSS, _WITHIN) and adds to totals
+ * (KSM_CONTENT_FIELDS, zeroed by the caller). */
+static void ksm_group_contents(uint64_t *keys, size_t n, const uint64_t *hashes, const uint64_t *offsets,
+                               size_t nprocs, uint8_t *kinds, uint64_t *totals)
+{
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && keys[j] >> 32 == keys[i] >> 32)
+            j++;
+        ksm_sort_run(keys + i, j - i, hashes);
+        for (size_t a = i; a < j;) {
+            uint64_t hash = hashes[KSM_POSITION(keys[a])];
+            size_t b = a + 1;
+            while (b < j && hashes[KSM_POSITION(keys[b])] == hash)
+                b++;
+            ksm_mark_content(keys + a, b - a, hash, offsets, nprocs, kinds, totals);
+            a = b;
+        }
+        i = j;
+    }
+}
+
+/* Adds to kinds[] what backs each page. keys: ksm_sort_pfns of the pages' PFNs; flags: the
+ * /proc/kpageflags word of each distinct PFN, ascending (ksm_distinct_pfns order). A frame
+ * is shared if two pages of the set map it or it is a KSM page or the zero page (mapped
+ * elsewhere too); a zero or duplicate page on a frame nothing shares is KSM_K_UNMERGED. */
+static void ksm_mark_frames(const uint64_t *keys, size_t n, const uint64_t *flags, uint64_t ksm_mask,
+                            uint64_t zero_mask, uint8_t *kinds)
+{
+    size_t frame = 0;
+    for (size_t i = 0; i < n; frame++) {
+        size_t j = i + 1;
+        while (j < n && keys[j] >> 32 == keys[i] >> 32)
+            j++;
+        uint8_t bits = (flags[frame] & ksm_mask ? KSM_K_KSM : 0)
+                     | (flags[frame] & zero_mask ? KSM_K_ZERO_FRAME : 0);
+        int shared = j - i > 1 || bits;
+        for (size_t e = i; e < j; e++) {
+            uint8_t *kind = &kinds[KSM_POSITION(keys[e])];
+            *kind |= bits;
+            if (!shared && (*kind & (KSM_K_ZERO | KSM_K_DUP)))
+                *kind |= KSM_K_UNMERGED;
+        }
+        i = j;
+    }
+}
+
+/* Per range r of positions [offsets[r], offsets[r+1]): out[r * KSM_KIND_BITS + b] = its pages
+ * whose kind has bit b. */
+static void ksm_count_kind_bits(const uint8_t *kinds, const uint64_t *offsets, size_t nranges, uint64_t *out)
+{
+    for (size_t r = 0; r < nranges; r++) {
+        uint64_t *row = out + r * KSM_KIND_BITS;
+        memset(row, 0, KSM_KIND_BITS * sizeof *row);
+        for (uint64_t e = offsets[r]; e < offsets[r + 1]; e++)
+            for (int b = 0; kinds[e] >> b; b++)
+                row[b] += kinds[e] >> b & 1;
     }
 }
