@@ -10,11 +10,14 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from . import attribution, binary, kernel
+from .errors import NeedsRoot
 
 MIB = 1024 * 1024
 SLOW_SCAN_SECONDS = kernel.FULL_SCAN_TARGET_SECONDS  # a full scan slower than this is a finding
 NOT_SCANNED_SHARE = 0.5       # a process whose mergeable pages KSM has seen less than this share of
 VOLATILE_SHARE = 0.2          # pages_volatile above this share of the pages KSM tracks
+NO_DUPLICATES_SHARE = 0.01    # a potential below this share of the pages read: nothing to merge
+GOOD_EFFICIENCY = 0.9         # merged / potential above this: nothing left to find
 MYTH_NOTE = ("KSM needs no KVM and no particular hypervisor: it merges the memory of any process "
              "that marks it mergeable, on bare metal or in any VM.")
 
@@ -79,9 +82,9 @@ def chain_finding(knobs):
                    {"pages_shared": shared, "pages_sharing": sharing, "max_page_sharing": limit})
 
 
-def system_findings(knobs, scan_bytes, unmerged_bytes, anonymous_bytes):
-    """anonymous_bytes: the memory of the processes looked at, all of which waits while KSM is off."""
-    found = [ksm_off_finding(knobs, anonymous_bytes), slow_scan_finding(knobs, scan_bytes),
+def system_findings(knobs, scan_bytes, unmerged_bytes, waiting_bytes):
+    """waiting_bytes: what could merge and has not (the potential), else all the processes' memory."""
+    found = [ksm_off_finding(knobs, waiting_bytes), slow_scan_finding(knobs, scan_bytes),
              smart_scan_finding(knobs, unmerged_bytes), chain_finding(knobs)]
     return [finding for finding in found if finding]
 
@@ -180,6 +183,8 @@ def not_scanned_finding(process, knobs):
 
 
 def volatile_finding(knobs):
+    if knobs.get("run") != 1:
+        return None  # the counters keep their last values while ksmd is stopped
     tracked = sum(knobs.get(name, 0) for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
     volatile = knobs.get("pages_volatile", 0)
     if not tracked or volatile < VOLATILE_SHARE * tracked:
@@ -229,12 +234,83 @@ def huge_pages_finding(process):
                    {"anon_huge_kib": huge_kib}, process["pid"])
 
 
-def process_findings(process, knobs):
+def process_findings(process, knobs, programs_seen):
+    """The process's findings, and its program file's unless `programs_seen` has it already."""
     found = [unmarked_finding(process), not_scanned_finding(process, knobs), padding_finding(process),
              own_madvise_finding(process), huge_pages_finding(process)]
-    exe = f"/proc/{process['pid']}/exe"
     found = [finding for finding in found if finding]
+    exe = f"/proc/{process['pid']}/exe"
+    program = os.path.realpath(exe)
+    if program in programs_seen:
+        return found
+    programs_seen.add(program)
     return found + binary_findings(exe, process["pid"], _loaded_libraries(process))
+
+
+# ---- the duplicate potential: what could merge against what has --------------------------------
+
+def _ksm_merged_pages(report):
+    return sum(process.ksm_merging_pages or 0 for process in report.processes.values())
+
+
+def no_duplicates_finding(report):
+    """Little to gain and nothing merged by KSM (pages shared since a fork count as merged and
+    are duplicates in the potential, so what is left to gain is what counts)."""
+    totals = report.totals
+    left_to_gain = report.potential_pages - (report.merged_pages or 0)
+    small = NO_DUPLICATES_SHARE * totals["pages"]
+    if totals["pages"] < 256 or left_to_gain >= small or _ksm_merged_pages(report) >= small:
+        return None
+    return Finding("no_duplicates", "the data is not duplicate", 0,
+                   f"of {totals['pages']} pages read, {totals['duplicate_pages']} have a twin (most already shared "
+                   f"since a fork) and {totals['zero_pages']} are zero: KSM has next to nothing to merge, however "
+                   "it is set up.",
+                   "none for KSM: merging needs pages with the same content (for stress-ng, a --vm-method that "
+                   "writes a pattern, such as zero-one)",
+                   {"pages_read": totals["pages"], "duplicate_pages": totals["duplicate_pages"],
+                    "zero_pages": totals["zero_pages"], "potential_pages": report.potential_pages,
+                    "merged_pages": report.merged_pages, "ksm_merging_pages": _ksm_merged_pages(report)})
+
+
+def _labels_by_range(processes):
+    return {(region["start"], region["end"]): region["label"] for p in processes for region in p["regions"]}
+
+
+def unmerged_duplicates_finding(report, processes):
+    if report.merged_pages is None:
+        return None
+    unmerged = (report.potential_pages - report.merged_pages) * report.page_size
+    if unmerged < MIB or (report.efficiency or 0) >= GOOD_EFFICIENCY:
+        return None
+    labels = _labels_by_range(processes)
+    regions = sorted(((process.pid, region) for process in report.processes.values() for region in process.regions
+                      if region.unmerged_pages), key=lambda entry: -entry[1].unmerged_pages)[:5]
+    return Finding("unmerged_duplicates", f"{_mib(unmerged)} of duplicate memory is not merged", unmerged,
+                   f"these processes hold {report.potential_mib:.1f} MiB that could merge and "
+                   f"{report.merged_mib:.1f} MiB that has (efficiency {report.efficiency:.0%}); the other findings "
+                   "say why (not mergeable, not scanned yet, changing), and these regions hold the rest.",
+                   "see the findings above; once they are fixed, run the doctor again",
+                   {"potential_bytes": report.potential_pages * report.page_size,
+                    "merged_bytes": report.merged_pages * report.page_size,
+                    "regions": [{"pid": pid, "start": hex(region.start), "end": hex(region.end),
+                                 "made_by": labels.get((region.start, region.end), attribution.UNLABELLED),
+                                 "anonymous_kib": region.unmerged_pages * report.page_size // 1024}
+                                for pid, region in regions]})
+
+
+def potential_summary(pids, processes, notes):
+    """(findings, summary) from the duplicate potential of `pids`; a note when it cannot be read."""
+    from .potential import potential  # the compiled helper: imported when needed, not with the CLI
+    try:
+        report = potential(pids)
+    except (NeedsRoot, ProcessLookupError) as error:
+        notes.append(f"no duplicate potential: {error}")
+        return [], None
+    found = [no_duplicates_finding(report), unmerged_duplicates_finding(report, processes)]
+    summary = {"potential_bytes": report.potential_pages * report.page_size,
+               "merged_bytes": None if report.merged_pages is None else report.merged_pages * report.page_size,
+               "efficiency": report.efficiency, "totals": dict(report.totals)}
+    return [finding for finding in found if finding], summary
 
 
 # ---- all together ---------------------------------------------------------------------------
@@ -246,16 +322,22 @@ def diagnose(pids=(), program=None):
     processes = [p for p in (attribution.process_attribution(pid) for pid in pids) if p]
     scan_bytes = sum(_mergeable_bytes(p) for p in processes)
     unmerged = max(scan_bytes - sum(p["merged_bytes"] for p in processes), 0)
-    anonymous = sum(r["anonymous_kib"] for p in processes for r in p["regions"]) * 1024
-    findings = system_findings(knobs, scan_bytes, unmerged, anonymous)
+    notes = system_notes(knobs)
+    found, summary = potential_summary([p["pid"] for p in processes], processes, notes) if processes else ([], None)
+    if summary and summary["merged_bytes"] is not None:
+        waiting = max(summary["potential_bytes"] - summary["merged_bytes"], 0)
+    else:
+        waiting = sum(r["anonymous_kib"] for p in processes for r in p["regions"]) * 1024
+    findings = system_findings(knobs, scan_bytes, unmerged, waiting) + found  # a tie goes to the system
     volatile = volatile_finding(knobs)
     findings += [volatile] if volatile else []
+    programs_seen = set()
     for process in processes:
-        findings += process_findings(process, knobs)
+        findings += process_findings(process, knobs, programs_seen)
     if program and not pids:
         findings += binary_findings(program)
     findings.sort(key=lambda finding: -finding.cost_bytes)
-    return {"findings": [asdict(finding) for finding in findings], "notes": system_notes(knobs),
+    return {"findings": [asdict(finding) for finding in findings], "notes": notes, "potential": summary,
             "processes": [{"pid": p["pid"], "comm": p["comm"], "merged_bytes": p["merged_bytes"],
                            "mergeable_bytes": _mergeable_bytes(p)} for p in processes],
             "ksm": {name: knobs.get(name) for name in ("run", "pages_to_scan", "sleep_millisecs", "full_scans",

@@ -50,7 +50,8 @@ def test_ksm_not_running(c_programs):
     finally:
         stop(proc)
     assert keys(report)[0] == "ksm_not_running", keys(report)
-    assert finding(report, "ksm_not_running")["cost_bytes"] >= 8 << 20
+    waiting = report["potential"]["potential_bytes"] - report["potential"]["merged_bytes"]
+    assert finding(report, "ksm_not_running")["cost_bytes"] == waiting >= 5 << 20  # 3 of 4 copies of 7.4 MiB
 
 
 def test_pages_to_scan_too_low_for_the_memory(c_programs):
@@ -128,3 +129,43 @@ def test_bad_input_gives_one_line():
     assert gone.returncode == 2 and gone.stderr.count("\n") == 1 and "999999999" in gone.stderr
     missing = subprocess.run(["ksmpreload", "doctor", "--", "/nonexistent/program"], capture_output=True, text=True)
     assert missing.returncode != 0 and missing.stderr.count("\n") == 1, missing.stderr
+
+
+# ---- the duplicate potential (the issue's done-when) ----------------------------------------
+
+def test_random_fill_has_no_duplicate_potential():
+    """The post's stress-ng: 12 million pages scanned, none merged. A random fill method
+    leaves nothing to merge, and the doctor says so."""
+    with scanning.fast_scanning():
+        report = doctor("--timeout", "60", "--", "stress-ng", "--vm", "1", "--vm-bytes", "64M", "--vm-keep",
+                        "--vm-method", "rand-set", "--quiet")
+    none = finding(report, "no_duplicates")
+    assert none["evidence"]["pages_read"] >= 16384, none  # the 64 MiB worker was read
+    assert report["potential"]["potential_bytes"] - report["potential"]["merged_bytes"] < 1 << 20
+
+
+def test_potential_of_two_redis_servers_is_what_ksm_then_merges():
+    from test_merging import load_same_values
+    from ksmpreload.potential import potential
+    with scanning.fast_scanning():
+        kernel.write_knob("run", 0)  # nothing merges until the potential is read
+        servers = [start_redis(["ksm-wrap"]) for _ in range(2)]
+        try:
+            for _, client in servers:
+                load_same_values(client)
+            pids = [proc.pid for proc, _ in servers]
+            before = doctor(*pids)["potential"]
+            kernel.write_knob("run", 1)
+            scanning.wait_until_settled(lambda: sum(ksm_pages(pid) for pid in pids))
+            merged = potential(pids).merged_pages * kernel.page_size()
+        finally:
+            for proc, client in servers:
+                client.shutdown(nosave=True)
+                proc.wait(timeout=30)
+    could = before["potential_bytes"] - before["merged_bytes"]
+    assert could >= 40 << 20, before  # 1500 values of 32 KiB held twice
+    assert 0.85 * could <= merged <= 1.05 * could, (could, merged)
+
+
+def ksm_pages(pid):
+    return (kernel.process_ksm_stat(pid) or {}).get("ksm_merging_pages", 0)

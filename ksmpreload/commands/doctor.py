@@ -13,6 +13,7 @@ from rich.text import Text
 
 from .. import diagnosis, kernel, render, scanning
 from ..errors import EXIT_NOT_FOUND, EXIT_USAGE, KsmError
+from ..compare import merged_pages, process_tree
 from ..wrap import launcher
 
 MIB = 1024 * 1024
@@ -30,10 +31,10 @@ def start_wrapped(command, as_is):
 
 
 def wait_for_merging(pid, timeout, quiet):
-    """Until the process's merged pages stop changing over several full scans, or `timeout`."""
+    """Until the merged pages of the process and its children stop changing over several full
+    scans, or `timeout`."""
     def merged():
-        stat = kernel.process_ksm_stat(pid)
-        return stat.get("ksm_merging_pages", 0) if stat else 0
+        return merged_pages(process_tree(pid))
     if kernel.read_knob("run") != 1:
         return
     if quiet or not sys.stderr.isatty():
@@ -61,7 +62,7 @@ def diagnose_command(command, timeout, quiet, as_is):
                                       "only the system and its file were diagnosed")
             return report
         wait_for_merging(proc.pid, timeout, quiet)
-        return diagnosis.diagnose([proc.pid], program=program)
+        return diagnosis.diagnose(process_tree(proc.pid), program=program)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -88,6 +89,11 @@ def print_report(report):
     parts = [finding_text(number, finding) for number, finding in enumerate(report["findings"], 1)]
     if not parts:
         parts = [Text("no finding: KSM is running, scanning fast enough, and the memory looked at is mergeable")]
+    potential = report.get("potential")
+    if potential:
+        merged = "unknown" if potential["merged_bytes"] is None else f"{potential['merged_bytes'] / MIB:.1f} MiB"
+        parts += [Text(""), Text(f"duplicate potential: {potential['potential_bytes'] / MIB:.1f} MiB could merge, "
+                                 f"{merged} has")]
     parts += [Text(""), Text("notes:")] + [Text(f"- {note}") for note in report["notes"]]
     render.print_rich(Group(*parts))
 
