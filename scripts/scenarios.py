@@ -250,6 +250,20 @@ def with_net(row):
     return row
 
 
+def settle_through_chain_prunes(pids, start, timeout, timeline):
+    """Settled, and still so after a prune of the stable node chains: content held more than
+    max_page_sharing times merges in steps, one per prune (stable_node_chains_prune_millisecs),
+    and a few fast full scans fit between two steps."""
+    prune_seconds = (kernel.read_knob("stable_node_chains_prune_millisecs") or 2000) / 1000
+    while True:
+        settled = scanning.wait_until_settled(
+            ignoring_flutter(lambda: merging_pages(pids)), timeout=max(timeout - (time.monotonic() - start), 1),
+            on_progress=lambda merged: timeline.append((time.monotonic() - start, merged)))
+        time.sleep(1.5 * prune_seconds)
+        if merging_pages(pids) - settled <= max(64, 0.005 * settled) or time.monotonic() - start > timeout:
+            return
+
+
 def measure(data_by_pid, timeout):
     """Merge at a fast scan rate until settled, then measure each process (data_by_pid: pid ->
     bytes of data it holds) and the set."""
@@ -259,9 +273,7 @@ def measure(data_by_pid, timeout):
     with scanning.fast_scanning():
         start = time.monotonic()
         if can_merge:
-            scanning.wait_until_settled(ignoring_flutter(lambda: merging_pages(pids)), timeout=timeout,
-                                        on_progress=lambda merged: timeline.append((time.monotonic() - start,
-                                                                                    merged)))
+            settle_through_chain_prunes(pids, start, timeout, timeline)
         settle_seconds, final = time.monotonic() - start, merging_pages(pids)
         report = sharing(pids)
         saved_per_merged = ((report.totals["mapped"] - report.totals["distinct"]) / report.totals["mapped"]
