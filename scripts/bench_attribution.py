@@ -158,14 +158,29 @@ def print_table(result):
         print(f"  {row['total_bytes'] / GIB:g} GiB: {steps}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def workers_parser(doc, reps_help):
+    """The options of the benchmarks that run these workers (this one and bench_potential.py)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,2,4", help="total GiB held by the workers, comma-separated")
     parser.add_argument("--processes", type=int, default=2, help="workers per size (default 2)")
     parser.add_argument("--duplicate", type=float, default=0.5,
                         help="fraction of each worker's pages that all workers hold (default 0.5)")
-    parser.add_argument("--reps", type=int, default=5, help="timed runs per size (default 5)")
+    parser.add_argument("--reps", type=int, default=5, help=reps_help)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    return parser
+
+
+def run_worker(args):
+    """True when this process is a worker (--worker): it held its memory until stdin closed."""
+    if args.worker:
+        worker(int(args.worker[0]), float(args.worker[1]), int(args.worker[2]))
+    return bool(args.worker)
+
+
+def main():
+    parser = workers_parser(__doc__, "timed runs per size (default 5)")
     parser.add_argument("--pagemap-scan", choices=("auto", "never", "always"), default="auto",
                         help="when to read pagemap only where PAGEMAP_SCAN finds pages (default auto)")
     parser.add_argument("--gap", type=int, default=native.PFN_READ_GAP,
@@ -174,11 +189,8 @@ def main():
     parser.add_argument("--pages-to-scan", type=int, default=20000,
                         help="KSM rate while merging (default 20000)")
     parser.add_argument("--settle-timeout", type=float, default=600, help="seconds to wait for merging")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(int(args.worker[0]), float(args.worker[1]), int(args.worker[2]))
+    if run_worker(args):
         return
     if os.geteuid() != 0:
         raise SystemExit("bench_attribution.py needs root (KSM knobs, page frame numbers)")

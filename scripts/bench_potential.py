@@ -12,25 +12,18 @@ workers' memory per second.
 
     sudo python3 scripts/bench_potential.py [--sizes 1,2,4] [--chunks 64] [--json]
 """
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
 
-from bench_attribution import hold, machine, summary
+from bench_attribution import machine, run_worker, summary, workers_parser
 from ksmpreload import kernel
 from ksmpreload.potential import potential
 from ksmpreload.workers import start_workers, stop_workers
 
 GIB = 1 << 30
-
-
-def worker(total_bytes, duplicate, seed):
-    region = hold(total_bytes, duplicate, seed)
-    print(json.dumps({"pid": os.getpid(), "bytes": len(region)}), flush=True)
-    sys.stdin.read()
 
 
 def measure(pids, chunk_pages, reps):
@@ -85,20 +78,11 @@ def print_table(result):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1,2,4", help="total GiB held by the workers, comma-separated")
-    parser.add_argument("--processes", type=int, default=2, help="workers per size (default 2)")
-    parser.add_argument("--duplicate", type=float, default=0.5,
-                        help="fraction of each worker's pages that all workers hold (default 0.5)")
+    parser = workers_parser(__doc__, "timed runs per size and chunk (default 5)")
     parser.add_argument("--chunks", default="64",
                         help="pages per pread of /proc/<pid>/mem to try, comma-separated (default 64)")
-    parser.add_argument("--reps", type=int, default=5, help="timed runs per size and chunk (default 5)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(int(args.worker[0]), float(args.worker[1]), int(args.worker[2]))
+    if run_worker(args):
         return
     if os.geteuid() != 0:
         raise SystemExit("bench_potential.py needs root (other processes' memory, page frame numbers)")
