@@ -160,14 +160,24 @@ def unmarked_finding(process):
     if total < MIB or total < 0.1 * (total + marked):
         return None
     biggest = sorted(unmarked, key=lambda r: -r["anonymous_kib"])[:5]
+    evidence = {"unmarked_bytes": total, "marked_bytes": marked,
+                "regions": [{"start": hex(r["start"]), "end": hex(r["end"]), "made_by": r["label"],
+                             "anonymous_kib": r["anonymous_kib"]} for r in biggest]}
+    unmerged_by_program = (process["shim"] or {}).get("program_unmerged_bytes", 0)
+    if unmerged_by_program:
+        calls = process["shim"].get("program_madvise_unmergeable", 0)
+        return Finding("unmarked_by_program", f"{process['comm']} unmarked its own memory", total,
+                       f"it called madvise(MADV_UNMERGEABLE) {calls} times, on {_mib(unmerged_by_program)}: KSM "
+                       "leaves that memory alone even under prctl(PR_SET_MEMORY_MERGE). stress-ng does this at "
+                       "random to its buffers.",
+                       "stress-ng: add --no-madvise; otherwise find the call in the program (ltrace -e madvise)",
+                       {**evidence, "program_unmerged_bytes": unmerged_by_program,
+                        "program_madvise_unmergeable": calls}, process["pid"])
     return Finding("not_mergeable", f"{_mib(total)} of {process['comm']}'s memory is not mergeable", total,
                    "nothing marked it: KSM scans only VMAs marked by madvise(MADV_MERGEABLE) or "
                    "prctl(PR_SET_MEMORY_MERGE) in the process itself; a script cannot mark them from outside "
                    "(process_madvise refuses MADV_MERGEABLE).",
-                   f"ksm-wrap {process['cmdline']}   (restart it under the shim)",
-                   {"unmarked_bytes": total, "marked_bytes": marked,
-                    "regions": [{"start": hex(r["start"]), "end": hex(r["end"]), "made_by": r["label"],
-                                 "anonymous_kib": r["anonymous_kib"]} for r in biggest]}, process["pid"])
+                   f"ksm-wrap {process['cmdline']}   (restart it under the shim)", evidence, process["pid"])
 
 
 def not_scanned_finding(process, knobs):

@@ -460,7 +460,9 @@ EXPORT int munmap(void *addr, size_t len)
 }
 
 /* The program's own madvise: counted when it asks for merging, so that a
- * diagnosis can say why its calls "return -1"; errno and result unchanged. */
+ * diagnosis can say why its calls "return -1", and when it unmarks memory
+ * (stress-ng does at random), so that it can say who unmarked it; errno and
+ * result unchanged. */
 EXPORT int madvise(void *addr, size_t len, int advice)
 {
     madvise_fn real = __atomic_load_n(&real_madvise, __ATOMIC_ACQUIRE);
@@ -470,6 +472,10 @@ EXPORT int madvise(void *addr, size_t len, int advice)
         ksm_stat_add(KSM_STAT_program_madvise_mergeable, 1);
         if (result != 0)
             ksm_stat_add(errno == EINVAL ? KSM_STAT_program_madvise_einval : KSM_STAT_program_madvise_failed, 1);
+    } else if (advice == MADV_UNMERGEABLE && result == 0) {
+        ksm_stats_publish_pending();
+        ksm_stat_add(KSM_STAT_program_madvise_unmergeable, 1);
+        ksm_stat_add(KSM_STAT_program_unmerged_bytes, len);
     }
     return result;
 }

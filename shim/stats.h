@@ -28,6 +28,8 @@
     X(program_madvise_mergeable) /* madvise(MADV_MERGEABLE) calls the program made itself */ \
     X(program_madvise_einval)    /* ... that failed with EINVAL (an address not page-aligned) */ \
     X(program_madvise_failed)    /* ... that failed otherwise */ \
+    X(program_madvise_unmergeable) /* madvise(MADV_UNMERGEABLE) calls of the program that succeeded */ \
+    X(program_unmerged_bytes)    /* ... and the bytes they unmarked */ \
     X(hook_arenas)         /* jemalloc arenas given the counting extent hooks (KSMPRELOAD_JEMALLOC_HOOKS=1) */ \
     X(hook_extents)        /* extents at or above the threshold that jemalloc allocated through them */ \
     X(hook_bytes)                                                                  \

@@ -131,6 +131,19 @@ def test_bad_input_gives_one_line():
     assert missing.returncode != 0 and missing.stderr.count("\n") == 1, missing.stderr
 
 
+def test_program_that_unmarks_its_own_memory():
+    """stress-ng madvises its buffers with random advice, MADV_UNMERGEABLE among them (one of
+    two workers at times, in CI): the memory stays unmerged even under prctl, and the doctor
+    names the program's call. Here the advice is chosen, not drawn."""
+    with scanning.fast_scanning():
+        report = doctor("--timeout", "30", "--", "stress-ng", "--vm", "1", "--vm-bytes", "32M", "--vm-keep",
+                        "--vm-hang", "0", "--vm-method", "zero-one", "--vm-madvise", "unmergeable", "--quiet")
+    unmarked = finding(report, "unmarked_by_program")
+    assert unmarked["evidence"]["program_unmerged_bytes"] >= 32 << 20, unmarked
+    assert unmarked["cost_bytes"] >= 32 << 20 and "--no-madvise" in unmarked["fix"], unmarked
+    assert "not_mergeable" not in keys(report)
+
+
 # ---- the duplicate potential (the issue's done-when) ----------------------------------------
 
 def test_random_fill_has_no_duplicate_potential():
