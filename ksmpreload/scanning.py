@@ -81,3 +81,18 @@ def wait_until_settled(merged_now, min_scans=3, steady_scans=SETTLE_SCANS, timeo
             break
         time.sleep(poll)
     return last
+
+
+def ignoring_flutter(read, pages=64, fraction=0.005):
+    """read(), except that a change of at most `pages` or `fraction` of the value last returned
+    returns that value again: a few pages that a program's threads keep writing (memcached's
+    clock and counters) merge and break again every scan, and the sum would never settle."""
+    last = None
+
+    def value():
+        nonlocal last
+        now = read()
+        if last is None or abs(now - last) > max(pages, fraction * last):
+            last = now
+        return last
+    return value

@@ -4,7 +4,7 @@ Redis, memcached, PyTorch and stress-ng, each started under ksm-wrap (or not), l
 data, merged by KSM at a fast scan rate, and measured.
 
     python3 scripts/scenarios.py NAME [--size small|full] [--strategy auto|prctl|madvise|none]
-                                      [--processes N] [--json]
+                                      [--processes N] [--method M] [--json] [--serve]
 
 NAME (each function of the same name returns the report as a dict):
 
@@ -17,8 +17,9 @@ NAME (each function of the same name returns the report as a dict):
                      loaded in the same or in a different order, under several slab layouts
     pytorch          N python3 workers that each build a model and load the same weights
                      (torch.save'd once) into it
-    stress-ng        stress-ng --vm 2 --vm-keep --vm-hang 0 (fill once, then hold) for fill
-                     methods that write duplicate pages and for methods that write random data
+    stress-ng        stress-ng --vm 2 --vm-keep --vm-hang 0 --no-madvise (fill once, then hold)
+                     for fill methods that write duplicate pages and for methods that write
+                     random data
 
 Every server or worker runs as `ksm-wrap --strategy STRATEGY COMMAND` (auto, ksm-wrap's
 default: prctl on Linux 6.4+), or without ksm-wrap for --strategy none. Once the data is
@@ -43,12 +44,18 @@ measured:
     time to 90%       seconds from the start of fast scanning until the summed merged pages
                       first reached 90% of their final value (polled every 0.2 s)
     rmap items        ksm_rmap_items (ksm_stat): the pages ksmd tracks
+    timeline          [seconds, summed merged pages] at each poll while merging settled
+    throughput        redis, memcached: sets per second while loading all servers
     potential         the duplicate potential after merging (potential.potential: what could
                       be saved if every page with equal contents were merged); of it, the
                       non-zero part: pages whose equal contents are not all zeros; zero bytes:
                       the pages that are all zeros (merged, each saves a page but the last)
     expected          for redis and memcached: the pages entirely inside values of at least
                       8 KiB (ksm-wrap's default threshold, which page-aligns them) x (n - 1)
+
+With --serve the script only starts and loads the processes of one scenario, prints a JSON
+ready line ({"ready": true, "pids": [...], "throughput": ...}) and holds them until SIGTERM:
+the workload that `ksmpreload compare --wait-ready` measures under each allocator and strategy.
 
 Needs root (the KSM knobs, pagemap PFNs) and Debian's redis-server, memcached, stress-ng;
 redis-py, pymemcache and torch for their scenarios. Sizes: `small` (tens of MiB per process,
@@ -61,6 +68,7 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -183,34 +191,31 @@ def process_tree(pid):
 
 
 def stop(procs):
-    """Kill the processes and their descendants, and reap the processes."""
+    """Kill the processes and their descendants, and reap the processes. Each parent goes
+    before its children: stress-ng restarts a worker killed by SIGKILL (it takes it for the
+    OOM killer), and the new worker would outlive the run."""
     for proc in procs:
-        for member in reversed(process_tree(proc.pid)):
+        for member in process_tree(proc.pid):
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
     for proc in procs:
         proc.wait(timeout=30)
 
 
+def loaded(data_by_pid, operations=None, started=None, unit="sets/s"):
+    """What a scenario's loader yields: {pid: bytes of data it holds}, and the load rate
+    (operations per second since `started`) when the workload has one."""
+    rate = {}
+    if operations:
+        seconds = time.monotonic() - started
+        rate = {"load_s": round(seconds, 2), "throughput": round(operations / seconds, 1), "throughput_unit": unit}
+    return {"data_by_pid": data_by_pid, "rate": rate}
+
+
 # ---- merging and measuring -------------------------------------------------------------------
 
 def merging_pages(pids):
     return sum((kernel.process_ksm_stat(pid) or {}).get("ksm_merging_pages", 0) for pid in pids)
-
-
-def ignoring_flutter(read, pages=64, fraction=0.005):
-    """read(), except that a change of at most `pages` or `fraction` of the value last returned
-    returns that value again: a few pages that a program's threads keep writing (memcached's
-    clock and counters) merge and break again every scan, and the sum would never settle."""
-    last = None
-
-    def value():
-        nonlocal last
-        now = read()
-        if last is None or abs(now - last) > max(pages, fraction * last):
-            last = now
-        return last
-    return value
 
 
 def mergeable_kib(pids):
@@ -257,7 +262,8 @@ def settle_through_chain_prunes(pids, start, timeout, timeline):
     prune_seconds = (kernel.read_knob("stable_node_chains_prune_millisecs") or 2000) / 1000
     while True:
         settled = scanning.wait_until_settled(
-            ignoring_flutter(lambda: merging_pages(pids)), timeout=max(timeout - (time.monotonic() - start), 1),
+            scanning.ignoring_flutter(lambda: merging_pages(pids)),
+            timeout=max(timeout - (time.monotonic() - start), 1),
             on_progress=lambda merged: timeline.append((time.monotonic() - start, merged)))
         time.sleep(1.5 * prune_seconds)
         if merging_pages(pids) - settled <= max(64, 0.005 * settled) or time.monotonic() - start > timeout:
@@ -286,6 +292,7 @@ def measure(data_by_pid, timeout):
             * duplicate.page_size,
             "zero_bytes": duplicate.totals["zero_pages"] * duplicate.page_size,
             "time_to_90pct_s": time_to_fraction(timeline, final), "settle_s": settle_seconds,
+            "timeline": [[round(seconds, 2), merged] for seconds, merged in timeline],
             "mergeable": can_merge, "settled": settle_seconds < timeout}
 
 
@@ -311,17 +318,25 @@ def load_redis(client, pairs):
     pipe.execute()
 
 
-def redis_same_values(sizes, processes, strategy, timeout, workdir):
+@contextlib.contextmanager
+def redis_servers(sizes, processes, strategy, workdir):
+    """`processes` redis-servers, each loaded with the same keys and values."""
     servers = []
     try:
+        started = time.monotonic()
         for _ in range(processes):
             servers.append(start_redis(strategy, workdir))
             load_redis(servers[-1][1], items(sizes, range(len(sizes))))
-        result = measure({proc.pid: sum(sizes) for proc, _ in servers}, timeout)
+        yield loaded({proc.pid: sum(sizes) for proc, _ in servers}, processes * len(sizes), started)
     finally:
         stop([proc for proc, _ in servers])
+
+
+def redis_same_values(sizes, processes, strategy, timeout, workdir):
+    with redis_servers(sizes, processes, strategy, workdir) as load:
+        result = measure(load["data_by_pid"], timeout)
     return {"label": f"{processes} servers, same values", "value_count": len(sizes),
-            "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE, **result}
+            "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE, **load["rate"], **result}
 
 
 def redis_duplicate_values(sizes, distinct, strategy, timeout, workdir):
@@ -371,23 +386,30 @@ def load_memcached(client, pairs):
     client.set_many(batch, noreply=False)
 
 
-def memcached_run(sizes, processes, strategy, options, order, timeout, workdir):
+@contextlib.contextmanager
+def memcached_servers(sizes, processes, strategy, options, order, workdir):
     """`processes` servers with `options`; the first loads the values in index order, the others
     in the same order or each in its own shuffled order."""
     servers = []
     try:
+        started = time.monotonic()
         for number in range(processes):
             indexes = list(range(len(sizes)))
             if order == "shuffled" and number > 0:
                 random.Random(number).shuffle(indexes)
             servers.append(start_memcached(strategy, options, workdir))
             load_memcached(servers[-1][1], items(sizes, indexes))
-        result = measure({proc.pid: sum(sizes) for proc, _ in servers}, timeout)
+        yield loaded({proc.pid: sum(sizes) for proc, _ in servers}, processes * len(sizes), started)
     finally:
         stop([proc for proc, _ in servers])
+
+
+def memcached_run(sizes, processes, strategy, options, order, timeout, workdir):
+    with memcached_servers(sizes, processes, strategy, options, order, workdir) as load:
+        result = measure(load["data_by_pid"], timeout)
     return {"label": f"{processes} servers, {' '.join(options) or 'default options'}, {order} order",
             "options": options, "order": order, "value_count": len(sizes),
-            "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE, **result}
+            "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE, **load["rate"], **result}
 
 
 def memcached(size="small", strategy="auto", processes=3):
@@ -437,10 +459,10 @@ def import_torch():
     return torch
 
 
-def pytorch(size="small", strategy="auto", processes=3):
+@contextlib.contextmanager
+def torch_workers(layers, width, processes, strategy):
+    """`processes` workers holding the same weights, saved once to a temporary file."""
     torch = import_torch()
-    settings = SIZES[size]
-    layers, width = settings["torch_layers"], settings["torch_width"]
     with tempfile.TemporaryDirectory(prefix="scenario-pytorch.") as workdir:
         weights = os.path.join(workdir, "weights.pt")
         torch.manual_seed(0)
@@ -449,9 +471,16 @@ def pytorch(size="small", strategy="auto", processes=3):
                            str(width)], strategy)
         workers = start_workers([command] * processes)
         try:
-            result = measure({proc.pid: proc.report["bytes"] for proc in workers}, settings["timeout"])
+            yield loaded({proc.pid: proc.report["bytes"] for proc in workers})
         finally:
             stop_workers(workers)
+
+
+def pytorch(size="small", strategy="auto", processes=3):
+    settings = SIZES[size]
+    layers, width = settings["torch_layers"], settings["torch_width"]
+    with torch_workers(layers, width, processes, strategy) as load:
+        result = measure(load["data_by_pid"], settings["timeout"])
     run = {"label": f"{processes} workers, {layers} x Linear({width}, {width})", **result}
     return {"scenario": "pytorch", "size": size, "strategy": strategy, "runs": [run]}
 
@@ -482,15 +511,23 @@ def wait_until_filled(pid, worker_bytes, workers, timeout):
     raise RuntimeError(f"stress-ng (pid {pid}) did not fill {workers} x {worker_bytes >> 20} MiB in {timeout:.0f} s")
 
 
-def stress_ng_method(method, vm_bytes, strategy, timeout):
+@contextlib.contextmanager
+def stress_ng_filled(method, vm_bytes, strategy, timeout):
+    # --no-madvise: otherwise each worker madvises its buffer with random advice, at times
+    # MADV_UNMERGEABLE, and that worker's memory stays unmerged (doctor: unmarked_by_program)
     command = ["stress-ng", "--vm", str(STRESS_WORKERS), "--vm-bytes", str(vm_bytes), "--vm-keep", "--vm-hang",
-               "0", "--vm-method", method, "--quiet"]
+               "0", "--vm-method", method, "--no-madvise", "--quiet"]
     proc = subprocess.Popen(wrapped(command, strategy), stdin=subprocess.DEVNULL, cwd="/")
     try:
         # stress-ng divides --vm-bytes among the workers
-        result = measure(wait_until_filled(proc.pid, vm_bytes // STRESS_WORKERS, STRESS_WORKERS, timeout), timeout)
+        yield loaded(wait_until_filled(proc.pid, vm_bytes // STRESS_WORKERS, STRESS_WORKERS, timeout))
     finally:
         stop([proc])
+
+
+def stress_ng_method(method, vm_bytes, strategy, timeout):
+    with stress_ng_filled(method, vm_bytes, strategy, timeout) as load:
+        result = measure(load["data_by_pid"], timeout)
     return {"label": f"--vm-method {method}", "method": method, "workers": STRESS_WORKERS, **result}
 
 
@@ -502,6 +539,31 @@ def stress_ng(size="small", strategy="auto", methods=STRESS_METHODS):
 
 SCENARIOS = {"redis": redis, "memcached": memcached, "memcached-slabs": memcached_slabs, "pytorch": pytorch,
              "stress-ng": stress_ng}
+
+# --serve: each scenario's loader (settings, strategy, processes or None, stress-ng method, workdir)
+LOADERS = {
+    "redis": lambda settings, strategy, processes, method, workdir: redis_servers(
+        value_sizes(settings["value_bytes"]), processes or 3, strategy, workdir),
+    "memcached": lambda settings, strategy, processes, method, workdir: memcached_servers(
+        value_sizes(settings["value_bytes"]), processes or 3, strategy, [], "same", workdir),
+    "pytorch": lambda settings, strategy, processes, method, workdir: torch_workers(
+        settings["torch_layers"], settings["torch_width"], processes or 3, strategy),
+    "stress-ng": lambda settings, strategy, processes, method, workdir: stress_ng_filled(
+        method, settings["vm_bytes"], strategy, settings["timeout"]),
+}
+
+
+def serve(name, size, strategy, processes, method):
+    """Start and load the scenario's processes, print the ready line that `ksmpreload compare
+    --wait-ready` waits for, and hold them until SIGTERM or SIGINT."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with tempfile.TemporaryDirectory(prefix=f"scenario-{name}.") as workdir, \
+            LOADERS[name](SIZES[size], strategy, processes, method, workdir) as load:
+        data_by_pid = load["data_by_pid"]
+        print(json.dumps({"ready": True, "scenario": name, "size": size, "pids": list(data_by_pid),
+                          "data_bytes": sum(data_by_pid.values()), **load["rate"]}), flush=True)
+        while True:
+            signal.pause()
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -554,17 +616,30 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(SCENARIOS))
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                        help="ksm-wrap --strategy, or none: run without ksm-wrap (default auto)")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="ksm-wrap --strategy, or none: run without ksm-wrap (default auto; none with --serve)")
     parser.add_argument("--processes", type=int, help="servers or workers (redis, memcached: 3, "
                                                       "memcached-slabs: 2, pytorch: 3)")
+    parser.add_argument("--method", choices=STRESS_METHODS,
+                        help="stress-ng: only this fill method (with --serve: zero-one unless given)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--serve", action="store_true",
+                        help="start and load the processes, print a JSON ready line with their pids, hold them "
+                             "until SIGTERM: the workload for `ksmpreload compare --wait-ready` (no measuring; "
+                             "the processes inherit the ksm-wrap this script was started under)")
     args = parser.parse_args()
+    if args.serve:
+        if args.name not in LOADERS:
+            parser.error(f"--serve knows {', '.join(LOADERS)}, not {args.name}")
+        serve(args.name, args.size, args.strategy or "none", args.processes, args.method or "zero-one")
+        return 0
     options = {} if args.processes is None or args.name == "stress-ng" else {"processes": args.processes}
+    if args.name == "stress-ng" and args.method:
+        options["methods"] = (args.method,)
     started = time.time()
     report = {"command": " ".join(["python3", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:]),
               "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "load_before": loadavg()}
-    report.update(SCENARIOS[args.name](size=args.size, strategy=args.strategy, **options))
+    report.update(SCENARIOS[args.name](size=args.size, strategy=args.strategy or "auto", **options))
     report.update(load_after=loadavg(), duration_s=time.time() - started, machine=machine())
     if args.json:
         json.dump(report, sys.stdout, indent=2)
