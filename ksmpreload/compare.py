@@ -3,17 +3,27 @@ scan rate, with KSM unmerged in between, and measured from the kernel.
 
 An arm starts the command (through ksm-wrap unless its strategy is none; with Debian's
 libjemalloc preloaded for the jemalloc allocator), follows the merged pages of the command's
-process tree until they stop changing for several full scans (or the time limit), then
+process tree until they stop changing for several full scans (or the time limit; a change of
+a few pages, which threads that keep writing them cause, does not count), then
 measures and stops it:
 - saved: pages the arm's processes map to a KSM page, minus the distinct KSM pages they map
   (what merging took away; from sharing(), root), plus their KSM zero pages;
 - resident: the processes' RSS; padding: the shim's alignment padding; net = saved - padding;
 - time to 90%: when the merged pages first reached 90% of their final count;
-- rmap items: the scan state KSM keeps for them (its cost).
+- rmap items: the scan state KSM keeps for them (its cost);
+- throughput: what the command reports in its ready line (below), if anything.
+
+With wait_ready the command loads its data first and then prints one JSON object on a line of
+its stdout, for example {"ready": true, "pids": [4711, 4712], "throughput": 5300.0,
+"throughput_unit": "sets/s"}: the arm is followed from then on, and only the processes in
+"pids" (all of its process tree when there is no "pids") are measured. scripts/scenarios.py
+NAME --serve speaks this.
 """
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -43,8 +53,40 @@ class ArmResult:
     saved_percent: float = 0.0
     seconds_to_90: float = None
     rmap_items: int = 0
+    throughput: float = None
+    throughput_unit: str = None
     samples: list = field(default_factory=list)  # [seconds since start, merged pages]
     exit_code: int = None                       # when the command ended before it was measured
+    failure: str = None                         # why the arm was not measured
+
+
+class ReadyLine:
+    """Reads the command's stdout to its end (so that it never blocks on a full pipe) and keeps
+    the first line that is a JSON object with "ready" in it."""
+
+    def __init__(self, stream):
+        self.message, self.event = None, threading.Event()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            if self.message is None and line.lstrip().startswith("{"):
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(message, dict) and message.get("ready"):
+                    self.message = message
+                    self.event.set()
+        self.event.set()  # the stream ended: no ready line will come
+
+    def wait(self, proc, timeout):
+        """The ready message; None if the command ended or `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while not self.event.wait(0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return None
+        return self.message
 
 
 def arm_command(command, allocator, strategy):
@@ -106,19 +148,19 @@ def seconds_to_share(samples, share=0.9):
     return next((seconds for seconds, pages in samples if final and pages >= share * final), None)
 
 
-def follow(proc, started, result, timeout, on_sample):
-    """Samples the merged pages of the process tree (times from `started`, when the command
-    started) until they settle or `timeout` passes."""
+def follow(pids, started, result, timeout, on_sample):
+    """Samples the merged pages of pids() (times from `started`, when the command started)
+    until they settle or `timeout` passes."""
 
     def sample():
-        pages = merged_pages(process_tree(proc.pid))
+        pages = merged_pages(pids())
         result.samples.append([round(time.monotonic() - started, 2), pages])
         on_sample(result, pages)
         return pages
-    if not any(kernel.uses_ksm(kernel.process_ksm_stat(pid) or {}) for pid in process_tree(proc.pid)):
+    if not any(kernel.uses_ksm(kernel.process_ksm_stat(pid) or {}) for pid in pids()):
         sample()  # nothing of it is mergeable: ksmd has nothing to scan, and full scans may not advance
         return
-    scanning.wait_until_settled(sample, timeout=timeout, poll=SAMPLE_SECONDS)
+    scanning.wait_until_settled(scanning.ignoring_flutter(sample), timeout=timeout, poll=SAMPLE_SECONDS)
 
 
 def stop(proc):
@@ -134,26 +176,49 @@ def stop(proc):
         proc.wait()
 
 
-def run_arm(command, allocator, strategy, timeout, warmup, on_sample):
+def wait_until_loaded(proc, result, warmup, wait_ready):
+    """The processes to measure (a function giving their pids) once the command has loaded its
+    data: after `warmup` seconds, or, with wait_ready, once it printed its ready line (waiting at
+    most `wait_ready` seconds). None, with the reason in `result`, if it did not get there."""
+    if wait_ready is None:
+        time.sleep(warmup)
+        message = {}
+    else:
+        message = ReadyLine(proc.stdout).wait(proc, wait_ready)
+        if message is None and proc.poll() is None:
+            result.failure = f"no ready line in {wait_ready:.0f} s"
+            return None
+    if proc.poll() is not None:
+        result.exit_code = proc.returncode
+        result.failure = f"exited with {proc.returncode}"
+        return None
+    result.throughput, result.throughput_unit = message.get("throughput"), message.get("throughput_unit")
+    listed = [int(pid) for pid in message.get("pids", [])]
+    return (lambda: listed) if listed else (lambda: process_tree(proc.pid))
+
+
+def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready=None):
     result = ArmResult(allocator, strategy)
     argv, env = arm_command(command, allocator, strategy)
     started = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    output = subprocess.DEVNULL if wait_ready is None else subprocess.PIPE
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output, text=True)
     try:
-        time.sleep(warmup)
-        if proc.poll() is not None:
-            result.exit_code = proc.returncode
+        pids = wait_until_loaded(proc, result, warmup, wait_ready)
+        if pids is None:
             return result
-        follow(proc, started, result, timeout, on_sample)
-        measure(result, process_tree(proc.pid))
+        follow(pids, started, result, timeout, on_sample)
+        measure(result, pids())
         result.seconds_to_90 = seconds_to_share(result.samples)
     finally:
         stop(proc)
     return result
 
 
-def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=None, on_sample=None):
-    """Runs every allocator × strategy arm in turn; returns their ArmResults as dicts."""
+def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=None, on_sample=None,
+            wait_ready=None):
+    """Runs every allocator × strategy arm in turn; returns their ArmResults as dicts.
+    wait_ready: seconds to wait for the command's ready line (None: wait `warmup` seconds)."""
     kernel.require_ksm()
     unknown = [name for name in allocators if name not in ALLOCATORS]
     if unknown:
@@ -169,6 +234,6 @@ def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=Non
                 if on_arm:
                     on_arm(allocator, strategy)
                 results.append(run_arm(command, allocator, strategy, timeout, warmup,
-                                       on_sample or (lambda result, pages: None)))
+                                       on_sample or (lambda result, pages: None), wait_ready))
         unmerge_all()
     return [asdict(result) for result in results]

@@ -1,8 +1,13 @@
 """`ksmpreload compare` end to end on the real kernel: two arms, JSON, Markdown and PNG."""
 import json
+import os
+import shutil
 import subprocess
+import sys
 
-from conftest import require_root_ksm
+from conftest import JEMALLOC, REPO, require, require_root_ksm
+
+SCENARIOS = os.path.join(REPO, "scripts", "scenarios.py")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,3 +34,33 @@ def test_compare_rejects_an_unknown_strategy():
     done = subprocess.run(["ksmpreload", "compare", "--strategies", "none,fast", "--", "true"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "fast" in done.stderr, done.stderr
+
+
+def test_compare_a_scenario_under_glibc_and_jemalloc(tmp_path):
+    """A scenario loads its data, then says so (--wait-ready): only its servers are measured,
+    and its load rate is the arm's throughput."""
+    require_root_ksm()
+    require(os.path.exists(JEMALLOC), "libjemalloc2 is not installed")
+    require(shutil.which("memcached") is not None, "memcached is not installed")
+    done = subprocess.run(["ksmpreload", "compare", "--allocators", "glibc,jemalloc", "--strategies", "madvise",
+                           "--timeout", "60", "--wait-ready", "--json", "--", sys.executable, SCENARIOS,
+                           "memcached", "--serve", "--processes", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    arms = json.loads(done.stdout)
+    assert [arm["allocator"] for arm in arms] == ["glibc", "jemalloc"]
+    value_pages = 16 << 20 >> 12  # the small size: 16 MiB of values per server, most in large ones
+    for arm in arms:
+        assert arm["processes"] == 2 and arm["throughput_unit"] == "sets/s" and arm["throughput"] > 100, arm
+        assert arm["saved_bytes"] >= 0.5 * value_pages * 4096, arm
+
+
+def test_compare_says_which_arms_it_could_not_measure():
+    require_root_ksm()
+    done = subprocess.run(["ksmpreload", "compare", "--strategies", "none", "--wait-ready", "--load-timeout", "1",
+                           "--", "sleep", "30"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no ready line in 1 s" in done.stdout, done.stdout
+    assert done.stderr.strip() == "ksmpreload: not measured: glibc, none (see the table)", done.stderr
+    done = subprocess.run(["ksmpreload", "compare", "--strategies", "none", "--json", "--", "false"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and json.loads(done.stdout)[0]["failure"] == "exited with 1", done.stdout

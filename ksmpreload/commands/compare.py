@@ -8,7 +8,7 @@ from .. import kernel, render
 MIB = 1024 * 1024
 COLUMNS = [("allocator", "left"), ("strategy", "left"), ("processes", "right"), ("saved MiB", "right"),
            ("% of RSS", "right"), ("padding MiB", "right"), ("net saved MiB", "right"),
-           ("s to 90%", "right"), ("rmap items", "right")]
+           ("s to 90%", "right"), ("rmap items", "right"), ("throughput", "right")]
 
 
 def csv_choice(known):
@@ -26,13 +26,19 @@ def rows(results):
         return f"{count / MIB:.1f}"
     table = []
     for arm in results:
-        if arm["exit_code"] is not None:
-            table.append([arm["allocator"], arm["strategy"], f"exited with {arm['exit_code']}"] + [""] * 6)
+        if arm["failure"]:
+            table.append([arm["allocator"], arm["strategy"], arm["failure"]] + [""] * (len(COLUMNS) - 3))
             continue
         table.append([arm["allocator"], arm["strategy"], arm["processes"], mib(arm["saved_bytes"]),
                       arm["saved_percent"], mib(arm["padding_bytes"]), mib(arm["net_saved_bytes"]),
-                      "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"], arm["rmap_items"]])
+                      "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"], arm["rmap_items"], throughput(arm)])
     return table
+
+
+def throughput(arm):
+    if arm["throughput"] is None:
+        return "-"
+    return f"{arm['throughput']:,.0f} {arm['throughput_unit'] or ''}".strip()
 
 
 def plot(results, path, command):
@@ -52,22 +58,37 @@ def plot(results, path, command):
               help="Longest wait per arm for merging to settle.")
 @click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="SECONDS",
               help="Time the command gets to load its data before the measurement starts.")
+@click.option("--wait-ready", is_flag=True,
+              help="COMMAND prints a JSON ready line once loaded (see below); measure from then on.")
+@click.option("--load-timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
+              help="Longest wait for the ready line, with --wait-ready.")
 @click.option("--json", "as_json", is_flag=True, help="The results as JSON on stdout.")
 @click.option("--markdown", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the table as Markdown to FILE.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
               help="Also plot merged MiB over time per arm to FILE.png.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def compare(allocators, strategies, timeout, warmup, as_json, markdown, plot_path, command):
+def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, as_json, markdown, plot_path,
+            command):
     """Run COMMAND once per allocator and strategy and compare what KSM saves.
 
     \b
     ksmpreload compare --allocators glibc,jemalloc --strategies none,prctl,madvise -- python3 app.py
 
-    COMMAND should keep running with its data loaded. Arms run in turn, each with KSM
+    COMMAND should keep running with its data loaded; if an arm's command ends early (or
+    sends no ready line), the arm is shown as not measured and the exit status is 1. Arms run in turn, each with KSM
     unmerged before it (run=2: this unmerges every process on the machine) and the same fast
     scan rate (every knob is restored at the end). Per arm: MiB saved, % of resident memory,
-    the shim's alignment padding, net saving, seconds to 90% of the final merge, rmap items.
+    the shim's alignment padding, net saving, seconds to 90% of the final merge, rmap items,
+    throughput if COMMAND reports it.
+
+    \b
+    With --wait-ready, COMMAND loads its data and then prints one line of JSON on stdout:
+      {"ready": true, "pids": [4711, 4712], "throughput": 5300, "throughput_unit": "sets/s"}
+    Only "ready" is required; without "pids" its whole process tree is measured. The
+    workloads of scripts/scenarios.py do this with --serve:
+      ksmpreload compare --allocators glibc,jemalloc --wait-ready -- \
+          python3 scripts/scenarios.py memcached --serve
     """
     kernel.require_ksm()
     with Progress(transient=True, disable=as_json) as progress:
@@ -76,7 +97,8 @@ def compare(allocators, strategies, timeout, warmup, as_json, markdown, plot_pat
             list(command), allocators, strategies, timeout, warmup,
             on_arm=lambda allocator, strategy: progress.update(task, description=f"{allocator}, {strategy}"),
             on_sample=lambda arm, pages: progress.update(
-                task, description=f"{arm.allocator}, {arm.strategy}: {pages} pages merged"))
+                task, description=f"{arm.allocator}, {arm.strategy}: {pages} pages merged"),
+            wait_ready=load_timeout if wait_ready else None)
     if markdown:
         with open(markdown, "w") as f:
             f.write(render.markdown_table(COLUMNS, rows(results), f"ksmpreload compare: {' '.join(command)}") + "\n")
@@ -86,3 +108,6 @@ def compare(allocators, strategies, timeout, warmup, as_json, markdown, plot_pat
         render.print_json(results)
     else:
         render.print_rich(render.table(COLUMNS, rows(results), title=f"ksmpreload compare: {' '.join(command)}"))
+    failed = [f"{arm['allocator']}, {arm['strategy']}" for arm in results if arm["failure"]]
+    if failed:
+        raise click.ClickException(f"not measured: {'; '.join(failed)} (see the table)")
