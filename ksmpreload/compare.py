@@ -9,7 +9,8 @@ measures and stops it:
 - saved: pages the arm's processes map to a KSM page, minus the distinct KSM pages they map
   (what merging took away; from sharing(), root), plus their KSM zero pages;
 - resident: the processes' RSS; padding: the shim's alignment padding; net = saved - padding;
-- time to 90%: when the merged pages first reached 90% of their final count;
+- time to 90%: when the merged pages first reached 90% of their final count, in seconds from
+  the command's start (with wait_ready: from its ready line);
 - rmap items: the scan state KSM keeps for them (its cost);
 - throughput: what the command reports in its ready line (below), if anything.
 
@@ -207,6 +208,8 @@ def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready
         pids = wait_until_loaded(proc, result, warmup, wait_ready)
         if pids is None:
             return result
+        if wait_ready is not None:
+            started = time.monotonic()  # load times differ between arms: time the merging alone
         follow(pids, started, result, timeout, on_sample)
         measure(result, pids())
         result.seconds_to_90 = seconds_to_share(result.samples)

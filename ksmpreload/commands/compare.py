@@ -85,7 +85,8 @@ def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, a
     \b
     With --wait-ready, COMMAND loads its data and then prints one line of JSON on stdout:
       {"ready": true, "pids": [4711, 4712], "throughput": 5300, "throughput_unit": "sets/s"}
-    Only "ready" is required; without "pids" its whole process tree is measured. The
+    Only "ready" is required; without "pids" its whole process tree is measured. Times
+    (s to 90%, the plot) then count from the ready line, not from the start. The
     workloads of scripts/scenarios.py do this with --serve:
       ksmpreload compare --allocators glibc,jemalloc --wait-ready -- \
           python3 scripts/scenarios.py memcached --serve
