@@ -9,7 +9,7 @@ measures and stops it:
 - saved: pages the arm's processes map to a KSM page, minus the distinct KSM pages they map
   (what merging took away; from sharing(), root), plus their KSM zero pages;
 - resident: the processes' RSS; padding: the shim's alignment padding; net = saved - padding;
-- time to 90%: when the merged pages first reached 90% of their final count, in seconds from
+- time to 90%: when the saving first reached 90% of its final value, in seconds from
   the command's start (with wait_ready: from its ready line);
 - rmap items: the scan state KSM keeps for them (its cost);
 - throughput: what the command reports in its ready line (below), if anything.
@@ -56,7 +56,7 @@ class ArmResult:
     rmap_items: int = 0
     throughput: float = None
     throughput_unit: str = None
-    samples: list = field(default_factory=list)  # [seconds since start, merged pages]
+    samples: list = field(default_factory=list)  # [seconds since start, merged pages, pages saved]
     exit_code: int = None                       # when the command ended before it was measured
     failure: str = None                         # why the arm was not measured
 
@@ -122,13 +122,20 @@ def unmerge_all():
         time.sleep(0.1)
 
 
-def measure(result, pids):
+def saved_pages(pids, stats=None):
+    """Pages the processes no longer need: their pages that map a KSM page minus the distinct
+    KSM pages those are (page frame numbers, root), plus their KSM zero pages."""
     from .sharing import sharing  # the compiled helper: imported when needed, not with the CLI
-    page = kernel.page_size()
-    stats = [kernel.process_ksm_stat(pid) or {} for pid in pids]
+    stats = stats or [kernel.process_ksm_stat(pid) or {} for pid in pids]
     report = sharing(pids)
     zero_pages = sum(stat.get("ksm_zero_pages", 0) for stat in stats)
-    result.saved_bytes = (report.totals["mapped"] - report.totals["distinct"] + zero_pages) * page
+    return report.totals["mapped"] - report.totals["distinct"] + zero_pages
+
+
+def measure(result, pids):
+    page = kernel.page_size()
+    stats = [kernel.process_ksm_stat(pid) or {} for pid in pids]
+    result.saved_bytes = saved_pages(pids, stats) * page
     result.resident_bytes = sum(_rss(pid) for pid in pids)
     result.padding_bytes = sum((shimstats.read_process_stats(pid) or {}).get("padding_bytes", 0) for pid in pids)
     result.net_saved_bytes = result.saved_bytes - result.padding_bytes
@@ -145,17 +152,19 @@ def _rss(pid):
 
 
 def seconds_to_share(samples, share=0.9):
-    final = samples[-1][1] if samples else 0
-    return next((seconds for seconds, pages in samples if final and pages >= share * final), None)
+    """Seconds until the saving first reached `share` of its last value."""
+    final = samples[-1][2] if samples else 0
+    return next((seconds for seconds, _, saved in samples if final and saved >= share * final), None)
 
 
 def follow(pids, started, result, timeout, on_sample):
-    """Samples the merged pages of pids() (times from `started`, when the command started)
-    until they settle or `timeout` passes."""
+    """Samples the merged and saved pages of pids() (times from `started`) until the merged
+    pages settle or `timeout` passes."""
 
     def sample():
-        pages = merged_pages(pids())
-        result.samples.append([round(time.monotonic() - started, 2), pages])
+        current = pids()
+        pages = merged_pages(current)  # settling is judged by this count: ksm_stat, cheap and exact
+        result.samples.append([round(time.monotonic() - started, 2), pages, saved_pages(current)])
         on_sample(result, pages)
         return pages
     if not any(kernel.uses_ksm(kernel.process_ksm_stat(pid) or {}) for pid in pids()):

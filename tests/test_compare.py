@@ -25,6 +25,8 @@ def test_compare_two_arms_with_json_markdown_and_plot(c_programs, tmp_path):
     assert arms["prctl"]["saved_bytes"] >= 0.9 * held, arms["prctl"]
     assert arms["prctl"]["saved_percent"] > 50 and arms["prctl"]["rmap_items"] > 0
     assert arms["prctl"]["seconds_to_90"] is not None
+    seconds, merged, saved = arms["prctl"]["samples"][-1]  # what the plot draws: the saving over time
+    assert merged > saved >= 0.9 * held / 4096, arms["prctl"]["samples"]
     text = markdown.read_text()
     assert "| glibc | none | 1 | 0.0 |" in text and "| glibc | prctl | 1 |" in text, text
     assert plot.read_bytes()[:8] == PNG_MAGIC and plot.stat().st_size > 10_000

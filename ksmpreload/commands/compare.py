@@ -43,9 +43,10 @@ def throughput(arm):
 
 def plot(results, path, command):
     page = kernel.page_size()
-    series = {f"{arm['allocator']}, {arm['strategy']}": [(t, pages * page / MIB) for t, pages in arm["samples"]]
+    series = {f"{arm['allocator']}, {arm['strategy']}": [(t, saved * page / MIB) for t, _, saved in arm["samples"]]
               for arm in results if arm["samples"]}
-    render.plot_lines(path, series, f"KSM: {' '.join(command)[:60]}", "seconds", "MiB merged (pages mapping KSM pages)")
+    render.plot_lines(path, series, f"KSM: {' '.join(command)[:60]}", "seconds",
+                      "MiB saved (merged pages less the KSM pages they map)")
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
