@@ -140,6 +140,37 @@ static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (page_siz
 
 static int allocator_is_glibc;
 
+/* Another allocator's usable size for an unaligned request (mimalloc's mi_good_size,
+ * tcmalloc's nallocx), so that padding counts what alignment adds, not size classes. */
+typedef size_t (*good_size_fn)(size_t);
+typedef size_t (*nallocx_flags_fn)(size_t, int);
+static good_size_fn other_good_size;
+static nallocx_flags_fn other_nallocx;
+
+static void *from_malloc_library(const char *name)
+{
+    Dl_info of_malloc, of_symbol;
+    void *symbol = dlsym(RTLD_NEXT, name);
+    if (!symbol || !dladdr((void *)real_malloc, &of_malloc) || !dladdr(symbol, &of_symbol)
+        || of_malloc.dli_fbase != of_symbol.dli_fbase)
+        return NULL;
+    return symbol;
+}
+
+static void find_other_size_classes(void)
+{
+    other_good_size = (good_size_fn)from_malloc_library("mi_good_size");
+    if (!other_good_size)
+        other_nallocx = (nallocx_flags_fn)from_malloc_library("nallocx");
+}
+
+static size_t other_unaligned_usable(size_t size)
+{
+    if (other_good_size)
+        return other_good_size(size);
+    return other_nallocx ? other_nallocx(size, 0) : size;
+}
+
 /* What the alignment costs: usable bytes beyond those of the same request unaligned. */
 static size_t alignment_padding(void *ptr, size_t size)
 {
@@ -148,7 +179,13 @@ static size_t alignment_padding(void *ptr, size_t size)
         return ksm_glibc_padding(ptr, size, usable);
     if (ksm_jemalloc_found())
         return ksm_jemalloc_padding(size, usable);
-    return usable - size;
+    /* Only up to the end of the last page the request reaches: the program never touches the
+     * whole pages beyond, so they cost no memory (mimalloc hands a page-aligned 1 MiB block
+     * 1.5 MiB of usable size). */
+    size_t touched = (size + page_size - 1) & ~(page_size - 1);
+    size_t usable_touched = usable < touched ? usable : touched;
+    size_t unaligned = other_unaligned_usable(size);
+    return usable_touched > unaligned ? usable_touched - unaligned : 0;
 }
 
 static void mark_heap_block(void *ptr, size_t size)
@@ -579,6 +616,8 @@ __attribute__((constructor)) static void ksmpreload_start(void)
                                   .vma_budget = read_max_map_count() / 4};
     ksm_marking_start(&marking);
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
+    if (!allocator_is_glibc && !ksm_jemalloc_found())
+        find_other_size_classes();
 
     ksm_stat_set(KSM_STAT_pid, (uint64_t)getpid());
     ksm_stat_set(KSM_STAT_strategy, config.strategy == KSM_STRATEGY_OBSERVE ? 3 : marking_by_prctl ? 1 : 2);
