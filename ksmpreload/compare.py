@@ -2,17 +2,18 @@
 scan rate, with KSM unmerged in between, and measured from the kernel.
 
 An arm starts the command (through ksm-wrap unless its strategy is none; with Debian's
-libjemalloc preloaded for the jemalloc allocator), follows the merged pages of the command's
-process tree until they stop changing for several full scans (or the time limit; a change of
-a few pages, which threads that keep writing them cause, does not count), then
-measures and stops it:
+libjemalloc, libmimalloc or libtcmalloc preloaded for those allocators), follows the merged
+pages of the command's process tree until they stop changing for several full scans (or the
+time limit; a change of a few pages, which threads that keep writing them cause, does not
+count), then measures and stops it:
 - saved: pages the arm's processes map to a KSM page, minus the distinct KSM pages they map
   (what merging took away; from sharing(), root), plus their KSM zero pages;
 - resident: the processes' RSS; padding: the shim's alignment padding; net = saved - padding;
 - time to 90%: when the saving first reached 90% of its final value, in seconds from
   the command's start (with wait_ready: from its ready line);
 - rmap items: the scan state KSM keeps for them (its cost);
-- throughput: what the command reports in its ready line (below), if anything.
+- throughput: what the command reports in its ready line (below), if anything;
+- allocator loaded: how many of the processes map the preloaded allocator.
 
 With wait_ready the command loads its data first and then prints one JSON object on a line of
 its stdout, for example {"ready": true, "pids": [4711, 4712], "throughput": 5300.0,
@@ -34,8 +35,11 @@ from . import kernel, scanning, shimstats
 from .wrap import launcher
 from .errors import KsmError
 
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-ALLOCATORS = {"glibc": None, "jemalloc": JEMALLOC}
+LIBRARIES = "/usr/lib/x86_64-linux-gnu"
+# allocator name: (library preloaded for it, the Debian package that installs it)
+ALLOCATORS = {"glibc": (None, None), "jemalloc": (f"{LIBRARIES}/libjemalloc.so.2", "libjemalloc2"),
+              "mimalloc": (f"{LIBRARIES}/libmimalloc.so.2", "libmimalloc2.0"),
+              "tcmalloc": (f"{LIBRARIES}/libtcmalloc_minimal.so.4", "libtcmalloc-minimal4")}
 STRATEGIES = {"none": None, "prctl": ["--strategy", "prctl"], "madvise": ["--strategy", "madvise"],
               "madvise-noalign": ["--strategy", "madvise", "--no-align"]}
 SAMPLE_SECONDS = 0.5
@@ -47,6 +51,7 @@ class ArmResult:
     allocator: str
     strategy: str
     processes: int = 0
+    allocator_loaded: int = None                 # measured processes that map the preloaded allocator
     saved_bytes: int = 0
     resident_bytes: int = 0
     padding_bytes: int = 0
@@ -93,7 +98,7 @@ class ReadyLine:
 def arm_command(command, allocator, strategy):
     """(argv, environment) of one arm."""
     env = dict(os.environ)
-    library = ALLOCATORS[allocator]
+    library = ALLOCATORS[allocator][0]
     if library:
         env["LD_PRELOAD"] = " ".join(filter(None, [env.get("LD_PRELOAD", ""), library]))
     options = STRATEGIES[strategy]
@@ -132,7 +137,16 @@ def saved_pages(pids, stats=None):
     return report.totals["mapped"] - report.totals["distinct"] + zero_pages
 
 
+def processes_mapping(pids, library):
+    """How many of the processes map `library` (a statically linked program ignores a preload)."""
+    path = os.path.realpath(library)
+    return sum(1 for pid in pids if path in (kernel.read_proc(pid, "maps") or ""))
+
+
 def measure(result, pids):
+    library = ALLOCATORS[result.allocator][0]
+    if library:
+        result.allocator_loaded = processes_mapping(pids, library)
     page = kernel.page_size()
     stats = [kernel.process_ksm_stat(pid) or {} for pid in pids]
     result.saved_bytes = saved_pages(pids, stats) * page
@@ -235,8 +249,10 @@ def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=Non
     unknown = [name for name in allocators if name not in ALLOCATORS]
     if unknown:
         raise KsmError(f"unknown allocator {', '.join(unknown)} (known: {', '.join(ALLOCATORS)})", 2)
-    if "jemalloc" in allocators and not os.path.exists(JEMALLOC):
-        raise KsmError(f"the jemalloc arm needs {JEMALLOC} (apt-get install libjemalloc2)")
+    for name in allocators:
+        library, package = ALLOCATORS[name]
+        if library and not os.path.exists(library):
+            raise KsmError(f"the {name} arm needs {library} (apt-get install {package})")
     results = []
     with scanning.fast_scanning():
         for allocator in allocators:

@@ -29,10 +29,17 @@ def rows(results):
         if arm["failure"]:
             table.append([arm["allocator"], arm["strategy"], arm["failure"]] + [""] * (len(COLUMNS) - 3))
             continue
-        table.append([arm["allocator"], arm["strategy"], arm["processes"], mib(arm["saved_bytes"]),
+        table.append([allocator(arm), arm["strategy"], arm["processes"], mib(arm["saved_bytes"]),
                       arm["saved_percent"], mib(arm["padding_bytes"]), mib(arm["net_saved_bytes"]),
                       "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"], arm["rmap_items"], throughput(arm)])
     return table
+
+
+def allocator(arm):
+    loaded = arm["allocator_loaded"]
+    if loaded is None or loaded == arm["processes"]:
+        return arm["allocator"]
+    return f"{arm['allocator']} (loaded in {loaded} of {arm['processes']})"
 
 
 def throughput(arm):
@@ -51,7 +58,8 @@ def plot(results, path, command):
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--allocators", default="glibc", show_default=True, callback=csv_choice(comparing.ALLOCATORS),
-              help="Comma-separated: glibc, jemalloc (Debian's libjemalloc.so.2 preloaded).")
+              help="Comma-separated: glibc (the program's own), jemalloc, mimalloc, tcmalloc (Debian's "
+                   "libjemalloc2, libmimalloc2.0, libtcmalloc-minimal4, preloaded).")
 @click.option("--strategies", default="none,prctl,madvise", show_default=True,
               callback=csv_choice(comparing.STRATEGIES),
               help="Comma-separated: none (no ksm-wrap), prctl, madvise, madvise-noalign.")
