@@ -29,7 +29,11 @@ def test_compare_two_arms_with_json_markdown_and_plot(c_programs, tmp_path):
     seconds, merged, saved = arms["prctl"]["samples"][-1]  # what the plot draws: the saving over time
     assert merged > saved >= 0.9 * held / 4096, arms["prctl"]["samples"]
     text = markdown.read_text()
-    assert "| glibc | none | 1 | 0.0 |" in text and "| glibc | prctl | 1 |" in text, text
+    rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| glibc |")}
+    assert rows["none"][2:5] == ["1", f"{arms['none']['resident_bytes'] / 2**20:,.1f} → "
+                                 f"{arms['none']['resident_bytes'] / 2**20:,.1f}", "0.0"], rows
+    assert float(rows["prctl"][4]) >= 0.9 * held / 2**20, rows
     assert plot.read_bytes()[:8] == PNG_MAGIC and plot.stat().st_size > 10_000
 
 

@@ -6,8 +6,8 @@ from .. import compare as comparing
 from .. import kernel, render
 
 MIB = 1024 * 1024
-COLUMNS = [("allocator", "left"), ("strategy", "left"), ("processes", "right"), ("saved MiB", "right"),
-           ("% of RSS", "right"), ("padding MiB", "right"), ("net saved MiB", "right"),
+COLUMNS = [("allocator", "left"), ("strategy", "left"), ("processes", "right"), ("RSS → after merging MiB", "right"),
+           ("saved MiB", "right"), ("% of RSS", "right"), ("padding MiB", "right"), ("net saved MiB", "right"),
            ("s to 90%", "right"), ("rmap items", "right"), ("throughput", "right")]
 
 
@@ -23,15 +23,18 @@ def csv_choice(known):
 
 def rows(results):
     def mib(count):
-        return f"{count / MIB:.1f}"
+        return f"{count / MIB:,.1f}"
     table = []
     for arm in results:
         if arm["failure"]:
             table.append([arm["allocator"], arm["strategy"], arm["failure"]] + [""] * (len(COLUMNS) - 3))
             continue
-        table.append([allocator(arm), arm["strategy"], arm["processes"], mib(arm["saved_bytes"]),
+        after = arm["resident_bytes"] - arm["saved_bytes"]
+        table.append([allocator(arm), arm["strategy"], arm["processes"],
+                      f"{mib(arm['resident_bytes'])} → {mib(after)}", mib(arm["saved_bytes"]),
                       arm["saved_percent"], mib(arm["padding_bytes"]), mib(arm["net_saved_bytes"]),
-                      "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"], arm["rmap_items"], throughput(arm)])
+                      "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"], f"{arm['rmap_items']:,}",
+                      throughput(arm)])
     return table
 
 
