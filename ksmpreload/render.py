@@ -79,15 +79,16 @@ def markdown_table(columns, rows, title=None):
     return "\n".join(lines)
 
 
-def plot_lines(path, series, title, xlabel, ylabel):
-    """A PNG at `path` with one line per entry of `series` ({label: [(x, y), ...]})."""
+def plot_lines(path, series, title, xlabel, ylabel, styles=None):
+    """A PNG at `path` with one line per entry of `series` ({label: [(x, y), ...]}), drawn
+    with styles[label] (matplotlib keywords such as color, linestyle) where given."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(8, 4.5), dpi=100)
     for label, points in series.items():
-        axes.plot([x for x, _ in points], [y for _, y in points], label=label)
+        axes.plot([x for x, _ in points], [y for _, y in points], label=label, **(styles or {}).get(label, {}))
     axes.set_title(title)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)

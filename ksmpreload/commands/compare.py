@@ -51,12 +51,25 @@ def throughput(arm):
     return f"{arm['throughput']:,.0f} {arm['throughput_unit'] or ''}".strip()
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def plot(results, path, command):
+    """Saved MiB over time, a colour per allocator and a line style per strategy (a palette
+    of ten colours would repeat past ten arms)."""
     page = kernel.page_size()
-    series = {f"{arm['allocator']}, {arm['strategy']}": [(t, saved * page / MIB) for t, _, saved in arm["samples"]]
-              for arm in results if arm["samples"]}
+    allocators = list(dict.fromkeys(arm["allocator"] for arm in results))
+    strategies = list(dict.fromkeys(arm["strategy"] for arm in results))
+    series, styles = {}, {}
+    for arm in results:
+        if not arm["samples"]:
+            continue
+        label = f"{arm['allocator']}, {arm['strategy']}"
+        series[label] = [(t, saved * page / MIB) for t, _, saved in arm["samples"]]
+        styles[label] = {"color": f"C{allocators.index(arm['allocator']) % 10}",
+                         "linestyle": LINE_STYLES[strategies.index(arm["strategy"]) % len(LINE_STYLES)]}
     render.plot_lines(path, series, f"KSM: {' '.join(command)[:60]}", "seconds",
-                      "MiB saved (merged pages less the KSM pages they map)")
+                      "MiB saved (merged pages less the KSM pages they map)", styles)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
