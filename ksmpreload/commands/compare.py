@@ -91,7 +91,7 @@ def plot(results, path, command):
 @click.option("--markdown", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the table as Markdown to FILE.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
-              help="Also plot merged MiB over time per arm to FILE.png.")
+              help="Also plot MiB saved over time per arm to FILE.png.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, as_json, markdown, plot_path,
             command):
@@ -101,11 +101,12 @@ def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, a
     ksmpreload compare --allocators glibc,jemalloc --strategies none,prctl,madvise -- python3 app.py
 
     COMMAND should keep running with its data loaded; if an arm's command ends early (or
-    sends no ready line), the arm is shown as not measured and the exit status is 1. Arms run in turn, each with KSM
-    unmerged before it (run=2: this unmerges every process on the machine) and the same fast
-    scan rate (every knob is restored at the end). Per arm: MiB saved, % of resident memory,
-    the shim's alignment padding, net saving, seconds to 90% of the final merge, rmap items,
-    throughput if COMMAND reports it.
+    sends no ready line), the arm is shown as not measured and the exit status is 1. Arms
+    run in turn, each with KSM unmerged before it (run=2: this unmerges every process on the
+    machine) and the same fast scan rate (every knob is restored at the end). Per arm: MiB
+    saved, % of resident memory, RSS before and after merging, the shim's alignment
+    padding, net saving, seconds to 90% of the final saving, rmap items, throughput if
+    COMMAND reports it.
 
     \b
     With --wait-ready, COMMAND loads its data and then prints one line of JSON on stdout:
@@ -113,8 +114,8 @@ def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, a
     Only "ready" is required; without "pids" its whole process tree is measured. Times
     (s to 90%, the plot) then count from the ready line, not from the start. The
     workloads of scripts/scenarios.py do this with --serve:
-      ksmpreload compare --allocators glibc,jemalloc --wait-ready -- \
-          python3 scripts/scenarios.py memcached --serve
+      ksmpreload compare --allocators glibc,jemalloc --wait-ready --
+        python3 scripts/scenarios.py memcached --serve   (one line)
     """
     kernel.require_ksm()
     with Progress(transient=True, disable=as_json) as progress:
