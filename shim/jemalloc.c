@@ -15,6 +15,8 @@
 #include "stats.h"
 
 typedef void *(*rallocx_fn)(void *ptr, size_t size, int flags);
+typedef void *(*mallocx_fn)(size_t size, int flags);
+#define MALLOCX_ZERO 0x40 /* jemalloc.h: zeroed, and jemalloc knows which pages already are */
 typedef size_t (*nallocx_fn)(size_t size, int flags);
 typedef int (*mallctl_fn)(const char *name, void *old, size_t *old_len, void *new_value, size_t new_len);
 
@@ -32,6 +34,7 @@ struct extent_hooks {
 };
 
 static rallocx_fn real_rallocx;
+static mallocx_fn real_mallocx;
 static nallocx_fn real_nallocx;
 static mallctl_fn real_mallctl;
 static int lg_page_flag;
@@ -124,8 +127,11 @@ void ksm_jemalloc_start(void *real_malloc, size_t page_size, size_t threshold, i
     void *rallocx = dlsym(RTLD_NEXT, "rallocx");
     void *mallctl = dlsym(RTLD_NEXT, "mallctl");
     void *nallocx = dlsym(RTLD_NEXT, "nallocx");
-    if (!same_object(real_malloc, rallocx) || !same_object(real_malloc, mallctl) || !same_object(real_malloc, nallocx))
+    void *mallocx = dlsym(RTLD_NEXT, "mallocx");
+    if (!same_object(real_malloc, rallocx) || !same_object(real_malloc, mallctl) || !same_object(real_malloc, nallocx)
+        || !same_object(real_malloc, mallocx))
         return;
+    real_mallocx = (mallocx_fn)mallocx;
     real_nallocx = (nallocx_fn)nallocx;
     lg_page_flag = __builtin_ctzl(page_size); /* MALLOCX_LG_ALIGN(log2 page) */
     extent_threshold = threshold;
@@ -144,6 +150,11 @@ int ksm_jemalloc_found(void)
 void *ksm_jemalloc_realloc_aligned(void *old, size_t size)
 {
     return real_rallocx(old, size, lg_page_flag);
+}
+
+void *ksm_jemalloc_zalloc_aligned(size_t size)
+{
+    return real_mallocx(size, lg_page_flag | MALLOCX_ZERO);
 }
 
 size_t ksm_jemalloc_padding(size_t size, size_t usable)

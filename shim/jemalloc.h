@@ -13,6 +13,8 @@ int ksm_jemalloc_found(void);
 /* realloc that keeps the block page-aligned, in place when jemalloc can; NULL
  * on failure, the old block intact. Only when ksm_jemalloc_found(). */
 void *ksm_jemalloc_realloc_aligned(void *old, size_t size);
+/* A zeroed page-aligned block (mallocx); only when ksm_jemalloc_found(). */
+void *ksm_jemalloc_zalloc_aligned(size_t size);
 /* Bytes of `usable` beyond what jemalloc gives malloc(size) (nallocx). */
 size_t ksm_jemalloc_padding(size_t size, size_t usable);
 /* The mmap wrapper tells which mapping it just handled in this thread, so

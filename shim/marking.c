@@ -86,6 +86,58 @@ static int mark_in_main_heap(uintptr_t start)
     return 1;
 }
 
+/* ---- the real layout, from /proc/self/maps ------------------------------ */
+
+struct vma {
+    uintptr_t start, end;
+    char perms[8];
+    int anonymous; /* no file, no name ([heap], [stack] and the like have one) */
+};
+
+static int parse_maps_line(const char *line, struct vma *vma)
+{
+    unsigned long start, end, inode;
+    int path_at = 0;
+    if (sscanf(line, "%lx-%lx %7s %*s %*s %lu %n", &start, &end, vma->perms, &inode, &path_at) < 4)
+        return 0;
+    vma->start = start;
+    vma->end = end;
+    vma->anonymous = inode == 0 && line[path_at] == '\0';
+    return 1;
+}
+
+/* Calls visit(vma, context) for each mapping in address order, until it returns nonzero.
+ * Raw reads into a stack buffer: this runs inside malloc. */
+static void for_each_mapping(int (*visit)(const struct vma *, void *), void *context)
+{
+    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    char buffer[4096];
+    size_t held = 0;
+    ssize_t got;
+    int stop = 0;
+    while (!stop && (got = read(fd, buffer + held, sizeof buffer - 1 - held)) > 0) {
+        held += (size_t)got;
+        buffer[held] = '\0';
+        char *line = buffer, *newline;
+        struct vma vma;
+        while (!stop && (newline = strchr(line, '\n'))) {
+            *newline = '\0';
+            stop = parse_maps_line(line, &vma) && visit(&vma, context);
+            line = newline + 1;
+        }
+        held = strlen(line);
+        memmove(buffer, line, held);
+    }
+    close(fd);
+}
+
+static int private_anonymous(const struct vma *vma)
+{
+    return vma->anonymous && vma->perms[3] == 'p';
+}
+
 /* ---- glibc's chunks ---------------------------------------------------- */
 
 /* glibc keeps two size_t words before each block: prev_size, then the size
@@ -96,7 +148,6 @@ static int mark_in_main_heap(uintptr_t start)
 #define GLIBC_IS_MMAPPED 0x2
 #define GLIBC_NON_MAIN_ARENA 0x4
 #define GLIBC_SIZE_BITS 0x7
-#define GLIBC_HEAP_MAX ((uintptr_t)2 * 4 * 1024 * 1024 * sizeof(long))
 
 static size_t glibc_word_before(const void *ptr, int words)
 {
@@ -115,21 +166,72 @@ static void mark_glibc_mapped_chunk(void *ptr)
         madvise_mergeable(chunk - offset, chunk + size);
 }
 
-/* A thread arena's heap is marked whole, once: the parts it has not grown
- * into yet are PROT_NONE and keep the mark when glibc opens them. */
+/* A thread arena's heap is one mapping, aligned to its size, made of the part
+ * in use and a PROT_NONE reserve after it. Its size is glibc's choice: 64 MiB
+ * on 64 bits, 4 huge pages under GLIBC_TUNABLES=glibc.malloc.hugetlb=2 (glibc
+ * 2.35+). So it is read from the maps, never assumed: the mapping that holds
+ * the block, with the PROT_NONE mapping right after it, must span a power of
+ * two and start at a multiple of it; else the heap is not marked whole. */
+struct heap_search {
+    uintptr_t block;
+    struct vma holding, after;
+    int found; /* 1: holding, 2: and the mapping right after it */
+};
+
+static int find_holding_mapping(const struct vma *vma, void *context)
+{
+    struct heap_search *search = context;
+    if (search->found == 1) {
+        search->after = *vma;
+        search->found = vma->start == search->holding.end ? 2 : 1;
+        return 1;
+    }
+    if (search->block >= vma->start && search->block < vma->end) {
+        search->holding = *vma;
+        search->found = 1;
+    }
+    return 0;
+}
+
+static uintptr_t glibc_heap_size; /* learned from the first heap found */
+
+static int find_glibc_heap(uintptr_t block, uintptr_t *start, uintptr_t *size)
+{
+    struct heap_search search = {.block = block};
+    for_each_mapping(find_holding_mapping, &search);
+    if (!search.found || !private_anonymous(&search.holding))
+        return 0;
+    uintptr_t end = search.holding.end;
+    if (search.found == 2 && private_anonymous(&search.after) && strcmp(search.after.perms, "---p") == 0)
+        end = search.after.end;
+    *start = search.holding.start;
+    *size = end - *start;
+    return (*size & (*size - 1)) == 0 && (*start & (*size - 1)) == 0 && *size >= setup.page_size;
+}
+
+/* Marked whole, once: the reserve keeps the mark when glibc opens it. */
 #define MARKED_HEAPS 256
 static uintptr_t marked_heaps[MARKED_HEAPS];
 
-static void mark_glibc_arena_heap(void *ptr)
+static uintptr_t *heap_seen_slot(uintptr_t heap, uintptr_t size)
 {
-    uintptr_t heap = (uintptr_t)ptr & ~(GLIBC_HEAP_MAX - 1);
-    uintptr_t *seen = &marked_heaps[(heap / GLIBC_HEAP_MAX) % MARKED_HEAPS];
-    if (__atomic_load_n(seen, __ATOMIC_RELAXED) == heap)
-        return;
-    ksm_region_record(heap, GLIBC_HEAP_MAX, KSM_REGION_GLIBC_ARENA, NULL);
+    return &marked_heaps[(heap / size) % MARKED_HEAPS];
+}
+
+static int mark_glibc_arena_heap(void *ptr)
+{
+    uintptr_t size = __atomic_load_n(&glibc_heap_size, __ATOMIC_RELAXED), heap;
+    if (size && __atomic_load_n(heap_seen_slot((uintptr_t)ptr & ~(size - 1), size), __ATOMIC_RELAXED)
+                    == ((uintptr_t)ptr & ~(size - 1)))
+        return 1;
+    if (!find_glibc_heap((uintptr_t)ptr, &heap, &size))
+        return 0;
+    __atomic_store_n(&glibc_heap_size, size, __ATOMIC_RELAXED);
+    ksm_region_record(heap, size, KSM_REGION_GLIBC_ARENA, NULL);
     if (!setup.by_prctl)
-        madvise_mergeable(heap, heap + GLIBC_HEAP_MAX);
-    __atomic_store_n(seen, heap, __ATOMIC_RELAXED);
+        madvise_mergeable(heap, heap + size);
+    __atomic_store_n(heap_seen_slot(heap, size), heap, __ATOMIC_RELAXED);
+    return 1;
 }
 
 /* What glibc's malloc(size) would have given: a heap chunk of size + 8 bytes
@@ -143,22 +245,26 @@ static size_t glibc_unaligned_usable(void *ptr, size_t size)
     return chunk - sizeof(size_t);
 }
 
+int ksm_glibc_chunk_is_mapped(const void *ptr)
+{
+    return (glibc_word_before(ptr, 1) & GLIBC_IS_MMAPPED) != 0;
+}
+
 size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
 {
     size_t unaligned = glibc_unaligned_usable(ptr, size);
     return usable > unaligned ? usable - unaligned : 0;
 }
 
+/* 1 when the chunk's whole mapping or heap is handled; 0: mark the block itself. */
 static int mark_by_glibc_chunk(void *ptr)
 {
     size_t size_word = glibc_word_before(ptr, 1);
-    if (size_word & GLIBC_IS_MMAPPED)
+    if (size_word & GLIBC_IS_MMAPPED) {
         mark_glibc_mapped_chunk(ptr);
-    else if (size_word & GLIBC_NON_MAIN_ARENA)
-        mark_glibc_arena_heap(ptr);
-    else
-        return 0;
-    return 1;
+        return 1;
+    }
+    return (size_word & GLIBC_NON_MAIN_ARENA) && mark_glibc_arena_heap(ptr);
 }
 
 /* ---- anything else ----------------------------------------------------- */
@@ -222,43 +328,36 @@ void ksm_mark_mapping(void *ptr, size_t len, const void *caller)
 
 /* ---- mappings made before the shim started ------------------------------ */
 
-/* One line of /proc/self/maps ("start-end perms offset device inode [path]"):
- * an anonymous private mapping (inode 0, no path) of at least `threshold`
- * bytes is marked. */
-static void mark_if_anonymous_private(const char *line, size_t threshold)
+/* An anonymous private mapping of at least `threshold` bytes is marked, unless
+ * it is a file's own memory (the .bss right after a library or program,
+ * the shim's included) or a thread stack (right above its PROT_NONE guard). */
+struct existing_scan {
+    size_t threshold;
+    struct vma before;
+};
+
+static int belongs_to_neighbour(const struct vma *vma, const struct vma *before)
 {
-    unsigned long start, stop, inode;
-    char perms[8];
-    int path_at = 0;
-    if (sscanf(line, "%lx-%lx %7s %*s %*s %lu %n", &start, &stop, perms, &inode, &path_at) < 4)
-        return;
-    if (perms[3] == 'p' && inode == 0 && line[path_at] == '\0' && stop - start >= threshold)
-        mark_mapping_of_kind((void *)start, stop - start, KSM_REGION_AT_START, NULL);
+    if (before->end != vma->start)
+        return 0;
+    return !before->anonymous || (private_anonymous(before) && strcmp(before->perms, "---p") == 0);
+}
+
+static int mark_if_program_memory(const struct vma *vma, void *context)
+{
+    struct existing_scan *scan = context;
+    if (private_anonymous(vma) && vma->end - vma->start >= scan->threshold && !belongs_to_neighbour(vma, &scan->before))
+        mark_mapping_of_kind((void *)vma->start, vma->end - vma->start, KSM_REGION_AT_START, NULL);
+    scan->before = *vma;
+    return 0;
 }
 
 void ksm_mark_existing_mappings(size_t threshold)
 {
     if (setup.by_prctl)
         return;
-    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    char buffer[4096];
-    size_t held = 0;
-    ssize_t got;
-    while ((got = read(fd, buffer + held, sizeof buffer - 1 - held)) > 0) {
-        held += (size_t)got;
-        buffer[held] = '\0';
-        char *line = buffer, *newline;
-        while ((newline = strchr(line, '\n'))) {
-            *newline = '\0';
-            mark_if_anonymous_private(line, threshold);
-            line = newline + 1;
-        }
-        held = strlen(line);
-        memmove(buffer, line, held);
-    }
-    close(fd);
+    struct existing_scan scan = {.threshold = threshold};
+    for_each_mapping(mark_if_program_memory, &scan);
 }
 
 void ksm_marking_after_fork(void)

@@ -27,5 +27,7 @@ void ksm_mark_existing_mappings(size_t threshold);
 void ksm_marking_after_fork(void);
 /* glibc only: bytes of `usable` beyond what malloc(size) would have given. */
 size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable);
+/* glibc only: the block is a chunk with a mapping of its own (straight from mmap). */
+int ksm_glibc_chunk_is_mapped(const void *ptr);
 
 #endif

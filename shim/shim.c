@@ -25,6 +25,7 @@
 #include "hooks.h"
 #include "jemalloc.h"
 #include "marking.h"
+#include "padding.h"
 #include "stats.h"
 
 #ifndef PR_SET_MEMORY_MERGE
@@ -39,6 +40,9 @@
 
 static struct ksm_config config;
 static size_t page_size = 4096;
+/* free's and realloc's fast paths take only pointers inside a page: the shim's
+ * aligned blocks start on a page, and their padding must be taken back. */
+static uintptr_t page_offset_mask = 4095;
 /* 0 until the real functions are known, so that every call takes the slow path
  * that finds them; then SIZE_MAX (all pass through) until the constructor sets
  * the configured threshold. The fast path is then one comparison. */
@@ -89,12 +93,29 @@ static size_t bootstrap_size(const void *ptr)
     return size;
 }
 
+typedef void *(*next_symbol_fn)(const char *name);
+
+static int same_object(const void *a, const void *b)
+{
+    Dl_info of_a, of_b;
+    return a && b && dladdr(a, &of_a) && dladdr(b, &of_b) && of_a.dli_fbase == of_b.dli_fbase;
+}
+
+/* Exported: `name` as the objects after this copy of the shim define it, past any
+ * later copies, so that a second copy (preloaded twice) is never in the chain. */
+EXPORT void *ksmpreload_next_symbol(const char *name)
+{
+    void *symbol = dlsym(RTLD_NEXT, name);
+    next_symbol_fn later_copy = (next_symbol_fn)dlsym(RTLD_NEXT, "ksmpreload_next_symbol");
+    return later_copy && same_object(symbol, (void *)later_copy) ? later_copy(name) : symbol;
+}
+
 __attribute__((noinline)) static void resolve_real_functions(void)
 {
     resolving = 1;
 #define KSM_RESOLVE(name, ret, params, required)                                   \
     if (!real_##name)                                                                    \
-        __atomic_store_n(&real_##name, (name##_fn)dlsym(RTLD_NEXT, #name), __ATOMIC_RELEASE); \
+        __atomic_store_n(&real_##name, (name##_fn)ksmpreload_next_symbol(#name), __ATOMIC_RELEASE); \
     if (required && !real_##name) {                                                     \
         ksm_say("no '" #name "' after libksmpreload in the link order; cannot run");     \
         _exit(127);                                                                      \
@@ -144,8 +165,10 @@ static int allocator_is_glibc;
  * tcmalloc's nallocx), so that padding counts what alignment adds, not size classes. */
 typedef size_t (*good_size_fn)(size_t);
 typedef size_t (*nallocx_flags_fn)(size_t, int);
+typedef void *(*zalloc_aligned_fn)(size_t, size_t);
 static good_size_fn other_good_size;
 static nallocx_flags_fn other_nallocx;
+static zalloc_aligned_fn other_zalloc_aligned; /* mimalloc's mi_zalloc_aligned */
 
 static void *from_malloc_library(const char *name)
 {
@@ -160,6 +183,7 @@ static void *from_malloc_library(const char *name)
 static void find_other_size_classes(void)
 {
     other_good_size = (good_size_fn)from_malloc_library("mi_good_size");
+    other_zalloc_aligned = (zalloc_aligned_fn)from_malloc_library("mi_zalloc_aligned");
     if (!other_good_size)
         other_nallocx = (nallocx_flags_fn)from_malloc_library("nallocx");
 }
@@ -190,8 +214,8 @@ static size_t alignment_padding(void *ptr, size_t size)
 
 static void mark_heap_block(void *ptr, size_t size)
 {
-    if (config.align)
-        ksm_stat_add(KSM_STAT_padding_bytes, alignment_padding(ptr, size));
+    if (config.align && is_page_aligned(ptr))
+        ksm_padding_note(ptr, alignment_padding(ptr, size));
     ksm_mark_heap_block(ptr, size);
 }
 
@@ -238,11 +262,41 @@ SLOW_PATH static void *allocate_large(size_t size, size_t align)
     return ptr;
 }
 
-SLOW_PATH static void *allocate_large_zeroed(size_t size)
+/* glibc serves a mapped chunk straight from mmap: zero already, unless
+ * MALLOC_PERTURB_ filled it (then its first byte is not zero). */
+static int fresh_glibc_mapping(const void *ptr)
 {
-    void *ptr = allocate_large(size, 16);
-    if (ptr)
-        memset(ptr, 0, size);
+    return allocator_is_glibc && ksm_glibc_chunk_is_mapped(ptr) && *(const unsigned char *)ptr == 0;
+}
+
+/* Memory fresh from the kernel is zero already: clearing it would make every
+ * page of a sparse table resident. The allocators that know ask for it zeroed. */
+static void *zeroed_block(size_t count, size_t size, size_t total)
+{
+    void *ptr = NULL;
+    if (!config.align)
+        return real_calloc(count, size);
+    if (ksm_jemalloc_found())
+        return ksm_jemalloc_zalloc_aligned(total);
+    if (other_zalloc_aligned)
+        return other_zalloc_aligned(total, page_size);
+    if (real_posix_memalign(&ptr, page_size, total) != 0)
+        return NULL;
+    if (!fresh_glibc_mapping(ptr))
+        memset(ptr, 0, total);
+    return ptr;
+}
+
+SLOW_PATH static void *allocate_large_zeroed(size_t count, size_t size, size_t total)
+{
+    int saved_errno = errno;
+    void *ptr = zeroed_block(count, size, total);
+    if (!ptr) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    mark_heap_block(ptr, total);
+    errno = saved_errno;
     return ptr;
 }
 
@@ -337,7 +391,7 @@ SLOW_PATH static void *calloc_slow(size_t count, size_t size)
         return __builtin_mul_overflow(count, size, &total) ? NULL : bootstrap_alloc(total);
     if (__builtin_mul_overflow(count, size, &total) || total < threshold_now())
         return real_calloc(count, size);
-    return allocate_large_zeroed(total);
+    return allocate_large_zeroed(count, size, total);
 }
 
 EXPORT void *calloc(size_t count, size_t size)
@@ -348,20 +402,30 @@ EXPORT void *calloc(size_t count, size_t size)
     return calloc_slow(count, size);
 }
 
+/* The old block's padding leaves the gauge; it comes back if realloc fails. */
+static void *realloc_taking_padding(void *old, size_t size)
+{
+    size_t padding = ksm_padding_forget(old);
+    void *ptr = size < threshold_now() ? real_realloc(old, size) : reallocate_large(old, size);
+    if (!ptr && size && padding)
+        ksm_padding_note(old, padding);
+    return ptr;
+}
+
 SLOW_PATH static void *realloc_slow(void *old, size_t size)
 {
     if (in_bootstrap_pool(old))
         return reallocate_bootstrap_block(old, size);
     if (NEEDS_POOL())
         return old ? NULL : bootstrap_alloc(size);
-    if (size < threshold_now())
-        return real_realloc(old, size);
-    return old ? reallocate_large(old, size) : allocate_large(size, 16);
+    if (!old)
+        return size < threshold_now() ? real_realloc(old, size) : allocate_large(size, 16);
+    return realloc_taking_padding(old, size);
 }
 
 EXPORT void *realloc(void *old, size_t size)
 {
-    if (LIKELY(size < large_threshold && !in_bootstrap_pool(old)))
+    if (LIKELY(size < large_threshold && ((uintptr_t)old & page_offset_mask) && !in_bootstrap_pool(old)))
         return real_realloc(old, size);
     return realloc_slow(old, size);
 }
@@ -378,13 +442,15 @@ EXPORT void *reallocarray(void *old, size_t count, size_t size)
 
 SLOW_PATH static void free_slow(void *ptr)
 {
-    if (!in_bootstrap_pool(ptr) && !NEEDS_POOL())
-        real_free(ptr);
+    if (in_bootstrap_pool(ptr) || NEEDS_POOL())
+        return;
+    ksm_padding_forget(ptr);
+    real_free(ptr);
 }
 
 EXPORT void free(void *ptr)
 {
-    if (LIKELY(!in_free_slow_window(ptr)))
+    if (LIKELY(((uintptr_t)ptr & page_offset_mask) && !in_free_slow_window(ptr)))
         real_free(ptr);
     else
         free_slow(ptr);
@@ -418,10 +484,12 @@ EXPORT int posix_memalign(void **out, size_t align, size_t size)
 }
 
 /* aligned_alloc, memalign, valloc and pvalloc: large ones become page-aligned
- * posix_memalign blocks, small ones and unusual alignments go to the real one. */
+ * posix_memalign blocks; small ones and alignments that are not a power of two
+ * (0 included: some allocators refuse it) go to the real one, which answers as
+ * it would at any size. */
 static void *aligned_or_real(void *(*real)(size_t, size_t), size_t align, size_t size)
 {
-    if (size < threshold_now() || (align & (align - 1)) != 0 || !real)
+    if (size < threshold_now() || align == 0 || (align & (align - 1)) != 0 || !real)
         return real ? real(align, size) : (errno = ENOMEM, NULL);
     return allocate_large(size, align < sizeof(void *) ? sizeof(void *) : align);
 }
@@ -603,11 +671,31 @@ static void after_fork_in_child(void)
     ksm_stats_after_fork();
 }
 
+/* Exported, so that a lookup finds the first copy of the shim in the process;
+ * the alias is this copy's own. A second copy (preloaded twice under two
+ * paths, or dlopen'ed into a process that preloads one) stays inert: its
+ * wrappers pass every call on, and it marks, aligns and publishes nothing. */
+EXPORT const char ksmpreload_instance = 1;
+extern const char own_instance __attribute__((alias("ksmpreload_instance"), visibility("hidden")));
+
+static int another_copy_comes_first(void)
+{
+    const void *first = dlsym(RTLD_DEFAULT, "ksmpreload_instance");
+    return first && first != &own_instance;
+}
+
 __attribute__((constructor)) static void ksmpreload_start(void)
 {
     int saved_errno = errno;
     page_size = getauxval(AT_PAGESZ) ? getauxval(AT_PAGESZ) : 4096;
     resolve_real_functions();
+    if (another_copy_comes_first()) {
+        __atomic_store_n(&large_threshold, SIZE_MAX, __ATOMIC_RELEASE);
+        errno = saved_errno;
+        return;
+    }
+    page_offset_mask = page_size - 1;
+    ksm_padding_start(page_size);
     ksm_config_read(&config, page_size);
     choose_marking();
     allocator_is_glibc = malloc_is_glibc();

@@ -16,7 +16,7 @@
     X(heap_bytes)                                                                  \
     X(mmap_regions)        /* large anonymous private mappings made mergeable */   \
     X(mmap_bytes)                                                                  \
-    X(padding_bytes)       /* usable size beyond the request of aligned blocks */  \
+    X(padding_bytes)       /* gauge: usable bytes that alignment adds to live blocks */ \
     X(realloc_copies)      /* reallocs the shim moved to a page-aligned block */      \
     X(madvise_calls)                                                               \
     X(madvise_einval)      /* failures by errno: never shown to the program */     \
@@ -35,7 +35,9 @@
     X(hook_bytes)                                                                  \
     X(hook_unseen_extents) /* of those, extents the mmap wrapper had not seen */  \
     X(hook_unseen_bytes)                                                           \
-    X(hook_recommits)      /* commits of decommitted ranges in such extents, marked again */
+    X(hook_recommits)      /* commits of decommitted ranges in such extents, marked again */ \
+    X(padded_blocks)       /* gauge: live blocks whose alignment costs padding */ \
+    X(padding_table_bytes) /* gauge: memory of the table that keeps their padding */
 
 enum ksm_stat_slot {
 #define KSM_STAT_ENUM(name) KSM_STAT_##name,

@@ -1,0 +1,189 @@
+/* The padding of live aligned blocks, as a gauge: each block whose alignment
+ * costs bytes is kept in a table (block -> padding), so that free and realloc
+ * take its padding back. The table is sharded hash tables with linear probing,
+ * in memory mapped with raw system calls (never the program's allocator); it
+ * grows by doubling and its size is published (padding_table_bytes). */
+#define _GNU_SOURCE
+#include "padding.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "stats.h"
+
+#define SHARDS 64
+#define FIRST_CAPACITY 256 /* entries: one 4 KiB page */
+
+struct entry {
+    uintptr_t block; /* 0: empty */
+    uint64_t padding;
+};
+
+struct shard {
+    pthread_mutex_t lock;
+    struct entry *entries;
+    size_t capacity; /* a power of two */
+    size_t count;
+};
+
+static struct shard shards[SHARDS];
+static uint64_t live_blocks; /* any at all: free's slow path asks this first */
+static unsigned page_shift = 12;
+
+static uint64_t hash_of(uintptr_t block)
+{
+    return (uint64_t)(block >> page_shift) * 0x9E3779B97F4A7C15ull;
+}
+
+static struct shard *shard_of(uintptr_t block)
+{
+    return &shards[hash_of(block) >> 58]; /* the top 6 bits: 64 shards */
+}
+
+static struct entry *map_entries(size_t capacity)
+{
+    long p = syscall(SYS_mmap, NULL, capacity * sizeof(struct entry), PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p < 0 && p > -4096 ? NULL : (struct entry *)p;
+}
+
+static void unmap_entries(struct entry *entries, size_t capacity)
+{
+    syscall(SYS_munmap, entries, capacity * sizeof(struct entry));
+    ksm_stat_add(KSM_STAT_padding_table_bytes, -(uint64_t)(capacity * sizeof(struct entry)));
+}
+
+static size_t home_of(const struct shard *shard, uintptr_t block)
+{
+    return (size_t)hash_of(block) & (shard->capacity - 1);
+}
+
+static void put_entry(struct shard *shard, uintptr_t block, uint64_t padding)
+{
+    size_t at = home_of(shard, block);
+    while (shard->entries[at].block)
+        at = (at + 1) & (shard->capacity - 1);
+    shard->entries[at] = (struct entry){block, padding};
+}
+
+/* Twice the capacity, or the first page; 0 when no memory could be mapped. */
+static int grow(struct shard *shard)
+{
+    size_t capacity = shard->capacity ? shard->capacity * 2 : FIRST_CAPACITY;
+    struct entry *entries = map_entries(capacity), *old = shard->entries;
+    if (!entries)
+        return 0;
+    ksm_stat_add(KSM_STAT_padding_table_bytes, capacity * sizeof(struct entry));
+    size_t old_capacity = shard->capacity;
+    shard->entries = entries;
+    shard->capacity = capacity;
+    for (size_t i = 0; i < old_capacity; i++)
+        if (old[i].block)
+            put_entry(shard, old[i].block, old[i].padding);
+    if (old)
+        unmap_entries(old, old_capacity);
+    return 1;
+}
+
+static struct entry *find(struct shard *shard, uintptr_t block)
+{
+    if (!shard->capacity)
+        return NULL;
+    for (size_t at = home_of(shard, block);; at = (at + 1) & (shard->capacity - 1)) {
+        if (shard->entries[at].block == block)
+            return &shard->entries[at];
+        if (!shard->entries[at].block)
+            return NULL;
+    }
+}
+
+/* Linear probing without tombstones: later entries of the run move back into the hole. */
+static void remove_entry(struct shard *shard, struct entry *hole)
+{
+    size_t mask = shard->capacity - 1, empty = (size_t)(hole - shard->entries);
+    for (size_t at = (empty + 1) & mask; shard->entries[at].block; at = (at + 1) & mask) {
+        size_t home = home_of(shard, shard->entries[at].block);
+        if (((at - home) & mask) >= ((at - empty) & mask)) {
+            shard->entries[empty] = shard->entries[at];
+            empty = at;
+        }
+    }
+    shard->entries[empty].block = 0;
+    shard->count--;
+}
+
+static void count_change(int64_t blocks, int64_t bytes)
+{
+    __atomic_add_fetch(&live_blocks, (uint64_t)blocks, __ATOMIC_RELAXED);
+    ksm_stat_add(KSM_STAT_padded_blocks, (uint64_t)blocks);
+    ksm_stat_add(KSM_STAT_padding_bytes, (uint64_t)bytes);
+}
+
+void ksm_padding_note(void *ptr, size_t padding)
+{
+    int saved_errno = errno; /* a failed mmap in grow() is nobody's business */
+    uintptr_t block = (uintptr_t)ptr;
+    struct shard *shard = shard_of(block);
+    pthread_mutex_lock(&shard->lock);
+    struct entry *entry = find(shard, block);
+    if (entry) { /* a block freed behind the shim's back (free in another library), now reused */
+        count_change(-1, -(int64_t)entry->padding);
+        remove_entry(shard, entry);
+    }
+    if (padding && ((shard->count + 1) * 2 <= shard->capacity || grow(shard))) {
+        put_entry(shard, block, padding);
+        shard->count++;
+        count_change(1, (int64_t)padding);
+    }
+    pthread_mutex_unlock(&shard->lock);
+    errno = saved_errno;
+}
+
+size_t ksm_padding_forget(void *ptr)
+{
+    if (!ptr || !__atomic_load_n(&live_blocks, __ATOMIC_RELAXED))
+        return 0;
+    uintptr_t block = (uintptr_t)ptr;
+    struct shard *shard = shard_of(block);
+    pthread_mutex_lock(&shard->lock);
+    struct entry *entry = find(shard, block);
+    size_t padding = entry ? entry->padding : 0;
+    if (entry) {
+        count_change(-1, -(int64_t)padding);
+        remove_entry(shard, entry);
+    }
+    pthread_mutex_unlock(&shard->lock);
+    return padding;
+}
+
+/* fork: no shard may be caught half-changed by another thread. */
+static void lock_all(void)
+{
+    for (int i = 0; i < SHARDS; i++)
+        pthread_mutex_lock(&shards[i].lock);
+}
+
+static void unlock_all(void)
+{
+    for (int i = SHARDS - 1; i >= 0; i--)
+        pthread_mutex_unlock(&shards[i].lock);
+}
+
+static void reset_locks_in_child(void)
+{
+    for (int i = 0; i < SHARDS; i++)
+        pthread_mutex_init(&shards[i].lock, NULL);
+}
+
+void ksm_padding_start(size_t page_size)
+{
+    page_shift = (unsigned)__builtin_ctzl(page_size);
+    for (int i = 0; i < SHARDS; i++)
+        pthread_mutex_init(&shards[i].lock, NULL);
+    pthread_atfork(lock_all, unlock_all, reset_locks_in_child);
+}

@@ -1,0 +1,122 @@
+/* What the shim may cost its host, measured from inside; run by tests/test_guest.py.
+ *   guest_probe calloc MIB      calloc MIB MiB, check it reads zero, print the RSS it added (KiB)
+ *   guest_probe padding         phases, each ended by a line on stdout and a line read from stdin:
+ *                               "live" (blocks of many sizes held), "freed" (all freed),
+ *                               "churned" (alloc/free/realloc churn, nothing held)
+ *   guest_probe arena           a thread allocates 100000 bytes from its own arena, prints
+ *                               "block <addr> stack <addr>" and waits for a line on stdin
+ *   guest_probe aligned0 SIZE   prints whether aligned_alloc(0, SIZE) and memalign(0, SIZE) succeed */
+#define _GNU_SOURCE
+#include <malloc.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static long rss_kib(void)
+{
+    char line[256];
+    long kib = -1;
+    FILE *status = fopen("/proc/self/status", "r");
+    while (status && fgets(line, sizeof line, status))
+        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+            break;
+    if (status)
+        fclose(status);
+    return kib;
+}
+
+static int probe_calloc(size_t mib)
+{
+    size_t size = mib << 20;
+    long before = rss_kib();
+    volatile unsigned char *block = calloc(1, size);
+    if (!block)
+        return 2;
+    for (size_t at = 0; at < size; at += 4096)
+        if (block[at] != 0 || block[at + 4095] != 0)
+            return printf("not zero at %zu\n", at), 1;
+    printf("rss_added_kib %ld\n", rss_kib() - before);
+    free((void *)block);
+    return 0;
+}
+
+static void phase(const char *name)
+{
+    char line[16];
+    printf("%s\n", name);
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin))
+        exit(0);
+}
+
+static const size_t sizes[] = {8192, 10000, 12288, 20000, 65536, 100000, 300000, 1 << 20, 5000000};
+#define SIZES (sizeof sizes / sizeof sizes[0])
+
+static int probe_padding(void)
+{
+    void *held[4 * SIZES];
+    for (size_t i = 0; i < SIZES; i++) {
+        held[4 * i] = malloc(sizes[i]);
+        held[4 * i + 1] = calloc(1, sizes[i]);
+        held[4 * i + 2] = realloc(malloc(100), sizes[i]);
+        if (posix_memalign(&held[4 * i + 3], 64, sizes[i]) != 0)
+            return 2;
+    }
+    phase("live");
+    for (size_t i = 0; i < 4 * SIZES; i++)
+        free(held[i]);
+    phase("freed");
+    for (int round = 0; round < 10000; round++) {
+        size_t size = sizes[round % SIZES];
+        void *block = malloc(size);
+        block = realloc(block, round % 3 ? size * 2 : 64); /* grow, or shrink below the threshold */
+        free(block);
+    }
+    phase("churned");
+    return 0;
+}
+
+static void *arena_thread(void *unused)
+{
+    int on_stack = 0;
+    (void)unused;
+    void *block = malloc(100000);
+    memset(block, 1, 100000);
+    printf("block %p stack %p\n", block, (void *)&on_stack);
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof line, stdin))
+        return block;
+    return block;
+}
+
+static int probe_arena(void)
+{
+    pthread_t thread;
+    return pthread_create(&thread, NULL, arena_thread, NULL) || pthread_join(thread, NULL);
+}
+
+static int probe_aligned0(size_t size)
+{
+    void *a = aligned_alloc(0, size), *m = memalign(0, size);
+    printf("aligned_alloc %s memalign %s\n", a ? "ok" : "null", m ? "ok" : "null");
+    free(a);
+    free(m);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 3 && strcmp(argv[1], "calloc") == 0)
+        return probe_calloc(strtoul(argv[2], NULL, 10));
+    if (argc >= 2 && strcmp(argv[1], "padding") == 0)
+        return probe_padding();
+    if (argc >= 2 && strcmp(argv[1], "arena") == 0)
+        return probe_arena();
+    if (argc >= 3 && strcmp(argv[1], "aligned0") == 0)
+        return probe_aligned0(strtoul(argv[2], NULL, 10));
+    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE\n");
+    return 2;
+}

@@ -1,0 +1,150 @@
+"""The shim as a guest: no more resident memory than the program asked for, padding that is
+a gauge of live blocks, marking from the real layout (glibc heaps under hugetlb tunables),
+and the allocator's own answers for odd alignments. Real programs, real kernel."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import JEMALLOC
+from ksmpreload import shimstats
+
+THRESHOLD = 8192
+
+
+def allocators():
+    yield pytest.param((), id="glibc")
+    yield pytest.param((JEMALLOC,), id="jemalloc",
+                       marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"))
+
+
+def rss_added_kib(program, mib, env):
+    result = subprocess.run([program, "calloc", str(mib)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("preload_after", allocators())
+def test_large_calloc_leaves_fresh_pages_untouched(c_programs, shim_env, preload_after):
+    """A sparse 64 MiB table stays sparse: the shim adds less than 1 MiB of RSS to what the
+    allocator alone costs (clearing memory fresh from mmap would add 64 MiB)."""
+    probe = c_programs("guest_probe")
+    without = dict(os.environ, LD_PRELOAD=" ".join(preload_after))
+    alone = rss_added_kib(probe, 64, without)
+    under_shim = rss_added_kib(probe, 64, shim_env(preload_after))
+    assert under_shim < alone + 1024, (alone, under_shim)
+
+
+def read_stats(pid, env):
+    stats = shimstats.read_process_stats(pid, env["KSMPRELOAD_STATS_DIR"])
+    assert stats is not None, "no counters file"
+    return stats
+
+
+@pytest.mark.parametrize("preload_after", allocators())
+def test_padding_is_a_gauge_of_live_blocks(c_programs, shim_env, preload_after):
+    """Padding rises with live aligned blocks and falls back to zero when they are freed,
+    also after 10,000 rounds of malloc, realloc (growing and shrinking below the threshold)
+    and free: a net saving that subtracts it stays true after hours of churn."""
+    env = shim_env(preload_after, threshold=THRESHOLD)
+    proc = subprocess.Popen([c_programs("guest_probe"), "padding"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    seen = {}
+    try:
+        for phase in ("live", "freed", "churned"):
+            assert proc.stdout.readline().strip() == phase
+            seen[phase] = read_stats(proc.pid, env)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    live = seen["live"]
+    assert live["padded_blocks"] > 0 and live["padding_bytes"] > 0, live
+    assert 0 < live["padding_table_bytes"] <= 64 * 4096 * 2
+    for phase in ("freed", "churned"):
+        assert seen[phase]["padded_blocks"] == 0 and seen[phase]["padding_bytes"] == 0, (phase, seen[phase])
+    assert seen["churned"]["heap_regions"] > 10000, "the churn went through the shim"
+
+
+def marked_vmas(pid):
+    """[(start, end, path, marked)] from /proc/PID/smaps."""
+    vmas = []
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                vmas.append([start, end, fields[5] if len(fields) > 5 else "", False])
+            elif line.startswith("VmFlags:"):
+                vmas[-1][3] = "mg" in fields[1:]
+    return vmas
+
+
+def holding(vmas, address):
+    return next(vma for vma in vmas if vma[0] <= address < vma[1])
+
+
+@pytest.mark.parametrize("hugetlb", ["0", "1", "2"])
+def test_arena_heap_marked_from_its_real_size(c_programs, shim_env, hugetlb):
+    """Under the madvise strategy a thread arena's heap is marked, and nothing else around it:
+    with glibc.malloc.hugetlb=2 heaps are 8 MiB, not 64 MiB, and a 64 MiB guess marked libc,
+    ld.so, the shim and thread stacks. Files, their .bss and stacks are never marked."""
+    env = shim_env(strategy="madvise", threshold=THRESHOLD)
+    env["GLIBC_TUNABLES"] = f"glibc.malloc.hugetlb={hugetlb}"
+    proc = subprocess.Popen([c_programs("guest_probe"), "arena"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        _, block, _, stack = proc.stdout.readline().split()
+        vmas = marked_vmas(proc.pid)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert holding(vmas, int(block, 16))[3], "the arena heap holding the block is marked"
+    assert not holding(vmas, int(stack, 16))[3], "the thread's stack is not marked"
+    for before, vma in zip(vmas, vmas[1:]):
+        assert not (vma[2].startswith("/") and vma[3]), f"file mapping marked: {vma}"
+        if is_program_or_library(before[2]) and before[1] == vma[0]:
+            assert not vma[3], f"the .bss of {before[2]} marked"
+
+
+def is_program_or_library(path):
+    return path.endswith("guest_probe") or ".so" in os.path.basename(path)
+
+
+@pytest.mark.parametrize("preload_after", allocators())
+@pytest.mark.parametrize("size", ["64", "1048576"])
+def test_alignment_zero_answers_as_the_allocator_does(c_programs, shim_env, size, preload_after):
+    """aligned_alloc(0, n) and memalign(0, n): glibc 2.36 serves them, jemalloc refuses them;
+    under the shim each answers as it does alone, below and above the threshold."""
+    probe = c_programs("guest_probe")
+    alone = subprocess.run([probe, "aligned0", size], env=dict(os.environ, LD_PRELOAD=" ".join(preload_after)),
+                           capture_output=True, text=True, timeout=30)
+    under_shim = subprocess.run([probe, "aligned0", size], env=shim_env(preload_after, threshold=THRESHOLD),
+                                capture_output=True, text=True, timeout=30)
+    assert alone.returncode == under_shim.returncode == 0
+    assert under_shim.stdout == alone.stdout
+
+
+def test_second_copy_of_the_shim_stays_inert(c_programs, shim, shim_env, tmp_path):
+    """Preloaded twice (two paths): the first copy does the work, the second passes every
+    call on: one configuration line, one counters file, blocks counted once."""
+    copy = tmp_path / "copy" / "libksmpreload.so"
+    copy.parent.mkdir()
+    shutil.copy(shim, copy)
+    counts = {}
+    for name, preload in (("once", shim), ("twice", f"{shim} {copy}")):
+        env = shim_env(threshold=THRESHOLD, verbose=1)
+        env["LD_PRELOAD"] = preload
+        proc = subprocess.Popen([c_programs("guest_probe"), "padding"], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "live"
+        counts[name] = read_stats(proc.pid, env)
+        assert os.listdir(env["KSMPRELOAD_STATS_DIR"]) == [f"{proc.pid}.stats"]
+        _, err = proc.communicate("\n\n\n", timeout=60)
+        assert proc.returncode == 0
+        lines = [line for line in err.splitlines() if line.startswith("ksmpreload: pid")]
+        assert len(lines) == 1, err
+    for slot in ("heap_regions", "heap_bytes", "padding_bytes", "padded_blocks"):
+        assert counts["twice"][slot] == counts["once"][slot], slot
