@@ -16,8 +16,8 @@
 
 #include "stats.h"
 
-#define SHARDS 64
-#define FIRST_CAPACITY 256 /* entries: one 4 KiB page */
+#define SHARDS 16
+#define FIRST_CAPACITY 64 /* entries; the first arrays are static, so a program with few padded blocks maps nothing */
 
 struct entry {
     uintptr_t block; /* 0: empty */
@@ -32,6 +32,7 @@ struct shard {
 };
 
 static struct shard shards[SHARDS];
+static struct entry first_entries[SHARDS][FIRST_CAPACITY];
 static uint64_t live_blocks; /* any at all: free's slow path asks this first */
 static unsigned page_shift = 12;
 
@@ -42,7 +43,7 @@ static uint64_t hash_of(uintptr_t block)
 
 static struct shard *shard_of(uintptr_t block)
 {
-    return &shards[hash_of(block) >> 58]; /* the top 6 bits: 64 shards */
+    return &shards[hash_of(block) >> 60]; /* the top 4 bits: 16 shards */
 }
 
 static struct entry *map_entries(size_t capacity)
@@ -54,7 +55,8 @@ static struct entry *map_entries(size_t capacity)
 
 static void unmap_entries(struct entry *entries, size_t capacity)
 {
-    syscall(SYS_munmap, entries, capacity * sizeof(struct entry));
+    if (capacity > FIRST_CAPACITY)
+        syscall(SYS_munmap, entries, capacity * sizeof(struct entry));
     ksm_stat_add(KSM_STAT_padding_table_bytes, -(uint64_t)(capacity * sizeof(struct entry)));
 }
 
@@ -71,11 +73,12 @@ static void put_entry(struct shard *shard, uintptr_t block, uint64_t padding)
     shard->entries[at] = (struct entry){block, padding};
 }
 
-/* Twice the capacity, or the first page; 0 when no memory could be mapped. */
+/* Twice the capacity, or the static first array; 0 when no memory could be mapped. */
 static int grow(struct shard *shard)
 {
     size_t capacity = shard->capacity ? shard->capacity * 2 : FIRST_CAPACITY;
-    struct entry *entries = map_entries(capacity), *old = shard->entries;
+    struct entry *old = shard->entries;
+    struct entry *entries = shard->capacity ? map_entries(capacity) : first_entries[shard - shards];
     if (!entries)
         return 0;
     ksm_stat_add(KSM_STAT_padding_table_bytes, capacity * sizeof(struct entry));

@@ -14,7 +14,12 @@ MARKED_SHARE = 0.99  # of the process's anonymous memory, in VMAs flagged mergea
 
 
 def coverage(pid):
-    marked, unmarked = kernel.mergeable_coverage(kernel.process_regions(pid))
+    """Of the anonymous memory, the share in mergeable VMAs; a file's .bss (the anonymous
+    mapping right after it) is the file's, which the shim never marks."""
+    regions = kernel.process_regions(pid)
+    after_file = {r["start"] for before, r in zip(regions, regions[1:])
+                  if before["path"].startswith("/") and before["end"] == r["start"]}
+    marked, unmarked = kernel.mergeable_coverage([r for r in regions if r["start"] not in after_file])
     return marked / (marked + unmarked)
 
 
