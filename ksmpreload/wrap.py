@@ -13,6 +13,7 @@ from .errors import EXIT_NOT_FOUND, KsmError, run_cli
 from .sizes import SizeParam
 
 CANNOT_EXECUTE = 126  # as a shell says
+MAX_THRESHOLD = 1 << 40  # the shim's bound (shim/config.c read_threshold)
 
 
 def launcher():
@@ -105,9 +106,9 @@ def merge_without_preload(program, reason, verbose):
                    "(6.4+), else madvise. prctl marks every mapping without splitting any; madvise marks "
                    "only large allocations and mappings. observe: change nothing, only count the program's "
                    "own madvise calls (what `ksmpreload doctor --as-is` uses).")
-@click.option("--threshold", type=SizeParam(), default=None,
-              help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M). "
-                   "[default: 8K]")
+@click.option("--threshold", type=SizeParam(kernel.page_size(), MAX_THRESHOLD), default=None,
+              help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M), "
+                   "from one page to 1024G. [default: 8K]")
 @click.option("--no-align", "no_align", is_flag=True,
               help="Leave large allocations where the allocator puts them (identical buffers then rarely "
                    "give identical pages).")
@@ -122,8 +123,6 @@ def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
       ksm-wrap redis-server --port 6380
       ksm-wrap --strategy madvise --threshold 64K python3 app.py
     """
-    if threshold is not None and threshold < kernel.page_size():
-        raise click.BadParameter(f"must be at least one page ({kernel.page_size()} bytes)", param_hint="--threshold")
     program = find_program(command[0])
     if enable_ksm:
         turn_ksm_on()
