@@ -23,6 +23,11 @@ def launcher():
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "ksmpreload.wrap"]
 
 
+def shown(text):
+    """`text` with control and other unprintable characters escaped (\\x1b), for one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def say(message):
     click.echo(f"ksm-wrap: {message}", err=True)
 
@@ -31,9 +36,9 @@ def find_program(name):
     """The file `name` runs, as the shell would find it, or a KsmError with its exit code."""
     path = name if "/" in name else shutil.which(name)
     if not path or not os.path.exists(path):
-        raise KsmError(f"command not found: {name}", EXIT_NOT_FOUND)
+        raise KsmError(f"command not found: {shown(name)}", EXIT_NOT_FOUND)
     if os.path.isdir(path) or not os.access(path, os.X_OK):
-        raise KsmError(f"cannot execute {path}: not an executable file", CANNOT_EXECUTE)
+        raise KsmError(f"cannot execute {shown(path)}: not an executable file", CANNOT_EXECUTE)
     return path
 
 
@@ -47,7 +52,7 @@ def preload_list(existing, shim):
 def shim_environment(environ, strategy, threshold, align, verbose):
     shim = shim_path()
     if not os.path.isfile(shim):
-        raise KsmError(f"the shim is missing ({shim}); reinstall ksmpreload")
+        raise KsmError(f"the shim is missing ({shown(shim)}); reinstall ksmpreload")
     env = dict(environ)
     env["LD_PRELOAD"] = preload_list(environ.get("LD_PRELOAD", ""), shim)
     env["KSMPRELOAD_STRATEGY"] = strategy
@@ -85,6 +90,7 @@ def warn_if_ksm_idle():
 
 def merge_without_preload(program, reason, verbose):
     """For static and secure programs: prctl here, kept across exec on Linux 6.7+ (no alignment)."""
+    program = shown(program)
     if not kernel.prctl_merge_supported():
         say(f"{program} {reason}; this kernel has no prctl(PR_SET_MEMORY_MERGE) either, "
             "so its memory cannot be made mergeable; running it unchanged")
@@ -139,7 +145,7 @@ def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
     try:
         os.execve(program, list(command), env)
     except OSError as error:
-        raise KsmError(f"cannot execute {program}: {error.strerror}", CANNOT_EXECUTE)
+        raise KsmError(f"cannot execute {shown(program)}: {error.strerror}", CANNOT_EXECUTE)
 
 
 def main():

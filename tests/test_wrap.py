@@ -149,3 +149,18 @@ def test_threshold_is_accepted_exactly_when_the_shim_accepts_it(shim, value, acc
         assert len(said) == 2 and said[0].split(", ")[1] == said[1].split(", ")[1], said
     else:
         assert "--threshold" in one_error_line(wrapped)
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--threshold", "8\x1b[2J", "true"], 2),
+    (["no-such\x1b[2J-program"], 127),
+    (["--strategy", "a\x1bb", "true"], 2),
+    (["--bo\x1bgus", "true"], 2),
+    (["/no\x07such/program"], 127),
+])
+def test_control_characters_in_bad_values_are_escaped(args, code):
+    result = wrap(*args, env=quiet_env())
+    assert result.returncode == code
+    line = one_error_line(result)
+    assert line.isprintable(), repr(line)
+    assert "\\x1b" in line or "\\x07" in line
