@@ -13,7 +13,11 @@ from .errors import EXIT_NOT_FOUND, KsmError, run_cli
 from .sizes import SizeParam
 
 CANNOT_EXECUTE = 126  # as a shell says
+SHIM_NAME = "libksmpreload.so"
 MAX_THRESHOLD = 1 << 40  # the shim's bound (shim/config.c read_threshold)
+# LD_PRELOAD splits at spaces and colons (glibc; musl at any blank too) and expands $LIB,
+# $ORIGIN and $PLATFORM: a shim path holding one of these would not reach the program.
+NOT_IN_PRELOAD = " \t\n\v\f\r:$"
 
 
 def launcher():
@@ -42,19 +46,33 @@ def find_program(name):
     return path
 
 
-def preload_list(existing, shim):
+def is_shim(entry, shim):
+    """An LD_PRELOAD entry that is the shim: the same file, or any file called libksmpreload.so."""
+    try:
+        return os.path.samefile(entry, shim) or os.path.basename(entry) == SHIM_NAME
+    except OSError:
+        return False  # no such file: the loader skips it
+
+
+def preload_value(existing, shim):
     """The shim first, so its wrappers see every call and pass it to whatever allocator
-    follows (a preloaded jemalloc included); what was already preloaded is kept."""
-    others = [entry for entry in existing.replace(":", " ").split() if entry != shim]
-    return " ".join([shim] + others)
+    follows (a preloaded jemalloc included); what was already preloaded is kept as it is.
+    Where that already names the shim (a nested ksm-wrap, a copy), nothing is added."""
+    if any(is_shim(entry, shim) for entry in existing.replace(":", " ").split()):
+        return existing
+    if any(c in NOT_IN_PRELOAD for c in shim):
+        raise KsmError(f"LD_PRELOAD cannot carry the shim's path {shown(shim)} (it splits at blanks and "
+                       "colons and expands $): copy the shim to a path without them and point "
+                       "KSMPRELOAD_SHIM at it")
+    return f"{shim} {existing}" if existing.strip() else shim
 
 
 def shim_environment(environ, strategy, threshold, align, verbose):
-    shim = shim_path()
+    shim = os.path.abspath(shim_path())  # a bare name in LD_PRELOAD is searched elsewhere
     if not os.path.isfile(shim):
         raise KsmError(f"the shim is missing ({shown(shim)}); reinstall ksmpreload")
     env = dict(environ)
-    env["LD_PRELOAD"] = preload_list(environ.get("LD_PRELOAD", ""), shim)
+    env["LD_PRELOAD"] = preload_value(environ.get("LD_PRELOAD", ""), shim)
     env["KSMPRELOAD_STRATEGY"] = strategy
     env["KSMPRELOAD_ALIGN"] = "1" if align else "0"
     env["KSMPRELOAD_VERBOSE"] = "1" if verbose else "0"
@@ -130,16 +148,16 @@ def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
       ksm-wrap --strategy madvise --threshold 64K python3 app.py
     """
     program = find_program(command[0])
+    target = binary.inspect(os.path.realpath(program))
+    preload_ignored = target.is_elf and target.preload_ignored_because and strategy != "observe"
+    env = dict(os.environ) if preload_ignored else shim_environment(os.environ, strategy, threshold,
+                                                                   not no_align, verbose)
     if enable_ksm:
         turn_ksm_on()
     else:
         warn_if_ksm_idle()
-    target = binary.inspect(os.path.realpath(program))
-    env = dict(os.environ)
-    if target.is_elf and target.preload_ignored_because and strategy != "observe":
+    if preload_ignored:
         merge_without_preload(program, target.preload_ignored_because, verbose)
-    else:
-        env = shim_environment(os.environ, strategy, threshold, not no_align, verbose)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

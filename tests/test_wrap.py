@@ -164,3 +164,62 @@ def test_control_characters_in_bad_values_are_escaped(args, code):
     line = one_error_line(result)
     assert line.isprintable(), repr(line)
     assert "\\x1b" in line or "\\x07" in line
+
+
+SHOW_PRELOAD = 'echo "$LD_PRELOAD"; grep libksmpreload /proc/$$/maps | awk "{print \\$6}" | sort -u'
+
+
+def preload_seen(result):
+    """(LD_PRELOAD, [shim files mapped]) that the SHOW_PRELOAD script printed."""
+    lines = result.stdout.splitlines()
+    return lines[0], lines[1:]
+
+
+@pytest.mark.parametrize("directory", ["with space", "with:colon", "with\ttab", "with\nnewline", "with$LIB"],
+                         ids=["space", "colon", "tab", "newline", "dollar"])
+def test_shim_path_that_ld_preload_cannot_carry_is_refused(shim, tmp_path, directory):
+    """LD_PRELOAD splits on spaces and colons and expands $LIB, $ORIGIN, $PLATFORM: the program
+    would run without the shim. ksm-wrap says so in one line and runs nothing."""
+    copy = tmp_path / directory / "libksmpreload.so"
+    copy.parent.mkdir()
+    shutil.copy(shim, copy)
+    result = wrap("sh", "-c", "echo ran", env=quiet_env(KSMPRELOAD_SHIM=str(copy)))
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    line = one_error_line(result)
+    assert "LD_PRELOAD cannot carry" in line and "KSMPRELOAD_SHIM" in line
+    assert not any(c in result.stderr[:-1] for c in "\t\n\x1b"), "control characters are escaped"
+
+
+def test_relative_shim_path_still_reaches_the_program(shim, tmp_path):
+    """A bare file name in LD_PRELOAD is searched in the library directories, not here."""
+    shutil.copy(shim, tmp_path / "libksmpreload.so")
+    result = wrap("sh", "-c", SHOW_PRELOAD, env=quiet_env(KSMPRELOAD_SHIM="libksmpreload.so"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert preload_seen(result) == (str(tmp_path / "libksmpreload.so"), [str(tmp_path / "libksmpreload.so")])
+
+
+def test_preload_entries_already_there_are_kept_as_they_are(shim):
+    existing = f"{JEMALLOC}::{JEMALLOC}"
+    result = wrap("sh", "-c", SHOW_PRELOAD, env=quiet_env(LD_PRELOAD=existing))
+    assert result.returncode == 0, result.stderr
+    assert preload_seen(result) == (f"{shim} {existing}", [shim])
+
+
+@pytest.mark.parametrize("kind", ["symlink", "copy", "same-path-after-jemalloc"])
+def test_shim_already_preloaded_is_not_added_again(shim, tmp_path, kind):
+    """LD_PRELOAD naming the same file (device and inode) or any libksmpreload.so is left as it is."""
+    if kind == "symlink":
+        other = tmp_path / "libother.so"
+        other.symlink_to(shim)
+        existing = str(other)
+    elif kind == "copy":
+        other = tmp_path / "libksmpreload.so"
+        shutil.copy(shim, other)
+        existing = f"{other}:{JEMALLOC}"
+    else:
+        other = shim
+        existing = f"{JEMALLOC} {shim}"
+    result = wrap("sh", "-c", SHOW_PRELOAD, env=quiet_env(LD_PRELOAD=existing))
+    assert result.returncode == 0, result.stderr
+    assert preload_seen(result) == (existing, [os.path.realpath(other)])
