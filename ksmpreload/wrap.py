@@ -68,16 +68,20 @@ def preload_value(existing, shim):
 
 
 def shim_environment(environ, strategy, threshold, align, verbose):
+    """The environment with the shim preloaded; a setting left None keeps the environment's."""
     shim = os.path.abspath(shim_path())  # a bare name in LD_PRELOAD is searched elsewhere
     if not os.path.isfile(shim):
         raise KsmError(f"the shim is missing ({shown(shim)}); reinstall ksmpreload")
     env = dict(environ)
     env["LD_PRELOAD"] = preload_value(environ.get("LD_PRELOAD", ""), shim)
-    env["KSMPRELOAD_STRATEGY"] = strategy
-    env["KSMPRELOAD_ALIGN"] = "1" if align else "0"
-    env["KSMPRELOAD_VERBOSE"] = "1" if verbose else "0"
+    if strategy is not None:
+        env["KSMPRELOAD_STRATEGY"] = strategy
     if threshold is not None:
         env["KSMPRELOAD_THRESHOLD"] = str(threshold)
+    if align is not None:
+        env["KSMPRELOAD_ALIGN"] = "1" if align else "0"
+    if verbose:
+        env["KSMPRELOAD_VERBOSE"] = "1"
     return env
 
 
@@ -106,7 +110,7 @@ def warn_if_ksm_idle():
             "use --enable-ksm or 'ksmpreload ksm on'")
 
 
-def merge_without_preload(program, reason, verbose):
+def merge_without_preload(program, reason):
     """For static and secure programs: prctl here, kept across exec on Linux 6.7+ (no alignment)."""
     program = shown(program)
     if not kernel.prctl_merge_supported():
@@ -124,23 +128,27 @@ def merge_without_preload(program, reason, verbose):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
-@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise", "observe"]), default="auto",
-              show_default=True,
+@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise", "observe"]), default=None,
               help="How memory is made mergeable. auto: prctl(PR_SET_MEMORY_MERGE) where the kernel has it "
                    "(6.4+), else madvise. prctl marks every mapping without splitting any; madvise marks "
                    "only large allocations and mappings. observe: change nothing, only count the program's "
-                   "own madvise calls (what `ksmpreload doctor --as-is` uses).")
+                   "own madvise calls (what `ksmpreload doctor --as-is` uses). "
+                   "[default: $KSMPRELOAD_STRATEGY, else auto]")
 @click.option("--threshold", type=SizeParam(kernel.page_size(), MAX_THRESHOLD), default=None,
               help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M), "
-                   "from one page to 1024G. [default: 8K]")
-@click.option("--no-align", "no_align", is_flag=True,
-              help="Leave large allocations where the allocator puts them (identical buffers then rarely "
-                   "give identical pages).")
+                   "from one page to 1024G. [default: $KSMPRELOAD_THRESHOLD, else 8K]")
+@click.option("--align/--no-align", default=None,
+              help="Page-align large allocations, or leave them where the allocator puts them (identical "
+                   "buffers then rarely give identical pages). [default: $KSMPRELOAD_ALIGN (1 or 0), else align]")
 @click.option("--enable-ksm", is_flag=True, help="Turn KSM on (root) with a scan rate suited to this machine if it is off.")
-@click.option("-v", "--verbose", is_flag=True, help="The shim says what it chose, on stderr.")
+@click.option("-v", "--verbose", is_flag=True, default=None,
+              help="The shim says what it chose, on stderr. [default: $KSMPRELOAD_VERBOSE (1 or 0), else quiet]")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
+def cli(strategy, threshold, align, enable_ksm, verbose, command):
     """Run COMMAND with Kernel Samepage Merging working on its memory.
+
+    Settings already in the environment (KSMPRELOAD_STRATEGY, _THRESHOLD, _ALIGN, _VERBOSE) are
+    kept where the matching option is absent; the shim warns about invalid ones itself.
 
     \b
     Example:
@@ -149,15 +157,15 @@ def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
     """
     program = find_program(command[0])
     target = binary.inspect(os.path.realpath(program))
-    preload_ignored = target.is_elf and target.preload_ignored_because and strategy != "observe"
-    env = dict(os.environ) if preload_ignored else shim_environment(os.environ, strategy, threshold,
-                                                                   not no_align, verbose)
+    observe = (strategy or os.environ.get("KSMPRELOAD_STRATEGY")) == "observe"
+    preload_ignored = target.is_elf and target.preload_ignored_because and not observe
+    env = dict(os.environ) if preload_ignored else shim_environment(os.environ, strategy, threshold, align, verbose)
     if enable_ksm:
         turn_ksm_on()
     else:
         warn_if_ksm_idle()
     if preload_ignored:
-        merge_without_preload(program, target.preload_ignored_because, verbose)
+        merge_without_preload(program, target.preload_ignored_because)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

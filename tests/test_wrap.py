@@ -39,14 +39,14 @@ def test_bad_input_gives_one_line_and_exit_code(args, code, says):
 
 
 def test_program_keeps_its_pid_and_sees_the_shim_first(shim):
-    env = dict(os.environ, LD_PRELOAD=JEMALLOC)
-    proc = subprocess.Popen(["ksm-wrap", "sh", "-c", 'echo "$$ $LD_PRELOAD $KSMPRELOAD_STRATEGY"'],
+    env = quiet_env(LD_PRELOAD=JEMALLOC)
+    proc = subprocess.Popen(["ksm-wrap", "sh", "-c", 'echo "$$ $LD_PRELOAD ${KSMPRELOAD_STRATEGY-unset}"'],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=30)
     pid, shim_first, kept, strategy = out.split()
     assert int(pid) == proc.pid, "ksm-wrap execs: the program has the launcher's pid"
     assert shim_first == shim and kept == JEMALLOC
-    assert strategy == "auto"
+    assert strategy == "unset", "no option, no setting: the shim's default (auto)"
 
 
 def test_exit_status_and_output_are_the_programs():
@@ -223,3 +223,36 @@ def test_shim_already_preloaded_is_not_added_again(shim, tmp_path, kind):
     result = wrap("sh", "-c", SHOW_PRELOAD, env=quiet_env(LD_PRELOAD=existing))
     assert result.returncode == 0, result.stderr
     assert preload_seen(result) == (existing, [os.path.realpath(other)])
+
+
+def test_settings_in_the_environment_are_kept_without_their_flags():
+    env = quiet_env(KSMPRELOAD_STRATEGY="madvise", KSMPRELOAD_ALIGN="0", KSMPRELOAD_VERBOSE="1",
+                    KSMPRELOAD_THRESHOLD="64K")
+    result = wrap("true", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "strategy madvise, threshold 65536 bytes, no alignment" in result.stderr
+    result = wrap("--strategy", "prctl", "--threshold", "16K", "--align", "-v", "true",
+                  env=dict(env, KSMPRELOAD_VERBOSE="0"))
+    assert result.returncode == 0, result.stderr
+    assert "strategy prctl, threshold 16384 bytes, large blocks page-aligned" in result.stderr
+
+
+def test_help_says_which_settings_come_from_the_environment():
+    result = wrap("--help")
+    assert result.returncode == 0
+    for name in ("KSMPRELOAD_STRATEGY", "KSMPRELOAD_THRESHOLD", "KSMPRELOAD_ALIGN", "KSMPRELOAD_VERBOSE"):
+        assert name in result.stdout.replace("\n", " "), name
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("KSMPRELOAD_STRATEGY", "fast", "KSMPRELOAD_STRATEGY='fast' is not auto, prctl, madvise or observe; using auto"),
+    ("KSMPRELOAD_ALIGN", "yes", "KSMPRELOAD_ALIGN='yes' is not 0 or 1; using 1"),
+    ("KSMPRELOAD_THRESHOLD", "lots", "KSMPRELOAD_THRESHOLD='lots' is not a size"),
+])
+def test_invalid_setting_in_the_environment_is_reported_by_the_shim(name, value, says):
+    """ksm-wrap passes the environment on unchanged; the shim names the variable and the
+    default it uses, and the program runs."""
+    result = wrap("sh", "-c", "echo ran", env=quiet_env(**{name: value}))
+    assert result.returncode == 0 and result.stdout == "ran\n", result.stderr
+    shim_lines = [line for line in result.stderr.splitlines() if line.startswith("ksmpreload: ")]
+    assert len(shim_lines) == 1 and says in shim_lines[0], result.stderr
