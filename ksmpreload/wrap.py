@@ -2,6 +2,7 @@
 
 The launcher execs the program itself: the pid stays the program's.
 """
+import errno
 import os
 import shutil
 import sys
@@ -83,6 +84,17 @@ def shim_environment(environ, strategy, threshold, align, verbose):
     if verbose:
         env["KSMPRELOAD_VERBOSE"] = "1"
     return env
+
+
+def execute(program, args, env):
+    """execve, and as POSIX execvp does, a file the kernel cannot run (ENOEXEC: a script without
+    a #! line) runs with /bin/sh, in the same environment."""
+    try:
+        os.execve(program, args, env)
+    except OSError as error:
+        if error.errno != errno.ENOEXEC:
+            raise
+    os.execve("/bin/sh", ["/bin/sh", program, *args[1:]], env)
 
 
 def turn_ksm_on():
@@ -169,7 +181,7 @@ def cli(strategy, threshold, align, enable_ksm, verbose, command):
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(program, list(command), env)
+        execute(program, list(command), env)
     except OSError as error:
         raise KsmError(f"cannot execute {shown(program)}: {error.strerror}", CANNOT_EXECUTE)
 

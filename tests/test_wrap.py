@@ -256,3 +256,18 @@ def test_invalid_setting_in_the_environment_is_reported_by_the_shim(name, value,
     assert result.returncode == 0 and result.stdout == "ran\n", result.stderr
     shim_lines = [line for line in result.stderr.splitlines() if line.startswith("ksmpreload: ")]
     assert len(shim_lines) == 1 and says in shim_lines[0], result.stderr
+
+
+def test_script_without_shebang_runs_with_sh_as_execvp_would(shim, tmp_path):
+    script = tmp_path / "no-shebang"
+    script.write_text('echo "0=$0 n=$# args=$*"\necho err >&2\nexit 3\n')
+    script.chmod(0o755)
+    args = [str(script), "a", "b c"]
+    direct = subprocess.run(["sh", "-c", '"$0" "$@"', *args], capture_output=True, text=True, timeout=30)
+    wrapped = wrap(*args, env=quiet_env())
+    assert (wrapped.returncode, wrapped.stdout) == (direct.returncode, direct.stdout) == (3, f"0={script} n=2 args=a b c\n")
+    assert wrapped.stderr.splitlines()[-1] == "err"
+    script.write_text(SHOW_PRELOAD + "\n")
+    seen = wrap(str(script), env=quiet_env())
+    assert seen.returncode == 0, seen.stderr
+    assert preload_seen(seen) == (shim, [shim]), "the shell running the script has the shim"
