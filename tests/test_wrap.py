@@ -117,8 +117,10 @@ def test_enable_ksm_without_root_says_so(ksm_running):
 # ---- issue 11: ksm-wrap as a safe launcher ----------------------------------------------------
 
 def quiet_env(**settings):
-    """The test's environment without counters files or an inherited preload, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KSMPRELOAD_") and k != "LD_PRELOAD"}
+    """The test's environment without counters files, an inherited preload or shim settings
+    (KSMPRELOAD_SHIM, which shim ksm-wrap preloads, is kept), plus `settings`."""
+    env = {k: v for k, v in os.environ.items()
+           if k == "KSMPRELOAD_SHIM" or not k.startswith("KSMPRELOAD_") and k != "LD_PRELOAD"}
     return dict(env, KSMPRELOAD_STATS_DIR="off", **settings)
 
 
