@@ -1,27 +1,44 @@
-"""Sizes as people write them: 65536, 64K, 2M, 1G, 64KiB (powers of 1024)."""
+"""Sizes as the shim reads them (shim/config.c parse_size): digits, then K, M or G (powers of
+1024), then i, iB, B or b, both optional: 65536, 64K, 2M, 64KiB. As the shim's strtoull allows,
+blanks and a '+' may come first; nothing may follow."""
 import re
 
 import click
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+_SIZE = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)([kKmMgG]?)(iB|i|B|b)?")
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30}
 
 
 def parse_size(text):
     """Bytes in `text`; ValueError names what is wrong."""
-    match = _SIZE.match(str(text))
+    match = _SIZE.fullmatch(str(text))
     if not match:
-        raise ValueError(f"'{text}' is not a size (write it like 65536, 64K or 2M)")
+        raise ValueError(f"{str(text)!r} is not a size (write it like 65536, 64K or 2M)")
     return int(match.group(1)) << _SHIFT[match.group(2).lower()]
 
 
+def short_size(size):
+    """`size` in the largest of K, M, G that divides it: 4096 -> 4K, 1 << 40 -> 1024G."""
+    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if size and size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix}"
+    return str(size)
+
+
 class SizeParam(click.ParamType):
+    """A size from `minimum` to `maximum` bytes."""
     name = "SIZE"
+
+    def __init__(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
         try:
-            return parse_size(value)
+            size = parse_size(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
+        if not self.minimum <= size <= self.maximum:
+            self.fail(f"{value!r} is not from {short_size(self.minimum)} to {short_size(self.maximum)}", param, ctx)
+        return size

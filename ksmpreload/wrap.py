@@ -2,6 +2,7 @@
 
 The launcher execs the program itself: the pid stays the program's.
 """
+import errno
 import os
 import shutil
 import sys
@@ -13,6 +14,11 @@ from .errors import EXIT_NOT_FOUND, KsmError, run_cli
 from .sizes import SizeParam
 
 CANNOT_EXECUTE = 126  # as a shell says
+SHIM_NAME = "libksmpreload.so"
+MAX_THRESHOLD = 1 << 40  # the shim's bound (shim/config.c read_threshold)
+# LD_PRELOAD splits at spaces and colons (glibc; musl at any blank too) and expands $LIB,
+# $ORIGIN and $PLATFORM: a shim path holding one of these would not reach the program.
+NOT_IN_PRELOAD = " \t\n\v\f\r:$"
 
 
 def launcher():
@@ -20,6 +26,11 @@ def launcher():
     `python -m` (which, run from a source checkout, would import the unbuilt package there)."""
     script = os.path.join(os.path.dirname(sys.executable), "ksm-wrap")
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "ksmpreload.wrap"]
+
+
+def shown(text):
+    """`text` with control and other unprintable characters escaped (\\x1b), for one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def say(message):
@@ -30,31 +41,60 @@ def find_program(name):
     """The file `name` runs, as the shell would find it, or a KsmError with its exit code."""
     path = name if "/" in name else shutil.which(name)
     if not path or not os.path.exists(path):
-        raise KsmError(f"command not found: {name}", EXIT_NOT_FOUND)
+        raise KsmError(f"command not found: {shown(name)}", EXIT_NOT_FOUND)
     if os.path.isdir(path) or not os.access(path, os.X_OK):
-        raise KsmError(f"cannot execute {path}: not an executable file", CANNOT_EXECUTE)
+        raise KsmError(f"cannot execute {shown(path)}: not an executable file", CANNOT_EXECUTE)
     return path
 
 
-def preload_list(existing, shim):
+def is_shim(entry, shim):
+    """An LD_PRELOAD entry that is the shim: the same file, or any file called libksmpreload.so."""
+    try:
+        return os.path.samefile(entry, shim) or os.path.basename(entry) == SHIM_NAME
+    except OSError:
+        return False  # no such file: the loader skips it
+
+
+def preload_value(existing, shim):
     """The shim first, so its wrappers see every call and pass it to whatever allocator
-    follows (a preloaded jemalloc included); what was already preloaded is kept."""
-    others = [entry for entry in existing.replace(":", " ").split() if entry != shim]
-    return " ".join([shim] + others)
+    follows (a preloaded jemalloc included); what was already preloaded is kept as it is.
+    Where that already names the shim (a nested ksm-wrap, a copy), nothing is added."""
+    if any(is_shim(entry, shim) for entry in existing.replace(":", " ").split()):
+        return existing
+    if any(c in NOT_IN_PRELOAD for c in shim):
+        raise KsmError(f"LD_PRELOAD cannot carry the shim's path {shown(shim)} (it splits at blanks and "
+                       "colons and expands $): copy the shim to a path without them and point "
+                       "KSMPRELOAD_SHIM at it")
+    return f"{shim} {existing}" if existing.strip() else shim
 
 
 def shim_environment(environ, strategy, threshold, align, verbose):
-    shim = shim_path()
+    """The environment with the shim preloaded; a setting left None keeps the environment's."""
+    shim = os.path.abspath(shim_path())  # a bare name in LD_PRELOAD is searched elsewhere
     if not os.path.isfile(shim):
-        raise KsmError(f"the shim is missing ({shim}); reinstall ksmpreload")
+        raise KsmError(f"the shim is missing ({shown(shim)}); reinstall ksmpreload")
     env = dict(environ)
-    env["LD_PRELOAD"] = preload_list(environ.get("LD_PRELOAD", ""), shim)
-    env["KSMPRELOAD_STRATEGY"] = strategy
-    env["KSMPRELOAD_ALIGN"] = "1" if align else "0"
-    env["KSMPRELOAD_VERBOSE"] = "1" if verbose else "0"
+    env["LD_PRELOAD"] = preload_value(environ.get("LD_PRELOAD", ""), shim)
+    if strategy is not None:
+        env["KSMPRELOAD_STRATEGY"] = strategy
     if threshold is not None:
         env["KSMPRELOAD_THRESHOLD"] = str(threshold)
+    if align is not None:
+        env["KSMPRELOAD_ALIGN"] = "1" if align else "0"
+    if verbose:
+        env["KSMPRELOAD_VERBOSE"] = "1"
     return env
+
+
+def execute(program, args, env):
+    """execve, and as POSIX execvp does, a file the kernel cannot run (ENOEXEC: a script without
+    a #! line) runs with /bin/sh, in the same environment."""
+    try:
+        os.execve(program, args, env)
+    except OSError as error:
+        if error.errno != errno.ENOEXEC:
+            raise
+    os.execve("/bin/sh", ["/bin/sh", program, *args[1:]], env)
 
 
 def turn_ksm_on():
@@ -82,8 +122,9 @@ def warn_if_ksm_idle():
             "use --enable-ksm or 'ksmpreload ksm on'")
 
 
-def merge_without_preload(program, reason, verbose):
+def merge_without_preload(program, reason):
     """For static and secure programs: prctl here, kept across exec on Linux 6.7+ (no alignment)."""
+    program = shown(program)
     if not kernel.prctl_merge_supported():
         say(f"{program} {reason}; this kernel has no prctl(PR_SET_MEMORY_MERGE) either, "
             "so its memory cannot be made mergeable; running it unchanged")
@@ -99,48 +140,50 @@ def merge_without_preload(program, reason, verbose):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
-@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise", "observe"]), default="auto",
-              show_default=True,
+@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise", "observe"]), default=None,
               help="How memory is made mergeable. auto: prctl(PR_SET_MEMORY_MERGE) where the kernel has it "
                    "(6.4+), else madvise. prctl marks every mapping without splitting any; madvise marks "
                    "only large allocations and mappings. observe: change nothing, only count the program's "
-                   "own madvise calls (what `ksmpreload doctor --as-is` uses).")
-@click.option("--threshold", type=SizeParam(), default=None,
-              help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M). "
-                   "[default: 8K]")
-@click.option("--no-align", "no_align", is_flag=True,
-              help="Leave large allocations where the allocator puts them (identical buffers then rarely "
-                   "give identical pages).")
+                   "own madvise calls (what `ksmpreload doctor --as-is` uses). "
+                   "[default: $KSMPRELOAD_STRATEGY, else auto]")
+@click.option("--threshold", type=SizeParam(kernel.page_size(), MAX_THRESHOLD), default=None,
+              help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M), "
+                   "from one page to 1024G. [default: $KSMPRELOAD_THRESHOLD, else 8K]")
+@click.option("--align/--no-align", default=None,
+              help="Page-align large allocations, or leave them where the allocator puts them (identical "
+                   "buffers then rarely give identical pages). [default: $KSMPRELOAD_ALIGN (1 or 0), else align]")
 @click.option("--enable-ksm", is_flag=True, help="Turn KSM on (root) with a scan rate suited to this machine if it is off.")
-@click.option("-v", "--verbose", is_flag=True, help="The shim says what it chose, on stderr.")
+@click.option("-v", "--verbose", is_flag=True, default=None,
+              help="The shim says what it chose, on stderr. [default: $KSMPRELOAD_VERBOSE (1 or 0), else quiet]")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def cli(strategy, threshold, no_align, enable_ksm, verbose, command):
+def cli(strategy, threshold, align, enable_ksm, verbose, command):
     """Run COMMAND with Kernel Samepage Merging working on its memory.
+
+    Settings already in the environment (KSMPRELOAD_STRATEGY, _THRESHOLD, _ALIGN, _VERBOSE) are
+    kept where the matching option is absent; the shim warns about invalid ones itself.
 
     \b
     Example:
       ksm-wrap redis-server --port 6380
       ksm-wrap --strategy madvise --threshold 64K python3 app.py
     """
-    if threshold is not None and threshold < kernel.page_size():
-        raise click.BadParameter(f"must be at least one page ({kernel.page_size()} bytes)", param_hint="--threshold")
     program = find_program(command[0])
+    target = binary.inspect(os.path.realpath(program))
+    observe = (strategy or os.environ.get("KSMPRELOAD_STRATEGY")) == "observe"
+    preload_ignored = target.is_elf and target.preload_ignored_because and not observe
+    env = dict(os.environ) if preload_ignored else shim_environment(os.environ, strategy, threshold, align, verbose)
     if enable_ksm:
         turn_ksm_on()
     else:
         warn_if_ksm_idle()
-    target = binary.inspect(os.path.realpath(program))
-    env = dict(os.environ)
-    if target.is_elf and target.preload_ignored_because and strategy != "observe":
-        merge_without_preload(program, target.preload_ignored_because, verbose)
-    else:
-        env = shim_environment(os.environ, strategy, threshold, not no_align, verbose)
+    if preload_ignored:
+        merge_without_preload(program, target.preload_ignored_because)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(program, list(command), env)
+        execute(program, list(command), env)
     except OSError as error:
-        raise KsmError(f"cannot execute {program}: {error.strerror}", CANNOT_EXECUTE)
+        raise KsmError(f"cannot execute {shown(program)}: {error.strerror}", CANNOT_EXECUTE)
 
 
 def main():
