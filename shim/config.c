@@ -5,20 +5,43 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/auxv.h>
 #include <unistd.h>
 
 void ksm_say(const char *text)
 {
-    char line[512];
+    char line[640];
     int len = snprintf(line, sizeof line, "ksmpreload: %s\n", text);
-    if (len > 0)
-        (void)!write(STDERR_FILENO, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
+    if (len <= 0)
+        return;
+    if ((size_t)len >= sizeof line) { /* cut short, still one line */
+        len = sizeof line - 1;
+        line[len - 1] = '\n';
+    }
+    (void)!write(STDERR_FILENO, line, (size_t)len);
+}
+
+void ksm_escape(char *out, size_t size, const char *text, size_t most)
+{
+    size_t used = 0;
+    for (size_t i = 0; i < most && text[i]; i++) {
+        unsigned char c = (unsigned char)text[i];
+        int plain = c >= 0x20 && c < 0x7f && c != '\\';
+        if (used + (plain ? 1 : 4) >= size)
+            break;
+        if (plain)
+            out[used++] = (char)c;
+        else
+            used += (size_t)snprintf(out + used, size - used, "\\x%02x", c);
+    }
+    out[used] = '\0';
 }
 
 static void warn_invalid(const char *name, const char *value, const char *expected, const char *used)
 {
-    char text[400];
-    snprintf(text, sizeof text, "%s='%.64s' is not %s; using %s", name, value, expected, used);
+    char shown[4 * 64 + 1], text[512];
+    ksm_escape(shown, sizeof shown, value, 64);
+    snprintf(text, sizeof text, "%s='%s' is not %s; using %s", name, shown, expected, used);
     ksm_say(text);
 }
 
@@ -44,7 +67,7 @@ static size_t parse_size(const char *text)
 
 static void read_threshold(struct ksm_config *config, size_t page_size)
 {
-    const char *text = getenv("KSMPRELOAD_THRESHOLD");
+    const char *text = secure_getenv("KSMPRELOAD_THRESHOLD");
     if (!text)
         return;
     size_t value = parse_size(text);
@@ -61,7 +84,7 @@ static void read_threshold(struct ksm_config *config, size_t page_size)
 static void read_strategy(struct ksm_config *config)
 {
     static const char *const names[] = {"auto", "prctl", "madvise", "observe"};
-    const char *text = getenv("KSMPRELOAD_STRATEGY");
+    const char *text = secure_getenv("KSMPRELOAD_STRATEGY");
     if (!text)
         return;
     for (int i = 0; i < 4; i++)
@@ -74,7 +97,7 @@ static void read_strategy(struct ksm_config *config)
 
 static void read_flag(const char *name, int *flag)
 {
-    const char *text = getenv(name);
+    const char *text = secure_getenv(name);
     if (!text)
         return;
     if (strcmp(text, "0") == 0 || strcmp(text, "1") == 0)
@@ -90,7 +113,9 @@ void ksm_config_read(struct ksm_config *config, size_t page_size)
     config->align = 1;
     config->verbose = 0;
     config->jemalloc_hooks = 0;
-    config->stats_dir = getenv("KSMPRELOAD_STATS_DIR");
+    /* secure_getenv gives nothing in AT_SECURE programs, whose environment an unprivileged
+     * user set; they publish no file at all: no file made or removed in a root directory. */
+    config->stats_dir = getauxval(AT_SECURE) ? "off" : secure_getenv("KSMPRELOAD_STATS_DIR");
     read_threshold(config, page_size);
     read_strategy(config);
     read_flag("KSMPRELOAD_ALIGN", &config->align);

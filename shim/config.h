@@ -21,9 +21,14 @@ struct ksm_config {
     const char *stats_dir;
 };
 
-/* Reads KSMPRELOAD_* variables; an invalid value gives one line on stderr and the default. */
+/* Reads KSMPRELOAD_* variables; an invalid value gives one line on stderr and the default.
+ * In a setuid, setgid or file-capability program (AT_SECURE) none is read, and stats_dir
+ * is "off". */
 void ksm_config_read(struct ksm_config *config, size_t page_size);
 /* One line on stderr, "ksmpreload: <text>", without stdio. */
 void ksm_say(const char *text);
+/* The first `most` bytes of text, printable: control characters, backslashes and non-ASCII
+ * bytes as \xNN. out needs 4 * most + 1 bytes to hold them all. */
+void ksm_escape(char *out, size_t size, const char *text, size_t most);
 
 #endif

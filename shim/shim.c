@@ -667,8 +667,7 @@ static void say_configuration(void)
 
 static void after_fork_in_child(void)
 {
-    ksm_marking_after_fork();
-    ksm_stats_after_fork();
+    ksm_marking_after_fork(); /* the counters need no handler: _Fork would skip it (stats.h) */
 }
 
 /* Exported, so that a lookup finds the first copy of the shim in the process;
@@ -715,7 +714,7 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     char dir[256];
     if (!config.stats_dir)
         default_stats_dir(dir, sizeof dir);
-    ksm_stats_publish(config.stats_dir ? config.stats_dir : dir);
+    ksm_stats_publish(config.stats_dir ? config.stats_dir : dir, config.verbose);
     pthread_atfork(NULL, NULL, after_fork_in_child);
     if (config.verbose)
         say_configuration();

@@ -46,16 +46,32 @@ enum ksm_stat_slot {
     KSM_STAT_COUNT
 };
 
-extern uint64_t *ksm_stats;
+/* Where counters are written: private memory, or the slots and records of the mapped
+ * file. Once there is a file it lives in a page marked MADV_WIPEONFORK, so that a child
+ * made by fork, _Fork or clone (no atfork handler runs for the last two) reads NULL here
+ * and takes counters of its own before it writes anything. */
+struct ksm_stats_home {
+    uint64_t *slots;
+    struct ksm_region_table *regions;
+};
+extern struct ksm_stats_home *ksm_stats_home;
+uint64_t *ksm_stats_in_fork_child(void) __attribute__((cold, noinline));
+
+static inline uint64_t *ksm_stats_slots(void)
+{
+    struct ksm_stats_home *home = __atomic_load_n(&ksm_stats_home, __ATOMIC_ACQUIRE);
+    uint64_t *slots = __atomic_load_n(&home->slots, __ATOMIC_ACQUIRE);
+    return __builtin_expect(slots != 0, 1) ? slots : ksm_stats_in_fork_child();
+}
 
 static inline void ksm_stat_add(enum ksm_stat_slot slot, uint64_t value)
 {
-    __atomic_fetch_add(&ksm_stats[slot], value, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&ksm_stats_slots()[slot], value, __ATOMIC_RELAXED);
 }
 
 static inline void ksm_stat_set(enum ksm_stat_slot slot, uint64_t value)
 {
-    __atomic_store_n(&ksm_stats[slot], value, __ATOMIC_RELAXED);
+    __atomic_store_n(&ksm_stats_slots()[slot], value, __ATOMIC_RELAXED);
 }
 
 /* Regions the shim handled, so that tools can say what made a mapping. The
@@ -72,12 +88,14 @@ enum ksm_region_kind {
 
 void ksm_region_record(uintptr_t start, uint64_t length, enum ksm_region_kind kind, const void *caller);
 
-/* Counters go to <dir>/<pid>.stats (mode 0600) at the first large event; dir "off": stay private. */
-void ksm_stats_publish(const char *dir);
-/* In a forked child: a file of its own, counters from zero, configuration kept. */
-void ksm_stats_after_fork(void);
+/* Counters go to <dir>/<pid>.stats at the process's first large event. dir: absolute, no
+ * symlink in it, of the process's euid and writable by it alone (its last component is
+ * made, mode 0700, when missing); otherwise, or "off", they stay private (verbose: one line
+ * on stderr says why). */
+void ksm_stats_publish(const char *dir, int verbose);
 /* Called on the slow paths: creates the file on the process's first large event. */
 void ksm_stats_publish_pending(void);
+/* Removes the file this process created, if its name still holds it. */
 void ksm_stats_unpublish(void);
 
 #endif
