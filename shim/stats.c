@@ -246,19 +246,26 @@ void ksm_stats_publish(const char *dir, int verbose)
     __atomic_store_n(&publish_pending, 1, __ATOMIC_RELEASE);
 }
 
-/* A fork child's first write: counters of its own, from zero but for the configuration,
- * and its parent's records (it has the same mappings); the parent's file is unmapped,
- * never written; the child gets a file of its own at its own first large event. */
+/* Gauges describe live blocks, which a child inherits with the memory: they are kept. */
+static int is_gauge(int slot)
+{
+    return slot == KSM_STAT_padding_bytes || slot == KSM_STAT_padded_blocks || slot == KSM_STAT_padding_table_bytes;
+}
+
+/* A fork child's first write: counters of its own, from zero but for the configuration
+ * and the gauges, and its parent's records (it has the same mappings); the parent's file
+ * is unmapped, never written; the child gets a file of its own at its own first large event. */
 static void take_over_counters(void)
 {
     if (stats_map) {
-        memcpy(private_slots, stats_map + HEADER_BYTES, KSM_STAT_heap_regions * sizeof(uint64_t));
+        memcpy(private_slots, stats_map + HEADER_BYTES, KSM_STAT_COUNT * sizeof(uint64_t));
         copy_regions(&private_regions, (const struct ksm_region_table *)(stats_map + REGIONS_OFFSET));
         syscall(SYS_munmap, stats_map, FILE_BYTES);
         stats_map = NULL;
     }
     for (int slot = KSM_STAT_heap_regions; slot < KSM_STAT_COUNT; slot++)
-        private_slots[slot] = 0;
+        if (!is_gauge(slot))
+            private_slots[slot] = 0;
     private_slots[KSM_STAT_pid] = (uint64_t)getpid();
     __atomic_store_n(&wiped->home.regions, &private_regions, __ATOMIC_RELEASE);
     __atomic_store_n(&wiped->home.slots, private_slots, __ATOMIC_RELEASE);

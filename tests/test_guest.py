@@ -68,6 +68,24 @@ def test_padding_is_a_gauge_of_live_blocks(c_programs, shim_env, preload_after):
     assert seen["churned"]["heap_regions"] > 10000, "the churn went through the shim"
 
 
+def test_padding_of_inherited_blocks_follows_a_fork_child(c_programs, shim_env):
+    """A forked child inherits its parent's live blocks and their padding: once it has freed
+    them, its gauge is back to zero (not below it)."""
+    env = shim_env(threshold=THRESHOLD)
+    proc = subprocess.Popen([c_programs("guest_probe"), "forkfree"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "child"
+        child = next(int(name.split(".")[0]) for name in os.listdir(env["KSMPRELOAD_STATS_DIR"])
+                     if name != f"{proc.pid}.stats")
+        parent, child = read_stats(proc.pid, env), read_stats(child, env)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert parent["padded_blocks"] > 0 and parent["padding_bytes"] > 0, parent
+    assert child["padded_blocks"] == 0 and child["padding_bytes"] == 0, child
+
+
 def marked_vmas(pid):
     """[(start, end, path, marked)] from /proc/PID/smaps."""
     vmas = []

@@ -5,7 +5,9 @@
  *                               "churned" (alloc/free/realloc churn, nothing held)
  *   guest_probe arena           a thread allocates 100000 bytes from its own arena, prints
  *                               "block <addr> stack <addr>" and waits for a line on stdin
- *   guest_probe aligned0 SIZE   prints whether aligned_alloc(0, SIZE) and memalign(0, SIZE) succeed */
+ *   guest_probe aligned0 SIZE   prints whether aligned_alloc(0, SIZE) and memalign(0, SIZE) succeed
+ *   guest_probe forkfree        holds blocks of many sizes and forks; the child frees them, maps
+ *                               1 MiB, prints "child" and waits for a line on stdin */
 #define _GNU_SOURCE
 #include <malloc.h>
 #include <pthread.h>
@@ -13,6 +15,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static long rss_kib(void)
 {
@@ -107,6 +112,26 @@ static int probe_aligned0(size_t size)
     return 0;
 }
 
+static int probe_forkfree(void)
+{
+    void *held[SIZES];
+    for (size_t i = 0; i < SIZES; i++)
+        held[i] = malloc(sizes[i]);
+    pid_t child = fork();
+    if (child == 0) {
+        for (size_t i = 0; i < SIZES; i++)
+            free(held[i]);
+        /* a large event with no padding, so that the child publishes its counters */
+        if (mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) == MAP_FAILED)
+            _exit(2);
+        phase("child");
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 3 && strcmp(argv[1], "calloc") == 0)
@@ -115,8 +140,10 @@ int main(int argc, char **argv)
         return probe_padding();
     if (argc >= 2 && strcmp(argv[1], "arena") == 0)
         return probe_arena();
+    if (argc >= 2 && strcmp(argv[1], "forkfree") == 0)
+        return probe_forkfree();
     if (argc >= 3 && strcmp(argv[1], "aligned0") == 0)
         return probe_aligned0(strtoul(argv[2], NULL, 10));
-    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE\n");
+    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE | forkfree\n");
     return 2;
 }
