@@ -122,9 +122,21 @@ def warn_if_ksm_idle():
             "use --enable-ksm or 'ksmpreload ksm on'")
 
 
-def merge_without_preload(program, reason):
+def may_merge_for(target, euid):
+    """Whether ksm-wrap may make `target` mergeable through prctl, which it inherits across
+    exec: not when exec gives it privileges the caller lacks (setuid, setgid, file
+    capabilities), unless the caller is root: merging exposes its pages to timing by others."""
+    return not target.secure_reason or euid == 0
+
+
+def merge_without_preload(program, target):
     """For static and secure programs: prctl here, kept across exec on Linux 6.7+ (no alignment)."""
-    program = shown(program)
+    program, reason = shown(program), target.preload_ignored_because
+    if not may_merge_for(target, os.geteuid()):
+        say(f"{program} {target.secure_reason}; it runs with privileges you do not have, so its memory "
+            "is left unmergeable (merging would expose its pages to timing by other processes: "
+            "docs/SECURITY.md); run ksm-wrap as root to merge it anyway")
+        return
     if not kernel.prctl_merge_supported():
         say(f"{program} {reason}; this kernel has no prctl(PR_SET_MEMORY_MERGE) either, "
             "so its memory cannot be made mergeable; running it unchanged")
@@ -177,7 +189,7 @@ def cli(strategy, threshold, align, enable_ksm, verbose, command):
     else:
         warn_if_ksm_idle()
     if preload_ignored:
-        merge_without_preload(program, target.preload_ignored_because)
+        merge_without_preload(program, target)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

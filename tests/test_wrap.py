@@ -82,6 +82,19 @@ def test_setuid_binary_is_named(tmp_path):
     assert "is setuid" in result.stderr and "prctl(PR_SET_MEMORY_MERGE)" in result.stderr
 
 
+def test_privileged_program_is_merged_only_at_roots_request(c_programs):
+    """prctl(PR_SET_MEMORY_MERGE) survives exec into a setuid program: only root may ask."""
+    from ksmpreload import binary
+    from ksmpreload.wrap import may_merge_for
+    program = c_programs("merge_flag_static")
+    static = binary.inspect(program)
+    setuid_root = binary.Binary(program, is_elf=True, static=True,
+                                secure_reason="is setuid (owner uid 0), so the loader ignores LD_PRELOAD")
+    assert may_merge_for(static, 65534) and may_merge_for(static, 0)
+    assert may_merge_for(setuid_root, 0)
+    assert not may_merge_for(setuid_root, 65534)
+
+
 def test_enable_ksm_turns_it_on_and_says_what_changed(ksm_running):
     with open("/sys/kernel/mm/ksm/run", "w") as f:
         f.write("0")
