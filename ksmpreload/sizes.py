@@ -1,12 +1,12 @@
-"""Sizes as the shim reads them (shim/config.c parse_size): digits, then K, M or G (powers of
+"""Sizes as the shim reads them (shim/config.c parse_size): digits, then K, M, G or T (powers of
 1024), then i, iB, B or b, both optional: 65536, 64K, 2M, 64KiB. As the shim's strtoull allows,
 blanks and a '+' may come first; nothing may follow."""
 import re
 
 import click
 
-_SIZE = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)([kKmMgG]?)(iB|i|B|b)?")
-_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30}
+_SIZE = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)([kKmMgGtT]?)(iB|i|B|b)?")
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 
 
 def parse_size(text):
@@ -18,8 +18,8 @@ def parse_size(text):
 
 
 def short_size(size):
-    """`size` in the largest of K, M, G that divides it: 4096 -> 4K, 1 << 40 -> 1024G."""
-    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
+    """`size` in the largest of K, M, G, T that divides it: 4096 -> 4K, 1 << 40 -> 1T."""
+    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
         if size and size % (1 << shift) == 0:
             return f"{size >> shift}{suffix}"
     return str(size)

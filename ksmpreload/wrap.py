@@ -160,7 +160,7 @@ def merge_without_preload(program, target):
                    "[default: $KSMPRELOAD_STRATEGY, else auto]")
 @click.option("--threshold", type=SizeParam(kernel.page_size(), MAX_THRESHOLD), default=None,
               help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M), "
-                   "from one page to 1024G. [default: $KSMPRELOAD_THRESHOLD, else 8K]")
+                   "from one page to 1T. [default: $KSMPRELOAD_THRESHOLD, else 8K]")
 @click.option("--align/--no-align", default=None,
               help="Page-align large allocations, or leave them where the allocator puts them (identical "
                    "buffers then rarely give identical pages). [default: $KSMPRELOAD_ALIGN (1 or 0), else align]")

@@ -45,7 +45,7 @@ static void warn_invalid(const char *name, const char *value, const char *expect
     ksm_say(text);
 }
 
-/* "65536", "64K", "2M", "1G" (powers of 1024). Returns 0 when not a size. */
+/* "65536", "64K", "2M", "1G", "1T" (powers of 1024). Returns 0 when not a size. */
 static size_t parse_size(const char *text)
 {
     char *end;
@@ -57,6 +57,7 @@ static size_t parse_size(const char *text)
     case 'k': case 'K': shift = 10; end++; break;
     case 'm': case 'M': shift = 20; end++; break;
     case 'g': case 'G': shift = 30; end++; break;
+    case 't': case 'T': shift = 40; end++; break;
     }
     if (*end == 'i' || *end == 'B' || *end == 'b')
         end += (*end == 'i' && end[1] == 'B') ? 2 : 1;

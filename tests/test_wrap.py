@@ -27,7 +27,7 @@ def one_error_line(result):
     ([], 2, "Missing argument 'COMMAND...'"),
     (["no-such-program-here"], 127, "command not found: no-such-program-here"),
     (["--threshold", "lots", "true"], 2, "'lots' is not a size"),
-    (["--threshold", "100", "true"], 2, f"'100' is not from {os.sysconf('SC_PAGE_SIZE') // 1024}K to 1024G"),
+    (["--threshold", "100", "true"], 2, f"'100' is not from {os.sysconf('SC_PAGE_SIZE') // 1024}K to 1T"),
     (["--strategy", "fast", "true"], 2, "'fast' is not one of"),
     (["/"], 126, "not an executable file"),
 ])
@@ -144,7 +144,7 @@ TIB = 1 << 40
 @pytest.mark.parametrize("value, accepted", [
     (str(PAGE - 1), False), (str(PAGE), True), (f"{PAGE}B", True), (f"{PAGE}b", True), (f"{PAGE}i", True),
     (f"{PAGE}iB", True), (f"{PAGE:08d}", True), (str(TIB), True), (str(TIB + 1), False), ("1024G", True),
-    ("1024GiB", True), ("1025G", False), ("1T", False), ("1Ti", False), ("0x1000", False), ("-1", False),
+    ("1024GiB", True), ("1025G", False), ("1T", True), ("1Ti", True), ("2T", False), ("0x1000", False), ("-1", False),
     ("-4096", False), (" 8K", True), ("\t8K", True), ("+8K", True), ("8 K", False), ("8K ", False),
     ("8K\n", False), ("8KiB", True), ("8Kib", False), ("8KIB", False), ("8kb", True), ("8KB", True),
     ("8KK", False), ("\u0668K", False), ("", False), ("K", False), ("2m", True), ("1g", True),
