@@ -245,6 +245,33 @@ static size_t glibc_unaligned_usable(void *ptr, size_t size)
     return chunk - sizeof(size_t);
 }
 
+/* glibc's dynamic mmap threshold (malloc.c): a request at or above it gets a mapping of its
+ * own, and freeing a mapped chunk larger than it (up to 32 MiB on 64 bits) raises it to that
+ * chunk's size, so that a malloc/free loop soon runs from the heap. An aligned chunk is
+ * smaller than the request glibc made for it (the alignment slack is cut off its front), so
+ * its free never lifts the threshold past the next aligned request of the same size: every
+ * block would be a fresh mmap and munmap, every page a fresh fault. One more page in the
+ * request of a block that will be mapped makes its free lift the threshold as a plain
+ * malloc's does. The threshold is followed here from the frees the shim sees. */
+#define GLIBC_MMAP_THRESHOLD_MAX ((size_t)4 * 1024 * 1024 * sizeof(long))
+static size_t glibc_mmap_threshold = 128 * 1024;
+
+size_t ksm_glibc_aligned_request(size_t size)
+{
+    size_t threshold = __atomic_load_n(&glibc_mmap_threshold, __ATOMIC_RELAXED);
+    if (size < threshold || size > GLIBC_MMAP_THRESHOLD_MAX)
+        return size;
+    return size + setup.page_size + 4 * sizeof(size_t);
+}
+
+void ksm_glibc_before_free(const void *ptr)
+{
+    size_t size_word = glibc_word_before(ptr, 1), size = size_word & ~(size_t)GLIBC_SIZE_BITS;
+    if ((size_word & GLIBC_IS_MMAPPED) && size > __atomic_load_n(&glibc_mmap_threshold, __ATOMIC_RELAXED)
+        && size <= GLIBC_MMAP_THRESHOLD_MAX)
+        __atomic_store_n(&glibc_mmap_threshold, size, __ATOMIC_RELAXED);
+}
+
 int ksm_glibc_chunk_is_mapped(const void *ptr)
 {
     return (glibc_word_before(ptr, 1) & GLIBC_IS_MMAPPED) != 0;

@@ -238,6 +238,12 @@ static void *mark_mapping(void *ptr, size_t len, int flags, const void *caller)
 
 /* ---- large heap allocations -------------------------------------------- */
 
+/* The size to ask the allocator for, for an aligned block of `size` bytes. */
+static size_t aligned_request(size_t size)
+{
+    return allocator_is_glibc ? ksm_glibc_aligned_request(size) : size;
+}
+
 static size_t large_alignment(size_t align)
 {
     return config.align && align < page_size ? page_size : align;
@@ -251,7 +257,7 @@ SLOW_PATH static void *allocate_large(size_t size, size_t align)
     size_t alignment = large_alignment(align);
     if (alignment <= 16) {
         ptr = real_malloc(size);
-    } else if (real_posix_memalign(&ptr, alignment, size) != 0) {
+    } else if (real_posix_memalign(&ptr, alignment, aligned_request(size)) != 0) {
         errno = ENOMEM;
         return NULL;
     }
@@ -280,7 +286,7 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
         return ksm_jemalloc_zalloc_aligned(total);
     if (other_zalloc_aligned)
         return other_zalloc_aligned(total, page_size);
-    if (real_posix_memalign(&ptr, page_size, total) != 0)
+    if (real_posix_memalign(&ptr, page_size, aligned_request(total)) != 0)
         return NULL;
     if (!fresh_glibc_mapping(ptr))
         memset(ptr, 0, total);
@@ -310,7 +316,7 @@ static int realloc_loses_alignment;
 static void *move_to_aligned(void *old, size_t old_size, size_t size)
 {
     void *ptr = NULL;
-    if (real_posix_memalign(&ptr, page_size, size) != 0)
+    if (real_posix_memalign(&ptr, page_size, aligned_request(size)) != 0)
         return NULL;
     memcpy(ptr, old, old_size < size ? old_size : size);
     real_free(old);
@@ -445,6 +451,8 @@ SLOW_PATH static void free_slow(void *ptr)
     if (in_bootstrap_pool(ptr) || NEEDS_POOL())
         return;
     ksm_padding_forget(ptr);
+    if (allocator_is_glibc && ptr)
+        ksm_glibc_before_free(ptr);
     real_free(ptr);
 }
 

@@ -6,6 +6,7 @@
  *   guest_probe arena           a thread allocates 100000 bytes from its own arena, prints
  *                               "block <addr> stack <addr>" and waits for a line on stdin
  *   guest_probe aligned0 SIZE   prints whether aligned_alloc(0, SIZE) and memalign(0, SIZE) succeed
+ *   guest_probe churn SIZE N    N rounds of malloc(SIZE), a write to each of its pages, free
  *   guest_probe forkfree        holds blocks of many sizes and forks; the child frees them, maps
  *                               1 MiB, prints "child" and waits for a line on stdin */
 #define _GNU_SOURCE
@@ -132,6 +133,19 @@ static int probe_forkfree(void)
     return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }
 
+static int probe_churn(size_t size, long rounds)
+{
+    for (long round = 0; round < rounds; round++) {
+        volatile char *block = malloc(size);
+        if (!block)
+            return 2;
+        for (size_t at = 0; at < size; at += 4096)
+            block[at] = (char)round;
+        free((void *)block);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 3 && strcmp(argv[1], "calloc") == 0)
@@ -140,10 +154,12 @@ int main(int argc, char **argv)
         return probe_padding();
     if (argc >= 2 && strcmp(argv[1], "arena") == 0)
         return probe_arena();
+    if (argc >= 4 && strcmp(argv[1], "churn") == 0)
+        return probe_churn(strtoul(argv[2], NULL, 10), strtol(argv[3], NULL, 10));
     if (argc >= 2 && strcmp(argv[1], "forkfree") == 0)
         return probe_forkfree();
     if (argc >= 3 && strcmp(argv[1], "aligned0") == 0)
         return probe_aligned0(strtoul(argv[2], NULL, 10));
-    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE | forkfree\n");
+    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE | forkfree | churn SIZE N\n");
     return 2;
 }
