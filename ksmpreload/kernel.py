@@ -206,6 +206,15 @@ def read_proc(pid, name):
         return None
 
 
+def process_exists(pid):
+    return os.path.exists(os.path.join(PROC_DIR, str(pid)))
+
+
+def needs_root(error):
+    """NeedsRoot for a PermissionError on a /proc/<pid> file (another user's process)."""
+    return NeedsRoot(f"reading {error.filename} of another user's process")
+
+
 def process_ksm_stat(pid):
     """Parsed /proc/<pid>/ksm_stat, or None when the process is gone or the file missing.
     A kernel thread or zombie has an empty file: {}."""
@@ -234,25 +243,42 @@ def pids():
 
 
 def ksm_process(pid):
-    """{pid, comm, cmdline, ksm_stat fields...} if `pid` uses KSM; None if it does not, has
-    vanished meanwhile, or cannot be read."""
-    try:
-        stat = process_ksm_stat(pid)
-        if not stat or not uses_ksm(stat):
-            return None
-        comm, cmdline = read_proc(pid, "comm"), read_proc(pid, "cmdline")
-    except PermissionError:
+    """{pid, comm, cmdline, ksm_stat fields...} if `pid` uses KSM; None if it does not or has
+    vanished meanwhile. PermissionError when it cannot be read (another user's process)."""
+    stat = process_ksm_stat(pid)
+    if not stat or not uses_ksm(stat):
         return None
+    comm, cmdline = read_proc(pid, "comm"), read_proc(pid, "cmdline")
     if comm is None or cmdline is None:
         return None
     comm = comm.strip()
     return {"pid": pid, "comm": comm, "cmdline": short_cmdline(cmdline, comm), **stat}
 
 
+def ksm_processes_and_unreadable():
+    """(every process whose ksm_stat shows KSM involvement, by pid; how many processes could
+    not be read: other users', without root)."""
+    found, unreadable = [], 0
+    for pid in pids():
+        try:
+            entry = ksm_process(pid)
+        except PermissionError:
+            unreadable += 1
+            continue
+        if entry is not None:
+            found.append(entry)
+    return found, unreadable
+
+
 def ksm_processes():
-    """Every process whose ksm_stat shows KSM involvement, by pid."""
-    found = (ksm_process(pid) for pid in pids())
-    return [entry for entry in found if entry is not None]
+    """Every process whose ksm_stat shows KSM involvement that can be read, by pid."""
+    return ksm_processes_and_unreadable()[0]
+
+
+def unreadable_notes(count):
+    """What a command notes about `count` processes it could not read ([] for none)."""
+    return [f"{count} other users' processes were not read: reading their /proc/PID/ksm_stat "
+            "needs root"] if count else []
 
 
 # ---- regions: /proc/<pid>/smaps ---------------------------------------------------------------
