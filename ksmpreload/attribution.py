@@ -15,7 +15,7 @@ import bisect
 import os
 
 from . import kernel, shimstats
-from .errors import NeedsRoot
+from .errors import KsmError, NeedsRoot
 
 GLIBC_HEAP_MAX = 64 << 20     # a glibc thread arena's heap: this size, aligned to it
 GUARD_MAX = 1 << 20           # thread stack guards are a page to some KiB
@@ -106,16 +106,21 @@ def _region_entry(region, label, source):
     }
 
 
-def process_attribution(pid, stats_dir=None):
+def process_attribution(pid, stats_dir=None, notes=None):
     """One process: its ksm_stat, the shim's counters, merged and net saved bytes, and its
-    regions (those with anonymous memory) labelled. None when the process is gone."""
-    stat = kernel.process_ksm_stat(pid)
-    regions = kernel.process_regions(pid)
-    comm, cmdline = kernel.read_proc(pid, "comm"), kernel.read_proc(pid, "cmdline")
+    regions (those with anonymous memory) labelled. None when the process is gone; NeedsRoot
+    when it is another user's. A counters file that does not parse is left out, with a line
+    in `notes` (a list, if given)."""
+    try:
+        stat = kernel.process_ksm_stat(pid)
+        regions = kernel.process_regions(pid)
+        comm, cmdline = kernel.read_proc(pid, "comm"), kernel.read_proc(pid, "cmdline")
+    except PermissionError as error:
+        raise kernel.needs_root(error) from None
     if stat is None or regions is None or comm is None or cmdline is None:
         return None
-    counters = shimstats.read_process_stats(pid, stats_dir)
-    records = Records(shimstats.read_process_regions(pid, stats_dir) if counters else [], regions)
+    counters = shimstats.read_process_stats(pid, stats_dir, notes)
+    records = Records(shimstats.read_process_regions(pid, stats_dir, notes) if counters else [], regions)
     page = kernel.page_size()
     merged = stat.get("ksm_merging_pages", 0) * page
     padding = counters.get("padding_bytes", 0) if counters else 0
@@ -172,10 +177,13 @@ def attribution(pids=None, stats_dir=None, with_sharing=True):
     """The whole report: processes (all KSM users when `pids` is None), the sharing matrix
     (None without root, with a note), and the biggest mergeable regions left unmerged."""
     from .sharing import sharing
+    notes = []
     if pids is None:
-        pids = [process["pid"] for process in kernel.ksm_processes()]
-    processes = [entry for entry in (process_attribution(pid, stats_dir) for pid in pids) if entry]
-    result = {"processes": processes, "sharing": None, "notes": []}
+        listed, unreadable = kernel.ksm_processes_and_unreadable()
+        pids = [process["pid"] for process in listed]
+        notes += kernel.unreadable_notes(unreadable)
+    processes = [entry for entry in (process_attribution(pid, stats_dir, notes) for pid in pids) if entry]
+    result = {"processes": processes, "sharing": None, "notes": notes}
     if with_sharing and processes:
         try:
             report = sharing([process["pid"] for process in processes])
@@ -187,3 +195,11 @@ def attribution(pids=None, stats_dir=None, with_sharing=True):
                            "label": region["label"], "unmerged_kib": kib}
                           for pid, comm, region, kib in unmerged_regions(processes)]
     return result
+
+
+def require_read(pids, processes):
+    """KsmError naming those of `pids` (which the user named) that ended before they were read."""
+    read = {process["pid"] for process in processes}
+    ended = [str(pid) for pid in pids if pid not in read]
+    if ended:
+        raise KsmError(f"no such process: {', '.join(ended)} (it ended while being read)")

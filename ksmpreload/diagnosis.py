@@ -326,13 +326,14 @@ def potential_summary(pids, processes, notes):
 # ---- all together ---------------------------------------------------------------------------
 
 def diagnose(pids=(), program=None):
-    """Findings for the system, the processes `pids` and the file `program` (for `doctor --`)."""
+    """Findings for the system, the processes `pids` and the file `program` (for `doctor --`).
+    A process that has ended is left out; NeedsRoot for another user's."""
     kernel.require_ksm()
     knobs = kernel.read_knobs()
-    processes = [p for p in (attribution.process_attribution(pid) for pid in pids) if p]
+    notes = system_notes(knobs)
+    processes = [p for p in (attribution.process_attribution(pid, notes=notes) for pid in pids) if p]
     scan_bytes = sum(_mergeable_bytes(p) for p in processes)
     unmerged = max(scan_bytes - sum(p["merged_bytes"] for p in processes), 0)
-    notes = system_notes(knobs)
     found, summary = potential_summary([p["pid"] for p in processes], processes, notes) if processes else ([], None)
     if summary and summary["merged_bytes"] is not None:
         waiting = max(summary["potential_bytes"] - summary["merged_bytes"], 0)

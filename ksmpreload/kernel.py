@@ -79,14 +79,18 @@ def mem_total_bytes():
 
 # ---- values as the kernel prints them -------------------------------------------------------
 
+INTEGER = re.compile(r"-?[0-9]{1,20}")  # what the kernel prints for a 64-bit number
+
+
 def parse_value(text):
     """One value from sysfs or procfs: '[a] b' -> 'a' (the selected choice), '-12' -> -12,
-    'yes'/'no' -> True/False; any other text is kept as a string."""
+    'yes'/'no' -> True/False; any other text (a number too long for 64 bits too) is kept as
+    a string."""
     text = text.strip()
     choice = re.search(r"\[([^\]]*)\]", text)
     if choice:
         return choice.group(1)
-    if re.fullmatch(r"-?\d+", text):
+    if INTEGER.fullmatch(text):
         return int(text)
     return {"yes": True, "no": False}.get(text, text)
 
@@ -172,14 +176,23 @@ def suggested_pages_to_scan(mem_total_bytes, sleep_ms=20):
 
 # ---- /proc/<pid> ----------------------------------------------------------------------------
 
+KSM_STAT_TYPES = {"ksm_rmap_items": int, "ksm_zero_pages": int, "ksm_merging_pages": int,
+                  "ksm_process_profit": int, "ksm_merge_any": bool, "ksm_mergeable": bool}
+
+
 def parse_ksm_stat(text):
     """/proc/<pid>/ksm_stat as a dict. Takes 'key value' lines and, from about 6.14,
-    'key: yes|no' lines; numbers become int, yes/no bool; unknown fields are kept."""
+    'key: yes|no' lines; numbers become int, yes/no bool; unknown fields are kept. A line
+    that is not 'key value', or gives a known field (KSM_STAT_TYPES) a value of another
+    type, is skipped."""
     fields = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         parts = line.replace(":", " ", 1).split(None, 1)
-        if len(parts) == 2:
-            fields[parts[0]] = parse_value(parts[1])
+        if len(parts) != 2:
+            continue
+        value = parse_value(parts[1])
+        if type(value) is KSM_STAT_TYPES.get(parts[0], type(value)):
+            fields[parts[0]] = value
     return fields
 
 
@@ -191,6 +204,15 @@ def read_proc(pid, name):
             return f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def process_exists(pid):
+    return os.path.exists(os.path.join(PROC_DIR, str(pid)))
+
+
+def needs_root(error):
+    """NeedsRoot for a PermissionError on a /proc/<pid> file (another user's process)."""
+    return NeedsRoot(f"reading {error.filename} of another user's process")
 
 
 def process_ksm_stat(pid):
@@ -217,51 +239,89 @@ def short_cmdline(raw, comm, limit=80):
 
 
 def pids():
-    return sorted(int(entry) for entry in os.listdir(PROC_DIR) if entry.isdigit())
+    return sorted(int(entry) for entry in os.listdir(PROC_DIR) if entry.isascii() and entry.isdigit())
 
 
 def ksm_process(pid):
-    """{pid, comm, cmdline, ksm_stat fields...} if `pid` uses KSM; None if it does not, has
-    vanished meanwhile, or cannot be read."""
-    try:
-        stat = process_ksm_stat(pid)
-        if not stat or not uses_ksm(stat):
-            return None
-        comm, cmdline = read_proc(pid, "comm"), read_proc(pid, "cmdline")
-    except PermissionError:
+    """{pid, comm, cmdline, ksm_stat fields...} if `pid` uses KSM; None if it does not or has
+    vanished meanwhile. PermissionError when it cannot be read (another user's process)."""
+    stat = process_ksm_stat(pid)
+    if not stat or not uses_ksm(stat):
         return None
+    comm, cmdline = read_proc(pid, "comm"), read_proc(pid, "cmdline")
     if comm is None or cmdline is None:
         return None
     comm = comm.strip()
     return {"pid": pid, "comm": comm, "cmdline": short_cmdline(cmdline, comm), **stat}
 
 
+def ksm_processes_and_unreadable():
+    """(every process whose ksm_stat shows KSM involvement, by pid; how many processes could
+    not be read: other users', without root)."""
+    found, unreadable = [], 0
+    for pid in pids():
+        try:
+            entry = ksm_process(pid)
+        except PermissionError:
+            unreadable += 1
+            continue
+        if entry is not None:
+            found.append(entry)
+    return found, unreadable
+
+
 def ksm_processes():
-    """Every process whose ksm_stat shows KSM involvement, by pid."""
-    found = (ksm_process(pid) for pid in pids())
-    return [entry for entry in found if entry is not None]
+    """Every process whose ksm_stat shows KSM involvement that can be read, by pid."""
+    return ksm_processes_and_unreadable()[0]
+
+
+def unreadable_notes(count):
+    """What a command notes about `count` processes it could not read ([] for none)."""
+    return [f"{count} other users' processes were not read: reading their /proc/PID/ksm_stat "
+            "needs root"] if count else []
 
 
 # ---- regions: /proc/<pid>/smaps ---------------------------------------------------------------
 
-_SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
+_SMAPS_HEADER = re.compile(r"([0-9a-f]{1,16})-([0-9a-f]{1,16}) (\S{4}) \S+ \S+ [0-9]+\s*(.*)")
+_SMAPS_FIELD = re.compile(r"(\w+):\s+([0-9]{1,20}) kB")
+
+
+def _smaps_header(line):
+    """The VMA a header line starts, or None: not a header, or not a range (start < end)."""
+    header = _SMAPS_HEADER.fullmatch(line)
+    if not header or int(header.group(1), 16) >= int(header.group(2), 16):
+        return None
+    start, end, perms, path = header.groups()
+    return {"start": int(start, 16), "end": int(end, 16), "perms": perms, "path": path, "mergeable": False}
+
+
+def _add_smaps_line(region, line):
+    """Adds a field or VmFlags line to `region`; returns the VMA the next lines belong to:
+    None after a field seen twice (a header was lost: they are not this VMA's)."""
+    if line.startswith("VmFlags:"):
+        region["mergeable"] = "mg" in line.split()[1:]
+        return region
+    field = _SMAPS_FIELD.fullmatch(line)
+    if field and field.group(1) in region:
+        return None
+    if field:
+        region[field.group(1)] = int(field.group(2))
+    return region
 
 
 def parse_smaps(text):
     """One dict per VMA of a /proc/<pid>/smaps text: start, end, perms, path ('' for anonymous),
-    every 'Name: N kB' field in KiB under its name, and mergeable (VmFlags has 'mg')."""
-    regions = []
-    for line in text.splitlines():
-        header = _SMAPS_HEADER.match(line)
-        if header:
-            start, end, perms, path = header.groups()
-            regions.append({"start": int(start, 16), "end": int(end, 16), "perms": perms, "path": path,
-                            "mergeable": False})
-        elif line.startswith("VmFlags:"):
-            regions[-1]["mergeable"] = "mg" in line.split()[1:]
-        elif line.endswith(" kB"):
-            name, value = line.split(":", 1)
-            regions[-1][name] = int(value.split()[0])
+    every 'Name: N kB' field in KiB under its name, and mergeable (VmFlags has 'mg').
+    Other lines are skipped, and so are those after a header that could not be read."""
+    regions, current = [], None
+    for line in text.split("\n"):
+        region = _smaps_header(line)
+        if region:
+            regions.append(region)
+            current = region
+        elif current is not None:
+            current = _add_smaps_line(current, line)
     return regions
 
 

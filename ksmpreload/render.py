@@ -41,6 +41,11 @@ def human_bytes(count):
     return f"{sign}{int(size)} B" if unit == "B" else f"{sign}{size:.1f} {unit}"
 
 
+def note_lines(notes):
+    """'note: ...' lines, one per note, to follow a command's output."""
+    return [Text(f"note: {note}") for note in notes]
+
+
 def key_value_lines(pairs):
     """'name: value' lines, one per pair, as the kernel documentation lists KSM counters."""
     return Text("\n".join(f"{name}: {value}" for name, value in pairs))

@@ -6,6 +6,7 @@ the magic "KSMPRLD1", a u64 slot count, the u64 slots, the slot names, NUL-separ
 A file is current only while its process still maps it; others are left-overs.
 """
 import os
+import re
 import struct
 import time
 
@@ -13,6 +14,10 @@ MAGIC = b"KSMPRLD1"
 REGIONS_MAGIC = b"KSMREGN1"
 REGION_KINDS = {1: "mmap", 2: "mapped before start", 3: "glibc mmapped chunk", 4: "glibc arena heap",
                 5: "jemalloc extent"}
+HEADER_BYTES = 16       # magic, slot count
+RECORD_BYTES = 32       # start, length, kind, caller
+SLOT_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")  # the shim's slot names are C identifiers
+STATS_FILE = re.compile(r"([0-9]+)\.stats")
 SETTLE_SECONDS = 2  # a file younger than this may belong to a process about to map it
 STRATEGIES = {1: "prctl", 2: "madvise", 3: "observe"}
 
@@ -27,40 +32,56 @@ def stats_dir():
     return os.environ.get("KSMPRELOAD_STATS_DIR") or default_stats_dir()
 
 
+def _u64(data, at):
+    if at + 8 > len(data):
+        raise ValueError("cut short")
+    return struct.unpack_from("<Q", data, at)[0]
+
+
+def _slots(data):
+    """(slot values, slot names, where the names end) of a counters file; ValueError if the
+    bytes are not one. Sizes are checked against the bytes before anything is unpacked."""
+    if data[:8] != MAGIC:
+        raise ValueError("not a ksmpreload counters file")
+    count = _u64(data, 8)
+    if count > (len(data) - HEADER_BYTES) // 8:
+        raise ValueError(f"cut short or corrupt: {count} slots do not fit in {len(data)} bytes")
+    values = struct.unpack_from(f"<{count}Q", data, HEADER_BYTES)
+    names, at = [], HEADER_BYTES + 8 * count
+    for _ in range(count):
+        end = data.find(b"\0", at)
+        if end < 0:
+            raise ValueError("cut short in the slot names")
+        if not SLOT_NAME.fullmatch(data[at:end]):
+            raise ValueError(f"a slot name is no identifier: {data[at:end][:40]!r}")
+        names.append(data[at:end].decode("ascii"))
+        at = end + 1
+    return values, names, at
+
+
 def parse_stats(data):
     """{slot name: value} from the bytes of a counters file; ValueError if it is not one."""
-    if len(data) < 16 or data[:8] != MAGIC:
-        raise ValueError("not a ksmpreload counters file")
-    (count,) = struct.unpack_from("<Q", data, 8)
-    values_end = 16 + 8 * count
-    values = struct.unpack_from(f"<{count}Q", data, 16)
-    names = data[values_end:].split(b"\0")[:count]
-    if len(names) != count:
-        raise ValueError("counters file is cut short")
-    stats = dict(zip((name.decode() for name in names), values))
+    values, names, _ = _slots(data)
+    stats = dict(zip(names, values))
     stats["strategy"] = STRATEGIES.get(stats.get("strategy"), "unknown")
     return stats
 
 
-def _slot_names_end(data):
-    (count,) = struct.unpack_from("<Q", data, 8)
-    at = 16 + 8 * count
-    for _ in range(count):
-        at = data.index(b"\0", at) + 1
-    return at
-
-
 def parse_regions(data):
-    """The region records of a counters file, oldest first: [{start, end, kind, caller}].
-    Files from shims without records give []."""
-    at = (_slot_names_end(data) + 7) & ~7
+    """The region records of a counters file, oldest first: [{start, end, kind, caller}];
+    ValueError if it is not one or its records are cut short. Files from shims without
+    records give [], and so does a ring whose capacity is not written yet (the shim writes
+    the magic first)."""
+    at = (_slots(data)[2] + 7) & ~7
     if data[at:at + 8] != REGIONS_MAGIC:
         return []
-    capacity, written = struct.unpack_from("<QQ", data, at + 8)
-    first = written - capacity if written > capacity else 0
+    capacity, written = _u64(data, at + 8), _u64(data, at + 16)
+    kept = min(capacity, written)
+    if kept > (len(data) - at - 24) // RECORD_BYTES:
+        raise ValueError(f"cut short or corrupt: {kept} region records do not fit in {len(data)} bytes")
     records = []
-    for index in range(first, written):
-        start, length, kind, caller = struct.unpack_from("<4Q", data, at + 24 + 32 * (index % capacity))
+    for index in range(written - kept, written):
+        start, length, kind, caller = struct.unpack_from("<4Q", data, at + 24 + RECORD_BYTES * (index % capacity))
         if kind:  # 0: being written
             records.append({"start": start, "end": start + length, "kind": REGION_KINDS.get(kind, "unknown"),
                             "caller": caller or None})
@@ -69,43 +90,53 @@ def parse_regions(data):
 
 def _maps_file(pid, path):
     try:
-        with open(f"/proc/{pid}/maps") as maps:
+        with open(f"/proc/{pid}/maps", errors="surrogateescape") as maps:
             return any(line.rstrip().endswith(path) for line in maps)
     except OSError:
         return False
 
 
-def _read_current_file(pid, directory):
+def _current_path(pid, directory):
+    """The path of pid's counters file if pid maps it (the file is current), else None."""
     path = os.path.join(directory or stats_dir(), f"{pid}.stats")
-    if not _maps_file(pid, path):
-        return None
+    return path if _maps_file(pid, path) else None
+
+
+def _parse_file(path, parse, problems, what="the counters file"):
+    """parse(the bytes of `path`); None when it has gone, or cannot be read or parsed: then
+    a line saying so is added to `problems` (a list; None drops it)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
+            return parse(f.read())
+    except FileNotFoundError:
+        return None  # its process ended meanwhile
+    except OSError as error:
+        reason = error.strerror
+    except ValueError as error:
+        reason = str(error)
+    if problems is not None:
+        problems.append(f"skipped {what} {path}: {reason}")
+    return None
 
 
-def read_process_stats(pid, directory=None):
-    """The counters of a live process running the shim, or None."""
-    data = _read_current_file(pid, directory)
-    try:
-        return parse_stats(data) if data else None
-    except ValueError:
-        return None
+def read_process_stats(pid, directory=None, problems=None):
+    """The counters of a live process running the shim, or None. A current file that does
+    not parse gives None and a line in `problems` (a list, if given)."""
+    path = _current_path(pid, directory)
+    return _parse_file(path, parse_stats, problems) if path else None
 
 
-def read_process_regions(pid, directory=None):
-    """The region records of a live process running the shim ([] without any)."""
-    data = _read_current_file(pid, directory)
-    try:
-        return parse_regions(data) if data and data[:8] == MAGIC else []
-    except (ValueError, struct.error):
-        return []
+def read_process_regions(pid, directory=None, problems=None):
+    """The region records of a live process running the shim ([] without any); a current
+    file whose records do not parse gives [] and a line in `problems`."""
+    path = _current_path(pid, directory)
+    records = _parse_file(path, parse_regions, problems, "the region records of") if path else None
+    return records or []
 
 
-def all_process_stats(directory=None, prune=True):
-    """{pid: counters} of every live process that publishes; left-over files are removed."""
+def all_process_stats(directory=None, prune=True, problems=None):
+    """{pid: counters} of every live process that publishes; left-over files are removed
+    (with prune). Current files that do not parse are skipped, each with a line in `problems`."""
     directory = directory or stats_dir()
     try:
         names = os.listdir(directory)
@@ -113,14 +144,17 @@ def all_process_stats(directory=None, prune=True):
         return {}
     found = {}
     for name in names:
-        pid = name[:-len(".stats")]
-        if not (name.endswith(".stats") and pid.isdigit()):
+        match = STATS_FILE.fullmatch(name)
+        if not match:
             continue
-        stats = read_process_stats(int(pid), directory)
+        pid, path = int(match.group(1)), os.path.join(directory, name)
+        if not _maps_file(pid, path):
+            if prune:
+                _remove_left_over(path)
+            continue
+        stats = _parse_file(path, parse_stats, problems)
         if stats is not None:
-            found[int(pid)] = stats
-        elif prune:
-            _remove_left_over(os.path.join(directory, name))
+            found[pid] = stats
     return found
 
 

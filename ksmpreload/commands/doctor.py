@@ -1,5 +1,4 @@
 """`ksmpreload doctor`: why KSM is not merging, what it costs, and the fix."""
-import os
 import shutil
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from rich.console import Group
 from rich.progress import Progress
 from rich.text import Text
 
-from .. import diagnosis, kernel, render, scanning
+from .. import attribution, diagnosis, kernel, render, scanning
 from ..errors import EXIT_NOT_FOUND, EXIT_USAGE, KsmError
 from ..compare import merged_pages, process_tree
 from ..wrap import launcher
@@ -100,9 +99,9 @@ def print_report(report):
 
 def split_targets(args):
     """PIDs when every argument is a number, else a command to start."""
-    if args and all(arg.isdigit() for arg in args):
+    if args and all(arg.isascii() and arg.isdigit() for arg in args):
         pids = [int(arg) for arg in args]
-        gone = [pid for pid in pids if not os.path.exists(f"/proc/{pid}")]
+        gone = [pid for pid in pids if not kernel.process_exists(pid)]
         if gone:
             raise KsmError(f"no such process: {', '.join(map(str, gone))}", EXIT_USAGE)
         return pids, None
@@ -137,6 +136,7 @@ def doctor(targets, as_json, timeout, as_is, quiet):
     if as_is and not command:
         raise click.UsageError("--as-is needs a command: ksmpreload doctor --as-is -- COMMAND")
     report = diagnose_command(command, timeout, quiet or as_json, as_is) if command else diagnosis.diagnose(pids)
+    attribution.require_read(pids, report["processes"])
     if as_json:
         render.print_json(report)
     else:

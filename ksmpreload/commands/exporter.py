@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import attribution, kernel, shimstats
-from ..errors import KsmError
+from ..errors import KsmError, NeedsRoot
 
 DEFAULT_LISTEN = "127.0.0.1:9465"
 PREFIX = "ksmpreload"
@@ -110,7 +110,10 @@ def region_metrics(processes):
     merged = GaugeMetricFamily(f"{PREFIX}_region_ksm_bytes", "Memory of the process's regions mapped to "
                                "KSM pages (smaps KSM:), by what made them.", labels=labels)
     for process in processes:
-        found = attribution.process_attribution(process["pid"])
+        try:
+            found = attribution.process_attribution(process["pid"])
+        except NeedsRoot:
+            continue  # it became another user's (a setuid exec) since it was listed
         for made_by, totals in (attribution.by_label(found).items() if found else ()):
             if totals["ksm_kib"] or totals["anonymous_kib"] >= REGION_MIN_KIB:
                 key = [str(process["pid"]), process["comm"], made_by]
@@ -131,17 +134,42 @@ def shim_commands(counters, processes):
     return commands
 
 
+UNREADABLE_NOTE = ("other users' processes are left out: reading their /proc/PID/ksm_stat needs root "
+                   f"({PREFIX}_unreadable_processes counts them)")
+
+
+def unreadable_metrics(processes, counters_files):
+    yield GaugeMetricFamily(f"{PREFIX}_unreadable_processes", "Processes whose ksm_stat could not be read "
+                            "(other users' processes, without root): left out.", value=processes)
+    yield GaugeMetricFamily(f"{PREFIX}_unreadable_counters_files", "Counters files of running processes that "
+                            "could not be read or parsed: left out (the exporter's stderr names them).",
+                            value=counters_files)
+
+
 class KsmCollector:
-    """Reads everything afresh at each scrape (prometheus_client calls collect() per scrape)."""
+    """Reads everything afresh at each scrape (prometheus_client calls collect() per scrape).
+    What it could not read is counted in metrics and said once on stderr."""
+
+    def __init__(self):
+        self.noted = set()
+
+    def note(self, notes):
+        for note in notes:
+            if note not in self.noted:
+                self.noted.add(note)
+                click.echo(f"ksmpreload exporter: {note}", err=True)
 
     def collect(self):
         started = time.perf_counter()
         yield from knob_metrics(kernel.read_knobs())
-        processes = kernel.ksm_processes()
+        processes, unreadable = kernel.ksm_processes_and_unreadable()
         yield from process_metrics(processes)
         yield from region_metrics(processes)
-        counters = shimstats.all_process_stats(prune=False)  # read-only: leave left-overs to others
+        problems = []
+        counters = shimstats.all_process_stats(prune=False, problems=problems)  # leave left-overs to others
         yield from shim_metrics(counters, shim_commands(counters, processes))
+        yield from unreadable_metrics(unreadable, len(problems))
+        self.note(problems + ([UNREADABLE_NOTE] if unreadable else []))
         yield GaugeMetricFamily(f"{PREFIX}_scrape_duration_seconds", "Seconds this scrape took to "
                                 "read KSM's and the shim's counters.", value=time.perf_counter() - started)
 

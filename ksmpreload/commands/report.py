@@ -68,7 +68,7 @@ def print_tables(report, region_limit):
     parts = []
     for title, columns, rows in sections(report, region_limit):
         parts += [render.table(columns, rows, title=title), Text()]
-    parts += [Text(f"note: {note}") for note in report["notes"]]
+    parts += render.note_lines(report["notes"])
     render.print_rich(Group(*parts))
 
 
@@ -96,10 +96,11 @@ def report(pids, as_json, markdown, region_limit, no_sharing):
     kernel.require_ksm()
     if as_json and markdown:
         raise click.UsageError("choose one of --json and --markdown")
-    gone = [pid for pid in pids if kernel.process_ksm_stat(pid) is None]
+    gone = [pid for pid in pids if not kernel.process_exists(pid)]
     if gone:
         raise click.BadParameter(f"no such process: {', '.join(map(str, gone))}", param_hint="PIDS")
     result = attribution.attribution(list(pids) or None, with_sharing=not no_sharing)
+    attribution.require_read(pids, result["processes"])
     if as_json:
         render.print_json(result)
     elif markdown:

@@ -28,11 +28,13 @@ def snapshot():
     """Everything `status` shows, as one JSON-ready dict."""
     knobs = kernel.read_knobs()
     saved = kernel.pages_saved(knobs)
+    processes, unreadable = kernel.ksm_processes_and_unreadable()
     return {
         "ksm": knobs,
         "pages_saved": saved,
         "mib_saved": round(saved * kernel.page_size() / MIB, 2),
-        "processes": kernel.ksm_processes(),
+        "processes": processes,
+        "notes": kernel.unreadable_notes(unreadable),
     }
 
 
@@ -62,9 +64,9 @@ def status_view(snap, compact=False):
     saved = Text(f"pages saved (pages_sharing + ksm_zero_pages): "
                  f"{snap['pages_saved']} pages, {snap['mib_saved']} MiB")
     processes = (process_table(snap["processes"]) if snap["processes"]
-                 else Text("no process has KSM-enabled memory"))
+                 else Text(f"no {'readable ' if snap['notes'] else ''}process has KSM-enabled memory"))
     layout = render.key_value_columns if compact else render.key_value_lines
-    return Group(layout(snap["ksm"].items()), Text(), saved, Text(), processes)
+    return Group(layout(snap["ksm"].items()), Text(), saved, Text(), processes, *render.note_lines(snap["notes"]))
 
 
 def show(snap, as_json, json_lines=False):

@@ -21,11 +21,14 @@ GLOBAL_COUNTERS = ("run", "pages_shared", "pages_sharing", "pages_unshared", "fu
                    "sleep_millisecs")
 
 
-def process_rows(name_filter):
+def process_rows(name_filter, notes):
+    """One row per KSM process; what could not be read goes to `notes`."""
     page = kernel.page_size()
-    counters = shimstats.all_process_stats(prune=False)
+    counters = shimstats.all_process_stats(prune=False, problems=notes)
+    processes, unreadable = kernel.ksm_processes_and_unreadable()
+    notes += kernel.unreadable_notes(unreadable)
     rows = []
-    for process in kernel.ksm_processes():
+    for process in processes:
         if name_filter and name_filter not in process["cmdline"]:
             continue
         shim = counters.get(process["pid"])
@@ -40,11 +43,13 @@ def process_rows(name_filter):
 
 def snapshot(sort, name_filter):
     key, largest_first = SORT_KEYS[sort]
-    rows = sorted(process_rows(name_filter), key=lambda row: row[key], reverse=largest_first)
+    notes = []
+    rows = sorted(process_rows(name_filter, notes), key=lambda row: row[key], reverse=largest_first)
     knobs = kernel.read_knobs()
     totals = {name: sum(row[name] for row in rows) for name in ("merged", "zero", "padding", "net_saved", "profit")}
     return {"ksm": {name: knobs[name] for name in GLOBAL_COUNTERS if name in knobs},
-            "saved_bytes": kernel.pages_saved(knobs) * kernel.page_size(), "processes": rows, "totals": totals}
+            "saved_bytes": kernel.pages_saved(knobs) * kernel.page_size(), "processes": rows, "totals": totals,
+            "notes": notes}
 
 
 def mib(count):
@@ -59,7 +64,7 @@ def view(snap, limit):
     totals = snap["totals"]
     rows.append(["", f"total ({len(snap['processes'])} processes)", "", mib(totals["merged"]), mib(totals["zero"]),
                  mib(totals["padding"]), mib(totals["net_saved"]), mib(totals["profit"])])
-    return Group(header, render.table(COLUMNS, rows))
+    return Group(header, render.table(COLUMNS, rows), *render.note_lines(snap["notes"]))
 
 
 @click.command()
