@@ -123,7 +123,7 @@ def process_attribution(pid, stats_dir=None, notes=None):
     records = Records(shimstats.read_process_regions(pid, stats_dir, notes) if counters else [], regions)
     page = kernel.page_size()
     merged = stat.get("ksm_merging_pages", 0) * page
-    padding = counters.get("padding_bytes", 0) if counters else 0
+    padding = shimstats.memory_cost_bytes(counters)
     entries = [_region_entry(region, *region_label(index, regions, records))
                for index, region in enumerate(regions) if region.get("Anonymous", 0) or region.get("KSM", 0)]
     return {

@@ -151,7 +151,7 @@ def measure(result, pids):
     stats = [kernel.process_ksm_stat(pid) or {} for pid in pids]
     result.saved_bytes = saved_pages(pids, stats) * page
     result.resident_bytes = sum(_rss(pid) for pid in pids)
-    result.padding_bytes = sum((shimstats.read_process_stats(pid) or {}).get("padding_bytes", 0) for pid in pids)
+    result.padding_bytes = sum(shimstats.memory_cost_bytes(shimstats.read_process_stats(pid)) for pid in pids)
     result.net_saved_bytes = result.saved_bytes - result.padding_bytes
     result.saved_percent = round(100 * result.saved_bytes / result.resident_bytes, 1) if result.resident_bytes else 0
     result.rmap_items = sum(stat.get("ksm_rmap_items", 0) for stat in stats)

@@ -28,6 +28,15 @@ def default_stats_dir(euid=None):
     return "/run/ksmpreload" if euid == 0 else f"/tmp/ksmpreload-{euid}"
 
 
+def memory_cost_bytes(counters):
+    """What the shim costs a process in memory now, the one figure every net saving subtracts:
+    the padding of its live aligned blocks and the table that keeps it (docs/COUNTERS.md).
+    0 without counters."""
+    if not counters:
+        return 0
+    return counters.get("padding_bytes", 0) + counters.get("padding_table_bytes", 0)
+
+
 def stats_dir():
     return os.environ.get("KSMPRELOAD_STATS_DIR") or default_stats_dir()
 

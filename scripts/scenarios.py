@@ -37,8 +37,8 @@ measured:
                       page that processes outside the set map too is charged to the set. A
                       process's share: its merged pages x (set saving / set merged pages)
     % of RSS          saved / RSS (RSS counts a merged page in every process that maps it)
-    padding           the shim's padding_bytes (docs/COUNTERS.md): what page-aligning large
-                      allocations costs; 0 without the shim
+    padding           the shim's memory cost (shimstats.memory_cost_bytes: the padding of live
+                      aligned blocks and its table, docs/COUNTERS.md); 0 without the shim
     net saved         saved - padding - rmap items x 64 B (what the kernel charges for each
                       rmap_item in general_profit)
     time to 90%       seconds from the start of fast scanning until the summed merged pages
@@ -235,7 +235,7 @@ def process_row(pid, saved_per_merged, data_bytes):
             "rss_bytes": psutil.Process(pid).memory_info().rss, "ksm_merging_pages": merged,
             "ksm_zero_pages": zero, "rmap_items": stat.get("ksm_rmap_items", 0),
             "saved_bytes": round((merged * saved_per_merged + zero) * PAGE),
-            "padding_bytes": counters.get("padding_bytes", 0), "shim": bool(counters)}
+            "padding_bytes": shimstats.memory_cost_bytes(counters), "shim": bool(counters)}
 
 
 def summed(rows):

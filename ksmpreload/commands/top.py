@@ -33,7 +33,7 @@ def process_rows(name_filter, notes):
             continue
         shim = counters.get(process["pid"])
         merged = process.get("ksm_merging_pages", 0) * page
-        padding = shim.get("padding_bytes", 0) if shim else 0
+        padding = shimstats.memory_cost_bytes(shim)
         rows.append({"pid": process["pid"], "command": process["cmdline"],
                      "shim": shim["strategy"] if shim else "-", "merged": merged,
                      "zero": process.get("ksm_zero_pages", 0) * page, "padding": padding,
