@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Large-block churn with and without the shim, side by side, per allocator (issue 12).
+
+Builds scripts/bench/large_churn.c (cc -O2 -pthread, in a temporary directory) and runs it for
+each allocator (glibc; jemalloc, mimalloc, tcmalloc where Debian's library is installed),
+pattern (loop, calloc, realloc, threads, handoff: see the C file) and size (the shim's 8 KiB
+threshold up to 16 MiB), alone and under the shim (LD_PRELOAD="<shim> <allocator>",
+KSMPRELOAD_STATS_DIR=off). Rounds are sized so that each run writes about --mib MiB.
+Repetitions are interleaved (alone, shim; shim, alone; ...), so drift falls on both sides.
+
+Reported per case: the median loop time of each arm and shim/alone as the ratio of medians;
+minor faults per round and peak RSS of each arm (from getrusage, median); and, from one extra
+run of each arm under `strace -f -c`, the mapping system calls (mmap, munmap, mremap, brk,
+madvise) per round. The checksum of what the workload read back must match between arms
+(exit 1 if not: the shim changed a result).
+
+    python3 scripts/bench_large_churn.py [--reps 5] [--mib 256] [--sizes 8K,256K,16M]
+        [--patterns loop,calloc] [--allocators glibc,jemalloc] [--json FILE]
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "bench", "large_churn.c")
+LIBS = "/usr/lib/x86_64-linux-gnu"
+ALLOCATORS = {"glibc": "", "jemalloc": f"{LIBS}/libjemalloc.so.2", "mimalloc": f"{LIBS}/libmimalloc.so.2",
+              "tcmalloc": f"{LIBS}/libtcmalloc_minimal.so.4"}
+PATTERNS = ["loop", "calloc", "realloc", "threads", "handoff"]
+SIZES = ["8K", "64K", "256K", "1M", "4M", "16M"]
+MAPPING_CALLS = ("mmap", "munmap", "mremap", "brk", "madvise")
+
+
+def say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_size(text):
+    units = {"K": 10, "M": 20, "G": 30}
+    return int(text[:-1]) << units[text[-1]] if text[-1] in units else int(text)
+
+
+def build(directory):
+    program = os.path.join(directory, "large_churn")
+    subprocess.run(["cc", "-O2", "-pthread", "-o", program, SOURCE], check=True)
+    return program
+
+
+def environment(allocator, shim):
+    preload = " ".join(path for path in (shim, ALLOCATORS[allocator]) if path)
+    return dict(os.environ, LD_PRELOAD=preload, KSMPRELOAD_STATS_DIR="off")
+
+
+def run_once(command, env):
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()}")
+    return json.loads(result.stdout)
+
+
+def mapping_calls(command, env):
+    """Mapping system calls of one run, counted by strace -f -c."""
+    result = subprocess.run(["strace", "-f", "-qq", "-c", "-U", "calls,name", "-e",
+                             "trace=" + ",".join(MAPPING_CALLS), *command],
+                            env=env, capture_output=True, text=True, timeout=600)
+    counts = {fields[1]: int(fields[0]) for fields in map(str.split, result.stderr.splitlines())
+              if len(fields) == 2 and fields[0].isdigit()}
+    return sum(counts.get(name, 0) for name in MAPPING_CALLS)
+
+
+def measure_case(program, shim, allocator, pattern, size, rounds, reps):
+    command = [program, pattern, str(size), str(rounds)]
+    arms = {"alone": environment(allocator, ""), "shim": environment(allocator, shim)}
+    runs = {arm: [] for arm in arms}
+    for rep in range(reps):
+        for arm in (("alone", "shim") if rep % 2 == 0 else ("shim", "alone")):
+            runs[arm].append(run_once(command, arms[arm]))
+    checksums = {run["checksum"] for arm in runs for run in runs[arm]}
+    case = {"allocator": allocator, "pattern": pattern, "size": size, "rounds": rounds,
+            "checksums_match": len(checksums) == 1}
+    for arm, env in arms.items():
+        case[arm] = {"seconds": statistics.median(run["seconds"] for run in runs[arm]),
+                     "faults_per_round": statistics.median(run["minor_faults"] for run in runs[arm]) / rounds,
+                     "max_rss_kib": statistics.median(run["max_rss_kib"] for run in runs[arm]),
+                     "mapping_calls_per_round": mapping_calls(command, env) / rounds}
+    case["time_ratio"] = case["shim"]["seconds"] / case["alone"]["seconds"]
+    case["rss_ratio"] = case["shim"]["max_rss_kib"] / case["alone"]["max_rss_kib"]
+    return case
+
+
+def markdown(cases):
+    lines = ["| allocator | pattern | size | time shim/alone | alone s | shim s | faults/round alone → shim "
+             "| map calls/round alone → shim | peak RSS MiB alone → shim |",
+             "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for c in cases:
+        a, s = c["alone"], c["shim"]
+        lines.append(f"| {c['allocator']} | {c['pattern']} | {size_text(c['size'])} | {c['time_ratio']:.2f} "
+                     f"| {a['seconds']:.4f} | {s['seconds']:.4f} "
+                     f"| {a['faults_per_round']:.1f} → {s['faults_per_round']:.1f} "
+                     f"| {a['mapping_calls_per_round']:.2f} → {s['mapping_calls_per_round']:.2f} "
+                     f"| {a['max_rss_kib'] / 1024:.1f} → {s['max_rss_kib'] / 1024:.1f} |")
+    return "\n".join(lines)
+
+
+def size_text(size):
+    for suffix, shift in (("M", 20), ("K", 10)):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix}"
+    return str(size)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--mib", type=int, default=256, help="MiB each run allocates and writes (rounds = this / size)")
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--allocators", default=",".join(ALLOCATORS))
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    import ksmpreload
+    allocators = [a for a in args.allocators.split(",") if not ALLOCATORS[a] or os.path.exists(ALLOCATORS[a])]
+    if not shutil.which("strace"):
+        sys.exit("strace is missing (apt-get install strace)")
+    with tempfile.TemporaryDirectory() as directory:
+        shim = shutil.copy(ksmpreload.shim_path(), os.path.join(directory, "libksmpreload.so"))
+        program = build(directory)
+        cases = []
+        for allocator in allocators:
+            for pattern in args.patterns.split(","):
+                for size in map(parse_size, args.sizes.split(",")):
+                    rounds = max(16, (args.mib << 20) // size)
+                    case = measure_case(program, shim, allocator, pattern, size, rounds, args.reps)
+                    say(f"{allocator} {pattern} {size_text(size)}: {case['time_ratio']:.2f}x, "
+                        f"map calls/round {case['alone']['mapping_calls_per_round']:.2f} -> "
+                        f"{case['shim']['mapping_calls_per_round']:.2f}")
+                    cases.append(case)
+    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}; "
+          f"reps {args.reps}, {args.mib} MiB written per run\n")
+    print(markdown(cases))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"reps": args.reps, "mib": args.mib, "cases": cases}, f, indent=1)
+    if not all(case["checksums_match"] for case in cases):
+        sys.exit("the shim changed a result: checksums differ between arms")
+
+
+if __name__ == "__main__":
+    main()
