@@ -307,8 +307,12 @@ SLOW_PATH static void *allocate_large_zeroed(size_t count, size_t size, size_t t
 }
 
 /* Learned at run time: this allocator's realloc can move a page-aligned block
- * to an unaligned place (an allocator that offsets large blocks within their
- * first page, as jemalloc does; jemalloc itself is asked for aligned blocks). */
+ * to an unaligned place; a growing block then moves straight to an aligned one
+ * (one copy, not two). Not under glibc: its realloc grows a heap block in place
+ * whenever the chunk after it is free, and mremaps a mapped one, so asking it
+ * first saves more than the second copy of a rare move costs (the realloc
+ * pattern in docs/BENCHMARKS.md, "Large blocks"). jemalloc is asked for aligned
+ * blocks with rallocx instead. */
 static int realloc_loses_alignment;
 
 /* One copy of what the old block holds into a new page-aligned block; NULL
@@ -330,7 +334,7 @@ static void *move_to_aligned(void *old, size_t old_size, size_t size)
 static void *realloc_keeping_alignment(void *old, size_t size)
 {
     size_t old_size = real_malloc_usable_size(old);
-    if (!is_page_aligned(old) || (realloc_loses_alignment && size > old_size))
+    if (!is_page_aligned(old) || (realloc_loses_alignment && size > old_size && !allocator_is_glibc))
         return move_to_aligned(old, old_size, size);
     void *ptr = real_realloc(old, size);
     if (ptr && !is_page_aligned(ptr)) {
