@@ -41,6 +41,13 @@ def stats_dir():
     return os.environ.get("KSMPRELOAD_STATS_DIR") or default_stats_dir()
 
 
+def _as_the_kernel_names_it(directory):
+    """`directory` as /proc/<pid>/maps names it: the shim takes /./, // and a trailing /, and
+    refuses symlinks, so the lexical normal form is the real path (a leading // included)."""
+    path = os.path.normpath(directory or stats_dir())
+    return "/" + path.lstrip("/") if path.startswith("/") else path
+
+
 def _u64(data, at):
     if at + 8 > len(data):
         raise ValueError("cut short")
@@ -107,7 +114,7 @@ def _maps_file(pid, path):
 
 def _current_path(pid, directory):
     """The path of pid's counters file if pid maps it (the file is current), else None."""
-    path = os.path.join(directory or stats_dir(), f"{pid}.stats")
+    path = os.path.join(_as_the_kernel_names_it(directory), f"{pid}.stats")
     return path if _maps_file(pid, path) else None
 
 
@@ -146,7 +153,7 @@ def read_process_regions(pid, directory=None, problems=None):
 def all_process_stats(directory=None, prune=True, problems=None):
     """{pid: counters} of every live process that publishes; left-over files are removed
     (with prune). Current files that do not parse are skipped, each with a line in `problems`."""
-    directory = directory or stats_dir()
+    directory = _as_the_kernel_names_it(directory)
     try:
         names = os.listdir(directory)
     except OSError:

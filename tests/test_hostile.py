@@ -225,6 +225,24 @@ def test_plain_directory_with_trailing_dot_is_accepted(c_programs, shim, tmp_pat
     assert stats_files(real) == [], "removed at exit"
 
 
+@pytest.mark.parametrize("spelling", ["{real}/./", "{real}//", "/{real}", "{parent}/./real", "{parent}//real"])
+def test_tools_read_the_counters_under_any_spelling_the_shim_takes(c_programs, shim, tmp_path, spelling):
+    """A directory the shim accepts under a spelling that is not the kernel's (/./, //) is read
+    by the tools under that same spelling: /proc/<pid>/maps names the file in normal form."""
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    directory = spelling.format(real=real, parent=tmp_path)
+    probe = Probe([c_programs("stats_probe"), "wait"], probe_env(shim, directory))
+    try:
+        pid = probe.line()["pid"]
+        assert stats_files(real) == [f"{pid}.stats"]
+        assert shimstats.read_process_stats(pid, directory) is not None
+        assert pid in shimstats.all_process_stats(directory, prune=False)
+    finally:
+        status, stderr = probe.finish()
+    assert status == 0 and stderr == ""
+
+
 # ---- a setuid-root program -----------------------------------------------------------------
 
 @pytest.fixture
