@@ -10,7 +10,7 @@ import sys
 import click
 
 from . import binary, kernel, shim_path
-from .errors import EXIT_NOT_FOUND, KsmError, run_cli
+from .errors import EXIT_NOT_FOUND, KsmError, NeedsRoot, run_cli
 from .sizes import SizeParam
 
 CANNOT_EXECUTE = 126  # as a shell says
@@ -179,6 +179,8 @@ def cli(strategy, threshold, align, enable_ksm, verbose, command):
       ksm-wrap redis-server --port 6380
       ksm-wrap --strategy madvise --threshold 64K python3 app.py
     """
+    if enable_ksm and os.geteuid() != 0:
+        raise NeedsRoot(f"--enable-ksm (writing {kernel.knob_path('run')})")
     program = find_program(command[0])
     target = binary.inspect(os.path.realpath(program))
     observe = (strategy or os.environ.get("KSMPRELOAD_STRATEGY")) == "observe"

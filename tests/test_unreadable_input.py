@@ -15,7 +15,6 @@ from counters_file import counters_file, with_u64
 from ksmpreload import attribution, kernel, shimstats
 from test_status_cli import assert_one_clear_error, run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = 65534
 
 # Copies a file to <dir>/<its pid>.stats and maps it, as the shim does, so that readers take
@@ -59,12 +58,12 @@ ksmpreload.cli.main()
 
 def ksmpreload(*args, env=None):
     return subprocess.run(["ksmpreload", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
+                          env={**os.environ, **(env or {})})
 
 
 def as_nobody(*args):
     return subprocess.run([sys.executable, "-c", AS_NOBODY, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO}, cwd="/")
+                          cwd="/")
 
 
 def no_traceback(done):
