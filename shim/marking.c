@@ -102,12 +102,16 @@ static int parse_maps_line(const char *line, struct vma *vma)
         return 0;
     vma->start = start;
     vma->end = end;
-    vma->anonymous = inode == 0 && line[path_at] == '\0';
+    const char *name = line + path_at;
+    /* "[anon:NAME]": anonymous memory a program named (glibc 2.40 names its heaps so), but
+     * never a stack, whatever names it */
+    vma->anonymous = inode == 0 && (*name == '\0' || (strncmp(name, "[anon:", 6) == 0 && !strstr(name, "stack")));
     return 1;
 }
 
 /* Calls visit(vma, context) for each mapping in address order, until it returns nonzero.
- * Raw reads into a stack buffer: this runs inside malloc. */
+ * Raw reads into a stack buffer: this runs inside malloc. A line longer than the buffer
+ * (a path near PATH_MAX) is visited from its start, a file's, and the rest of it skipped. */
 static void for_each_mapping(int (*visit)(const struct vma *, void *), void *context)
 {
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
@@ -116,18 +120,24 @@ static void for_each_mapping(int (*visit)(const struct vma *, void *), void *con
     char buffer[4096];
     size_t held = 0;
     ssize_t got;
-    int stop = 0;
+    int stop = 0, skipping = 0;
+    struct vma vma;
     while (!stop && (got = read(fd, buffer + held, sizeof buffer - 1 - held)) > 0) {
         held += (size_t)got;
         buffer[held] = '\0';
         char *line = buffer, *newline;
-        struct vma vma;
         while (!stop && (newline = strchr(line, '\n'))) {
             *newline = '\0';
-            stop = parse_maps_line(line, &vma) && visit(&vma, context);
+            stop = !skipping && parse_maps_line(line, &vma) && visit(&vma, context);
+            skipping = 0;
             line = newline + 1;
         }
         held = strlen(line);
+        if (held == sizeof buffer - 1) {
+            stop = stop || (!skipping && parse_maps_line(line, &vma) && visit(&vma, context));
+            skipping = 1;
+            held = 0;
+        }
         memmove(buffer, line, held);
     }
     close(fd);
@@ -194,19 +204,41 @@ static int find_holding_mapping(const struct vma *vma, void *context)
 }
 
 static uintptr_t glibc_heap_size; /* learned from the first heap found */
+/* The mapping where the last search found no heap: its blocks skip the search (a hint). */
+static uintptr_t no_heap_start, no_heap_end;
+
+static int heap_search_failed(uintptr_t block)
+{
+    return block >= __atomic_load_n(&no_heap_start, __ATOMIC_RELAXED)
+        && block < __atomic_load_n(&no_heap_end, __ATOMIC_RELAXED);
+}
+
+static int no_heap_in(const struct vma *holding)
+{
+    __atomic_store_n(&no_heap_end, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&no_heap_start, holding->start, __ATOMIC_RELAXED);
+    __atomic_store_n(&no_heap_end, holding->end, __ATOMIC_RELAXED);
+    return 0;
+}
 
 static int find_glibc_heap(uintptr_t block, uintptr_t *start, uintptr_t *size)
 {
     struct heap_search search = {.block = block};
-    for_each_mapping(find_holding_mapping, &search);
-    if (!search.found || !private_anonymous(&search.holding))
+    if (heap_search_failed(block))
         return 0;
+    for_each_mapping(find_holding_mapping, &search);
+    if (!search.found)
+        return 0;
+    if (!private_anonymous(&search.holding))
+        return no_heap_in(&search.holding);
     uintptr_t end = search.holding.end;
     if (search.found == 2 && private_anonymous(&search.after) && strcmp(search.after.perms, "---p") == 0)
         end = search.after.end;
     *start = search.holding.start;
     *size = end - *start;
-    return (*size & (*size - 1)) == 0 && (*start & (*size - 1)) == 0 && *size >= setup.page_size;
+    if ((*size & (*size - 1)) == 0 && (*start & (*size - 1)) == 0 && *size >= setup.page_size)
+        return 1;
+    return no_heap_in(&search.holding);
 }
 
 /* Marked whole, once: the reserve keeps the mark when glibc opens it. */
@@ -218,11 +250,28 @@ static uintptr_t *heap_seen_slot(uintptr_t heap, uintptr_t size)
     return &marked_heaps[(heap / size) % MARKED_HEAPS];
 }
 
+/* glibc deletes an empty heap with its own munmap, which the shim never sees, and the next
+ * heap often comes back at the same address, unmarked: a remembered heap is marked again
+ * at every 32nd block made in a remembered heap (one system call), so a heap that came
+ * back is marked, with the blocks already in it, soon after it is used. */
+#define REMARK_EVERY 32
+static unsigned remembered_hits;
+
+static int remembered_heap(void *ptr)
+{
+    uintptr_t size = __atomic_load_n(&glibc_heap_size, __ATOMIC_RELAXED);
+    uintptr_t heap = (uintptr_t)ptr & ~(size - 1);
+    if (!size || __atomic_load_n(heap_seen_slot(heap, size), __ATOMIC_RELAXED) != heap)
+        return 0;
+    if (!setup.by_prctl && __atomic_add_fetch(&remembered_hits, 1, __ATOMIC_RELAXED) % REMARK_EVERY == 0)
+        madvise_mergeable(heap, heap + size);
+    return 1;
+}
+
 static int mark_glibc_arena_heap(void *ptr)
 {
-    uintptr_t size = __atomic_load_n(&glibc_heap_size, __ATOMIC_RELAXED), heap;
-    if (size && __atomic_load_n(heap_seen_slot((uintptr_t)ptr & ~(size - 1), size), __ATOMIC_RELAXED)
-                    == ((uintptr_t)ptr & ~(size - 1)))
+    uintptr_t size, heap;
+    if (remembered_heap(ptr))
         return 1;
     if (!find_glibc_heap((uintptr_t)ptr, &heap, &size))
         return 0;

@@ -131,6 +131,39 @@ def is_program_or_library(path):
     return path.endswith("guest_probe") or ".so" in os.path.basename(path)
 
 
+def test_arena_heap_that_glibc_made_again_is_marked_again(c_programs, shim_env):
+    """glibc deletes emptied thread-arena heaps with its own munmap and makes new ones at the
+    same addresses: those, and the blocks in them, are marked too (madvise strategy)."""
+    env = shim_env(strategy="madvise", threshold=THRESHOLD)
+    proc = subprocess.Popen([c_programs("guest_probe"), "refill"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "refilled"
+        vmas = marked_vmas(proc.pid)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    heaps = [vma for vma in vmas if not vma[2] and vma[1] - vma[0] >= 16 << 20]
+    assert len(heaps) >= 2, vmas
+    assert all(vma[3] for vma in heaps), [hex(vma[0]) for vma in heaps if not vma[3]]
+
+
+def test_arena_heap_found_past_a_maps_line_longer_than_a_page(c_programs, shim_env, tmp_path):
+    """A path near PATH_MAX makes a maps line longer than the shim's read buffer: the heap
+    after it is still found and marked whole (not split block by block)."""
+    env = shim_env(strategy="madvise", threshold=THRESHOLD)
+    proc = subprocess.Popen([c_programs("guest_probe"), "longpath", str(tmp_path)], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        _, block, _, _ = proc.stdout.readline().split()
+        vmas = marked_vmas(proc.pid)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    heap = holding(vmas, int(block, 16))
+    assert heap[3] and heap[0] % (1 << 20) == 0, "the heap is marked from its start, not block by block"
+
+
 @pytest.mark.parametrize("preload_after", allocators())
 @pytest.mark.parametrize("size", ["64", "1048576"])
 def test_alignment_zero_answers_as_the_allocator_does(c_programs, shim_env, size, preload_after):

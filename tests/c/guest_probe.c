@@ -5,6 +5,11 @@
  *                               "churned" (alloc/free/realloc churn, nothing held)
  *   guest_probe arena           a thread allocates 100000 bytes from its own arena, prints
  *                               "block <addr> stack <addr>" and waits for a line on stdin
+ *   guest_probe refill          a thread fills its arena with 2,500 blocks of 60,000 bytes,
+ *                               frees them (glibc deletes the emptied heaps), fills it again,
+ *                               prints "refilled" and waits for a line on stdin
+ *   guest_probe longpath DIR    maps a file whose path (under DIR) is near PATH_MAX, then runs
+ *                               `arena`: a maps line longer than a read buffer
  *   guest_probe aligned0 SIZE   prints whether aligned_alloc(0, SIZE) and memalign(0, SIZE) succeed
  *   guest_probe churn SIZE N    N rounds of malloc(SIZE), a write to each of its pages, free
  *   guest_probe forkfree        holds blocks of many sizes and forks; the child frees them, maps
@@ -16,7 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -104,6 +111,49 @@ static int probe_arena(void)
     return pthread_create(&thread, NULL, arena_thread, NULL) || pthread_join(thread, NULL);
 }
 
+#define REFILL_BLOCKS 2500
+static void *refill_thread(void *unused)
+{
+    static void *blocks[REFILL_BLOCKS];
+    (void)unused;
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < REFILL_BLOCKS; i++)
+            memset(blocks[i] = malloc(60000), 7, 60000);
+        if (round == 0)
+            for (int i = REFILL_BLOCKS - 1; i >= 0; i--)
+                free(blocks[i]);
+    }
+    phase("refilled");
+    return NULL;
+}
+
+static int probe_refill(void)
+{
+    pthread_t thread;
+    return pthread_create(&thread, NULL, refill_thread, NULL) || pthread_join(thread, NULL);
+}
+
+static int probe_longpath(const char *directory)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s", directory);
+    while (strlen(path) < 4000) {
+        strcat(path, "/");
+        for (int i = 0; i < 200 && strlen(path) < 4070; i++)
+            strcat(path, "a");
+        if (mkdir(path, 0700) != 0)
+            return 2;
+    }
+    strcat(path, "/f");
+    int fd = open(path, O_RDWR | O_CREAT, 0600);
+    if (fd < 0 || ftruncate(fd, 4096) != 0)
+        return 2;
+    /* low in the address space: its line comes before the arena's in the maps */
+    if (mmap((void *)0x100000000, 4096, PROT_READ, MAP_SHARED, fd, 0) == MAP_FAILED)
+        return 2;
+    return probe_arena();
+}
+
 static int probe_aligned0(size_t size)
 {
     void *a = aligned_alloc(0, size), *m = memalign(0, size);
@@ -154,12 +204,16 @@ int main(int argc, char **argv)
         return probe_padding();
     if (argc >= 2 && strcmp(argv[1], "arena") == 0)
         return probe_arena();
+    if (argc >= 2 && strcmp(argv[1], "refill") == 0)
+        return probe_refill();
+    if (argc >= 3 && strcmp(argv[1], "longpath") == 0)
+        return probe_longpath(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "churn") == 0)
         return probe_churn(strtoul(argv[2], NULL, 10), strtol(argv[3], NULL, 10));
     if (argc >= 2 && strcmp(argv[1], "forkfree") == 0)
         return probe_forkfree();
     if (argc >= 3 && strcmp(argv[1], "aligned0") == 0)
         return probe_aligned0(strtoul(argv[2], NULL, 10));
-    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE | forkfree | churn SIZE N\n");
+    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE | forkfree | churn SIZE N | refill | longpath DIR\n");
     return 2;
 }
