@@ -26,6 +26,7 @@
 #include "jemalloc.h"
 #include "marking.h"
 #include "padding.h"
+#include "zeroing.h"
 #include "stats.h"
 
 #ifndef PR_SET_MEMORY_MERGE
@@ -276,7 +277,8 @@ static int fresh_glibc_mapping(const void *ptr)
 }
 
 /* Memory fresh from the kernel is zero already: clearing it would make every
- * page of a sparse table resident. The allocators that know ask for it zeroed. */
+ * page of a sparse table resident. The allocators that know ask for it zeroed;
+ * otherwise only the pages that were used are cleared (zeroing.c). */
 static void *zeroed_block(size_t count, size_t size, size_t total)
 {
     void *ptr = NULL;
@@ -289,7 +291,7 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
     if (real_posix_memalign(&ptr, page_size, aligned_request(total)) != 0)
         return NULL;
     if (!fresh_glibc_mapping(ptr))
-        memset(ptr, 0, total);
+        ksm_clear_block(ptr, total, page_size);
     return ptr;
 }
 

@@ -1,5 +1,8 @@
 /* What the shim may cost its host, measured from inside; run by tests/test_guest.py.
- *   guest_probe calloc MIB      calloc MIB MiB, check it reads zero, print the RSS it added (KiB)
+ *   guest_probe calloc MIB      calloc MIB MiB, check it reads zero, print the RSS it added (KiB);
+ *                               with GUEST_PROBE_LIFT set, after freeing a 30 MiB block
+ *   guest_probe reused SIZE     rounds of malloc(SIZE) filled with 0xab, free, calloc(SIZE):
+ *                               prints "zeroed" when every calloc read zero throughout
  *   guest_probe padding         phases, each ended by a line on stdout and a line read from stdin:
  *                               "live" (blocks of many sizes held), "freed" (all freed),
  *                               "churned" (alloc/free/realloc churn, nothing held)
@@ -43,6 +46,11 @@ static long rss_kib(void)
 static int probe_calloc(size_t mib)
 {
     size_t size = mib << 20;
+    if (getenv("GUEST_PROBE_LIFT")) { /* a 30 MiB block freed lifts glibc's mmap threshold */
+        volatile char *lift = malloc((size_t)30 << 20);
+        lift[0] = 1;
+        free((void *)lift);
+    }
     long before = rss_kib();
     volatile unsigned char *block = calloc(1, size);
     if (!block)
@@ -52,6 +60,22 @@ static int probe_calloc(size_t mib)
             return printf("not zero at %zu\n", at), 1;
     printf("rss_added_kib %ld\n", rss_kib() - before);
     free((void *)block);
+    return 0;
+}
+
+static int probe_reused(size_t size)
+{
+    for (int round = 0; round < 4; round++) {
+        unsigned char *dirty = malloc(size);
+        memset(dirty, 0xab, round % 2 ? size / 2 : size); /* half-used memory too */
+        free(dirty);
+        unsigned char *block = calloc(1, size);
+        for (size_t at = 0; at < size; at++)
+            if (block[at] != 0)
+                return printf("round %d: byte %zu is %d\n", round, at, block[at]), 1;
+        free(block);
+    }
+    printf("zeroed\n");
     return 0;
 }
 
@@ -200,6 +224,8 @@ int main(int argc, char **argv)
 {
     if (argc >= 3 && strcmp(argv[1], "calloc") == 0)
         return probe_calloc(strtoul(argv[2], NULL, 10));
+    if (argc >= 3 && strcmp(argv[1], "reused") == 0)
+        return probe_reused(strtoul(argv[2], NULL, 10));
     if (argc >= 2 && strcmp(argv[1], "padding") == 0)
         return probe_padding();
     if (argc >= 2 && strcmp(argv[1], "arena") == 0)
@@ -214,6 +240,6 @@ int main(int argc, char **argv)
         return probe_forkfree();
     if (argc >= 3 && strcmp(argv[1], "aligned0") == 0)
         return probe_aligned0(strtoul(argv[2], NULL, 10));
-    fprintf(stderr, "usage: guest_probe calloc MIB | padding | arena | aligned0 SIZE | forkfree | churn SIZE N | refill | longpath DIR\n");
+    fprintf(stderr, "usage: guest_probe calloc MIB | reused SIZE | padding | arena | aligned0 SIZE | forkfree | churn SIZE N | refill | longpath DIR\n");
     return 2;
 }
