@@ -128,3 +128,17 @@ void ksm_config_read(struct ksm_config *config, size_t page_size)
         config->jemalloc_hooks = 0;
     }
 }
+
+/* glibc stops moving its mmap threshold once any of these is set (malloc.c, do_set_*). */
+int ksm_glibc_thresholds_fixed(void)
+{
+    static const char *const variables[] = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                                            "MALLOC_MMAP_MAX_"};
+    static const char *const tunables[] = {"glibc.malloc.mmap_threshold=", "glibc.malloc.trim_threshold=",
+                                           "glibc.malloc.top_pad=", "glibc.malloc.mmap_max="};
+    const char *set = secure_getenv("GLIBC_TUNABLES");
+    for (int i = 0; i < 4; i++)
+        if (secure_getenv(variables[i]) || (set && strstr(set, tunables[i])))
+            return 1;
+    return 0;
+}

@@ -25,6 +25,9 @@ struct ksm_config {
  * In a setuid, setgid or file-capability program (AT_SECURE) none is read, and stats_dir
  * is "off". */
 void ksm_config_read(struct ksm_config *config, size_t page_size);
+/* The program fixed glibc's malloc thresholds (MALLOC_MMAP_THRESHOLD_ and its kin, or their
+ * GLIBC_TUNABLES): glibc then never moves its mmap threshold. */
+int ksm_glibc_thresholds_fixed(void);
 /* One line on stderr, "ksmpreload: <text>", without stdio. */
 void ksm_say(const char *text);
 /* The first `most` bytes of text, printable: control characters, backslashes and non-ASCII

@@ -17,9 +17,13 @@ static struct ksm_marking setup = {.page_size = 4096};
 static uintptr_t page_down(uintptr_t address) { return address & ~(uintptr_t)(setup.page_size - 1); }
 static uintptr_t page_up(uintptr_t address) { return page_down(address + setup.page_size - 1); }
 
+static size_t glibc_mmap_threshold; /* defined with glibc's chunks, below */
+
 void ksm_marking_start(const struct ksm_marking *chosen)
 {
     setup = *chosen;
+    if (setup.glibc_fixed_threshold) /* it never moves: no block needs the page that lifts it */
+        glibc_mmap_threshold = SIZE_MAX;
 }
 
 static void count_madvise_failure(int error)
@@ -283,15 +287,21 @@ static int mark_glibc_arena_heap(void *ptr)
     return 1;
 }
 
-/* What glibc's malloc(size) would have given: a heap chunk of size + 8 bytes
- * rounded to 16 (32 at least), or a mapping of it rounded to pages. */
-static size_t glibc_unaligned_usable(void *ptr, size_t size)
+/* What glibc's malloc(size) would have given from its heap: a chunk of size + 8 bytes
+ * rounded to 16 (32 at least). */
+static size_t glibc_heap_usable(size_t size)
 {
     size_t chunk = (size + sizeof(size_t) + 15) & ~(size_t)15;
-    chunk = chunk < 32 ? 32 : chunk;
-    if (glibc_word_before(ptr, 1) & GLIBC_IS_MMAPPED)
-        return page_up(chunk + sizeof(size_t)) - 2 * sizeof(size_t);
-    return chunk - sizeof(size_t);
+    return (chunk < 32 ? 32 : chunk) - sizeof(size_t);
+}
+
+/* A mapped chunk costs the pages the program touches when it uses its block: aligned, the
+ * page holding the chunk header in front of the block, and the block's own pages; the
+ * extra page asked for (ksm_glibc_aligned_request) and the slack in front are never
+ * touched. Unaligned, the header and the block share pages from the mapping's start. */
+static size_t glibc_mapped_padding(size_t size)
+{
+    return setup.page_size + page_up(size) - page_up(size + 2 * sizeof(size_t));
 }
 
 /* glibc's dynamic mmap threshold (malloc.c): a request at or above it gets a mapping of its
@@ -316,7 +326,8 @@ size_t ksm_glibc_aligned_request(size_t size)
 void ksm_glibc_before_free(const void *ptr)
 {
     size_t size_word = glibc_word_before(ptr, 1), size = size_word & ~(size_t)GLIBC_SIZE_BITS;
-    if ((size_word & GLIBC_IS_MMAPPED) && size > __atomic_load_n(&glibc_mmap_threshold, __ATOMIC_RELAXED)
+    if ((size_word & GLIBC_IS_MMAPPED) && !setup.glibc_fixed_threshold
+        && size > __atomic_load_n(&glibc_mmap_threshold, __ATOMIC_RELAXED)
         && size <= GLIBC_MMAP_THRESHOLD_MAX)
         __atomic_store_n(&glibc_mmap_threshold, size, __ATOMIC_RELAXED);
 }
@@ -328,7 +339,9 @@ int ksm_glibc_chunk_is_mapped(const void *ptr)
 
 size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
 {
-    size_t unaligned = glibc_unaligned_usable(ptr, size);
+    if (glibc_word_before(ptr, 1) & GLIBC_IS_MMAPPED)
+        return glibc_mapped_padding(size);
+    size_t unaligned = glibc_heap_usable(size);
     return usable > unaligned ? usable - unaligned : 0;
 }
 

@@ -13,6 +13,7 @@ struct ksm_marking {
     int glibc_chunks;          /* the allocator is glibc: its chunk headers tell where a block lives */
     uintptr_t main_heap_start; /* start_brk */
     uint64_t vma_budget;       /* madvise calls that may split a mapping */
+    int glibc_fixed_threshold; /* the program fixed glibc's mmap threshold: it never moves */
 };
 
 void ksm_marking_start(const struct ksm_marking *setup);

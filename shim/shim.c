@@ -714,7 +714,8 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     allocator_is_glibc = malloc_is_glibc();
     struct ksm_marking marking = {.page_size = page_size, .by_prctl = marking_by_prctl,
                                   .glibc_chunks = allocator_is_glibc, .main_heap_start = read_heap_start(),
-                                  .vma_budget = read_max_map_count() / 4};
+                                  .vma_budget = read_max_map_count() / 4,
+                                  .glibc_fixed_threshold = ksm_glibc_thresholds_fixed()};
     ksm_marking_start(&marking);
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
     if (!allocator_is_glibc && !ksm_jemalloc_found())
