@@ -265,3 +265,20 @@ def test_max_page_sharing_while_merged_says_unmerge(ksm_running):
             if kernel.read_knob("max_page_sharing") != before:
                 _write("run", 2)
                 _write("max_page_sharing", before)
+
+
+@pytest.mark.parametrize("script", ["ksmpreload", "ksm-wrap"])
+def test_ctrl_c_while_the_cli_starts_is_no_traceback(script):
+    """The installed scripts, interrupted at moments while they still import: no traceback
+    from ksmpreload's code (an interrupt inside Python's own start-up is Python's to report)."""
+    import re
+    import shutil
+    path = shutil.which(script)
+    require(path, f"{script} is not installed")
+    args = {"ksmpreload": ["status"], "ksm-wrap": ["true"]}[script]
+    for delay in (0.02, 0.05, 0.08, 0.11, 0.14, 0.2, 0.3):
+        child = subprocess.Popen([path, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=30)
+        assert not re.search(r'File "[^"]*/ksmpreload/[^"]*\.py"', err), (delay, err)
