@@ -166,10 +166,8 @@ static int allocator_is_glibc;
  * tcmalloc's nallocx), so that padding counts what alignment adds, not size classes. */
 typedef size_t (*good_size_fn)(size_t);
 typedef size_t (*nallocx_flags_fn)(size_t, int);
-typedef void *(*zalloc_aligned_fn)(size_t, size_t);
 static good_size_fn other_good_size;
 static nallocx_flags_fn other_nallocx;
-static zalloc_aligned_fn other_zalloc_aligned; /* mimalloc's mi_zalloc_aligned */
 
 static void *from_malloc_library(const char *name)
 {
@@ -184,7 +182,6 @@ static void *from_malloc_library(const char *name)
 static void find_other_size_classes(void)
 {
     other_good_size = (good_size_fn)from_malloc_library("mi_good_size");
-    other_zalloc_aligned = (zalloc_aligned_fn)from_malloc_library("mi_zalloc_aligned");
     if (!other_good_size)
         other_nallocx = (nallocx_flags_fn)from_malloc_library("nallocx");
 }
@@ -277,8 +274,9 @@ static int fresh_glibc_mapping(const void *ptr)
 }
 
 /* Memory fresh from the kernel is zero already: clearing it would make every
- * page of a sparse table resident. The allocators that know ask for it zeroed;
- * otherwise only the pages that were used are cleared (zeroing.c). */
+ * page of a sparse table resident. jemalloc knows which of its pages are and is
+ * asked for a zeroed block; otherwise only the pages that were used are cleared
+ * (zeroing.c). */
 static void *zeroed_block(size_t count, size_t size, size_t total)
 {
     void *ptr = NULL;
@@ -286,8 +284,6 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
         return real_calloc(count, size);
     if (ksm_jemalloc_found())
         return ksm_jemalloc_zalloc_aligned(total);
-    if (other_zalloc_aligned)
-        return other_zalloc_aligned(total, page_size);
     if (real_posix_memalign(&ptr, page_size, aligned_request(total)) != 0)
         return NULL;
     if (!fresh_glibc_mapping(ptr))
