@@ -27,7 +27,7 @@ def console():
 
 
 def print_rich(renderable):
-    console().print(renderable)
+    console().print(renderable, crop=False)  # a note longer than the width stays whole (note_lines)
 
 
 def human_bytes(count):
@@ -43,7 +43,7 @@ def human_bytes(count):
 
 def note_lines(notes):
     """'note: ...' lines, one per note, to follow a command's output."""
-    return [Text(f"note: {note}") for note in notes]
+    return [Text(f"note: {note}", no_wrap=True, overflow="ignore") for note in notes]  # one line each, for grep
 
 
 def key_value_lines(pairs):

@@ -273,10 +273,18 @@ static int fresh_glibc_mapping(const void *ptr)
     return allocator_is_glibc && ksm_glibc_chunk_is_mapped(ptr) && *(const unsigned char *)ptr == 0;
 }
 
+/* glibc, mimalloc or tcmalloc: their blocks are private anonymous memory whose
+ * never-used pages read zero. An allocator not known here (valgrind's, say, which
+ * tracks what was written) gets every byte cleared. */
+static int allocator_is_known(void)
+{
+    return allocator_is_glibc || other_good_size || other_nallocx;
+}
+
 /* Memory fresh from the kernel is zero already: clearing it would make every
  * page of a sparse table resident. jemalloc knows which of its pages are and is
- * asked for a zeroed block; otherwise only the pages that were used are cleared
- * (zeroing.c). */
+ * asked for a zeroed block; with the other known allocators only the pages that
+ * were used are cleared (zeroing.c). */
 static void *zeroed_block(size_t count, size_t size, size_t total)
 {
     void *ptr = NULL;
@@ -286,8 +294,12 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
         return ksm_jemalloc_zalloc_aligned(total);
     if (real_posix_memalign(&ptr, page_size, aligned_request(total)) != 0)
         return NULL;
-    if (!fresh_glibc_mapping(ptr))
+    if (fresh_glibc_mapping(ptr))
+        return ptr;
+    if (allocator_is_known())
         ksm_clear_block(ptr, total, page_size);
+    else
+        memset(ptr, 0, total);
     return ptr;
 }
 

@@ -49,7 +49,8 @@ BAD_FILES = {
 AS_NOBODY = f"""
 import os, sys
 import ksmpreload.cli, ksmpreload.diagnosis, ksmpreload.potential, ksmpreload.sharing
-import rich._emoji_codes, rich.live, rich.progress
+import rich._emoji_codes, rich.cells, rich.live, rich.progress
+rich.cells.cell_len("\u2192\u2026\u00e9\u4e2d")  # loads rich's unicode tables, as tables with such text do
 os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
 sys.argv[0] = "ksmpreload"
 ksmpreload.cli.main()
