@@ -247,20 +247,32 @@ static size_t large_alignment(size_t align)
     return config.align && align < page_size ? page_size : align;
 }
 
+/* A block of `size` bytes at `alignment` (a page or more), or NULL. mimalloc and tcmalloc
+ * hand out most large blocks page-aligned already (their size classes are whole pages):
+ * such a block is taken as malloc gives it, which keeps the allocator's own reuse
+ * (mimalloc maps a fresh segment for each huge aligned block: docs/BENCHMARKS.md). */
+static void *aligned_block(size_t size, size_t alignment)
+{
+    void *ptr = NULL;
+    if (alignment == page_size && (other_good_size || other_nallocx)) {
+        ptr = real_malloc(size);
+        if (ptr && is_page_aligned(ptr))
+            return ptr;
+        real_free(ptr);
+    }
+    return real_posix_memalign(&ptr, alignment, aligned_request(size)) == 0 ? ptr : NULL;
+}
+
 /* Returns a block of at least `size` bytes, page-aligned when aligning; errno kept on success. */
 SLOW_PATH static void *allocate_large(size_t size, size_t align)
 {
     int saved_errno = errno;
-    void *ptr = NULL;
     size_t alignment = large_alignment(align);
-    if (alignment <= 16) {
-        ptr = real_malloc(size);
-    } else if (real_posix_memalign(&ptr, alignment, aligned_request(size)) != 0) {
+    void *ptr = alignment <= 16 ? real_malloc(size) : aligned_block(size, alignment);
+    if (!ptr) {
         errno = ENOMEM;
         return NULL;
     }
-    if (!ptr)
-        return NULL;
     mark_heap_block(ptr, size);
     errno = saved_errno;
     return ptr;
@@ -287,12 +299,12 @@ static int allocator_is_known(void)
  * were used are cleared (zeroing.c). */
 static void *zeroed_block(size_t count, size_t size, size_t total)
 {
-    void *ptr = NULL;
     if (!config.align)
         return real_calloc(count, size);
     if (ksm_jemalloc_found())
         return ksm_jemalloc_zalloc_aligned(total);
-    if (real_posix_memalign(&ptr, page_size, aligned_request(total)) != 0)
+    void *ptr = aligned_block(total, page_size);
+    if (!ptr)
         return NULL;
     if (fresh_glibc_mapping(ptr))
         return ptr;
@@ -329,8 +341,8 @@ static int realloc_loses_alignment;
  * (the old block intact) when there is no memory for it. */
 static void *move_to_aligned(void *old, size_t old_size, size_t size)
 {
-    void *ptr = NULL;
-    if (real_posix_memalign(&ptr, page_size, aligned_request(size)) != 0)
+    void *ptr = aligned_block(size, page_size);
+    if (!ptr)
         return NULL;
     memcpy(ptr, old, old_size < size ? old_size : size);
     real_free(old);
