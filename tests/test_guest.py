@@ -131,6 +131,17 @@ def marked_vmas(pid):
     return vmas
 
 
+def probe_layout(c_programs, env, *args):
+    """Runs guest_probe ARGS until its first line; returns that line's words and its VMAs then."""
+    proc = subprocess.Popen([c_programs("guest_probe"), *args], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        return proc.stdout.readline().split(), marked_vmas(proc.pid)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
 def holding(vmas, address):
     return next(vma for vma in vmas if vma[0] <= address < vma[1])
 
@@ -142,14 +153,7 @@ def test_arena_heap_marked_from_its_real_size(c_programs, shim_env, hugetlb):
     ld.so, the shim and thread stacks. Files, their .bss and stacks are never marked."""
     env = shim_env(strategy="madvise", threshold=THRESHOLD)
     env["GLIBC_TUNABLES"] = f"glibc.malloc.hugetlb={hugetlb}"
-    proc = subprocess.Popen([c_programs("guest_probe"), "arena"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        _, block, _, stack = proc.stdout.readline().split()
-        vmas = marked_vmas(proc.pid)
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
+    (_, block, _, stack), vmas = probe_layout(c_programs, env, "arena")
     assert holding(vmas, int(block, 16))[3], "the arena heap holding the block is marked"
     assert not holding(vmas, int(stack, 16))[3], "the thread's stack is not marked"
     for before, vma in zip(vmas, vmas[1:]):
@@ -166,14 +170,8 @@ def test_arena_heap_that_glibc_made_again_is_marked_again(c_programs, shim_env):
     """glibc deletes emptied thread-arena heaps with its own munmap and makes new ones at the
     same addresses: those, and the blocks in them, are marked too (madvise strategy)."""
     env = shim_env(strategy="madvise", threshold=THRESHOLD)
-    proc = subprocess.Popen([c_programs("guest_probe"), "refill"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "refilled"
-        vmas = marked_vmas(proc.pid)
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
+    line, vmas = probe_layout(c_programs, env, "refill")
+    assert line == ["refilled"]
     heaps = [vma for vma in vmas if not vma[2] and vma[1] - vma[0] >= 16 << 20]
     assert len(heaps) >= 2, vmas
     assert all(vma[3] for vma in heaps), [hex(vma[0]) for vma in heaps if not vma[3]]
@@ -183,14 +181,7 @@ def test_arena_heap_found_past_a_maps_line_longer_than_a_page(c_programs, shim_e
     """A path near PATH_MAX makes a maps line longer than the shim's read buffer: the heap
     after it is still found and marked whole (not split block by block)."""
     env = shim_env(strategy="madvise", threshold=THRESHOLD)
-    proc = subprocess.Popen([c_programs("guest_probe"), "longpath", str(tmp_path)], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        _, block, _, _ = proc.stdout.readline().split()
-        vmas = marked_vmas(proc.pid)
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
+    (_, block, _, _), vmas = probe_layout(c_programs, env, "longpath", str(tmp_path))
     heap = holding(vmas, int(block, 16))
     assert heap[3] and heap[0] % (1 << 20) == 0, "the heap is marked from its start, not block by block"
 
