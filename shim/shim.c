@@ -225,8 +225,26 @@ static int mergeable_mapping(int flags)
         && !(flags & (MAP_GROWSDOWN | MAP_STACK | MAP_HUGETLB));
 }
 
+/* Set once the malloc library maps memory that is not private anonymous (tcmalloc under
+ * TCMALLOC_MEMFS_MALLOC_PATH maps a file MAP_SHARED): a page it releases there loses its page
+ * table entry but keeps its bytes, so the pagemap cannot say which pages were used, and
+ * calloc clears every byte (zeroed_block). */
+static int allocator_maps_other_memory;
+
+static void note_allocator_mapping(void *ptr, int flags, const void *caller)
+{
+    if (ptr == MAP_FAILED || ((flags & MAP_TYPE) == MAP_PRIVATE && (flags & MAP_ANONYMOUS))
+        || allocator_is_glibc || __atomic_load_n(&allocator_maps_other_memory, __ATOMIC_RELAXED))
+        return;
+    /* Before the real functions are known no lookup is safe: count it as the allocator's. */
+    malloc_fn malloc_now = __atomic_load_n(&real_malloc, __ATOMIC_ACQUIRE);
+    if (!malloc_now || same_object(caller, (void *)malloc_now))
+        __atomic_store_n(&allocator_maps_other_memory, 1, __ATOMIC_RELAXED);
+}
+
 static void *mark_mapping(void *ptr, size_t len, int flags, const void *caller)
 {
+    note_allocator_mapping(ptr, flags, caller);
     if (ptr != MAP_FAILED && config.threshold && len >= config.threshold && mergeable_mapping(flags)) {
         ksm_jemalloc_saw_mapping(ptr, len);
         ksm_mark_mapping(ptr, len, caller);
@@ -290,7 +308,8 @@ static int fresh_glibc_mapping(const void *ptr)
  * tracks what was written) gets every byte cleared. */
 static int allocator_is_known(void)
 {
-    return allocator_is_glibc || other_good_size || other_nallocx;
+    return allocator_is_glibc
+        || ((other_good_size || other_nallocx) && !__atomic_load_n(&allocator_maps_other_memory, __ATOMIC_RELAXED));
 }
 
 /* Memory fresh from the kernel is zero already: clearing it would make every
@@ -740,6 +759,8 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
     if (!allocator_is_glibc && !ksm_jemalloc_found())
         find_other_size_classes();
+    if (other_nallocx && getenv("TCMALLOC_MEMFS_MALLOC_PATH")) /* its file may be mapped already */
+        allocator_maps_other_memory = 1;
 
     ksm_stat_set(KSM_STAT_pid, (uint64_t)getpid());
     ksm_stat_set(KSM_STAT_strategy, config.strategy == KSM_STRATEGY_OBSERVE ? 3 : marking_by_prctl ? 1 : 2);

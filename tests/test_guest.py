@@ -58,6 +58,19 @@ def test_calloc_of_reused_memory_reads_zero(c_programs, shim_env, preload_after,
     assert result.returncode == 0 and result.stdout == "zeroed\n", result.stdout + result.stderr
 
 
+@pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="tcmalloc missing")
+@pytest.mark.parametrize("size", [2_000_000, 20_000_000])
+def test_calloc_of_shared_allocator_memory_reads_zero(c_programs, shim_env, tmp_path, size):
+    """tcmalloc with TCMALLOC_MEMFS_MALLOC_PATH serves blocks from a MAP_SHARED file: a page it
+    released (madvise) has no page table entry but keeps its bytes in the file, so the pagemap
+    cannot tell a used page there: calloc clears every byte of such an allocator's blocks."""
+    env = dict(shim_env((TCMALLOC,)), TCMALLOC_MEMFS_MALLOC_PATH=str(tmp_path / "tcmalloc"),
+               TCMALLOC_AGGRESSIVE_DECOMMIT="true")
+    result = subprocess.run([c_programs("guest_probe"), "reused", str(size)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "zeroed\n", result.stdout + result.stderr
+
+
 def test_calloc_after_glibc_lifts_its_mmap_threshold_stays_sparse(c_programs, shim_env):
     """After a large free glibc serves large callocs from its heap: the pages never used there
     stay untouched (calloc of 20 MB: less than 1 MiB more RSS than glibc alone)."""
