@@ -81,7 +81,7 @@ enum ksm_region_kind {
     KSM_REGION_MAPPING = 1,   /* an mmap the wrapper saw; caller: the code that called mmap */
     KSM_REGION_AT_START,      /* an anonymous mapping made before the shim started */
     KSM_REGION_GLIBC_CHUNK,   /* a glibc chunk with a mapping of its own (large malloc) */
-    KSM_REGION_GLIBC_ARENA,   /* a glibc thread arena's 64 MiB heap */
+    KSM_REGION_GLIBC_ARENA,   /* a glibc thread arena's heap (64 MiB, or as glibc's tunables size it) */
     KSM_REGION_JEMALLOC_EXTENT /* an extent jemalloc's hooks saw and the mmap wrapper did not */
 };
 #define KSM_REGION_CAPACITY 4096
