@@ -171,12 +171,8 @@ static nallocx_flags_fn other_nallocx;
 
 static void *from_malloc_library(const char *name)
 {
-    Dl_info of_malloc, of_symbol;
     void *symbol = dlsym(RTLD_NEXT, name);
-    if (!symbol || !dladdr((void *)real_malloc, &of_malloc) || !dladdr(symbol, &of_symbol)
-        || of_malloc.dli_fbase != of_symbol.dli_fbase)
-        return NULL;
-    return symbol;
+    return same_object((void *)real_malloc, symbol) ? symbol : NULL;
 }
 
 static void find_other_size_classes(void)
