@@ -129,6 +129,7 @@ def main():
     if not shutil.which("strace"):
         sys.exit("strace is missing (apt-get install strace)")
     with tempfile.TemporaryDirectory() as directory:
+        say(f"shim: {ksmpreload.shim_path()} (KSMPRELOAD_SHIM chooses another)")
         shim = shutil.copy(ksmpreload.shim_path(), os.path.join(directory, "libksmpreload.so"))
         program = build(directory)
         cases = []

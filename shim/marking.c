@@ -10,6 +10,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "glibc_chunks.h"
 #include "stats.h"
 
 static struct ksm_marking setup = {.page_size = 4096};
@@ -17,13 +18,9 @@ static struct ksm_marking setup = {.page_size = 4096};
 static uintptr_t page_down(uintptr_t address) { return address & ~(uintptr_t)(setup.page_size - 1); }
 static uintptr_t page_up(uintptr_t address) { return page_down(address + setup.page_size - 1); }
 
-static size_t glibc_mmap_threshold; /* defined with glibc's chunks, below */
-
 void ksm_marking_start(const struct ksm_marking *chosen)
 {
     setup = *chosen;
-    if (setup.glibc_fixed_threshold) /* it never moves: no block needs the page that lifts it */
-        glibc_mmap_threshold = SIZE_MAX;
 }
 
 static void count_madvise_failure(int error)
@@ -152,32 +149,17 @@ static int private_anonymous(const struct vma *vma)
     return vma->anonymous && vma->perms[3] == 'p';
 }
 
-/* ---- glibc's chunks ---------------------------------------------------- */
-
-/* glibc keeps two size_t words before each block: prev_size, then the size
- * with flag bits. A chunk of its own mapping (IS_MMAPPED) records in prev_size
- * how far into the mapping it starts; a chunk of a thread's arena
- * (NON_MAIN_ARENA) lives in a heap that starts at a multiple of HEAP_MAX. This
- * layout has not changed since glibc 2.3 (malloc/malloc.c, arena.c). */
-#define GLIBC_IS_MMAPPED 0x2
-#define GLIBC_NON_MAIN_ARENA 0x4
-#define GLIBC_SIZE_BITS 0x7
-
-static size_t glibc_word_before(const void *ptr, int words)
-{
-    size_t word;
-    memcpy(&word, (const char *)ptr - words * sizeof(size_t), sizeof word);
-    return word;
-}
+/* ---- glibc's chunks (glibc_chunks.c says where they live) ------------- */
 
 /* The whole mapping: marking it as one keeps it one VMA, and lets it join its neighbours. */
 static void mark_glibc_mapped_chunk(void *ptr)
 {
-    uintptr_t chunk = (uintptr_t)ptr - 2 * sizeof(size_t);
-    size_t offset = glibc_word_before(ptr, 2), size = glibc_word_before(ptr, 1) & ~(size_t)GLIBC_SIZE_BITS;
-    ksm_region_record(chunk - offset, offset + size, KSM_REGION_GLIBC_CHUNK, NULL);
+    uintptr_t start;
+    size_t length;
+    ksm_glibc_chunk_mapping(ptr, &start, &length);
+    ksm_region_record(start, length, KSM_REGION_GLIBC_CHUNK, NULL);
     if (!setup.by_prctl)
-        madvise_mergeable(chunk - offset, chunk + size);
+        madvise_mergeable(start, start + length);
 }
 
 /* A thread arena's heap is one mapping, aligned to its size, made of the part
@@ -287,73 +269,14 @@ static int mark_glibc_arena_heap(void *ptr)
     return 1;
 }
 
-/* What glibc's malloc(size) would have given from its heap: a chunk of size + 8 bytes
- * rounded to 16 (32 at least). */
-static size_t glibc_heap_usable(size_t size)
-{
-    size_t chunk = (size + sizeof(size_t) + 15) & ~(size_t)15;
-    return (chunk < 32 ? 32 : chunk) - sizeof(size_t);
-}
-
-/* A mapped chunk costs the pages the program touches when it uses its block: aligned, the
- * page holding the chunk header in front of the block, and the block's own pages; the
- * extra page asked for (ksm_glibc_aligned_request) and the slack in front are never
- * touched. Unaligned, the header and the block share pages from the mapping's start. */
-static size_t glibc_mapped_padding(size_t size)
-{
-    return setup.page_size + page_up(size) - page_up(size + 2 * sizeof(size_t));
-}
-
-/* glibc's dynamic mmap threshold (malloc.c): a request at or above it gets a mapping of its
- * own, and freeing a mapped chunk larger than it (up to 32 MiB on 64 bits) raises it to that
- * chunk's size, so that a malloc/free loop soon runs from the heap. An aligned chunk is
- * smaller than the request glibc made for it (the alignment slack is cut off its front), so
- * its free never lifts the threshold past the next aligned request of the same size: every
- * block would be a fresh mmap and munmap, every page a fresh fault. One more page in the
- * request of a block that will be mapped makes its free lift the threshold as a plain
- * malloc's does. The threshold is followed here from the frees the shim sees. */
-#define GLIBC_MMAP_THRESHOLD_MAX ((size_t)4 * 1024 * 1024 * sizeof(long))
-static size_t glibc_mmap_threshold = 128 * 1024;
-
-size_t ksm_glibc_aligned_request(size_t size)
-{
-    size_t threshold = __atomic_load_n(&glibc_mmap_threshold, __ATOMIC_RELAXED);
-    if (size < threshold || size > GLIBC_MMAP_THRESHOLD_MAX)
-        return size;
-    return size + setup.page_size + 4 * sizeof(size_t);
-}
-
-void ksm_glibc_before_free(const void *ptr)
-{
-    size_t size_word = glibc_word_before(ptr, 1), size = size_word & ~(size_t)GLIBC_SIZE_BITS;
-    if ((size_word & GLIBC_IS_MMAPPED) && !setup.glibc_fixed_threshold
-        && size > __atomic_load_n(&glibc_mmap_threshold, __ATOMIC_RELAXED)
-        && size <= GLIBC_MMAP_THRESHOLD_MAX)
-        __atomic_store_n(&glibc_mmap_threshold, size, __ATOMIC_RELAXED);
-}
-
-int ksm_glibc_chunk_is_mapped(const void *ptr)
-{
-    return (glibc_word_before(ptr, 1) & GLIBC_IS_MMAPPED) != 0;
-}
-
-size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
-{
-    if (glibc_word_before(ptr, 1) & GLIBC_IS_MMAPPED)
-        return glibc_mapped_padding(size);
-    size_t unaligned = glibc_heap_usable(size);
-    return usable > unaligned ? usable - unaligned : 0;
-}
-
 /* 1 when the chunk's whole mapping or heap is handled; 0: mark the block itself. */
 static int mark_by_glibc_chunk(void *ptr)
 {
-    size_t size_word = glibc_word_before(ptr, 1);
-    if (size_word & GLIBC_IS_MMAPPED) {
+    if (ksm_glibc_chunk_is_mapped(ptr)) {
         mark_glibc_mapped_chunk(ptr);
         return 1;
     }
-    return (size_word & GLIBC_NON_MAIN_ARENA) && mark_glibc_arena_heap(ptr);
+    return ksm_glibc_chunk_in_arena_heap(ptr) && mark_glibc_arena_heap(ptr);
 }
 
 /* ---- anything else ----------------------------------------------------- */

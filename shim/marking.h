@@ -13,7 +13,6 @@ struct ksm_marking {
     int glibc_chunks;          /* the allocator is glibc: its chunk headers tell where a block lives */
     uintptr_t main_heap_start; /* start_brk */
     uint64_t vma_budget;       /* madvise calls that may split a mapping */
-    int glibc_fixed_threshold; /* the program fixed glibc's mmap threshold: it never moves */
 };
 
 void ksm_marking_start(const struct ksm_marking *setup);
@@ -26,14 +25,5 @@ void ksm_mark_extent(void *ptr, size_t len);
 /* Large anonymous mappings made before the shim started (an allocator's constructor). */
 void ksm_mark_existing_mappings(size_t threshold);
 void ksm_marking_after_fork(void);
-/* glibc only: bytes of `usable` beyond what malloc(size) would have given. */
-size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable);
-/* glibc only: how many bytes to ask posix_memalign for, for a page-aligned block of `size`
- * (one page more when glibc will map it, so that freeing it lifts glibc's mmap threshold). */
-size_t ksm_glibc_aligned_request(size_t size);
-/* glibc only, for a page-aligned block about to be freed: follows glibc's mmap threshold. */
-void ksm_glibc_before_free(const void *ptr);
-/* glibc only: the block is a chunk with a mapping of its own (straight from mmap). */
-int ksm_glibc_chunk_is_mapped(const void *ptr);
 
 #endif

@@ -33,7 +33,6 @@ struct shard {
 
 static struct shard shards[SHARDS];
 static struct entry first_entries[SHARDS][FIRST_CAPACITY];
-static uint64_t live_blocks; /* any at all: free's slow path asks this first */
 static unsigned page_shift = 12;
 
 static uint64_t hash_of(uintptr_t block)
@@ -117,18 +116,21 @@ static void remove_entry(struct shard *shard, struct entry *hole)
         }
     }
     shard->entries[empty].block = 0;
-    shard->count--;
+    __atomic_store_n(&shard->count, shard->count - 1, __ATOMIC_RELAXED);
 }
 
 static void count_change(int64_t blocks, int64_t bytes)
 {
-    __atomic_add_fetch(&live_blocks, (uint64_t)blocks, __ATOMIC_RELAXED);
     ksm_stat_add(KSM_STAT_padded_blocks, (uint64_t)blocks);
     ksm_stat_add(KSM_STAT_padding_bytes, (uint64_t)bytes);
 }
 
 void ksm_padding_note(void *ptr, size_t padding)
 {
+    /* A block without padding is not kept. An entry left at its address by a block freed
+     * behind the shim's back is taken out when this block is freed (ksm_padding_forget). */
+    if (!padding)
+        return;
     int saved_errno = errno; /* a failed mmap in grow() is nobody's business */
     uintptr_t block = (uintptr_t)ptr;
     struct shard *shard = shard_of(block);
@@ -138,9 +140,9 @@ void ksm_padding_note(void *ptr, size_t padding)
         count_change(-1, -(int64_t)entry->padding);
         remove_entry(shard, entry);
     }
-    if (padding && ((shard->count + 1) * 2 <= shard->capacity || grow(shard))) {
+    if ((shard->count + 1) * 2 <= shard->capacity || grow(shard)) {
         put_entry(shard, block, padding);
-        shard->count++;
+        __atomic_store_n(&shard->count, shard->count + 1, __ATOMIC_RELAXED);
         count_change(1, (int64_t)padding);
     }
     pthread_mutex_unlock(&shard->lock);
@@ -149,10 +151,12 @@ void ksm_padding_note(void *ptr, size_t padding)
 
 size_t ksm_padding_forget(void *ptr)
 {
-    if (!ptr || !__atomic_load_n(&live_blocks, __ATOMIC_RELAXED))
-        return 0;
     uintptr_t block = (uintptr_t)ptr;
     struct shard *shard = shard_of(block);
+    /* Unlocked: only this block's owner adds or takes out its entry, so an empty shard
+     * cannot be about to hold it. */
+    if (!ptr || !__atomic_load_n(&shard->count, __ATOMIC_RELAXED))
+        return 0;
     pthread_mutex_lock(&shard->lock);
     struct entry *entry = find(shard, block);
     size_t padding = entry ? entry->padding : 0;

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "glibc_chunks.h"
 #include "hooks.h"
 #include "jemalloc.h"
 #include "marking.h"
@@ -268,6 +269,9 @@ static size_t large_alignment(size_t align)
 static void *aligned_block(size_t size, size_t alignment)
 {
     void *ptr = NULL;
+    if (alignment == page_size && allocator_is_glibc && !ksm_glibc_will_map(size)
+        && (ptr = ksm_glibc_aligned_block(size)))
+        return ptr;
     if (alignment == page_size && (other_good_size || other_nallocx)) {
         ptr = real_malloc(size);
         if (ptr && is_page_aligned(ptr))
@@ -749,9 +753,10 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     allocator_is_glibc = malloc_is_glibc();
     struct ksm_marking marking = {.page_size = page_size, .by_prctl = marking_by_prctl,
                                   .glibc_chunks = allocator_is_glibc, .main_heap_start = read_heap_start(),
-                                  .vma_budget = read_max_map_count() / 4,
-                                  .glibc_fixed_threshold = ksm_glibc_thresholds_fixed()};
+                                  .vma_budget = read_max_map_count() / 4};
     ksm_marking_start(&marking);
+    struct ksm_glibc_calls glibc = {real_malloc, real_realloc, real_free, real_malloc_usable_size};
+    ksm_glibc_start(page_size, ksm_glibc_thresholds_fixed(), &glibc);
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
     if (!allocator_is_glibc && !ksm_jemalloc_found())
         find_other_size_classes();

