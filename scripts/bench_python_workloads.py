@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def main():
     parser.add_argument("--suite-reps", type=int, default=2)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
+    import ksmpreload
+    say(f"ksm-wrap: {shutil.which('ksm-wrap')}, shim {ksmpreload.shim_path()} (KSMPRELOAD_SHIM chooses another)")
     cases = [compare(name, args.reps, lambda arm, name=name: run_workload(arm, name))
              for name in args.workloads.split(",") if name]
     if args.numpy_suite:

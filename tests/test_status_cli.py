@@ -164,7 +164,8 @@ def test_status_watch_redraws_on_a_terminal_until_ctrl_c():
     assert child.wait(timeout=30) == 0, child.stderr.read()
     os.close(leader)
     assert output.count(b"pages saved (") >= 2
-    screen = output.decode()
+    # SIGINT may stop a frame half-way through a character (the box lines are UTF-8)
+    screen = output.decode(errors="replace")
     assert all(f"{name}: " in screen for name in os.listdir(kernel.KSM_DIR))  # none cropped
     assert "\x1b[?25h" in screen  # rich.live showed the cursor again
 
