@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include "glibc_chunks.h"
 
+#include <stdint.h>
 #include <string.h>
 
 #define PREV_INUSE 0x1
@@ -99,9 +100,11 @@ size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
 /* How many bytes to malloc to cut an aligned block of `size` from. */
 static size_t carve_request(size_t size) { return size + page_size + MIN_CHUNK; }
 
+/* A size glibc cannot serve at all counts as mapped: it goes to posix_memalign, which refuses
+ * it, before the request sizes here wrap around (a fixed threshold never compares). */
 int ksm_glibc_will_map(size_t size)
 {
-    return (size > MMAP_THRESHOLD_MAX && !threshold_fixed)
+    return size > PTRDIFF_MAX - 4 * page_size || (size > MMAP_THRESHOLD_MAX && !threshold_fixed)
         || chunk_for(carve_request(size)) >= __atomic_load_n(&mmap_threshold, __ATOMIC_RELAXED);
 }
 

@@ -87,3 +87,17 @@ def test_blocks_freed_by_another_thread_leave_glibc_heap_sound(c_programs, shim_
     threads the shim uses only glibc's own calls."""
     rounds = str((800 << 20) // size)
     assert run_probe([c_programs("mix_probe"), "handoff", str(size), rounds], shim_env()).strip() == "ok"
+
+
+@pytest.mark.parametrize("fixed", ["", "MALLOC_TOP_PAD_"])
+def test_sizes_glibc_cannot_serve_are_refused_as_glibc_refuses_them(c_programs, shim_env, fixed):
+    """A page short of SIZE_MAX, with glibc's thresholds fixed by the environment: the sizes
+    the shim adds to a request wrapped around, malloc returned 8 KiB for it, aligned_alloc
+    aborted and calloc hung. They are refused, as without the shim."""
+    command = [c_programs("mix_probe"), "huge"]
+    alone, env = dict(os.environ, LD_PRELOAD=""), shim_env()
+    if fixed:
+        alone[fixed] = env[fixed] = "0"
+    expected = "malloc null posix_memalign 12 aligned_alloc null calloc null"
+    assert run_probe(command, alone).strip() == expected
+    assert run_probe(command, env).strip() == expected

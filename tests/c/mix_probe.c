@@ -6,7 +6,9 @@
  * on a corrupt heap of its own accord.
  *   mix_probe SEED ROUNDS THREADS   prints "ok"
  *   mix_probe handoff SIZE ROUNDS   one thread mallocs and fills blocks of SIZE, another
- *                                   checks and frees them, 16 in flight; prints "ok" */
+ *                                   checks and frees them, 16 in flight; prints "ok"
+ *   mix_probe huge                  asks malloc, posix_memalign, aligned_alloc and calloc for
+ *                                   sizes a page short of SIZE_MAX; prints what each returned */
 #define _GNU_SOURCE
 #include <malloc.h>
 #include <pthread.h>
@@ -177,8 +179,23 @@ static int handoff(size_t size)
     return 0;
 }
 
+static int huge(void)
+{
+    volatile size_t size = SIZE_MAX - 100;
+    void *block = NULL;
+    void *from_malloc = malloc(size);
+    int memalign_error = posix_memalign(&block, 4096, size);
+    void *from_aligned_alloc = aligned_alloc(4096, size & ~(size_t)4095);
+    void *from_calloc = calloc(2, size / 2 - 10);
+    printf("malloc %s posix_memalign %d aligned_alloc %s calloc %s\n", from_malloc ? "block" : "null",
+           memalign_error, from_aligned_alloc ? "block" : "null", from_calloc ? "block" : "null");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 2 && strcmp(argv[1], "huge") == 0)
+        return huge();
     if (argc == 4 && strcmp(argv[1], "handoff") == 0) {
         rounds = strtol(argv[3], NULL, 10);
         return handoff(strtoul(argv[2], NULL, 10));
