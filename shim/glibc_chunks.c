@@ -115,7 +115,7 @@ size_t ksm_glibc_aligned_request(size_t size)
 
 /* ---- page-aligned blocks ------------------------------------------------ */
 
-/* After the program frees an aligned block, the next block of that size most likely takes
+/* After the program frees an aligned heap block, the next block of that size most likely takes
  * its place and comes from malloc page-aligned already (an alloc/free loop), so malloc is
  * asked first. When its block was not aligned, it is not asked first for the next
  * PLAIN_BACKOFF blocks: where the freed block joined free memory in front of it, the first
@@ -132,7 +132,8 @@ void ksm_glibc_before_free(const void *ptr)
     if ((size_word & IS_MMAPPED) && !threshold_fixed && size > __atomic_load_n(&mmap_threshold, __ATOMIC_RELAXED)
         && size <= MMAP_THRESHOLD_MAX)
         __atomic_store_n(&mmap_threshold, size, __ATOMIC_RELAXED);
-    if (is_page_aligned(ptr) && !__atomic_load_n(&aligned_block_freed, __ATOMIC_RELAXED))
+    /* a mapped chunk's memory goes back to the kernel: no later block takes its place */
+    if (!(size_word & IS_MMAPPED) && is_page_aligned(ptr) && !__atomic_load_n(&aligned_block_freed, __ATOMIC_RELAXED))
         __atomic_store_n(&aligned_block_freed, 1, __ATOMIC_RELAXED);
 }
 
@@ -162,7 +163,7 @@ static void *malloc_if_aligned(size_t size)
  * arena lock while it is set, and the chunk surgery below relies on it the same way. */
 extern char __libc_single_threaded __attribute__((weak));
 
-static int single_threaded(void) { return &__libc_single_threaded && __libc_single_threaded; }
+int ksm_glibc_single_threaded(void) { return &__libc_single_threaded && __libc_single_threaded; }
 
 /* A mapped chunk moves its start: prev_size says how much of the mapping is in front.
  * Nobody else reads or writes these words. */
@@ -229,11 +230,13 @@ static void *hand_back_around(void *raw, uintptr_t block, size_t size)
     return ptr;
 }
 
-void *ksm_glibc_aligned_block(size_t size)
+void *ksm_glibc_reused_block(size_t size)
 {
-    void *ptr = worth_asking_malloc_first() ? malloc_if_aligned(size) : NULL;
-    if (ptr)
-        return ptr;
+    return worth_asking_malloc_first() ? malloc_if_aligned(size) : NULL;
+}
+
+void *ksm_glibc_cut_block(size_t size)
+{
     void *raw = glibc.malloc(carve_request(size));
     if (!raw)
         return NULL;
@@ -242,5 +245,11 @@ void *ksm_glibc_aligned_block(size_t size)
         block += page_size;
     if (ksm_glibc_chunk_is_mapped(raw))
         return move_mapped_chunk(raw, block);
-    return single_threaded() ? cut_out(raw, block, size) : hand_back_around(raw, block, size);
+    return ksm_glibc_single_threaded() ? cut_out(raw, block, size) : hand_back_around(raw, block, size);
+}
+
+void *ksm_glibc_aligned_block(size_t size)
+{
+    void *ptr = ksm_glibc_reused_block(size);
+    return ptr ? ptr : ksm_glibc_cut_block(size);
 }

@@ -16,6 +16,9 @@ struct ksm_glibc_calls {
 };
 
 void ksm_glibc_start(size_t page_size, int fixed_threshold, const struct ksm_glibc_calls *calls);
+/* No second thread was ever created (glibc's __libc_single_threaded): glibc's malloc then
+ * takes no locks, and nothing else can change its heap during a call. */
+int ksm_glibc_single_threaded(void);
 /* The block is a chunk with a mapping of its own (straight from mmap). */
 int ksm_glibc_chunk_is_mapped(const void *ptr);
 /* The block lives in a thread arena's heap. */
@@ -33,7 +36,14 @@ size_t ksm_glibc_aligned_request(size_t size);
 void ksm_glibc_before_free(const void *ptr);
 /* A page-aligned block of `size` that glibc's heap serves (ksm_glibc_will_map is false), made
  * without posix_memalign, whose small remainders wedge the heap (glibc_chunks.c); NULL when
- * none could be made this way (nothing is held then): the caller asks posix_memalign. */
+ * none could be made this way (nothing is held then): the caller asks posix_memalign. It is
+ * ksm_glibc_reused_block's block, or else ksm_glibc_cut_block's. */
 void *ksm_glibc_aligned_block(size_t size);
+/* malloc's own block, when an aligned block was freed lately and malloc returns this one
+ * page-aligned (it takes the freed block's place: memory that was used); else NULL. */
+void *ksm_glibc_reused_block(size_t size);
+/* A block cut out of a larger one from malloc. glibc writes nothing inside the block while
+ * it does so: no chunk header, no free-list pointer (calloc relies on it). */
+void *ksm_glibc_cut_block(size_t size);
 
 #endif

@@ -316,12 +316,48 @@ static int allocator_is_known(void)
  * page of a sparse table resident. jemalloc knows which of its pages are and is
  * asked for a zeroed block; with the other known allocators only the pages that
  * were used are cleared (zeroing.c). */
+static void clear_unless_fresh(unsigned char *from, unsigned char *to, uintptr_t fresh_from, uintptr_t fresh_to)
+{
+    unsigned char *fresh_start = (unsigned char *)fresh_from, *fresh_end = (unsigned char *)fresh_to;
+    if (fresh_end <= from || fresh_start >= to || *(fresh_start > from ? fresh_start : from) != 0) {
+        memset(from, 0, (size_t)(to - from)); /* nothing fresh, or glibc's perturb byte filled it */
+        return;
+    }
+    if (fresh_start > from)
+        memset(from, 0, (size_t)(fresh_start - from));
+    if (fresh_end < to)
+        memset(fresh_end, 0, (size_t)(to - fresh_end));
+}
+
+/* glibc with one thread: the part of the block that its heap took from the kernel during
+ * the one call that made it (the program break moved over it) is zero already; the rest is
+ * cleared, as glibc's own calloc does with its top. When malloc's first try fails, the
+ * break is read again: that try's chunk headers may lie in memory the break passed. No
+ * other thread can have used that memory meanwhile. */
+static void *glibc_zeroed_block(size_t total)
+{
+    int from_heap = !ksm_glibc_will_map(total);
+    uintptr_t break_before = (uintptr_t)sbrk(0);
+    unsigned char *ptr = from_heap ? ksm_glibc_reused_block(total) : NULL;
+    if (!ptr) {
+        break_before = (uintptr_t)sbrk(0);
+        if (!(from_heap && (ptr = ksm_glibc_cut_block(total)))
+            && real_posix_memalign((void **)&ptr, page_size, aligned_request(total)) != 0)
+            return NULL;
+    }
+    if (!fresh_glibc_mapping(ptr))
+        clear_unless_fresh(ptr, ptr + total, break_before, (uintptr_t)sbrk(0));
+    return ptr;
+}
+
 static void *zeroed_block(size_t count, size_t size, size_t total)
 {
     if (!config.align)
         return real_calloc(count, size);
     if (ksm_jemalloc_found())
         return ksm_jemalloc_zalloc_aligned(total);
+    if (allocator_is_glibc && ksm_glibc_single_threaded())
+        return glibc_zeroed_block(total);
     void *ptr = aligned_block(total, page_size);
     if (!ptr)
         return NULL;
