@@ -3,7 +3,7 @@
 
 Builds scripts/bench/large_churn.c (cc -O2 -pthread, in a temporary directory) and runs it for
 each allocator (glibc; jemalloc, mimalloc, tcmalloc where Debian's library is installed),
-pattern (loop, calloc, realloc, threads, handoff: see the C file) and size (the shim's 8 KiB
+pattern (loop, calloc, realloc, threads, handoff, mixed: see the C file) and size (the shim's 8 KiB
 threshold up to 16 MiB), alone and under the shim (LD_PRELOAD="<shim> <allocator>",
 KSMPRELOAD_STATS_DIR=off). Rounds are sized so that each run writes about --mib MiB.
 Repetitions are interleaved (alone, shim; shim, alone; ...), so drift falls on both sides.
@@ -32,7 +32,7 @@ SOURCE = os.path.join(HERE, "bench", "large_churn.c")
 LIBS = "/usr/lib/x86_64-linux-gnu"
 ALLOCATORS = {"glibc": "", "jemalloc": f"{LIBS}/libjemalloc.so.2", "mimalloc": f"{LIBS}/libmimalloc.so.2",
               "tcmalloc": f"{LIBS}/libtcmalloc_minimal.so.4"}
-PATTERNS = ["loop", "calloc", "realloc", "threads", "handoff"]
+PATTERNS = ["loop", "calloc", "realloc", "threads", "handoff", "mixed"]
 SIZES = ["8K", "64K", "256K", "1M", "4M", "16M"]
 MAPPING_CALLS = ("mmap", "munmap", "mremap", "brk", "madvise")
 

@@ -20,7 +20,7 @@
 /* A chunk this large skips tcache (1,040-byte chunks at most by default) and the fastbins
  * when freed: it joins its free neighbours, or the top. A smaller one stays "in use" in a
  * cache between its neighbours, so they can never join: the heap grows instead. */
-#define LEAVES_SMALL_CACHES 2048
+#define LEAVES_SMALL_CACHES 1056
 /* On 64 bits glibc never lifts its mmap threshold above 32 MiB. */
 #define MMAP_THRESHOLD_MAX ((size_t)4 * 1024 * 1024 * sizeof(long))
 
@@ -97,8 +97,10 @@ size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
  * never lift the threshold past the next aligned request of the same size: every block a
  * fresh mmap and munmap, every page a fresh fault. One more page in the request of a block
  * that will be mapped makes its free lift the threshold as a plain malloc's does. */
-/* How many bytes to malloc to cut an aligned block of `size` from. */
-static size_t carve_request(size_t size) { return size + page_size + MIN_CHUNK; }
+/* How many bytes to malloc to cut an aligned block of `size` from: room for the part in
+ * front (a chunk, so 32 bytes at least, up to a page more), and enough behind the block that
+ * the part left there is always large enough to leave glibc's small caches when freed. */
+static size_t carve_request(size_t size) { return size + page_size + 2 * MIN_CHUNK + LEAVES_SMALL_CACHES; }
 
 /* A size glibc cannot serve at all counts as mapped: it goes to posix_memalign, which refuses
  * it, before the request sizes here wrap around (a fixed threshold never compares). */
@@ -175,12 +177,14 @@ static void *move_mapped_chunk(void *raw, uintptr_t block)
     return (void *)block;
 }
 
-/* glibc's memalign cuts an aligned chunk out of a larger one and frees both remainders;
- * a small one lands in tcache, wedged between the block and the free memory around it,
- * and the next block of the same size no longer fits there: each round of an alloc/free
- * loop grew the heap and faulted in fresh pages (docs/BENCHMARKS.md, "Large blocks").
- * Here the part behind the block is freed only when it leaves the small caches, and is
- * otherwise kept in the block (counted as padding). */
+/* glibc's memalign cuts an aligned chunk out of a larger one and frees both remainders; a
+ * small one lands in tcache, wedged between the block and the free memory around it, and
+ * the next block of the same size no longer fits there: each round of an alloc/free loop
+ * grew the heap and faulted in fresh pages (docs/BENCHMARKS.md, "Large blocks"). Keeping
+ * such a remainder in the block instead left holes that later blocks did not fit, among the
+ * program's small blocks (peak memory up to 7x, the `mixed` pattern there). So the request
+ * leaves a remainder behind the block that is always freed into glibc's bins, where it joins
+ * its neighbours; one that is somehow smaller stays in the block (counted as padding). */
 static void cut_tail(uintptr_t block, size_t size)
 {
     size_t size_word = word_before((void *)block, 1), whole = size_word & ~(size_t)SIZE_BITS;

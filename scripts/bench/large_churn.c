@@ -5,6 +5,8 @@
  *   realloc   malloc(SIZE/16), realloc doubling up to SIZE, writing each new page, free
  *   threads   two threads, each running `loop` for ROUNDS/2
  *   handoff   one thread allocates and writes, another frees (a queue of 16 blocks)
+ *   mixed     four blocks of SIZE to SIZE + 6 pages in rotation, each round also replacing
+ *             one of 4,096 long-lived small blocks (16-915 bytes) in turn
  * Prints one JSON line: seconds of the loop, minor faults, peak RSS (VmHWM: getrusage's
  * ru_maxrss survives exec and would show the parent's), a checksum of what was read back
  * (the same with and without the shim, or the shim changed a result). */
@@ -61,6 +63,26 @@ static uint64_t run_realloc(void)
         sum += block[0];
         free(block);
     }
+    return sum;
+}
+
+static uint64_t run_mixed(void)
+{
+    static void *blocks[4], *small[4096];
+    unsigned seed = 12345;
+    for (long round = 0; round < rounds; round++) {
+        int slot = (int)(round % 4), small_slot = (int)(round % 4096);
+        free(blocks[slot]);
+        size_t length = size + (size_t)(round % 7) * PAGE;
+        if (!(blocks[slot] = malloc(length)))
+            exit(2);
+        touch(blocks[slot], 0, length, round);
+        free(small[small_slot]);
+        small[small_slot] = malloc((size_t)(rand_r(&seed) % 900 + 16));
+    }
+    uint64_t sum = 0;
+    for (int i = 0; i < 4; i++)
+        sum += ((unsigned char *)blocks[i])[0];
     return sum;
 }
 
@@ -137,7 +159,7 @@ static long peak_rss_kib(void)
 int main(int argc, char **argv)
 {
     if (argc != 4) {
-        fprintf(stderr, "usage: large_churn loop|calloc|realloc|threads|handoff SIZE ROUNDS\n");
+        fprintf(stderr, "usage: large_churn loop|calloc|realloc|threads|handoff|mixed SIZE ROUNDS\n");
         return 2;
     }
     const char *pattern = argv[1];
@@ -155,6 +177,8 @@ int main(int argc, char **argv)
         sum = run_threads();
     else if (!strcmp(pattern, "handoff"))
         sum = run_handoff();
+    else if (!strcmp(pattern, "mixed"))
+        sum = run_mixed();
     else
         return 2;
     clock_gettime(CLOCK_MONOTONIC, &end);
