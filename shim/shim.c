@@ -358,14 +358,7 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
         return ksm_jemalloc_zalloc_aligned(total);
     if (allocator_is_glibc && ksm_glibc_single_threaded())
         return glibc_zeroed_block(total);
-    void *ptr = NULL;
-    if (other_good_size || other_nallocx) { /* as in aligned_block: their own calloc knows what is zero */
-        ptr = real_calloc(count, size);
-        if (ptr && is_page_aligned(ptr))
-            return ptr;
-        real_free(ptr);
-    }
-    ptr = aligned_block(total, page_size);
+    void *ptr = aligned_block(total, page_size);
     if (!ptr)
         return NULL;
     if (fresh_glibc_mapping(ptr))
