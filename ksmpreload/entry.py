@@ -6,11 +6,23 @@ import sys
 EXIT_INTERRUPTED = 130  # errors.EXIT_INTERRUPTED, not imported: errors imports click
 
 
+def _interrupted(error):
+    """Ctrl-C, or an error it caused: Python wraps an interrupt inside a class body's
+    __set_name__ (pyelftools' cached_property) in a RuntimeError."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _run(module):
     try:
         main = importlib.import_module(module).main
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
+    except BaseException as error:
+        if _interrupted(error):
+            sys.exit(EXIT_INTERRUPTED)
+        raise
     main()
 
 

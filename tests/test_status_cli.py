@@ -283,3 +283,20 @@ def test_ctrl_c_while_the_cli_starts_is_no_traceback(script):
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=30)
         assert not re.search(r'File "[^"]*/ksmpreload/[^"]*\.py"', err), (delay, err)
+
+
+def test_ctrl_c_that_python_wrapped_during_import_exits_130(tmp_path, monkeypatch):
+    """A Ctrl-C inside a class body's __set_name__ (pyelftools' cached_property, imported by
+    ksm-wrap) reaches the entry point as a RuntimeError: it still ends quietly with 130 (CI
+    saw the traceback once); any other import error is raised as it is."""
+    from ksmpreload import entry
+    (tmp_path / "interrupted_module.py").write_text(
+        "try:\n    raise KeyboardInterrupt\nexcept KeyboardInterrupt as error:\n"
+        "    raise RuntimeError('Error calling __set_name__') from error\n")
+    (tmp_path / "broken_module.py").write_text("raise ValueError('broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as ended:
+        entry._run("interrupted_module")
+    assert ended.value.code == 130
+    with pytest.raises(ValueError):
+        entry._run("broken_module")
