@@ -312,10 +312,6 @@ static int allocator_is_known(void)
         || ((other_good_size || other_nallocx) && !__atomic_load_n(&allocator_maps_other_memory, __ATOMIC_RELAXED));
 }
 
-/* Memory fresh from the kernel is zero already: clearing it would make every
- * page of a sparse table resident. jemalloc knows which of its pages are and is
- * asked for a zeroed block; with the other known allocators only the pages that
- * were used are cleared (zeroing.c). */
 static void clear_unless_fresh(unsigned char *from, unsigned char *to, uintptr_t fresh_from, uintptr_t fresh_to)
 {
     unsigned char *fresh_start = (unsigned char *)fresh_from, *fresh_end = (unsigned char *)fresh_to;
@@ -350,6 +346,11 @@ static void *glibc_zeroed_block(size_t total)
     return ptr;
 }
 
+/* Memory fresh from the kernel is zero already: clearing it would make every
+ * page of a sparse table resident. jemalloc knows which of its pages are and is
+ * asked for a zeroed block; glibc with one thread leaves what the program break
+ * passed (glibc_zeroed_block); with the other known allocators, and glibc with
+ * threads, only the pages that were used are cleared (zeroing.c). */
 static void *zeroed_block(size_t count, size_t size, size_t total)
 {
     if (!config.align)
