@@ -90,13 +90,6 @@ size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
 
 /* ---- the dynamic mmap threshold ----------------------------------------- */
 
-/* A request at or above glibc's mmap threshold gets a mapping of its own, and freeing a
- * mapped chunk larger than it (up to 32 MiB) raises it to that chunk's size, so that a
- * malloc/free loop soon runs from the heap. An aligned mapped chunk is smaller than the
- * request glibc made for it (the alignment slack is cut off its front), so its free would
- * never lift the threshold past the next aligned request of the same size: every block a
- * fresh mmap and munmap, every page a fresh fault. One more page in the request of a block
- * that will be mapped makes its free lift the threshold as a plain malloc's does. */
 /* How many bytes to malloc to cut an aligned block of `size` from: room for the part in
  * front (a chunk, so 32 bytes at least, up to a page more), and enough behind the block that
  * the part left there is always large enough to leave glibc's small caches when freed. */
@@ -110,6 +103,13 @@ int ksm_glibc_will_map(size_t size)
         || chunk_for(carve_request(size)) >= __atomic_load_n(&mmap_threshold, __ATOMIC_RELAXED);
 }
 
+/* A request at or above glibc's mmap threshold gets a mapping of its own, and freeing a
+ * mapped chunk larger than it (up to 32 MiB) raises it to that chunk's size, so that a
+ * malloc/free loop soon runs from the heap. An aligned mapped chunk is smaller than the
+ * request glibc made for it (the alignment slack is cut off its front), so its free would
+ * never lift the threshold past the next aligned request of the same size: every block a
+ * fresh mmap and munmap, every page a fresh fault. One more page in the request of a block
+ * that will be mapped makes its free lift the threshold as a plain malloc's does. */
 size_t ksm_glibc_aligned_request(size_t size)
 {
     return ksm_glibc_will_map(size) && size <= MMAP_THRESHOLD_MAX ? carve_request(size) : size;
