@@ -38,13 +38,14 @@ def rss_added_kib(program, mib, env):
 
 @pytest.mark.parametrize("preload_after", every_allocator())
 def test_large_calloc_leaves_fresh_pages_untouched(c_programs, shim_env, preload_after):
-    """A sparse 64 MiB table stays sparse: under the shim it adds less than 1 MiB of RSS,
-    whatever the allocator (clearing memory fresh from mmap would add 64 MiB). mimalloc and
-    tcmalloc alone clear it all: their own calloc cannot serve the shim's large blocks (a
-    version that took theirs when page-aligned made the table resident)."""
+    """A sparse 64 MiB table stays sparse: under the shim it adds a few hundred KiB of RSS,
+    whatever the allocator (clearing memory fresh from mmap would add 64 MiB; the bound leaves
+    room for the allocator's own bookkeeping, once 2.2 MiB under tcmalloc in a CI run).
+    mimalloc and tcmalloc alone clear it all: their own calloc cannot serve the shim's large
+    blocks (a version that took theirs when page-aligned made the table resident)."""
     probe = c_programs("guest_probe")
     under_shim = rss_added_kib(probe, 64, shim_env(preload_after))
-    assert under_shim < 1024, under_shim
+    assert under_shim < 8 * 1024, under_shim
 
 
 @pytest.mark.parametrize("preload_after", every_allocator())
