@@ -262,6 +262,13 @@ static size_t large_alignment(size_t align)
     return config.align && align < page_size ? page_size : align;
 }
 
+/* The allocator's own posix_memalign, asked for what aligned_request says; NULL on failure. */
+static void *memaligned_block(size_t size, size_t alignment)
+{
+    void *ptr = NULL;
+    return real_posix_memalign(&ptr, alignment, aligned_request(size)) == 0 ? ptr : NULL;
+}
+
 /* A block of `size` bytes at `alignment` (a page or more), or NULL. mimalloc and tcmalloc
  * hand out most large blocks page-aligned already (their size classes are whole pages):
  * such a block is taken as malloc gives it, which keeps the allocator's own reuse
@@ -278,7 +285,7 @@ static void *aligned_block(size_t size, size_t alignment)
             return ptr;
         real_free(ptr);
     }
-    return real_posix_memalign(&ptr, alignment, aligned_request(size)) == 0 ? ptr : NULL;
+    return memaligned_block(size, alignment);
 }
 
 /* Returns a block of at least `size` bytes, page-aligned when aligning; errno kept on success. */
@@ -337,8 +344,7 @@ static void *glibc_zeroed_block(size_t total)
     unsigned char *ptr = from_heap ? ksm_glibc_reused_block(total) : NULL;
     if (!ptr) {
         break_before = (uintptr_t)sbrk(0);
-        if (!(from_heap && (ptr = ksm_glibc_cut_block(total)))
-            && real_posix_memalign((void **)&ptr, page_size, aligned_request(total)) != 0)
+        if (!(from_heap && (ptr = ksm_glibc_cut_block(total))) && !(ptr = memaligned_block(total, page_size)))
             return NULL;
     }
     if (!fresh_glibc_mapping(ptr))
