@@ -30,11 +30,11 @@ def default_stats_dir(euid=None):
 
 def memory_cost_bytes(counters):
     """What the shim costs a process in memory now, the one figure every net saving subtracts:
-    the padding of its live aligned blocks and the table that keeps it (docs/COUNTERS.md).
-    0 without counters."""
+    the padding of its live aligned blocks, the table that keeps it, and the freed blocks its
+    cache keeps for reuse (docs/COUNTERS.md). 0 without counters."""
     if not counters:
         return 0
-    return counters.get("padding_bytes", 0) + counters.get("padding_table_bytes", 0)
+    return sum(counters.get(slot, 0) for slot in ("padding_bytes", "padding_table_bytes", "cached_bytes"))
 
 
 def stats_dir():

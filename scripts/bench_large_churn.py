@@ -5,7 +5,9 @@ Builds scripts/bench/large_churn.c (cc -O2 -pthread, in a temporary directory) a
 each allocator (glibc; jemalloc, mimalloc, tcmalloc where Debian's library is installed),
 pattern (loop, calloc, realloc, threads, handoff, mixed: see the C file) and size (the shim's 8 KiB
 threshold up to 16 MiB), alone and under the shim (LD_PRELOAD="<shim> <allocator>",
-KSMPRELOAD_STATS_DIR=off). Rounds are sized so that each run writes about --mib MiB.
+KSMPRELOAD_STATS_DIR=off). Rounds are sized so that each run writes about --mib MiB; blocks of
+64 KiB and less run --min-rounds at least (a loop of 8 KiB blocks takes well under a
+millisecond otherwise, too short to time on a shared machine).
 Repetitions are interleaved (alone, shim; shim, alone; ...), so drift falls on both sides.
 
 Reported per case: the median loop time of each arm and shim/alone as the ratio of medians;
@@ -14,7 +16,7 @@ run of each arm under `strace -f -c`, the mapping system calls (mmap, munmap, mr
 madvise) per round. The checksum of what the workload read back must match between arms
 (exit 1 if not: the shim changed a result).
 
-    python3 scripts/bench_large_churn.py [--reps 5] [--mib 256] [--sizes 8K,256K,16M]
+    python3 scripts/bench_large_churn.py [--reps 5] [--mib 256] [--min-rounds 65536] [--sizes 8K,256K,16M]
         [--patterns loop,calloc] [--allocators glibc,jemalloc] [--json FILE]
 """
 import argparse
@@ -34,6 +36,7 @@ ALLOCATORS = {"glibc": "", "jemalloc": f"{LIBS}/libjemalloc.so.2", "mimalloc": f
               "tcmalloc": f"{LIBS}/libtcmalloc_minimal.so.4"}
 PATTERNS = ["loop", "calloc", "realloc", "threads", "handoff", "mixed"]
 SIZES = ["8K", "64K", "256K", "1M", "4M", "16M"]
+SMALL_BLOCK = 64 << 10
 MAPPING_CALLS = ("mmap", "munmap", "mremap", "brk", "madvise")
 
 
@@ -119,6 +122,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--mib", type=int, default=256, help="MiB each run allocates and writes (rounds = this / size)")
+    parser.add_argument("--min-rounds", type=int, default=65536, help="rounds at least, for blocks of 64 KiB and less")
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--allocators", default=",".join(ALLOCATORS))
@@ -136,18 +140,18 @@ def main():
         for allocator in allocators:
             for pattern in args.patterns.split(","):
                 for size in map(parse_size, args.sizes.split(",")):
-                    rounds = max(16, (args.mib << 20) // size)
+                    rounds = max(args.min_rounds if size <= SMALL_BLOCK else 16, (args.mib << 20) // size)
                     case = measure_case(program, shim, allocator, pattern, size, rounds, args.reps)
                     say(f"{allocator} {pattern} {size_text(size)}: {case['time_ratio']:.2f}x, "
                         f"map calls/round {case['alone']['mapping_calls_per_round']:.2f} -> "
                         f"{case['shim']['mapping_calls_per_round']:.2f}")
                     cases.append(case)
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}; "
-          f"reps {args.reps}, {args.mib} MiB written per run\n")
+          f"reps {args.reps}, {args.mib} MiB written per run, {args.min_rounds} rounds at least up to {size_text(SMALL_BLOCK)}\n")
     print(markdown(cases))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"reps": args.reps, "mib": args.mib, "cases": cases}, f, indent=1)
+            json.dump({"reps": args.reps, "mib": args.mib, "min_rounds": args.min_rounds, "cases": cases}, f, indent=1)
     if not all(case["checksums_match"] for case in cases):
         sys.exit("the shim changed a result: checksums differ between arms")
 

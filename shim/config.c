@@ -112,6 +112,7 @@ void ksm_config_read(struct ksm_config *config, size_t page_size)
     config->threshold = KSM_DEFAULT_THRESHOLD;
     config->strategy = KSM_STRATEGY_AUTO;
     config->align = 1;
+    config->cache = 1;
     config->verbose = 0;
     config->jemalloc_hooks = 0;
     /* secure_getenv gives nothing in AT_SECURE programs, whose environment an unprivileged
@@ -120,11 +121,13 @@ void ksm_config_read(struct ksm_config *config, size_t page_size)
     read_threshold(config, page_size);
     read_strategy(config);
     read_flag("KSMPRELOAD_ALIGN", &config->align);
+    read_flag("KSMPRELOAD_CACHE", &config->cache);
     read_flag("KSMPRELOAD_VERBOSE", &config->verbose);
     read_flag("KSMPRELOAD_JEMALLOC_HOOKS", &config->jemalloc_hooks);
     if (config->strategy == KSM_STRATEGY_OBSERVE) {
         config->threshold = SIZE_MAX; /* every allocation and mapping passes straight through */
         config->align = 0;
+        config->cache = 0;
         config->jemalloc_hooks = 0;
     }
 }

@@ -21,6 +21,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "block_cache.h"
 #include "config.h"
 #include "glibc_chunks.h"
 #include "hooks.h"
@@ -191,9 +192,8 @@ static size_t other_unaligned_usable(size_t size)
 }
 
 /* What the alignment costs: usable bytes beyond those of the same request unaligned. */
-static size_t alignment_padding(void *ptr, size_t size)
+static size_t alignment_padding(void *ptr, size_t size, size_t usable)
 {
-    size_t usable = real_malloc_usable_size(ptr);
     if (allocator_is_glibc)
         return ksm_glibc_padding(ptr, size, usable);
     if (ksm_jemalloc_found())
@@ -210,8 +210,19 @@ static size_t alignment_padding(void *ptr, size_t size)
 static void mark_heap_block(void *ptr, size_t size)
 {
     if (config.align && is_page_aligned(ptr))
-        ksm_padding_note(ptr, alignment_padding(ptr, size));
+        ksm_padding_note(ptr, alignment_padding(ptr, size, real_malloc_usable_size(ptr)));
     ksm_mark_heap_block(ptr, size);
+}
+
+/* A block the cache kept for a request of `size` (or NULL): marked and counted when it was
+ * made, so only its padding for this request is noted. errno is untouched. */
+static void *cached_block(size_t size)
+{
+    size_t usable;
+    void *ptr = ksm_cache_take(size, &usable);
+    if (ptr)
+        ksm_padding_note(ptr, alignment_padding(ptr, size, usable));
+    return ptr;
 }
 
 /* Anonymous private memory only: KSM ignores shared and file pages, and stacks
@@ -291,9 +302,12 @@ static void *aligned_block(size_t size, size_t alignment)
 /* Returns a block of at least `size` bytes, page-aligned when aligning; errno kept on success. */
 SLOW_PATH static void *allocate_large(size_t size, size_t align)
 {
-    int saved_errno = errno;
     size_t alignment = large_alignment(align);
-    void *ptr = alignment <= 16 ? real_malloc(size) : aligned_block(size, alignment);
+    void *ptr = alignment == page_size ? cached_block(size) : NULL;
+    if (ptr)
+        return ptr;
+    int saved_errno = errno;
+    ptr = alignment <= 16 ? real_malloc(size) : aligned_block(size, alignment);
     if (!ptr) {
         errno = ENOMEM;
         return NULL;
@@ -379,8 +393,11 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
 
 SLOW_PATH static void *allocate_large_zeroed(size_t count, size_t size, size_t total)
 {
+    void *ptr = config.align ? cached_block(total) : NULL;
+    if (ptr)
+        return memset(ptr, 0, total);
     int saved_errno = errno;
-    void *ptr = zeroed_block(count, size, total);
+    ptr = zeroed_block(count, size, total);
     if (!ptr) {
         errno = ENOMEM;
         return NULL;
@@ -403,7 +420,10 @@ static int realloc_loses_alignment;
  * (the old block intact) when there is no memory for it. */
 static void *move_to_aligned(void *old, size_t old_size, size_t size)
 {
-    void *ptr = aligned_block(size, page_size);
+    size_t usable;
+    void *ptr = ksm_cache_take(size, &usable);
+    if (!ptr)
+        ptr = aligned_block(size, page_size);
     if (!ptr)
         return NULL;
     memcpy(ptr, old, old_size < size ? old_size : size);
@@ -534,14 +554,24 @@ EXPORT void *reallocarray(void *old, size_t count, size_t size)
     return realloc(old, total);
 }
 
+/* What free does with a block the cache does not keep (or gives back later). */
+static void free_to_allocator(void *ptr)
+{
+    if (allocator_is_glibc && ptr)
+        ksm_glibc_before_free(ptr);
+    real_free(ptr);
+}
+
+static int caching; /* aligned blocks, and the cache not turned off */
+
 SLOW_PATH static void free_slow(void *ptr)
 {
     if (in_bootstrap_pool(ptr) || NEEDS_POOL())
         return;
     ksm_padding_forget(ptr);
-    if (allocator_is_glibc && ptr)
-        ksm_glibc_before_free(ptr);
-    real_free(ptr);
+    if (ptr && caching && is_page_aligned(ptr) && ksm_cache_keep(ptr, real_malloc_usable_size(ptr)))
+        return;
+    free_to_allocator(ptr);
 }
 
 EXPORT void free(void *ptr)
@@ -803,6 +833,12 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
     if (!allocator_is_glibc && !ksm_jemalloc_found())
         find_other_size_classes();
+    /* Not under another allocator (valgrind's, a sanitizer's): a block kept here would hide
+     * its free from the tool that checks the program's memory. */
+    if (config.align && config.cache && (allocator_is_glibc || ksm_jemalloc_found() || other_good_size || other_nallocx)) {
+        ksm_cache_start(page_size, config.threshold, free_to_allocator);
+        caching = 1;
+    }
     if (other_nallocx && getenv("TCMALLOC_MEMFS_MALLOC_PATH")) /* its file may be mapped already */
         allocator_maps_other_memory = 1;
 

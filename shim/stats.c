@@ -249,7 +249,8 @@ void ksm_stats_publish(const char *dir, int verbose)
 /* Gauges describe live blocks, which a child inherits with the memory: they are kept. */
 static int is_gauge(int slot)
 {
-    return slot == KSM_STAT_padding_bytes || slot == KSM_STAT_padded_blocks || slot == KSM_STAT_padding_table_bytes;
+    return slot == KSM_STAT_padding_bytes || slot == KSM_STAT_padded_blocks || slot == KSM_STAT_padding_table_bytes
+        || slot == KSM_STAT_cached_blocks || slot == KSM_STAT_cached_bytes;
 }
 
 /* A fork child's first write: counters of its own, from zero but for the configuration

@@ -37,7 +37,10 @@
     X(hook_unseen_bytes)                                                           \
     X(hook_recommits)      /* commits of decommitted ranges in such extents, marked again */ \
     X(padded_blocks)       /* gauge: live blocks whose alignment costs padding */ \
-    X(padding_table_bytes) /* gauge: memory of the table that keeps their padding */
+    X(padding_table_bytes) /* gauge: memory of the table that keeps their padding */ \
+    X(cached_blocks)       /* gauge: freed aligned blocks kept for reuse (block_cache.c) */ \
+    X(cached_bytes)        /* gauge: their usable bytes */ \
+    X(cache_hits)          /* blocks the cache handed out again (cumulative) */
 
 enum ksm_stat_slot {
 #define KSM_STAT_ENUM(name) KSM_STAT_##name,
@@ -68,12 +71,14 @@ static inline uint64_t *ksm_stats_slots(void)
  * C library without it leaves the address NULL and every add is atomic. */
 extern char __libc_single_threaded __attribute__((weak));
 
+static inline int ksm_stats_single_threaded(void) { return &__libc_single_threaded && __libc_single_threaded; }
+
 /* While the process has one thread, a plain add: an atomic one costs as much as the rest of
  * a large allocation's bookkeeping. Each slot is one aligned word, read whole by the tools. */
 static inline void ksm_stat_add(enum ksm_stat_slot slot, uint64_t value)
 {
     uint64_t *counter = &ksm_stats_slots()[slot];
-    if (&__libc_single_threaded && __libc_single_threaded)
+    if (ksm_stats_single_threaded())
         __atomic_store_n(counter, __atomic_load_n(counter, __ATOMIC_RELAXED) + value, __ATOMIC_RELAXED);
     else
         __atomic_fetch_add(counter, value, __ATOMIC_RELAXED);

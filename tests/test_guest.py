@@ -49,7 +49,7 @@ def test_large_calloc_leaves_fresh_pages_untouched(c_programs, shim_env, preload
 
 
 @pytest.mark.parametrize("preload_after", every_allocator())
-@pytest.mark.parametrize("size", [300_000, 2_000_000, 20_000_000])
+@pytest.mark.parametrize("size", [20_000, 65_536, 300_000, 2_000_000, 20_000_000])
 def test_calloc_of_reused_memory_reads_zero(c_programs, shim_env, preload_after, size):
     """calloc leaves unused pages alone, but memory the program used and freed is cleared,
     wholly or half used: every byte reads zero."""
@@ -86,30 +86,85 @@ def read_stats(pid, env):
     return stats
 
 
+def counters_at_phases(command, env, phases):
+    """The counters of a probe at each of its phases (tests/c/phase.h), by name."""
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen = {}
+    try:
+        for name in phases:
+            assert proc.stdout.readline().strip() == name
+            seen[name] = read_stats(proc.pid, env)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+    return seen
+
+
 @pytest.mark.parametrize("preload_after", allocators())
 def test_padding_is_a_gauge_of_live_blocks(c_programs, shim_env, preload_after):
     """Padding rises with live aligned blocks and falls back to zero when they are freed,
     also after 10,000 rounds of malloc, realloc (growing and shrinking below the threshold)
     and free: a net saving that subtracts it stays true after hours of churn."""
-    env = shim_env(preload_after, threshold=THRESHOLD)
-    proc = subprocess.Popen([c_programs("guest_probe"), "padding"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    seen = {}
-    try:
-        for phase in ("live", "freed", "churned"):
-            assert proc.stdout.readline().strip() == phase
-            seen[phase] = read_stats(proc.pid, env)
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
+    seen = counters_at_phases([c_programs("guest_probe"), "padding"], shim_env(preload_after, threshold=THRESHOLD),
+                              ("live", "freed", "churned"))
     live = seen["live"]
     assert live["padded_blocks"] > 0 and live["padding_bytes"] > 0, live
     assert 0 < live["padding_table_bytes"] <= 64 * 4096 * 2
     for phase in ("freed", "churned"):
         assert seen[phase]["padded_blocks"] == 0 and seen[phase]["padding_bytes"] == 0, (phase, seen[phase])
-    assert seen["churned"]["heap_regions"] > 10000, "the churn went through the shim"
+    churned = seen["churned"]
+    assert churned["heap_regions"] + churned["cache_hits"] > 10000, "the churn went through the shim"
+
+
+def cache_phases(program, env):
+    return counters_at_phases([program, "phases"], env, ("kept", "idle", "threads", "joined"))
+
+
+CACHE_THREAD_BYTES, CACHE_PROCESS_BYTES = 1 << 20, 8 << 20  # shim/block_cache.h
+
+
+@pytest.mark.parametrize("preload_after", every_allocator())
+def test_cache_of_freed_blocks_is_bounded_counted_and_given_back(c_programs, shim_env, preload_after):
+    """Freed aligned blocks the shim keeps for reuse: 4 a thread, counted as memory it costs;
+    given back once 32 requests in a row could not use them, and when their thread exits; 12
+    threads keep at most the process's 8 MiB."""
+    seen = cache_phases(c_programs("cache_probe"), shim_env(preload_after, threshold=THRESHOLD))
+    kept = seen["kept"]
+    assert kept["cached_blocks"] == 4 and 4 * 65536 <= kept["cached_bytes"] <= CACHE_THREAD_BYTES, kept
+    assert shimstats.memory_cost_bytes(kept) >= kept["cached_bytes"]
+    assert seen["idle"]["cached_blocks"] == 0 and seen["idle"]["cached_bytes"] == 0, seen["idle"]
+    threads = seen["threads"]
+    assert 4 <= threads["cached_blocks"] <= 4 * CACHE_PROCESS_BYTES // CACHE_THREAD_BYTES, threads
+    assert threads["cached_bytes"] <= CACHE_PROCESS_BYTES, threads
+    assert seen["joined"]["cached_blocks"] == 0 and seen["joined"]["cached_bytes"] == 0, seen["joined"]
+
+
+def test_cache_can_be_turned_off(c_programs, shim_env):
+    seen = cache_phases(c_programs("cache_probe"), shim_env(threshold=THRESHOLD, cache=0))
+    assert all(seen[name]["cached_blocks"] == 0 for name in seen), seen
+
+
+def test_double_free_of_a_cached_block_still_aborts(c_programs, shim_env):
+    """glibc aborts on a block freed twice; the shim's cache hands it both frees, so it still
+    does, and says why itself (which of its checks sees it depends on the heap's layout)."""
+    program = c_programs("cache_probe")
+    alone = subprocess.run([program, "twice"], capture_output=True, text=True, timeout=30)
+    shimmed = subprocess.run([program, "twice"], env=shim_env(threshold=THRESHOLD), capture_output=True,
+                             text=True, timeout=30)
+    assert alone.returncode == shimmed.returncode == -6, (alone, shimmed)
+    assert "double free" in alone.stderr and shimmed.stderr and "ksmpreload" not in shimmed.stderr, shimmed.stderr
+
+
+@pytest.mark.parametrize("preload_after", every_allocator())
+def test_double_free_across_threads_of_a_cached_block_aborts(c_programs, shim_env, preload_after):
+    """A block another thread's cache holds, freed again: handing it out twice later would
+    corrupt the program's memory, so the shim stops it as glibc would."""
+    result = subprocess.run([c_programs("cache_probe"), "across"], env=shim_env(preload_after, threshold=THRESHOLD),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == -6, result
+    assert result.stderr.startswith("ksmpreload: free(): double free detected"), result.stderr
 
 
 def test_padding_of_inherited_blocks_follows_a_fork_child(c_programs, shim_env):

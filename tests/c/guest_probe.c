@@ -25,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "phase.h"
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -85,14 +87,6 @@ static int probe_reused(size_t size)
     return 0;
 }
 
-static void phase(const char *name)
-{
-    char line[16];
-    printf("%s\n", name);
-    fflush(stdout);
-    if (!fgets(line, sizeof line, stdin))
-        exit(0);
-}
 
 static const size_t sizes[] = {8192, 10000, 12288, 20000, 65536, 100000, 300000, 1 << 20, 5000000};
 #define SIZES (sizeof sizes / sizeof sizes[0])
