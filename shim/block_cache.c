@@ -9,21 +9,27 @@
  * Each thread has its own slots, touched by that thread alone: no lock, no atomic. A thread
  * takes its byte allotment from the process's bound when it first keeps a block, and gives the
  * allotment and its blocks back when it exits. A block lives in one cache at a time; a word
- * inside it holds the process's cookie while it is kept, so a second free of it, on any
- * thread, is seen (the program's allocator would have seen it too). */
+ * inside it holds a secret of the shim's, mixed with its address, while it is kept, so that a
+ * second free of it, on any thread, is seen (the program's allocator would have seen it too). */
 #define _GNU_SOURCE
 #include "block_cache.h"
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/auxv.h>
+#include <sys/random.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "stats.h"
 
 enum cache_state { UNOPENED, OPEN, CLOSED };
+
+/* A thread keeps blocks only while its requests are of the sizes it frees: a loop, not a
+ * block growing by realloc past the sizes it frees, nor a thread that frees what others make
+ * (it would only delay their frees, and the heap's joining of free neighbours with them). */
+#define RECENT_FREES 4
+#define USEFULNESS_MAX 8
 
 struct slot {
     void *block;
@@ -34,6 +40,11 @@ struct thread_cache {
     struct slot slots[KSM_CACHE_SLOTS]; /* oldest first */
     unsigned count;
     unsigned misses; /* requests in a row that no slot could serve */
+    /* Whether keeping blocks pays here: the usable sizes of the thread's last frees, and a
+     * score that rises when one of them could have served a request, and falls otherwise. */
+    size_t recent_frees[RECENT_FREES];
+    unsigned next_recent, usefulness;
+    unsigned sweep_countdown; /* release_pinning */
     size_t bytes;
     enum cache_state state;
     /* what the counters show of this cache (publish) */
@@ -43,13 +54,19 @@ struct thread_cache {
 };
 
 static __thread struct thread_cache mine __attribute__((tls_model("initial-exec")));
-static size_t page_size = 4096;
 static size_t min_block; /* smaller blocks never serve a large request */
-static void (*release_block)(void *block);
-static pthread_key_t exit_key;
+static struct ksm_cache_calls calls;
 static int started;
 static size_t allotted; /* bytes of the process's bound that threads hold */
-static uint64_t cookie;
+static uint64_t secret;
+
+/* glibc's registration of a thread's destructors (C++ thread_local uses it): takes no pthread
+ * key from the program, and runs before the program's own key destructors, whose frees then
+ * pass straight to the allocator. */
+extern int __cxa_thread_atexit_impl(void (*destructor)(void *), void *arg, void *dso) __attribute__((weak));
+extern void *__dso_handle;
+
+static uint64_t mark_of(const void *block) { return secret ^ (uint64_t)(uintptr_t)block; }
 
 static uint64_t word_of(const void *block)
 {
@@ -61,19 +78,23 @@ static uint64_t word_of(const void *block)
 static void set_word(void *block, uint64_t word) { memcpy((char *)block + sizeof word, &word, sizeof word); }
 
 /* The counters are shared by every thread: two threads adding to them at each block made an
- * 8 KiB loop 60x slower than the allocator alone. So with threads, a cache shows its change
- * once it holds 2 blocks more or fewer than the counters show, or has served 64 blocks, and
- * when the thread exits: the gauges lag by one block a thread at most, the hits by 63. */
+ * 8 KiB loop 60x slower than the allocator alone, and even alone the adds cost a loop as much
+ * as its allocator. So a cache shows its change once it is empty, or holds 2 blocks or
+ * PUBLISH_BYTES more or fewer than the counters show, or has served PUBLISH_HITS blocks, and
+ * when the thread exits: the counters are at most one block and 64 KiB a thread behind. */
 #define PUBLISH_HITS 64
+#define PUBLISH_BYTES ((int64_t)64 * 1024)
 
 static void publish(struct thread_cache *cache, int now)
 {
     int64_t blocks = (int64_t)cache->count - cache->published_count;
-    if (!now && !ksm_stats_single_threaded() && blocks < 2 && blocks > -2 && cache->unpublished_hits < PUBLISH_HITS)
+    int64_t bytes = (int64_t)cache->bytes - (int64_t)cache->published_bytes;
+    if (!now && (cache->count || !blocks) && blocks < 2 && blocks > -2 && bytes < PUBLISH_BYTES
+        && bytes > -PUBLISH_BYTES && cache->unpublished_hits < PUBLISH_HITS)
         return;
-    if (blocks) {
+    if (blocks || bytes) {
         ksm_stat_add(KSM_STAT_cached_blocks, (uint64_t)blocks);
-        ksm_stat_add(KSM_STAT_cached_bytes, (uint64_t)(cache->bytes - cache->published_bytes));
+        ksm_stat_add(KSM_STAT_cached_bytes, (uint64_t)bytes);
     }
     if (cache->unpublished_hits)
         ksm_stat_add(KSM_STAT_cache_hits, cache->unpublished_hits);
@@ -82,7 +103,7 @@ static void publish(struct thread_cache *cache, int now)
     cache->unpublished_hits = 0;
 }
 
-/* Takes slot `at` out of the cache and returns its block (its cookie cleared). */
+/* Takes slot `at` out of the cache and returns its block (its mark cleared). */
 static void *take_slot(struct thread_cache *cache, unsigned at)
 {
     void *block = cache->slots[at].block;
@@ -94,10 +115,23 @@ static void *take_slot(struct thread_cache *cache, unsigned at)
     return block;
 }
 
-static void release_slot(struct thread_cache *cache, unsigned at)
+static void release_slot(struct thread_cache *cache, unsigned at) { calls.release(take_slot(cache, at)); }
+
+/* Blocks that keep the allocator from giving free memory back (glibc trims only the top of a
+ * heap: a kept block above a large free chunk holds it) go back to the allocator: looked for
+ * at every PIN_SWEEP-th request or free of the thread (each look costs a loop a tenth). */
+#define PIN_SWEEP 16
+
+static int pins_free_memory(void *block) { return calls.pins_free_memory && calls.pins_free_memory(block); }
+
+static void release_pinning(struct thread_cache *cache)
 {
-    release_block(take_slot(cache, at));
-    publish(cache, 0);
+    if (!calls.pins_free_memory || ++cache->sweep_countdown < PIN_SWEEP)
+        return;
+    cache->sweep_countdown = 0;
+    for (unsigned at = cache->count; at-- > 0;)
+        if (pins_free_memory(cache->slots[at].block))
+            release_slot(cache, at);
 }
 
 static void give_back_allotment(void) { __atomic_fetch_sub(&allotted, KSM_CACHE_THREAD_BYTES, __ATOMIC_RELAXED); }
@@ -107,7 +141,7 @@ static void close_at_thread_exit(void *arg)
     struct thread_cache *cache = arg;
     cache->state = CLOSED;
     while (cache->count)
-        release_block(take_slot(cache, cache->count - 1));
+        release_slot(cache, cache->count - 1);
     publish(cache, 1);
     give_back_allotment();
 }
@@ -119,7 +153,8 @@ static int open_cache(struct thread_cache *cache)
     if (!started)
         return 0;
     size_t before = __atomic_fetch_add(&allotted, KSM_CACHE_THREAD_BYTES, __ATOMIC_RELAXED);
-    if (before + KSM_CACHE_THREAD_BYTES > KSM_CACHE_PROCESS_BYTES || pthread_setspecific(exit_key, cache) != 0) {
+    if (before + KSM_CACHE_THREAD_BYTES > KSM_CACHE_PROCESS_BYTES
+        || __cxa_thread_atexit_impl(close_at_thread_exit, cache, &__dso_handle) != 0) {
         give_back_allotment();
         return 0;
     }
@@ -127,29 +162,49 @@ static int open_cache(struct thread_cache *cache)
     return 1;
 }
 
-/* A block of `usable` bytes serves a request of `size` when it wastes at most a page and an
- * eighth of the request: the spread of most allocators' size classes. */
-static int serves(size_t usable, size_t size) { return usable >= size && usable - size < page_size + size / 8; }
+/* A block of `usable` bytes serves a request of `size` up to `most` usable bytes. */
+static int serves(size_t usable, size_t size, size_t most) { return usable >= size && usable <= most; }
 
-void *ksm_cache_take(size_t size, size_t *usable)
+static void learn_from_request(struct thread_cache *cache, size_t size, size_t most)
 {
-    struct thread_cache *cache = &mine;
-    if (!cache->count)
-        return NULL;
+    for (unsigned at = 0; at < RECENT_FREES; at++)
+        if (serves(cache->recent_frees[at], size, most)) {
+            cache->usefulness = cache->usefulness + 2 < USEFULNESS_MAX ? cache->usefulness + 2 : USEFULNESS_MAX;
+            return;
+        }
+    if (cache->usefulness)
+        cache->usefulness--;
+}
+
+/* A block that would hold free memory is not handed out either: the program would hold it. */
+static void *take_serving(struct thread_cache *cache, size_t size, size_t most, size_t *usable)
+{
     for (unsigned at = cache->count; at-- > 0;)
-        if (serves(cache->slots[at].usable, size)) {
+        if (serves(cache->slots[at].usable, size, most) && pins_free_memory(cache->slots[at].block))
+            release_slot(cache, at);
+        else if (serves(cache->slots[at].usable, size, most)) {
             cache->misses = 0;
             cache->unpublished_hits++;
             *usable = cache->slots[at].usable;
-            void *block = take_slot(cache, at);
-            publish(cache, 0);
-            return block;
+            return take_slot(cache, at);
         }
     if (++cache->misses >= KSM_CACHE_IDLE_MISSES) {
         cache->misses = 0;
         release_slot(cache, 0);
     }
     return NULL;
+}
+
+void *ksm_cache_take(size_t size, size_t most, size_t *usable)
+{
+    struct thread_cache *cache = &mine;
+    learn_from_request(cache, size, most);
+    if (!cache->count)
+        return NULL;
+    release_pinning(cache);
+    void *block = cache->count ? take_serving(cache, size, most, usable) : NULL;
+    publish(cache, 0);
+    return block;
 }
 
 static int slot_of(const struct thread_cache *cache, const void *block)
@@ -166,51 +221,56 @@ __attribute__((noreturn, cold)) static void double_free(void)
     abort();
 }
 
+static int worth_keeping(struct thread_cache *cache, void *block)
+{
+    if (!cache->usefulness || pins_free_memory(block))
+        return 0;
+    return cache->state == OPEN || (cache->state == UNOPENED && open_cache(cache));
+}
+
 int ksm_cache_keep(void *block, size_t usable)
 {
     struct thread_cache *cache = &mine;
-    if (usable < min_block || usable > KSM_CACHE_MAX_BLOCK || (cache->state != OPEN && (cache->state == CLOSED || !open_cache(cache))))
+    if (usable < min_block || usable > KSM_CACHE_MAX_BLOCK)
         return 0;
     int kept_at = slot_of(cache, block);
     if (kept_at >= 0) { /* freed twice: the allocator gets both frees, and says what it says */
         release_slot(cache, (unsigned)kept_at);
+        publish(cache, 0);
         return 0;
     }
-    if (word_of(block) == cookie)
+    if (word_of(block) == mark_of(block))
         double_free();
+    cache->recent_frees[cache->next_recent++ % RECENT_FREES] = usable;
+    if (!worth_keeping(cache, block))
+        return 0;
+    release_pinning(cache);
     while (cache->count == KSM_CACHE_SLOTS || cache->bytes + usable > KSM_CACHE_THREAD_BYTES)
         release_slot(cache, 0);
     cache->slots[cache->count++] = (struct slot){block, usable};
     cache->bytes += usable;
-    set_word(block, cookie);
+    set_word(block, mark_of(block));
     publish(cache, 0);
     return 1;
 }
 
-/* fork: the child has the forking thread alone; the other threads' allotments are free again
- * (their blocks stay with them, unused, as glibc's own thread caches do). */
-static void after_fork_in_child(void)
+/* Not glibc's pointer guard (AT_RANDOM): a kept block's word must give away nothing of it. */
+static uint64_t random_secret(void)
 {
-    allotted = mine.state == OPEN ? KSM_CACHE_THREAD_BYTES : 0;
-}
-
-static uint64_t random_cookie(void)
-{
-    uint64_t word = 0x6b736d636f6f6b69ull; /* without AT_RANDOM: still not a pointer or a small number */
-    const unsigned char *bytes = (const unsigned char *)getauxval(AT_RANDOM);
-    if (bytes)
-        memcpy(&word, bytes + 8, sizeof word);
+    uint64_t word;
+    if (getrandom(&word, sizeof word, GRND_NONBLOCK) != (ssize_t)sizeof word) {
+        word = (uint64_t)(uintptr_t)&word ^ ((uint64_t)getpid() << 32); /* early boot: still not a small number */
+        word = (word ^ (word >> 31)) * 0x9E3779B97F4A7C15ull;
+    }
     return word | 1;
 }
 
-void ksm_cache_start(size_t chosen_page_size, size_t threshold, void (*release)(void *block))
+void ksm_cache_start(size_t threshold, const struct ksm_cache_calls *chosen_calls)
 {
-    page_size = chosen_page_size;
+    if (!__cxa_thread_atexit_impl)
+        return; /* no way to give a thread's blocks back when it exits: no cache */
     min_block = threshold > 2 * sizeof(uint64_t) ? threshold : 2 * sizeof(uint64_t);
-    release_block = release;
-    cookie = random_cookie();
-    if (pthread_key_create(&exit_key, close_at_thread_exit) != 0)
-        return;
-    pthread_atfork(NULL, NULL, after_fork_in_child);
+    calls = *chosen_calls;
+    secret = random_secret();
     started = 1;
 }

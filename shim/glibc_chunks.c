@@ -88,12 +88,22 @@ size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
     return usable > unaligned ? usable - unaligned : 0;
 }
 
+#define DEFAULT_TRIM_THRESHOLD ((size_t)128 * 1024)
+
+/* Reads the block's own header only: prev_size is the size of the chunk in front when that
+ * chunk is free (PREV_INUSE clear). Racy with threads, and only a hint. */
+int ksm_glibc_pins_free_memory(void *ptr)
+{
+    size_t size_word = word_before(ptr, 1);
+    return !(size_word & (PREV_INUSE | IS_MMAPPED)) && word_before(ptr, 2) >= DEFAULT_TRIM_THRESHOLD;
+}
+
 /* ---- the dynamic mmap threshold ----------------------------------------- */
 
-/* How many bytes to malloc to cut an aligned block of `size` from: room for the part in
- * front (a chunk, so 32 bytes at least, up to a page more), and enough behind the block that
- * the part left there is always large enough to leave glibc's small caches when freed. */
-static size_t carve_request(size_t size) { return size + page_size + 2 * MIN_CHUNK + LEAVES_SMALL_CACHES; }
+/* How many bytes to malloc to cut an aligned block of `size` from: room in front and behind
+ * the block for parts that are always large enough to leave glibc's small caches when freed
+ * (ksm_glibc_cut_block). */
+static size_t carve_request(size_t size) { return size + page_size + 2 * (MIN_CHUNK + LEAVES_SMALL_CACHES); }
 
 /* A size glibc cannot serve at all counts as mapped: it goes to posix_memalign, which refuses
  * it, before the request sizes here wrap around (a fixed threshold never compares). */
@@ -245,7 +255,9 @@ void *ksm_glibc_cut_block(size_t size)
     if (!raw)
         return NULL;
     uintptr_t block = page_up((uintptr_t)raw);
-    if (block != (uintptr_t)raw && block - (uintptr_t)raw < MIN_CHUNK) /* the part in front must be a chunk */
+    /* The part in front joins the free memory before it: a small one would stay in tcache, in
+     * use as far as the heap knows, and hide that memory (ksm_glibc_pins_free_memory). */
+    if (block != (uintptr_t)raw && block - (uintptr_t)raw < LEAVES_SMALL_CACHES)
         block += page_size;
     if (ksm_glibc_chunk_is_mapped(raw))
         return move_mapped_chunk(raw, block);

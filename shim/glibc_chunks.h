@@ -32,6 +32,9 @@ int ksm_glibc_will_map(size_t size);
 /* How many bytes to ask posix_memalign for, for a page-aligned block of `size` that glibc
  * maps (one page more, so that freeing it lifts glibc's mmap threshold). */
 size_t ksm_glibc_aligned_request(size_t size);
+/* A heap block right above a free chunk of 128 KiB or more (glibc's default trim threshold):
+ * while it is held, glibc cannot join that chunk to the top of its heap and give it back. */
+int ksm_glibc_pins_free_memory(void *ptr);
 /* For a block about to be freed: follows glibc's mmap threshold, and notes an aligned one. */
 void ksm_glibc_before_free(const void *ptr);
 /* A page-aligned block of `size` that glibc's heap serves (ksm_glibc_will_map is false), made

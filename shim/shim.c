@@ -214,12 +214,21 @@ static void mark_heap_block(void *ptr, size_t size)
     ksm_mark_heap_block(ptr, size);
 }
 
+/* A kept block, taken from the cache for a request of `size` (or NULL): one that has at most
+ * a page and a quarter of the request more than the allocator gives the request unaligned
+ * (mimalloc gives a page-aligned 150 KiB block 192 KiB, its size class 152 KiB). */
+static void *take_from_cache(size_t size, size_t *usable)
+{
+    size_t most = other_unaligned_usable(size) + page_size + size / 4;
+    return ksm_cache_take(size, most, usable);
+}
+
 /* A block the cache kept for a request of `size` (or NULL): marked and counted when it was
  * made, so only its padding for this request is noted. errno is untouched. */
 static void *cached_block(size_t size)
 {
     size_t usable;
-    void *ptr = ksm_cache_take(size, &usable);
+    void *ptr = take_from_cache(size, &usable);
     if (ptr)
         ksm_padding_note(ptr, alignment_padding(ptr, size, usable));
     return ptr;
@@ -391,9 +400,13 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
     return ptr;
 }
 
+/* calloc takes a kept block only when clearing all of it costs little: a larger one may have
+ * pages never touched, which clearing would make resident (a sparse table). */
+#define ZEROED_FROM_CACHE_PAGES 4
+
 SLOW_PATH static void *allocate_large_zeroed(size_t count, size_t size, size_t total)
 {
-    void *ptr = config.align ? cached_block(total) : NULL;
+    void *ptr = config.align && total <= ZEROED_FROM_CACHE_PAGES * page_size ? cached_block(total) : NULL;
     if (ptr)
         return memset(ptr, 0, total);
     int saved_errno = errno;
@@ -420,10 +433,7 @@ static int realloc_loses_alignment;
  * (the old block intact) when there is no memory for it. */
 static void *move_to_aligned(void *old, size_t old_size, size_t size)
 {
-    size_t usable;
-    void *ptr = ksm_cache_take(size, &usable);
-    if (!ptr)
-        ptr = aligned_block(size, page_size);
+    void *ptr = aligned_block(size, page_size);
     if (!ptr)
         return NULL;
     memcpy(ptr, old, old_size < size ? old_size : size);
@@ -836,7 +846,8 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     /* Not under another allocator (valgrind's, a sanitizer's): a block kept here would hide
      * its free from the tool that checks the program's memory. */
     if (config.align && config.cache && (allocator_is_glibc || ksm_jemalloc_found() || other_good_size || other_nallocx)) {
-        ksm_cache_start(page_size, config.threshold, free_to_allocator);
+        struct ksm_cache_calls cache_calls = {free_to_allocator, allocator_is_glibc ? ksm_glibc_pins_free_memory : NULL};
+        ksm_cache_start(config.threshold, &cache_calls);
         caching = 1;
     }
     if (other_nallocx && getenv("TCMALLOC_MEMFS_MALLOC_PATH")) /* its file may be mapped already */

@@ -127,12 +127,13 @@ CACHE_THREAD_BYTES, CACHE_PROCESS_BYTES = 1 << 20, 8 << 20  # shim/block_cache.h
 
 @pytest.mark.parametrize("preload_after", every_allocator())
 def test_cache_of_freed_blocks_is_bounded_counted_and_given_back(c_programs, shim_env, preload_after):
-    """Freed aligned blocks the shim keeps for reuse: 4 a thread, counted as memory it costs;
+    """Freed aligned blocks the shim keeps for reuse, once a thread's requests show it reuses
+    them: 4 a thread, counted as memory it costs;
     given back once 32 requests in a row could not use them, and when their thread exits; 12
     threads keep at most the process's 8 MiB."""
     seen = cache_phases(c_programs("cache_probe"), shim_env(preload_after, threshold=THRESHOLD))
-    kept = seen["kept"]
-    assert kept["cached_blocks"] == 4 and 4 * 65536 <= kept["cached_bytes"] <= CACHE_THREAD_BYTES, kept
+    kept = seen["kept"]  # a thread's share may be a block and 64 KiB behind (docs/COUNTERS.md)
+    assert 3 <= kept["cached_blocks"] <= 4 and 3 * 65536 <= kept["cached_bytes"] <= CACHE_THREAD_BYTES, kept
     assert shimstats.memory_cost_bytes(kept) >= kept["cached_bytes"]
     assert seen["idle"]["cached_blocks"] == 0 and seen["idle"]["cached_bytes"] == 0, seen["idle"]
     threads = seen["threads"]
@@ -144,6 +145,24 @@ def test_cache_of_freed_blocks_is_bounded_counted_and_given_back(c_programs, shi
 def test_cache_can_be_turned_off(c_programs, shim_env):
     seen = cache_phases(c_programs("cache_probe"), shim_env(threshold=THRESHOLD, cache=0))
     assert all(seen[name]["cached_blocks"] == 0 for name in seen), seen
+
+
+def rss_after_pinning_frees(program, env):
+    result = subprocess.run([program, "pin"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    freed, next_requests = (int(word) for word in result.stdout.split()[1::2])
+    return next_requests
+
+
+def test_kept_block_gives_back_the_free_memory_below_it(c_programs, shim_env):
+    """glibc gives back only the top of its heap: a block kept above 100 MiB of freed small
+    blocks would hold them. After the thread's next aligned requests (16 at most) the process
+    holds no more than without the cache (the parts glibc's own memalign leaves in tcache can
+    hold such memory too, with or without it)."""
+    program = c_programs("cache_probe")
+    kept = rss_after_pinning_frees(program, shim_env(threshold=THRESHOLD, cache=1))
+    not_kept = rss_after_pinning_frees(program, shim_env(threshold=THRESHOLD, cache=0))
+    assert kept <= not_kept + 1024, (kept, not_kept)
 
 
 def test_double_free_of_a_cached_block_still_aborts(c_programs, shim_env):

@@ -1,10 +1,14 @@
 /* The shim's cache of freed aligned blocks, seen from a program; run by tests/test_guest.py.
  *   cache_probe phases   phases, each ended by a line on stdout and a line read from stdin:
- *                        "kept" (8 blocks of 64 KiB made and freed), "idle" (then 128 blocks of
- *                        20 KiB made and held), "threads" (12 threads each made and freed 4
- *                        blocks of 200 KiB and wait), "joined" (those threads have exited)
+ *                        "kept" (after a loop, 8 blocks of 64 KiB made and freed), "idle" (then
+ *                        128 blocks of 20 KiB made and held), "threads" (12 threads each looped,
+ *                        made and freed 4 blocks of 150 KiB, and wait), "joined" (those threads
+ *                        have exited)
  *   cache_probe twice    frees a 64 KiB block twice on one thread
- *   cache_probe across   frees a 64 KiB block on a thread that stays, then again on main */
+ *   cache_probe across   frees a 64 KiB block on a thread that stays, then again on main
+ *   cache_probe pin      keeps a 12 KiB block above 100 MiB of small blocks, frees those, asks
+ *                        for 16 more blocks; prints "freed KIB next KIB": RSS added after the
+ *                        frees, and after those requests */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdio.h>
@@ -18,8 +22,11 @@
 static pthread_barrier_t freed, leave;
 
 
+/* A few rounds of a loop first: a thread keeps blocks only once its requests show it reuses them. */
 static void make_and_free(int count, size_t size)
 {
+    for (int round = 0; round < 4; round++)
+        free(malloc(size));
     void *blocks[8];
     for (int i = 0; i < count; i++) {
         if (!(blocks[i] = malloc(size)))
@@ -33,7 +40,7 @@ static void make_and_free(int count, size_t size)
 static void *thread_caches(void *arg)
 {
     (void)arg;
-    make_and_free(4, 200 * 1024);
+    make_and_free(4, 150 * 1024);
     pthread_barrier_wait(&freed);
     pthread_barrier_wait(&leave);
     return NULL;
@@ -67,6 +74,8 @@ static void *volatile shared_block;
 static void *free_shared(void *arg)
 {
     (void)arg;
+    for (int round = 0; round < 4; round++) /* so that this thread keeps what it frees */
+        free(malloc(64 * 1024));
     free(shared_block);
     pthread_barrier_wait(&freed);
     pthread_barrier_wait(&leave);
@@ -87,6 +96,38 @@ static int free_across_threads(void)
     return 0;
 }
 
+static long rss_kib(void)
+{
+    long pages = 0, resident = 0;
+    FILE *statm = fopen("/proc/self/statm", "r");
+    if (!statm || fscanf(statm, "%ld %ld", &pages, &resident) != 2)
+        exit(2);
+    fclose(statm);
+    return resident * 4;
+}
+
+#define SMALL_BLOCKS (100 * 1024)
+
+static int pin_free_memory(void)
+{
+    static char *small[SMALL_BLOCKS];
+    make_and_free(0, 8192); /* the thread keeps blocks */
+    long before = rss_kib();
+    for (int i = 0; i < SMALL_BLOCKS; i++)
+        memset(small[i] = malloc(1000), 1, 1000);
+    free(memset(malloc(12 * 1024), 1, 12 * 1024)); /* kept, above the small blocks */
+    for (int i = 0; i < SMALL_BLOCKS; i++)
+        free(small[i]);
+    long freed = rss_kib() - before;
+    void *next[16];
+    for (int i = 0; i < 16; i++)
+        next[i] = malloc(8192);
+    printf("freed %ld next %ld\n", freed, rss_kib() - before);
+    for (int i = 0; i < 16; i++)
+        free(next[i]);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 2 && !strcmp(argv[1], "phases"))
@@ -99,6 +140,8 @@ int main(int argc, char **argv)
     }
     if (argc == 2 && !strcmp(argv[1], "across"))
         return free_across_threads();
-    fprintf(stderr, "usage: cache_probe phases|twice|across\n");
+    if (argc == 2 && !strcmp(argv[1], "pin"))
+        return pin_free_memory();
+    fprintf(stderr, "usage: cache_probe phases|twice|across|pin\n");
     return 2;
 }
