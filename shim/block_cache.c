@@ -103,7 +103,7 @@ static void publish(struct thread_cache *cache, int now)
     cache->unpublished_hits = 0;
 }
 
-/* Takes slot `at` out of the cache and returns its block (its mark cleared). */
+/* Takes slot `at` (< count) out of the cache and returns its block (its mark cleared). */
 static void *take_slot(struct thread_cache *cache, unsigned at)
 {
     void *block = cache->slots[at].block;
@@ -188,7 +188,7 @@ static void *take_serving(struct thread_cache *cache, size_t size, size_t most, 
             *usable = cache->slots[at].usable;
             return take_slot(cache, at);
         }
-    if (++cache->misses >= KSM_CACHE_IDLE_MISSES) {
+    if (cache->count && ++cache->misses >= KSM_CACHE_IDLE_MISSES) { /* the loop may have emptied it */
         cache->misses = 0;
         release_slot(cache, 0);
     }
@@ -245,7 +245,7 @@ int ksm_cache_keep(void *block, size_t usable)
     if (!worth_keeping(cache, block))
         return 0;
     release_pinning(cache);
-    while (cache->count == KSM_CACHE_SLOTS || cache->bytes + usable > KSM_CACHE_THREAD_BYTES)
+    while (cache->count == KSM_CACHE_SLOTS || (cache->count && cache->bytes + usable > KSM_CACHE_THREAD_BYTES))
         release_slot(cache, 0);
     cache->slots[cache->count++] = (struct slot){block, usable};
     cache->bytes += usable;

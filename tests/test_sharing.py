@@ -98,8 +98,10 @@ def test_two_processes_with_the_same_data_share_it_and_a_third_shares_nothing(ks
     assert list(report.processes) == pids and not report.missing
     assert_matches_ksm_stat(report, before, after)
     assert report.shared(a, b) == report.shared(b, a) == report.pairs[(a, b)]
-    # Both hold HELD_PAGES pages of the same data (and a few pages of the same interpreter).
-    assert 0.9 * HELD_PAGES <= report.shared(a, b) <= 1.1 * HELD_PAGES, report.pairs
+    # Both hold HELD_PAGES pages of the same data (and a few pages of the same interpreter, and
+    # the last freed copies of that data that the shim's cache keeps: 1 MiB a thread at most).
+    cache_pages = (1 << 20) // PAGE
+    assert 0.9 * HELD_PAGES <= report.shared(a, b) <= 1.1 * HELD_PAGES + cache_pages, report.pairs
     for pid in (a, b):
         assert report.shared(pid, c) <= 0.02 * HELD_PAGES, report.pairs
         assert report.processes[pid].ksm_distinct >= report.shared(a, b)
@@ -164,7 +166,7 @@ def test_without_root_says_root_is_needed():
             "try:\n"
             "    s.sharing([os.getpid()])\n"
             "except e.KsmError as error:\n"
-            "    print(error.format_message())\n")
+            "    print(error.message)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1 and "needs root" in result.stdout, result.stdout

@@ -8,7 +8,9 @@
  *   cache_probe across   frees a 64 KiB block on a thread that stays, then again on main
  *   cache_probe pin      keeps a 12 KiB block above 100 MiB of small blocks, frees those, asks
  *                        for 16 more blocks; prints "freed KIB next KIB": RSS added after the
- *                        frees, and after those requests */
+ *                        frees, and after those requests
+ *   cache_probe emptied  keeps one block, misses 31 requests, then asks for a block of its size
+ *                        once it holds free memory: the cache empties itself while serving */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdio.h>
@@ -128,6 +130,24 @@ static int pin_free_memory(void)
     return 0;
 }
 
+static int empty_while_serving(void)
+{
+    static char *small[SMALL_BLOCKS];
+    make_and_free(0, 12 * 1024); /* the thread keeps blocks */
+    memset(malloc(12 * 1024), 1, 12 * 1024); /* the block it kept, taken back and held */
+    for (int i = 0; i < SMALL_BLOCKS; i++)
+        memset(small[i] = malloc(1000), 1, 1000);
+    free(memset(malloc(12 * 1024), 1, 12 * 1024)); /* the one kept block, above the small ones */
+    for (int i = 0; i < 31; i++) /* requests it cannot serve, held */
+        if (!malloc(20 * 1024))
+            return 2;
+    for (int i = 0; i < SMALL_BLOCKS; i++)
+        free(small[i]);
+    free(malloc(12 * 1024));
+    printf("ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 2 && !strcmp(argv[1], "phases"))
@@ -142,6 +162,8 @@ int main(int argc, char **argv)
         return free_across_threads();
     if (argc == 2 && !strcmp(argv[1], "pin"))
         return pin_free_memory();
-    fprintf(stderr, "usage: cache_probe phases|twice|across|pin\n");
+    if (argc == 2 && !strcmp(argv[1], "emptied"))
+        return empty_while_serving();
+    fprintf(stderr, "usage: cache_probe phases|twice|across|pin|emptied\n");
     return 2;
 }
