@@ -15,7 +15,7 @@ import bisect
 import os
 
 from . import kernel, shimstats
-from .errors import KsmError, NeedsRoot
+from .errors import NeedsRoot, NoSuchProcess
 
 GLIBC_HEAP_MAX = 64 << 20     # a glibc thread arena's heap: this size, aligned to it
 GUARD_MAX = 1 << 20           # thread stack guards are a page to some KiB
@@ -198,8 +198,8 @@ def attribution(pids=None, stats_dir=None, with_sharing=True):
 
 
 def require_read(pids, processes):
-    """KsmError naming those of `pids` (which the user named) that ended before they were read."""
+    """NoSuchProcess naming those of `pids` (which the user named) that ended before they were read."""
     read = {process["pid"] for process in processes}
-    ended = [str(pid) for pid in pids if pid not in read]
+    ended = [pid for pid in pids if pid not in read]
     if ended:
-        raise KsmError(f"no such process: {', '.join(ended)} (it ended while being read)")
+        raise NoSuchProcess(ended, while_read=True)

@@ -3,7 +3,7 @@ import click
 
 from . import __version__
 from .commands import COMMANDS
-from .errors import run_cli
+from .edge import run_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

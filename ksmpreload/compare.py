@@ -23,16 +23,13 @@ NAME --serve speaks this.
 """
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-import psutil
-
 from . import kernel, scanning, shimstats
-from .wrap import launcher
+from .processes import ksm_wrap_command, merged_pages, process_tree, resident_bytes, stop_tree
 from .errors import KsmError
 
 LIBRARIES = "/usr/lib/x86_64-linux-gnu"
@@ -104,19 +101,7 @@ def arm_command(command, allocator, strategy):
     options = STRATEGIES[strategy]
     if options is None:
         return list(command), env
-    return [*launcher(), *options, *command], env
-
-
-def process_tree(pid):
-    try:
-        parent = psutil.Process(pid)
-        return [parent.pid] + [child.pid for child in parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def merged_pages(pids):
-    return sum((kernel.process_ksm_stat(pid) or {}).get("ksm_merging_pages", 0) for pid in pids)
+    return [*ksm_wrap_command(), *options, *command], env
 
 
 def unmerge_all():
@@ -150,19 +135,12 @@ def measure(result, pids):
     page = kernel.page_size()
     stats = [kernel.process_ksm_stat(pid) or {} for pid in pids]
     result.saved_bytes = saved_pages(pids, stats) * page
-    result.resident_bytes = sum(_rss(pid) for pid in pids)
+    result.resident_bytes = sum(resident_bytes(pid) for pid in pids)
     result.padding_bytes = sum(shimstats.memory_cost_bytes(shimstats.read_process_stats(pid)) for pid in pids)
     result.net_saved_bytes = result.saved_bytes - result.padding_bytes
     result.saved_percent = round(100 * result.saved_bytes / result.resident_bytes, 1) if result.resident_bytes else 0
     result.rmap_items = sum(stat.get("ksm_rmap_items", 0) for stat in stats)
     result.processes = len(pids)
-
-
-def _rss(pid):
-    try:
-        return psutil.Process(pid).memory_info().rss
-    except psutil.NoSuchProcess:
-        return 0
 
 
 def seconds_to_share(samples, share=0.9):
@@ -185,19 +163,6 @@ def follow(pids, started, result, timeout, on_sample):
         sample()  # nothing of it is mergeable: ksmd has nothing to scan, and full scans may not advance
         return
     scanning.wait_until_settled(scanning.ignoring_flutter(sample), timeout=timeout, poll=SAMPLE_SECONDS)
-
-
-def stop(proc):
-    for pid in reversed(process_tree(proc.pid)):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def wait_until_loaded(proc, result, warmup, wait_ready):
@@ -237,7 +202,7 @@ def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready
         measure(result, pids())
         result.seconds_to_90 = seconds_to_share(result.samples)
     finally:
-        stop(proc)
+        stop_tree(proc)
     return result
 
 

@@ -101,19 +101,10 @@ def system_notes(knobs):
         notes.append(f"advisor_mode is {knobs['advisor_mode']}")
     if not knobs.get("use_zero_pages"):
         notes.append("use_zero_pages is 0: pages of zeros merge into one KSM page instead of the zero page")
-    thp = _thp_mode()
+    thp = kernel.transparent_huge_pages_mode()
     if thp:
         notes.append(f"transparent huge pages: {thp} (KSM splits a huge page to merge its parts)")
     return notes
-
-
-def _thp_mode():
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            text = f.read()
-    except OSError:
-        return ""
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
 
 
 # ---- a program's file -----------------------------------------------------------------------
@@ -249,7 +240,7 @@ def process_findings(process, knobs, programs_seen):
     found = [unmarked_finding(process), not_scanned_finding(process, knobs), padding_finding(process),
              own_madvise_finding(process), huge_pages_finding(process)]
     found = [finding for finding in found if finding]
-    exe = f"/proc/{process['pid']}/exe"
+    exe = kernel.executable_path(process["pid"])
     program = os.path.realpath(exe)
     if program in programs_seen:
         return found

@@ -8,10 +8,11 @@ import platform
 import re
 from collections import namedtuple
 
-from .errors import KsmError, NeedsRoot
+from .errors import KsmError, NeedsRoot, NoSuchProcess
 
 KSM_DIR = "/sys/kernel/mm/ksm"
 PROC_DIR = "/proc"
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 RMAP_ITEM_BYTES = 64           # what the kernel charges per rmap_item in general_profit
 FULL_SCAN_TARGET_SECONDS = 60  # suggested_pages_to_scan aims at one pass over RAM per minute
 PAGES_TO_SCAN_RANGE = (100, 20000)
@@ -206,13 +207,65 @@ def read_proc(pid, name):
         return None
 
 
+def process_maps_text(pid):
+    """/proc/<pid>/maps as text (paths with their bytes kept, surrogateescape), or None when it
+    cannot be read."""
+    try:
+        with open(os.path.join(PROC_DIR, str(pid), "maps"), errors="surrogateescape") as maps:
+            return maps.read()
+    except OSError:
+        return None
+
+
+def transparent_huge_pages_mode():
+    """The chosen transparent huge page mode (always, madvise, never), or "" when unknown."""
+    try:
+        with open(THP_ENABLED) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
+def executable_path(pid):
+    return os.path.join(PROC_DIR, str(pid), "exe")
+
+
 def process_exists(pid):
     return os.path.exists(os.path.join(PROC_DIR, str(pid)))
+
+
+def require_processes(pids):
+    """NoSuchProcess naming those of `pids` (which the user named) that do not exist."""
+    gone = [pid for pid in pids if not process_exists(pid)]
+    if gone:
+        raise NoSuchProcess(gone)
 
 
 def needs_root(error):
     """NeedsRoot for a PermissionError on a /proc/<pid> file (another user's process)."""
     return NeedsRoot(f"reading {error.filename} of another user's process")
+
+
+def open_process_file(pid, name):
+    """A read-only fd of /proc/<pid>/<name>, or None if the process is gone; NeedsRoot for
+    another user's process."""
+    try:
+        return os.open(os.path.join(PROC_DIR, str(pid), name), os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError as error:
+        raise needs_root(error) from None
+
+
+def open_page_flags_file(path):
+    """A read-only fd of /proc/kpageflags or /proc/kpagecount, which only root may read."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError:
+        raise NeedsRoot(f"reading {path}") from None
+    except FileNotFoundError:
+        raise KsmError(f"{path} is missing (kernel built without CONFIG_PROC_PAGE_MONITOR)") from None
 
 
 def process_ksm_stat(pid):

@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from . import kernel, native
-from .errors import NeedsRoot
-from .sharing import KEEP_MASK, KEEP_VALUE, _Clock, _open_root_file
+from .sharing import KEEP_MASK, KEEP_VALUE
+from .timing import StepClock
 
 MIB = 1 << 20
 FRAME_FIELDS = ("ksm_pages", "zero_frame_pages", "unmerged_pages")   # known with PFNs only
@@ -129,29 +129,18 @@ class PotentialReport:
                 "processes": [asdict(process) for process in self.processes.values()]}
 
 
-def _open_process_file(pid, name):
-    """A read-only fd of /proc/<pid>/<name>, or None if the process is gone."""
-    path = os.path.join(kernel.PROC_DIR, str(pid), name)
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except PermissionError:
-        raise NeedsRoot(f"reading {path}") from None
-
-
 def _read_process(pid, pages, region_offsets, clock):
     """Read and hash pid's pages into pages, appending where each region starts in it to
     region_offsets; returns its ProcessPotential, or None if it is gone."""
     try:
         regions, comm = kernel.process_maps(pid), kernel.read_proc(pid, "comm")
-    except PermissionError:
-        raise NeedsRoot(f"reading /proc/{pid}/maps") from None
+    except PermissionError as error:
+        raise kernel.needs_root(error) from None
     clock.step("maps")
     if regions is None or comm is None:
         return None
-    pagemap_fd = _open_process_file(pid, "pagemap")
-    mem_fd = _open_process_file(pid, "mem") if pagemap_fd is not None else None
+    pagemap_fd = kernel.open_process_file(pid, "pagemap")
+    mem_fd = kernel.open_process_file(pid, "mem") if pagemap_fd is not None else None
     page, unreadable = kernel.page_size(), pages.unreadable[0]
     process = ProcessPotential(pid=pid, comm=comm.strip())
     try:
@@ -192,7 +181,7 @@ def _mark_frames(pages, kinds):
     count = pages.size
     keys = native.sort_pfns(pages.frames.data, count)
     distinct, ndistinct = native.distinct_pfns(keys, count)
-    flags_fd = _open_root_file(kernel.KPAGEFLAGS)
+    flags_fd = kernel.open_page_flags_file(kernel.KPAGEFLAGS)
     try:
         flags = native.read_pfn_words(flags_fd, distinct, ndistinct)
     finally:
@@ -215,7 +204,7 @@ def potential(pids, timings=None, pagemap_scan="auto", chunk_pages=None):
     module docstring). A dict `timings` gets the seconds of each step (maps, pagemap, read,
     hash, ksm_stat, sort, group, frames, count); pagemap_scan as for sharing.sharing; chunk_pages:
     pages per pread of /proc/<pid>/mem (default native.READ_CHUNK_PAGES)."""
-    clock = _Clock(timings)
+    clock = StepClock(timings)
     pages = native.PageHashes(scan=pagemap_scan, chunk_pages=chunk_pages)
     processes, missing, offsets, region_offsets = {}, [], [], []
     for pid in dict.fromkeys(pids):

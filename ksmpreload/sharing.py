@@ -25,11 +25,11 @@ between two reads are counted as they were when read. KSM zero pages (use_zero_p
 the zero page, which is no KSM page: they are not counted here (ksm_stat has ksm_zero_pages).
 """
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 from . import kernel, native
-from .errors import KsmError, NeedsRoot
+from .errors import NeedsRoot
+from .timing import StepClock
 
 KEEP_MASK = kernel.PAGEMAP_PRESENT | kernel.PAGEMAP_SWAPPED | kernel.PAGEMAP_FILE
 KEEP_VALUE = kernel.PAGEMAP_PRESENT  # present, in RAM, not a file page
@@ -91,28 +91,6 @@ class SharingReport:
         }
 
 
-class _Clock:
-    """Seconds per step into a dict, when one is given."""
-
-    def __init__(self, timings):
-        self.timings, self.last = timings, time.perf_counter()
-
-    def step(self, name):
-        if self.timings is not None:
-            now = time.perf_counter()
-            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
-            self.last = now
-
-
-def _open_root_file(path):
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except PermissionError:
-        raise NeedsRoot(f"reading {path}") from None
-    except FileNotFoundError:
-        raise KsmError(f"{path} is missing (kernel built without CONFIG_PROC_PAGE_MONITOR)") from None
-
-
 def _read_process(pid, pfns, region_offsets):
     """Append pid's PFNs to pfns and where each region's start in pfns to region_offsets;
     returns its ProcessSharing, or None if it is gone."""
@@ -120,12 +98,9 @@ def _read_process(pid, pfns, region_offsets):
     comm = kernel.read_proc(pid, "comm")
     if regions is None or comm is None:
         return None
-    try:
-        fd = os.open(kernel.pagemap_path(pid), os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
+    fd = kernel.open_process_file(pid, "pagemap")
+    if fd is None:
         return None
-    except PermissionError:
-        raise NeedsRoot(f"reading {kernel.pagemap_path(pid)}") from None
     page = kernel.page_size()
     process = ProcessSharing(pid=pid, comm=comm.strip())
     try:
@@ -149,7 +124,7 @@ def sharing(pids, timings=None, pagemap_scan="auto"):
     Raises NeedsRoot without root: the kernel then shows every PFN as 0 and keeps
     /proc/kpageflags closed."""
     kernel.require_ksm()
-    clock = _Clock(timings)
+    clock = StepClock(timings)
     pfns = native.PfnArray(scan=pagemap_scan)
     processes, missing, offsets, region_offsets = {}, [], [], []
     for pid in dict.fromkeys(pids):
@@ -168,9 +143,9 @@ def sharing(pids, timings=None, pagemap_scan="auto"):
     kept, zero_pfns = pfns.counts[0], pfns.counts[1]
     if kept and zero_pfns == kept:
         raise NeedsRoot("reading page frame numbers from /proc/<pid>/pagemap (they read as 0)")
-    flags_fd = _open_root_file(kernel.KPAGEFLAGS)
+    flags_fd = kernel.open_page_flags_file(kernel.KPAGEFLAGS)
     try:
-        count_fd = _open_root_file(kernel.KPAGECOUNT)
+        count_fd = kernel.open_page_flags_file(kernel.KPAGECOUNT)
         try:
             return _attribute(processes, missing, pfns, offsets, region_offsets, flags_fd, count_fd, clock)
         finally:

@@ -10,6 +10,8 @@ import re
 import struct
 import time
 
+from . import kernel
+
 MAGIC = b"KSMPRLD1"
 REGIONS_MAGIC = b"KSMREGN1"
 REGION_KINDS = {1: "mmap", 2: "mapped before start", 3: "glibc mmapped chunk", 4: "glibc arena heap",
@@ -105,11 +107,8 @@ def parse_regions(data):
 
 
 def _maps_file(pid, path):
-    try:
-        with open(f"/proc/{pid}/maps", errors="surrogateescape") as maps:
-            return any(line.rstrip().endswith(path) for line in maps)
-    except OSError:
-        return False
+    maps = kernel.process_maps_text(pid)
+    return maps is not None and any(line.rstrip().endswith(path) for line in maps.splitlines())
 
 
 def _current_path(pid, directory):

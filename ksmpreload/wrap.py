@@ -10,7 +10,8 @@ import sys
 import click
 
 from . import binary, kernel, shim_path
-from .errors import EXIT_NOT_FOUND, KsmError, NeedsRoot, run_cli
+from .edge import run_cli
+from .errors import EXIT_NOT_FOUND, KsmError, NeedsRoot
 from .sizes import SizeParam
 
 CANNOT_EXECUTE = 126  # as a shell says
@@ -19,13 +20,6 @@ MAX_THRESHOLD = 1 << 40  # the shim's bound (shim/config.c read_threshold)
 # LD_PRELOAD splits at spaces and colons (glibc; musl at any blank too) and expands $LIB,
 # $ORIGIN and $PLATFORM: a shim path holding one of these would not reach the program.
 NOT_IN_PRELOAD = " \t\n\v\f\r:$"
-
-
-def launcher():
-    """How to run ksm-wrap from Python: the installed script beside this interpreter, else
-    `python -m` (which, run from a source checkout, would import the unbuilt package there)."""
-    script = os.path.join(os.path.dirname(sys.executable), "ksm-wrap")
-    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "ksmpreload.wrap"]
 
 
 def shown(text):

@@ -27,7 +27,7 @@ import time
 
 from ksmpreload import attribution, kernel, native, scanning
 from ksmpreload.sharing import sharing
-from ksmpreload.workers import start_workers, stop_workers
+from ksmpreload.processes import start_workers, stop_workers
 
 GIB = 1 << 30
 TEMPLATE_PAGES = 4096

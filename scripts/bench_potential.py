@@ -21,7 +21,7 @@ import time
 from bench_attribution import machine, run_worker, summary, workers_parser
 from ksmpreload import kernel
 from ksmpreload.potential import potential
-from ksmpreload.workers import start_workers, stop_workers
+from ksmpreload.processes import start_workers, stop_workers
 
 GIB = 1 << 30
 

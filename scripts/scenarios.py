@@ -78,11 +78,9 @@ import time
 import psutil
 
 from ksmpreload import kernel, scanning, shimstats
-from ksmpreload.compare import merged_pages
+from ksmpreload.processes import ksm_wrap_command, merged_pages, start_workers, stop_workers
 from ksmpreload.potential import potential
 from ksmpreload.sharing import sharing
-from ksmpreload.workers import start_workers, stop_workers
-from ksmpreload.wrap import launcher
 
 MIB = 1 << 20
 PAGE = kernel.page_size()
@@ -157,7 +155,7 @@ def aligned_value_pages(sizes):
 # ---- processes --------------------------------------------------------------------------------
 
 def wrapped(command, strategy):
-    return list(command) if strategy == "none" else [*launcher(), "--strategy", strategy, *command]
+    return list(command) if strategy == "none" else [*ksm_wrap_command(), "--strategy", strategy, *command]
 
 
 def free_port():

@@ -7,14 +7,13 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import kernel, scanning
-from ..workers import start_workers, stop_workers
+from ..processes import ksm_wrap_command, start_workers, stop_workers
 from ..errors import KsmError
 from ..render import console, human_bytes, print_json, print_rich, table
 
 def start_demo_workers(count, mib):
-    launcher = [sys.executable, "-m", "ksmpreload.wrap"]  # ksm-wrap, even when not on PATH
     worker = [sys.executable, "-m", "ksmpreload.demo_worker", str(mib), "1"]
-    workers = start_workers([[*launcher, *worker] for _ in range(count)])
+    workers = start_workers([[*ksm_wrap_command(), *worker] for _ in range(count)])
     for proc in workers:
         proc.held_bytes = proc.report["bytes"]
     return workers

@@ -11,9 +11,8 @@ from rich.progress import Progress
 from rich.text import Text
 
 from .. import attribution, diagnosis, kernel, render, scanning
-from ..errors import EXIT_NOT_FOUND, EXIT_USAGE, KsmError
-from ..compare import merged_pages, process_tree
-from ..wrap import launcher
+from ..errors import EXIT_NOT_FOUND, KsmError
+from ..processes import ksm_wrap_command, merged_pages, process_tree
 
 MIB = 1024 * 1024
 START_SECONDS = 1.0   # a started command gets this long to allocate before the wait for merging
@@ -23,7 +22,7 @@ def start_wrapped(command, as_is):
     """The command under ksm-wrap (as_is: in observe mode), its stdin closed and stdout dropped."""
     options = ["--strategy", "observe"] if as_is else []
     try:
-        return subprocess.Popen([*launcher(), *options, *command],
+        return subprocess.Popen([*ksm_wrap_command(), *options, *command],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     except OSError as error:
         raise KsmError(f"cannot start {command[0]}: {error.strerror}", EXIT_NOT_FOUND) from error
@@ -101,9 +100,7 @@ def split_targets(args):
     """PIDs when every argument is a number, else a command to start."""
     if args and all(arg.isascii() and arg.isdigit() for arg in args):
         pids = [int(arg) for arg in args]
-        gone = [pid for pid in pids if not kernel.process_exists(pid)]
-        if gone:
-            raise KsmError(f"no such process: {', '.join(map(str, gone))}", EXIT_USAGE)
+        kernel.require_processes(pids)
         return pids, None
     return [], list(args) or None
 

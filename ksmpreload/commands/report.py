@@ -96,9 +96,7 @@ def report(pids, as_json, markdown, region_limit, no_sharing):
     kernel.require_ksm()
     if as_json and markdown:
         raise click.UsageError("choose one of --json and --markdown")
-    gone = [pid for pid in pids if not kernel.process_exists(pid)]
-    if gone:
-        raise click.BadParameter(f"no such process: {', '.join(map(str, gone))}", param_hint="PIDS")
+    kernel.require_processes(pids)
     result = attribution.attribution(list(pids) or None, with_sharing=not no_sharing)
     attribution.require_read(pids, result["processes"])
     if as_json:

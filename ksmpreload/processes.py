@@ -1,0 +1,77 @@
+"""The processes the tool starts and watches (compare, doctor, demo and the benchmarks):
+ksm-wrap's command line, a process and its descendants, their merged pages and resident
+memory, stopping them, and worker processes that say when their data is ready."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from . import kernel
+from .errors import KsmError
+
+
+def ksm_wrap_command():
+    """How to run ksm-wrap from Python: the installed script beside this interpreter, else
+    `python -m` (which, run from a source checkout, would import the unbuilt package there)."""
+    script = os.path.join(os.path.dirname(sys.executable), "ksm-wrap")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "ksmpreload.wrap"]
+
+
+def process_tree(pid):
+    """pid and its descendants; [] when it is gone."""
+    try:
+        parent = psutil.Process(pid)
+        return [parent.pid] + [child.pid for child in parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def merged_pages(pids):
+    return sum((kernel.process_ksm_stat(pid) or {}).get("ksm_merging_pages", 0) for pid in pids)
+
+
+def resident_bytes(pid):
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def stop_tree(proc):
+    """SIGTERM to the process and its descendants, the youngest first; SIGKILL after 15 s."""
+    for pid in reversed(process_tree(proc.pid)):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_workers(commands):
+    """Starts every command, then waits for each one's JSON line (kept as `proc.report`): the
+    workers hold their data until their stdin closes."""
+    # cwd "/": started in a source checkout, `-m ksmpreload...` would import the unbuilt package there.
+    workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+               for command in commands]
+    for proc in workers:
+        line = proc.stdout.readline()
+        if not line:
+            stop_workers(workers)
+            raise KsmError(f"a worker ({' '.join(proc.args[:4])} ...) exited before it was ready")
+        proc.report = json.loads(line)
+    return workers
+
+
+def stop_workers(workers):
+    for proc in workers:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+    for proc in workers:
+        proc.wait(timeout=30)
