@@ -1,4 +1,5 @@
 """ksmpreload: Kernel Samepage Merging for unmodified programs."""
+
 import os
 
 __version__ = "0.1.0"

@@ -11,17 +11,18 @@ A label comes from facts only: a file path, the kernel's names ([heap], [stack])
 record, or a layout glibc makes (a thread stack above its guard page, an arena heap on a
 64 MiB boundary before its reserve). Anything else is "unlabelled".
 """
+
 import bisect
 import os
 
 from . import kernel, shimstats
 from .errors import NeedsRoot, NoSuchProcess
 
-GLIBC_HEAP_MAX = 64 << 20     # a glibc thread arena's heap: this size, aligned to it
-GUARD_MAX = 1 << 20           # thread stack guards are a page to some KiB
+GLIBC_HEAP_MAX = 64 << 20  # a glibc thread arena's heap: this size, aligned to it
+GUARD_MAX = 1 << 20  # thread stack guards are a page to some KiB
 UNLABELLED = "unlabelled"
 KERNEL_NAMES = {"[heap]": "brk heap", "[stack]": "main stack"}
-UNMERGED_MIN_KIB = 64         # smaller mergeable regions are not worth listing as unmerged
+UNMERGED_MIN_KIB = 64  # smaller mergeable regions are not worth listing as unmerged
 
 
 def _is_anonymous(region):
@@ -30,8 +31,12 @@ def _is_anonymous(region):
 
 def _adjacent_reserve(region, neighbour):
     """`neighbour` is an inaccessible anonymous VMA touching `region`."""
-    return (neighbour is not None and _is_anonymous(neighbour) and neighbour["perms"].startswith("---")
-            and (neighbour["end"] == region["start"] or neighbour["start"] == region["end"]))
+    return (
+        neighbour is not None
+        and _is_anonymous(neighbour)
+        and neighbour["perms"].startswith("---")
+        and (neighbour["end"] == region["start"] or neighbour["start"] == region["end"])
+    )
 
 
 class Records:
@@ -43,8 +48,9 @@ class Records:
         self.ends_so_far = []  # the highest end among records[:i + 1]: where a backward walk can stop
         for record in self.records:
             self.ends_so_far.append(max(record["end"], self.ends_so_far[-1] if self.ends_so_far else 0))
-        self.objects = sorted((r["start"], r["end"], os.path.basename(r["path"]))
-                              for r in regions if r["path"].startswith("/"))
+        self.objects = sorted(
+            (r["start"], r["end"], os.path.basename(r["path"])) for r in regions if r["path"].startswith("/")
+        )
 
     def covering(self, start, end):
         """The record that covers most of [start, end), or None."""
@@ -87,22 +93,35 @@ def region_label(index, regions, records):
         return _record_label(record, records), "shim"
     previous = regions[index - 1] if index > 0 else None
     following = regions[index + 1] if index + 1 < len(regions) else None
-    if region["perms"].startswith("rw") and region["start"] % GLIBC_HEAP_MAX == 0 \
-            and _adjacent_reserve(region, following):
+    if (
+        region["perms"].startswith("rw")
+        and region["start"] % GLIBC_HEAP_MAX == 0
+        and _adjacent_reserve(region, following)
+    ):
         return "glibc arena heap", "layout"
-    if region["perms"].startswith("rw") and _adjacent_reserve(region, previous) \
-            and previous["end"] - previous["start"] <= GUARD_MAX:
+    if (
+        region["perms"].startswith("rw")
+        and _adjacent_reserve(region, previous)
+        and previous["end"] - previous["start"] <= GUARD_MAX
+    ):
         return "thread stack", "layout"
     return UNLABELLED, "none"
 
 
 def _region_entry(region, label, source):
     return {
-        "start": region["start"], "end": region["end"], "perms": region["perms"], "path": region["path"],
-        "label": label, "source": source, "mergeable": region["mergeable"],
+        "start": region["start"],
+        "end": region["end"],
+        "perms": region["perms"],
+        "path": region["path"],
+        "label": label,
+        "source": source,
+        "mergeable": region["mergeable"],
         "size_kib": (region["end"] - region["start"]) // 1024,
-        "rss_kib": region.get("Rss", 0), "anonymous_kib": region.get("Anonymous", 0),
-        "ksm_kib": region.get("KSM", 0), "anon_huge_kib": region.get("AnonHugePages", 0),
+        "rss_kib": region.get("Rss", 0),
+        "anonymous_kib": region.get("Anonymous", 0),
+        "ksm_kib": region.get("KSM", 0),
+        "anon_huge_kib": region.get("AnonHugePages", 0),
     }
 
 
@@ -124,12 +143,20 @@ def process_attribution(pid, stats_dir=None, notes=None):
     page = kernel.page_size()
     merged = stat.get("ksm_merging_pages", 0) * page
     padding = shimstats.memory_cost_bytes(counters)
-    entries = [_region_entry(region, *region_label(index, regions, records))
-               for index, region in enumerate(regions) if region.get("Anonymous", 0) or region.get("KSM", 0)]
+    entries = [
+        _region_entry(region, *region_label(index, regions, records))
+        for index, region in enumerate(regions)
+        if region.get("Anonymous", 0) or region.get("KSM", 0)
+    ]
     return {
-        "pid": pid, "comm": comm.strip(), "cmdline": kernel.short_cmdline(cmdline, comm.strip()),
-        "ksm_stat": stat, "shim": counters,
-        "merged_bytes": merged, "padding_bytes": padding, "net_saved_bytes": merged - padding,
+        "pid": pid,
+        "comm": comm.strip(),
+        "cmdline": kernel.short_cmdline(cmdline, comm.strip()),
+        "ksm_stat": stat,
+        "shim": counters,
+        "merged_bytes": merged,
+        "padding_bytes": padding,
+        "net_saved_bytes": merged - padding,
         "ksm_smaps_kib": sum(entry["ksm_kib"] for entry in entries),
         "regions": entries,
     }
@@ -139,8 +166,7 @@ def by_label(process):
     """{label: {regions, anonymous_kib, ksm_kib}} over one process's regions, most KSM first."""
     totals = {}
     for region in process["regions"]:
-        entry = totals.setdefault(region["label"], {"regions": 0, "anonymous_kib": 0, "ksm_kib": 0,
-                                                    "shared_pages": 0})
+        entry = totals.setdefault(region["label"], {"regions": 0, "anonymous_kib": 0, "ksm_kib": 0, "shared_pages": 0})
         entry["regions"] += 1
         entry["anonymous_kib"] += region["anonymous_kib"]
         entry["ksm_kib"] += region["ksm_kib"]
@@ -150,8 +176,12 @@ def by_label(process):
 
 def unmerged_regions(processes, limit=10):
     """The biggest regions that are mergeable but hold little merged: (pid, comm, region, KiB not merged)."""
-    found = [(process["pid"], process["comm"], region, region["anonymous_kib"] - region["ksm_kib"])
-             for process in processes for region in process["regions"] if region["mergeable"]]
+    found = [
+        (process["pid"], process["comm"], region, region["anonymous_kib"] - region["ksm_kib"])
+        for process in processes
+        for region in process["regions"]
+        if region["mergeable"]
+    ]
     found = [entry for entry in found if entry[3] >= UNMERGED_MIN_KIB]
     return sorted(found, key=lambda entry: -entry[3])[:limit]
 
@@ -166,7 +196,7 @@ def attach_sharing(processes, report):
         for region in regions:
             region["shared_pages"] = region["within_pages"] = 0
         read = report.processes.get(process["pid"])
-        for found in (read.regions if read else []):
+        for found in read.regions if read else []:
             index = bisect.bisect_right(starts, found.start) - 1
             if index >= 0 and found.start < regions[index]["end"]:
                 regions[index]["shared_pages"] += found.ksm_shared
@@ -177,6 +207,7 @@ def attribution(pids=None, stats_dir=None, with_sharing=True):
     """The whole report: processes (all KSM users when `pids` is None), the sharing matrix
     (None without root, with a note), and the biggest mergeable regions left unmerged."""
     from .sharing import sharing
+
     notes = []
     if pids is None:
         listed, unreadable = kernel.ksm_processes_and_unreadable()
@@ -191,9 +222,17 @@ def attribution(pids=None, stats_dir=None, with_sharing=True):
             result["sharing"] = report.to_dict()
         except NeedsRoot as error:
             result["notes"].append(f"no sharing matrix: {error}")
-    result["unmerged"] = [{"pid": pid, "comm": comm, "start": region["start"], "end": region["end"],
-                           "label": region["label"], "unmerged_kib": kib}
-                          for pid, comm, region, kib in unmerged_regions(processes)]
+    result["unmerged"] = [
+        {
+            "pid": pid,
+            "comm": comm,
+            "start": region["start"],
+            "end": region["end"],
+            "label": region["label"],
+            "unmerged_kib": kib,
+        }
+        for pid, comm, region, kib in unmerged_regions(processes)
+    ]
     return result
 
 

@@ -1,5 +1,6 @@
 """What a program file allows: LD_PRELOAD needs a dynamically linked ELF that the
 loader does not run in secure mode (setuid, setgid, file capabilities)."""
+
 import os
 import stat
 from dataclasses import dataclass
@@ -59,11 +60,18 @@ def inspect(path):
 
 # ---- which allocator a program carries, and whether it bypasses libc's mmap -------------------
 
-ALLOCATOR_LIBRARIES = (("libjemalloc", "jemalloc (shared library)"), ("libtcmalloc", "tcmalloc (shared library)"),
-                       ("libmimalloc", "mimalloc (shared library)"))
+ALLOCATOR_LIBRARIES = (
+    ("libjemalloc", "jemalloc (shared library)"),
+    ("libtcmalloc", "tcmalloc (shared library)"),
+    ("libmimalloc", "mimalloc (shared library)"),
+)
 # Defined (not imported) symbols that give away an allocator linked into the program itself.
-ALLOCATOR_SYMBOLS = (("je_mallctl", "jemalloc (linked in, je_ prefix)"), ("mallctl", "jemalloc (linked in)"),
-                     ("tc_malloc", "tcmalloc (linked in)"), ("mi_malloc", "mimalloc (linked in)"))
+ALLOCATOR_SYMBOLS = (
+    ("je_mallctl", "jemalloc (linked in, je_ prefix)"),
+    ("mallctl", "jemalloc (linked in)"),
+    ("tc_malloc", "tcmalloc (linked in)"),
+    ("mi_malloc", "mimalloc (linked in)"),
+)
 RAW_SYSCALL_RUNTIMES = ((".gopclntab", "Go"), (".go.buildinfo", "Go"))
 
 
@@ -73,8 +81,9 @@ def _defined_symbols(elf):
         section = elf.get_section_by_name(section_name)
         if section is None:
             continue
-        names.update(symbol.name for symbol in section.iter_symbols()
-                     if symbol["st_shndx"] != "SHN_UNDEF" and symbol.name)
+        names.update(
+            symbol.name for symbol in section.iter_symbols() if symbol["st_shndx"] != "SHN_UNDEF" and symbol.name
+        )
     return names
 
 

@@ -1,4 +1,5 @@
 """The `ksmpreload` command: a click group; each subcommand lives in ksmpreload/commands/."""
+
 import click
 
 from . import __version__

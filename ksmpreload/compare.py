@@ -21,6 +21,7 @@ its stdout, for example {"ready": true, "pids": [4711, 4712], "throughput": 5300
 "pids" (all of its process tree when there is no "pids") are measured. scripts/scenarios.py
 NAME --serve speaks this.
 """
+
 import json
 import os
 import subprocess
@@ -34,11 +35,18 @@ from .errors import KsmError
 
 LIBRARIES = "/usr/lib/x86_64-linux-gnu"
 # allocator name: (library preloaded for it, the Debian package that installs it)
-ALLOCATORS = {"glibc": (None, None), "jemalloc": (f"{LIBRARIES}/libjemalloc.so.2", "libjemalloc2"),
-              "mimalloc": (f"{LIBRARIES}/libmimalloc.so.2", "libmimalloc2.0"),
-              "tcmalloc": (f"{LIBRARIES}/libtcmalloc_minimal.so.4", "libtcmalloc-minimal4")}
-STRATEGIES = {"none": None, "prctl": ["--strategy", "prctl"], "madvise": ["--strategy", "madvise"],
-              "madvise-noalign": ["--strategy", "madvise", "--no-align"]}
+ALLOCATORS = {
+    "glibc": (None, None),
+    "jemalloc": (f"{LIBRARIES}/libjemalloc.so.2", "libjemalloc2"),
+    "mimalloc": (f"{LIBRARIES}/libmimalloc.so.2", "libmimalloc2.0"),
+    "tcmalloc": (f"{LIBRARIES}/libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+}
+STRATEGIES = {
+    "none": None,
+    "prctl": ["--strategy", "prctl"],
+    "madvise": ["--strategy", "madvise"],
+    "madvise-noalign": ["--strategy", "madvise", "--no-align"],
+}
 SAMPLE_SECONDS = 0.5
 UNMERGE_TIMEOUT = 60
 
@@ -48,7 +56,7 @@ class ArmResult:
     allocator: str
     strategy: str
     processes: int = 0
-    allocator_loaded: int = None                 # measured processes that map the preloaded allocator
+    allocator_loaded: int = None  # measured processes that map the preloaded allocator
     saved_bytes: int = 0
     resident_bytes: int = 0
     padding_bytes: int = 0
@@ -59,8 +67,8 @@ class ArmResult:
     throughput: float = None
     throughput_unit: str = None
     samples: list = field(default_factory=list)  # [seconds since start, merged pages, pages saved]
-    exit_code: int = None                       # when the command ended before it was measured
-    failure: str = None                         # why the arm was not measured
+    exit_code: int = None  # when the command ended before it was measured
+    failure: str = None  # why the arm was not measured
 
 
 class ReadyLine:
@@ -116,6 +124,7 @@ def saved_pages(pids, stats=None):
     """Pages the processes no longer need: their pages that map a KSM page minus the distinct
     KSM pages those are (page frame numbers, root), plus their KSM zero pages."""
     from .sharing import sharing  # the compiled helper: imported when needed, not with the CLI
+
     stats = stats or [kernel.process_ksm_stat(pid) or {} for pid in pids]
     report = sharing(pids)
     zero_pages = sum(stat.get("ksm_zero_pages", 0) for stat in stats)
@@ -159,6 +168,7 @@ def follow(pids, started, result, timeout, on_sample):
         result.samples.append([round(time.monotonic() - started, 2), pages, saved_pages(current)])
         on_sample(result, pages)
         return pages
+
     if not any(kernel.uses_ksm(kernel.process_ksm_stat(pid) or {}) for pid in pids()):
         sample()  # nothing of it is mergeable: ksmd has nothing to scan, and full scans may not advance
         return
@@ -206,8 +216,7 @@ def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready
     return result
 
 
-def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=None, on_sample=None,
-            wait_ready=None):
+def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=None, on_sample=None, wait_ready=None):
     """Runs every allocator × strategy arm in turn; returns their ArmResults as dicts.
     wait_ready: seconds to wait for the command's ready line (None: wait `warmup` seconds)."""
     kernel.require_ksm()
@@ -226,7 +235,16 @@ def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=Non
                 kernel.write_knob("run", 1)
                 if on_arm:
                     on_arm(allocator, strategy)
-                results.append(run_arm(command, allocator, strategy, timeout, warmup,
-                                       on_sample or (lambda result, pages: None), wait_ready))
+                results.append(
+                    run_arm(
+                        command,
+                        allocator,
+                        strategy,
+                        timeout,
+                        warmup,
+                        on_sample or (lambda result, pages: None),
+                        wait_ready,
+                    )
+                )
         unmerge_all()
     return [asdict(result) for result in results]

@@ -1,5 +1,6 @@
 """A demo worker: holds MIB of data that every worker with the same seed holds too,
 prints one JSON line when ready, and keeps it until stdin closes."""
+
 import json
 import os
 import random

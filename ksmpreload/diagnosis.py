@@ -6,6 +6,7 @@ LD_PRELOAD can do with it, which allocator it carries) and a running process (wh
 memory sits, how much of it KSM can and did merge). Findings are ordered by what they cost;
 facts that cost nothing go to notes.
 """
+
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -14,23 +15,25 @@ from .errors import NeedsRoot
 
 MIB = 1024 * 1024
 SLOW_SCAN_SECONDS = kernel.FULL_SCAN_TARGET_SECONDS  # a full scan slower than this is a finding
-NOT_SCANNED_SHARE = 0.5       # a process whose mergeable pages KSM has seen less than this share of
-VOLATILE_SHARE = 0.2          # pages_volatile above this share of the pages KSM tracks
-NO_DUPLICATES_SHARE = 0.01    # a potential below this share of the pages read: nothing to merge
-GOOD_EFFICIENCY = 0.9         # merged / potential above this: nothing left to find
-MYTH_NOTE = ("KSM needs no KVM and no particular hypervisor: it merges the memory of any process "
-             "that marks it mergeable, on bare metal or in any VM.")
+NOT_SCANNED_SHARE = 0.5  # a process whose mergeable pages KSM has seen less than this share of
+VOLATILE_SHARE = 0.2  # pages_volatile above this share of the pages KSM tracks
+NO_DUPLICATES_SHARE = 0.01  # a potential below this share of the pages read: nothing to merge
+GOOD_EFFICIENCY = 0.9  # merged / potential above this: nothing left to find
+MYTH_NOTE = (
+    "KSM needs no KVM and no particular hypervisor: it merges the memory of any process "
+    "that marks it mergeable, on bare metal or in any VM."
+)
 
 
 @dataclass
 class Finding:
-    key: str                  # stable name, for scripts and tests
+    key: str  # stable name, for scripts and tests
     title: str
-    cost_bytes: int           # memory this costs now (0: not measurable)
+    cost_bytes: int  # memory this costs now (0: not measurable)
     cause: str
     fix: str
     evidence: dict = field(default_factory=dict)
-    pid: int = 0              # 0: not about one process
+    pid: int = 0  # 0: not about one process
 
 
 def _mib(count):
@@ -39,12 +42,18 @@ def _mib(count):
 
 # ---- the system -----------------------------------------------------------------------------
 
+
 def ksm_off_finding(knobs, waiting_bytes):
     if knobs.get("run") == 1:
         return None
-    return Finding("ksm_not_running", "KSM is not running", waiting_bytes,
-                   f"/sys/kernel/mm/ksm/run is {knobs.get('run')}, so ksmd scans nothing.",
-                   "ksmpreload ksm on   (or: echo 1 > /sys/kernel/mm/ksm/run)", {"run": knobs.get("run")})
+    return Finding(
+        "ksm_not_running",
+        "KSM is not running",
+        waiting_bytes,
+        f"/sys/kernel/mm/ksm/run is {knobs.get('run')}, so ksmd scans nothing.",
+        "ksmpreload ksm on   (or: echo 1 > /sys/kernel/mm/ksm/run)",
+        {"run": knobs.get("run")},
+    )
 
 
 def slow_scan_finding(knobs, scan_bytes):
@@ -53,39 +62,59 @@ def slow_scan_finding(knobs, scan_bytes):
     if seconds <= SLOW_SCAN_SECONDS:
         return None
     suggested = kernel.suggested_pages_to_scan(max(scan_bytes, kernel.mem_total_bytes()), sleep_ms)
-    return Finding("scan_too_slow", "KSM scans too slowly for this much memory", scan_bytes,
-                   f"at {pages} pages every {sleep_ms} ms one pass over {_mib(scan_bytes)} of mergeable "
-                   f"memory takes {seconds:.0f} s, and pages merge only after two passes find them equal.",
-                   f"ksmpreload ksm tune --pages-to-scan {max(suggested, pages + 1)}",
-                   {"pages_to_scan": pages, "sleep_millisecs": sleep_ms, "mergeable_bytes": scan_bytes,
-                    "full_scan_seconds": round(seconds, 1)})
+    return Finding(
+        "scan_too_slow",
+        "KSM scans too slowly for this much memory",
+        scan_bytes,
+        f"at {pages} pages every {sleep_ms} ms one pass over {_mib(scan_bytes)} of mergeable "
+        f"memory takes {seconds:.0f} s, and pages merge only after two passes find them equal.",
+        f"ksmpreload ksm tune --pages-to-scan {max(suggested, pages + 1)}",
+        {
+            "pages_to_scan": pages,
+            "sleep_millisecs": sleep_ms,
+            "mergeable_bytes": scan_bytes,
+            "full_scan_seconds": round(seconds, 1),
+        },
+    )
 
 
 def smart_scan_finding(knobs, unmerged_bytes):
     if knobs.get("smart_scan") != 1 or unmerged_bytes <= 0:
         return None
-    return Finding("smart_scan", "smart_scan may hold back pages that did not merge at first", 0,
-                   "with smart_scan on, ksmd skips a page that did not merge on earlier passes for up to "
-                   "hundreds of passes, so duplicates written later wait that long.",
-                   "echo 0 > /sys/kernel/mm/ksm/smart_scan",
-                   {"smart_scan": 1, "pages_skipped": knobs.get("pages_skipped")})
+    return Finding(
+        "smart_scan",
+        "smart_scan may hold back pages that did not merge at first",
+        0,
+        "with smart_scan on, ksmd skips a page that did not merge on earlier passes for up to "
+        "hundreds of passes, so duplicates written later wait that long.",
+        "echo 0 > /sys/kernel/mm/ksm/smart_scan",
+        {"smart_scan": 1, "pages_skipped": knobs.get("pages_skipped")},
+    )
 
 
 def chain_finding(knobs):
     shared, sharing, limit = knobs.get("pages_shared", 0), knobs.get("pages_sharing", 0), knobs.get("max_page_sharing")
     if not shared or not limit or sharing / shared < 0.9 * limit:
         return None
-    return Finding("max_page_sharing", "pages are shared up to max_page_sharing", 0,
-                   f"on average {sharing / shared:.0f} mappings share each KSM page, near the limit of {limit}: "
-                   "beyond it KSM keeps extra copies of the same content.",
-                   f"echo {limit * 4} > /sys/kernel/mm/ksm/max_page_sharing   (after: ksmpreload ksm off; on)",
-                   {"pages_shared": shared, "pages_sharing": sharing, "max_page_sharing": limit})
+    return Finding(
+        "max_page_sharing",
+        "pages are shared up to max_page_sharing",
+        0,
+        f"on average {sharing / shared:.0f} mappings share each KSM page, near the limit of {limit}: "
+        "beyond it KSM keeps extra copies of the same content.",
+        f"echo {limit * 4} > /sys/kernel/mm/ksm/max_page_sharing   (after: ksmpreload ksm off; on)",
+        {"pages_shared": shared, "pages_sharing": sharing, "max_page_sharing": limit},
+    )
 
 
 def system_findings(knobs, scan_bytes, unmerged_bytes, waiting_bytes):
     """waiting_bytes: what could merge and has not (the potential), else all the processes' memory."""
-    found = [ksm_off_finding(knobs, waiting_bytes), slow_scan_finding(knobs, scan_bytes),
-             smart_scan_finding(knobs, unmerged_bytes), chain_finding(knobs)]
+    found = [
+        ksm_off_finding(knobs, waiting_bytes),
+        slow_scan_finding(knobs, scan_bytes),
+        smart_scan_finding(knobs, unmerged_bytes),
+        chain_finding(knobs),
+    ]
     return [finding for finding in found if finding]
 
 
@@ -93,8 +122,9 @@ def system_notes(knobs):
     notes = [MYTH_NOTE]
     features = kernel.kernel_features()
     missing = [name for name, present in features.items() if not present]
-    notes.append("kernel features: " + ", ".join(f"{name} {'yes' if present else 'no'}"
-                                                  for name, present in features.items()))
+    notes.append(
+        "kernel features: " + ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in features.items())
+    )
     if missing:
         notes.append(f"this kernel lacks {', '.join(missing)}: some figures are not available")
     if "advisor_mode" in knobs:
@@ -109,31 +139,54 @@ def system_notes(knobs):
 
 # ---- a program's file -----------------------------------------------------------------------
 
+
 def binary_findings(path, pid=0, loaded_libraries=()):
     found = []
     program = binary.inspect(path)
     if program.is_elf and program.preload_ignored_because:
-        found.append(Finding("preload_ignored", f"LD_PRELOAD cannot act on {os.path.basename(path)}", 0,
-                             f"{path} {program.preload_ignored_because}: no shim inside, so nothing aligns or marks "
-                             "its allocations.",
-                             "ksm-wrap COMMAND   (it falls back to prctl(PR_SET_MEMORY_MERGE), inherited across exec)",
-                             {"static": program.static, "secure": program.secure_reason}, pid))
+        found.append(
+            Finding(
+                "preload_ignored",
+                f"LD_PRELOAD cannot act on {os.path.basename(path)}",
+                0,
+                f"{path} {program.preload_ignored_because}: no shim inside, so nothing aligns or marks "
+                "its allocations.",
+                "ksm-wrap COMMAND   (it falls back to prctl(PR_SET_MEMORY_MERGE), inherited across exec)",
+                {"static": program.static, "secure": program.secure_reason},
+                pid,
+            )
+        )
     names, runtime = binary.allocators(path, loaded_libraries)
     if names:
-        found.append(Finding("allocator", f"the memory comes from {', '.join(names)}", 0,
-                             "this allocator keeps blocks inside large extents of its own, at offsets that are not "
-                             "page-aligned, so madvise on a block's address fails (EINVAL) or marks a shared extent.",
-                             "ksm-wrap COMMAND   (marks the allocator's mappings whole and aligns large blocks)",
-                             {"allocators": names}, pid))
+        found.append(
+            Finding(
+                "allocator",
+                f"the memory comes from {', '.join(names)}",
+                0,
+                "this allocator keeps blocks inside large extents of its own, at offsets that are not "
+                "page-aligned, so madvise on a block's address fails (EINVAL) or marks a shared extent.",
+                "ksm-wrap COMMAND   (marks the allocator's mappings whole and aligns large blocks)",
+                {"allocators": names},
+                pid,
+            )
+        )
     if runtime:
-        found.append(Finding("raw_syscalls", f"the {runtime} runtime maps memory with raw system calls", 0,
-                             "an LD_PRELOAD wrapper of mmap never sees those mappings.",
-                             "ksm-wrap --strategy prctl COMMAND   (the whole process merges)",
-                             {"runtime": runtime}, pid))
+        found.append(
+            Finding(
+                "raw_syscalls",
+                f"the {runtime} runtime maps memory with raw system calls",
+                0,
+                "an LD_PRELOAD wrapper of mmap never sees those mappings.",
+                "ksm-wrap --strategy prctl COMMAND   (the whole process merges)",
+                {"runtime": runtime},
+                pid,
+            )
+        )
     return found
 
 
 # ---- a running process ----------------------------------------------------------------------
+
 
 def _mergeable_bytes(process):
     return sum(r["anonymous_kib"] for r in process["regions"] if r["mergeable"]) * 1024
@@ -144,31 +197,47 @@ def _loaded_libraries(process):
 
 
 def unmarked_finding(process):
-    unmarked = [r for r in process["regions"] if not r["mergeable"] and r["anonymous_kib"]
-                and not r["path"].startswith("/")]
+    unmarked = [
+        r for r in process["regions"] if not r["mergeable"] and r["anonymous_kib"] and not r["path"].startswith("/")
+    ]
     total = sum(r["anonymous_kib"] for r in unmarked) * 1024
     marked = _mergeable_bytes(process)
     if total < MIB or total < 0.1 * (total + marked):
         return None
     biggest = sorted(unmarked, key=lambda r: -r["anonymous_kib"])[:5]
-    evidence = {"unmarked_bytes": total, "marked_bytes": marked,
-                "regions": [{"start": hex(r["start"]), "end": hex(r["end"]), "made_by": r["label"],
-                             "anonymous_kib": r["anonymous_kib"]} for r in biggest]}
+    evidence = {
+        "unmarked_bytes": total,
+        "marked_bytes": marked,
+        "regions": [
+            {"start": hex(r["start"]), "end": hex(r["end"]), "made_by": r["label"], "anonymous_kib": r["anonymous_kib"]}
+            for r in biggest
+        ],
+    }
     unmerged_by_program = (process["shim"] or {}).get("program_unmerged_bytes", 0)
     if unmerged_by_program:
         calls = process["shim"].get("program_madvise_unmergeable", 0)
-        return Finding("unmarked_by_program", f"{process['comm']} unmarked its own memory", total,
-                       f"it called madvise(MADV_UNMERGEABLE) {calls} times, on {_mib(unmerged_by_program)}: KSM "
-                       "leaves that memory alone even under prctl(PR_SET_MEMORY_MERGE). stress-ng does this at "
-                       "random to its buffers.",
-                       "stress-ng: add --no-madvise; otherwise find the call in the program (ltrace -e madvise)",
-                       {**evidence, "program_unmerged_bytes": unmerged_by_program,
-                        "program_madvise_unmergeable": calls}, process["pid"])
-    return Finding("not_mergeable", f"{_mib(total)} of {process['comm']}'s memory is not mergeable", total,
-                   "nothing marked it: KSM scans only VMAs marked by madvise(MADV_MERGEABLE) or "
-                   "prctl(PR_SET_MEMORY_MERGE) in the process itself; a script cannot mark them from outside "
-                   "(process_madvise refuses MADV_MERGEABLE).",
-                   f"ksm-wrap {process['cmdline']}   (restart it under the shim)", evidence, process["pid"])
+        return Finding(
+            "unmarked_by_program",
+            f"{process['comm']} unmarked its own memory",
+            total,
+            f"it called madvise(MADV_UNMERGEABLE) {calls} times, on {_mib(unmerged_by_program)}: KSM "
+            "leaves that memory alone even under prctl(PR_SET_MEMORY_MERGE). stress-ng does this at "
+            "random to its buffers.",
+            "stress-ng: add --no-madvise; otherwise find the call in the program (ltrace -e madvise)",
+            {**evidence, "program_unmerged_bytes": unmerged_by_program, "program_madvise_unmergeable": calls},
+            process["pid"],
+        )
+    return Finding(
+        "not_mergeable",
+        f"{_mib(total)} of {process['comm']}'s memory is not mergeable",
+        total,
+        "nothing marked it: KSM scans only VMAs marked by madvise(MADV_MERGEABLE) or "
+        "prctl(PR_SET_MEMORY_MERGE) in the process itself; a script cannot mark them from outside "
+        "(process_madvise refuses MADV_MERGEABLE).",
+        f"ksm-wrap {process['cmdline']}   (restart it under the shim)",
+        evidence,
+        process["pid"],
+    )
 
 
 def not_scanned_finding(process, knobs):
@@ -177,10 +246,15 @@ def not_scanned_finding(process, knobs):
     if knobs.get("run") != 1 or mergeable_pages < 256 or seen >= NOT_SCANNED_SHARE * mergeable_pages:
         return None
     unseen = (mergeable_pages - seen) * kernel.page_size()
-    return Finding("not_scanned_yet", f"KSM has not scanned most of {process['comm']}'s mergeable memory yet", unseen,
-                   f"ksmd has looked at {seen} of its {mergeable_pages} mergeable pages; the rest waits for the "
-                   "next passes.", "wait one or two full scans, or speed them up: ksmpreload ksm tune --pages-to-scan N",
-                   {"mergeable_pages": mergeable_pages, "pages_seen": seen}, process["pid"])
+    return Finding(
+        "not_scanned_yet",
+        f"KSM has not scanned most of {process['comm']}'s mergeable memory yet",
+        unseen,
+        f"ksmd has looked at {seen} of its {mergeable_pages} mergeable pages; the rest waits for the next passes.",
+        "wait one or two full scans, or speed them up: ksmpreload ksm tune --pages-to-scan N",
+        {"mergeable_pages": mergeable_pages, "pages_seen": seen},
+        process["pid"],
+    )
 
 
 def volatile_finding(knobs):
@@ -190,21 +264,30 @@ def volatile_finding(knobs):
     volatile = knobs.get("pages_volatile", 0)
     if not tracked or volatile < VOLATILE_SHARE * tracked:
         return None
-    return Finding("volatile", "pages change faster than KSM scans them", volatile * kernel.page_size(),
-                   f"{volatile} of the {tracked} pages KSM tracks changed between two passes (pages_volatile): "
-                   "KSM merges only pages that keep their content from one pass to the next.",
-                   "keep duplicate data still (write it once), or scan faster: ksmpreload ksm tune --pages-to-scan N",
-                   {"pages_volatile": volatile, "pages_tracked": tracked})
+    return Finding(
+        "volatile",
+        "pages change faster than KSM scans them",
+        volatile * kernel.page_size(),
+        f"{volatile} of the {tracked} pages KSM tracks changed between two passes (pages_volatile): "
+        "KSM merges only pages that keep their content from one pass to the next.",
+        "keep duplicate data still (write it once), or scan faster: ksmpreload ksm tune --pages-to-scan N",
+        {"pages_volatile": volatile, "pages_tracked": tracked},
+    )
 
 
 def padding_finding(process):
     padding = process["padding_bytes"]
     if padding < MIB or padding < 0.1 * max(process["merged_bytes"], 1):
         return None
-    return Finding("alignment_padding", f"aligning {process['comm']}'s large blocks costs {_mib(padding)}", padding,
-                   "page-aligned blocks use more memory than the allocator would give unaligned.",
-                   "ksm-wrap --threshold 16K ...   (align fewer, larger blocks)",
-                   {"padding_bytes": padding, "merged_bytes": process["merged_bytes"]}, process["pid"])
+    return Finding(
+        "alignment_padding",
+        f"aligning {process['comm']}'s large blocks costs {_mib(padding)}",
+        padding,
+        "page-aligned blocks use more memory than the allocator would give unaligned.",
+        "ksm-wrap --threshold 16K ...   (align fewer, larger blocks)",
+        {"padding_bytes": padding, "merged_bytes": process["merged_bytes"]},
+        process["pid"],
+    )
 
 
 def own_madvise_finding(process):
@@ -212,33 +295,54 @@ def own_madvise_finding(process):
     einval, failed = shim.get("program_madvise_einval", 0), shim.get("program_madvise_failed", 0)
     if not einval and not failed:
         return None
-    return Finding("madvise_unaligned" if einval else "madvise_failed",
-                   f"{process['comm']}'s own madvise(MADV_MERGEABLE) calls failed", 0,
-                   f"{einval + failed} of its {shim.get('program_madvise_mergeable', 0)} calls returned -1"
-                   + (f", {einval} with EINVAL: madvise needs a page-aligned address, and a block from malloc "
-                      "starts inside a page." if einval else "."),
-                   "drop the program's own madvise calls and run it under ksm-wrap (it aligns large blocks and "
-                   "marks them); in code: madvise the page-aligned range inside the block, or use "
-                   "posix_memalign(4096) for the buffer",
-                   {"program_madvise_mergeable": shim.get("program_madvise_mergeable", 0),
-                    "einval": einval, "other_failures": failed}, process["pid"])
+    return Finding(
+        "madvise_unaligned" if einval else "madvise_failed",
+        f"{process['comm']}'s own madvise(MADV_MERGEABLE) calls failed",
+        0,
+        f"{einval + failed} of its {shim.get('program_madvise_mergeable', 0)} calls returned -1"
+        + (
+            f", {einval} with EINVAL: madvise needs a page-aligned address, and a block from malloc "
+            "starts inside a page."
+            if einval
+            else "."
+        ),
+        "drop the program's own madvise calls and run it under ksm-wrap (it aligns large blocks and "
+        "marks them); in code: madvise the page-aligned range inside the block, or use "
+        "posix_memalign(4096) for the buffer",
+        {
+            "program_madvise_mergeable": shim.get("program_madvise_mergeable", 0),
+            "einval": einval,
+            "other_failures": failed,
+        },
+        process["pid"],
+    )
 
 
 def huge_pages_finding(process):
     huge_kib = sum(region.get("anon_huge_kib", 0) for region in process["regions"] if region["mergeable"])
     if huge_kib * 1024 < MIB:
         return None
-    return Finding("huge_pages", f"{_mib(huge_kib * 1024)} of {process['comm']}'s mergeable memory is in huge pages",
-                   0, "ksmd must split a transparent huge page before it can merge its 4 KiB parts, and "
-                   "khugepaged may collapse them again.",
-                   "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled   (if it is 'always')",
-                   {"anon_huge_kib": huge_kib}, process["pid"])
+    return Finding(
+        "huge_pages",
+        f"{_mib(huge_kib * 1024)} of {process['comm']}'s mergeable memory is in huge pages",
+        0,
+        "ksmd must split a transparent huge page before it can merge its 4 KiB parts, and "
+        "khugepaged may collapse them again.",
+        "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled   (if it is 'always')",
+        {"anon_huge_kib": huge_kib},
+        process["pid"],
+    )
 
 
 def process_findings(process, knobs, programs_seen):
     """The process's findings, and its program file's unless `programs_seen` has it already."""
-    found = [unmarked_finding(process), not_scanned_finding(process, knobs), padding_finding(process),
-             own_madvise_finding(process), huge_pages_finding(process)]
+    found = [
+        unmarked_finding(process),
+        not_scanned_finding(process, knobs),
+        padding_finding(process),
+        own_madvise_finding(process),
+        huge_pages_finding(process),
+    ]
     found = [finding for finding in found if finding]
     exe = kernel.executable_path(process["pid"])
     program = os.path.realpath(exe)
@@ -249,6 +353,7 @@ def process_findings(process, knobs, programs_seen):
 
 
 # ---- the duplicate potential: what could merge against what has --------------------------------
+
 
 def _ksm_merged_pages(report):
     return sum(process.ksm_merging_pages or 0 for process in report.processes.values())
@@ -262,15 +367,24 @@ def no_duplicates_finding(report):
     small = NO_DUPLICATES_SHARE * totals["pages"]
     if totals["pages"] < 256 or left_to_gain >= small or _ksm_merged_pages(report) >= small:
         return None
-    return Finding("no_duplicates", "the data is not duplicate", 0,
-                   f"of {totals['pages']} pages read, {totals['duplicate_pages']} have a twin (most already shared "
-                   f"since a fork) and {totals['zero_pages']} are zero: KSM has next to nothing to merge, however "
-                   "it is set up.",
-                   "none for KSM: merging needs pages with the same content (for stress-ng, a --vm-method that "
-                   "writes a pattern, such as zero-one)",
-                   {"pages_read": totals["pages"], "duplicate_pages": totals["duplicate_pages"],
-                    "zero_pages": totals["zero_pages"], "potential_pages": report.potential_pages,
-                    "merged_pages": report.merged_pages, "ksm_merging_pages": _ksm_merged_pages(report)})
+    return Finding(
+        "no_duplicates",
+        "the data is not duplicate",
+        0,
+        f"of {totals['pages']} pages read, {totals['duplicate_pages']} have a twin (most already shared "
+        f"since a fork) and {totals['zero_pages']} are zero: KSM has next to nothing to merge, however "
+        "it is set up.",
+        "none for KSM: merging needs pages with the same content (for stress-ng, a --vm-method that "
+        "writes a pattern, such as zero-one)",
+        {
+            "pages_read": totals["pages"],
+            "duplicate_pages": totals["duplicate_pages"],
+            "zero_pages": totals["zero_pages"],
+            "potential_pages": report.potential_pages,
+            "merged_pages": report.merged_pages,
+            "ksm_merging_pages": _ksm_merged_pages(report),
+        },
+    )
 
 
 def _labels_by_range(processes):
@@ -284,37 +398,61 @@ def unmerged_duplicates_finding(report, processes):
     if unmerged < MIB or (report.efficiency or 0) >= GOOD_EFFICIENCY:
         return None
     labels = _labels_by_range(processes)
-    regions = sorted(((process.pid, region) for process in report.processes.values() for region in process.regions
-                      if region.unmerged_pages), key=lambda entry: -entry[1].unmerged_pages)[:5]
-    return Finding("unmerged_duplicates", f"{_mib(unmerged)} of duplicate memory is not merged", unmerged,
-                   f"these processes hold {report.potential_mib:.1f} MiB that could merge and "
-                   f"{report.merged_mib:.1f} MiB that has (efficiency {report.efficiency:.0%}); the other findings "
-                   "say why (not mergeable, not scanned yet, changing), and these regions hold the rest.",
-                   "see the findings above; once they are fixed, run the doctor again",
-                   {"potential_bytes": report.potential_pages * report.page_size,
-                    "merged_bytes": report.merged_pages * report.page_size,
-                    "regions": [{"pid": pid, "start": hex(region.start), "end": hex(region.end),
-                                 "made_by": labels.get((region.start, region.end), attribution.UNLABELLED),
-                                 "anonymous_kib": region.unmerged_pages * report.page_size // 1024}
-                                for pid, region in regions]})
+    regions = sorted(
+        (
+            (process.pid, region)
+            for process in report.processes.values()
+            for region in process.regions
+            if region.unmerged_pages
+        ),
+        key=lambda entry: -entry[1].unmerged_pages,
+    )[:5]
+    return Finding(
+        "unmerged_duplicates",
+        f"{_mib(unmerged)} of duplicate memory is not merged",
+        unmerged,
+        f"these processes hold {report.potential_mib:.1f} MiB that could merge and "
+        f"{report.merged_mib:.1f} MiB that has (efficiency {report.efficiency:.0%}); the other findings "
+        "say why (not mergeable, not scanned yet, changing), and these regions hold the rest.",
+        "see the findings above; once they are fixed, run the doctor again",
+        {
+            "potential_bytes": report.potential_pages * report.page_size,
+            "merged_bytes": report.merged_pages * report.page_size,
+            "regions": [
+                {
+                    "pid": pid,
+                    "start": hex(region.start),
+                    "end": hex(region.end),
+                    "made_by": labels.get((region.start, region.end), attribution.UNLABELLED),
+                    "anonymous_kib": region.unmerged_pages * report.page_size // 1024,
+                }
+                for pid, region in regions
+            ],
+        },
+    )
 
 
 def potential_summary(pids, processes, notes):
     """(findings, summary) from the duplicate potential of `pids`; a note when it cannot be read."""
     from .potential import potential  # the compiled helper: imported when needed, not with the CLI
+
     try:
         report = potential(pids)
     except (NeedsRoot, ProcessLookupError) as error:
         notes.append(f"no duplicate potential: {error}")
         return [], None
     found = [no_duplicates_finding(report), unmerged_duplicates_finding(report, processes)]
-    summary = {"potential_bytes": report.potential_pages * report.page_size,
-               "merged_bytes": None if report.merged_pages is None else report.merged_pages * report.page_size,
-               "efficiency": report.efficiency, "totals": dict(report.totals)}
+    summary = {
+        "potential_bytes": report.potential_pages * report.page_size,
+        "merged_bytes": None if report.merged_pages is None else report.merged_pages * report.page_size,
+        "efficiency": report.efficiency,
+        "totals": dict(report.totals),
+    }
     return [finding for finding in found if finding], summary
 
 
 # ---- all together ---------------------------------------------------------------------------
+
 
 def diagnose(pids=(), program=None):
     """Findings for the system, the processes `pids` and the file `program` (for `doctor --`).
@@ -339,8 +477,29 @@ def diagnose(pids=(), program=None):
     if program and not pids:
         findings += binary_findings(program)
     findings.sort(key=lambda finding: -finding.cost_bytes)
-    return {"findings": [asdict(finding) for finding in findings], "notes": notes, "potential": summary,
-            "processes": [{"pid": p["pid"], "comm": p["comm"], "merged_bytes": p["merged_bytes"],
-                           "mergeable_bytes": _mergeable_bytes(p)} for p in processes],
-            "ksm": {name: knobs.get(name) for name in ("run", "pages_to_scan", "sleep_millisecs", "full_scans",
-                                                        "pages_shared", "pages_sharing", "pages_volatile")}}
+    return {
+        "findings": [asdict(finding) for finding in findings],
+        "notes": notes,
+        "potential": summary,
+        "processes": [
+            {
+                "pid": p["pid"],
+                "comm": p["comm"],
+                "merged_bytes": p["merged_bytes"],
+                "mergeable_bytes": _mergeable_bytes(p),
+            }
+            for p in processes
+        ],
+        "ksm": {
+            name: knobs.get(name)
+            for name in (
+                "run",
+                "pages_to_scan",
+                "sleep_millisecs",
+                "full_scans",
+                "pages_shared",
+                "pages_sharing",
+                "pages_volatile",
+            )
+        },
+    }

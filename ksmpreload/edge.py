@@ -1,5 +1,6 @@
 """The one place where an error becomes what the user sees: '<program>: <what is wrong>' on
 stderr, one line, and its exit code (run_cli, used by both console scripts)."""
+
 import sys
 
 import click

@@ -2,8 +2,8 @@
 exceptions: the library knows nothing of its command line; ksmpreload/edge.py, the one place
 that turns them into a message, is where click lives."""
 
-EXIT_FAILURE = 1      # the request could not be carried out (no root, KSM missing, ...)
-EXIT_USAGE = 2        # bad input: unknown option, invalid value
+EXIT_FAILURE = 1  # the request could not be carried out (no root, KSM missing, ...)
+EXIT_USAGE = 2  # bad input: unknown option, invalid value
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 EXIT_NOT_FOUND = 127  # the command to run does not exist (as a shell says)
 

@@ -2,6 +2,7 @@
 
 Nothing else in ksmpreload opens /sys/kernel/mm/ksm or /proc/<pid>/ksm_stat directly.
 """
+
 import errno
 import os
 import platform
@@ -13,7 +14,7 @@ from .errors import KsmError, NeedsRoot, NoSuchProcess
 KSM_DIR = "/sys/kernel/mm/ksm"
 PROC_DIR = "/proc"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-RMAP_ITEM_BYTES = 64           # what the kernel charges per rmap_item in general_profit
+RMAP_ITEM_BYTES = 64  # what the kernel charges per rmap_item in general_profit
 FULL_SCAN_TARGET_SECONDS = 60  # suggested_pages_to_scan aims at one pass over RAM per minute
 PAGES_TO_SCAN_RANGE = (100, 20000)
 
@@ -22,20 +23,25 @@ Feature = namedtuple("Feature", "name since what")
 # What appeared when (mainline; "about" where dated from patch mails, see KSM-NOTES.md).
 KERNEL_FEATURES = (
     Feature("ksm_stat", (6, 1), "/proc/<pid>/ksm_stat with ksm_rmap_items"),
-    Feature("prctl_merge", (6, 4), "prctl(PR_SET_MEMORY_MERGE); ksm_stat gains "
-                                   "ksm_merging_pages and ksm_process_profit"),
-    Feature("prctl_merge_exec", (6, 10), "prctl merging kept across execve and the exec'd process "
-                                         "scanned (kept from about 6.7, scanned from about 6.10)"),
+    Feature(
+        "prctl_merge", (6, 4), "prctl(PR_SET_MEMORY_MERGE); ksm_stat gains ksm_merging_pages and ksm_process_profit"
+    ),
+    Feature(
+        "prctl_merge_exec",
+        (6, 10),
+        "prctl merging kept across execve and the exec'd process "
+        "scanned (kept from about 6.7, scanned from about 6.10)",
+    ),
     Feature("ksm_zero_pages", (6, 6), "ksm_zero_pages in ksm_stat and in /sys/kernel/mm/ksm"),
     Feature("smaps_ksm", (6, 6), "a 'KSM:' line per VMA in /proc/<pid>/smaps"),
     Feature("smart_scan", (6, 7), "/sys/kernel/mm/ksm/smart_scan and pages_skipped"),
     Feature("advisor", (6, 8), "advisor_mode: pages_to_scan is read-only unless it is none"),
-    Feature("ksm_stat_flags", (6, 14), "'ksm_merge_any: yes|no' and 'ksm_mergeable: yes|no' "
-                                       "in ksm_stat (about 6.14)"),
+    Feature("ksm_stat_flags", (6, 14), "'ksm_merge_any: yes|no' and 'ksm_mergeable: yes|no' in ksm_stat (about 6.14)"),
 )
 
 
 # ---- the running kernel ---------------------------------------------------------------------
+
 
 def ksm_available():
     return os.path.isdir(KSM_DIR)
@@ -98,6 +104,7 @@ def parse_value(text):
 
 # ---- /sys/kernel/mm/ksm ---------------------------------------------------------------------
 
+
 def knob_path(name, ksm_dir=None):
     return os.path.join(ksm_dir or KSM_DIR, name)
 
@@ -138,11 +145,12 @@ def explain_write_error(name, value, error):
     """One line saying why the kernel refused `value` for knob `name`, and the fix if known."""
     advisor = read_knob("advisor_mode")
     if error.errno == errno.EINVAL and name == "pages_to_scan" and advisor not in (None, "none"):
-        return (f"cannot set pages_to_scan while advisor_mode is {advisor} (the advisor sets the "
-                f"scan rate); first run: echo none > {knob_path('advisor_mode')}")
+        return (
+            f"cannot set pages_to_scan while advisor_mode is {advisor} (the advisor sets the "
+            f"scan rate); first run: echo none > {knob_path('advisor_mode')}"
+        )
     if error.errno == errno.EBUSY:
-        return (f"cannot change {name} while KSM has merged pages; "
-                f"unmerge first with: ksmpreload ksm unmerge")
+        return f"cannot change {name} while KSM has merged pages; unmerge first with: ksmpreload ksm unmerge"
     if error.errno == errno.EINVAL:
         return f"the kernel rejected {name} = {value} (invalid value)"
     return f"cannot write {value} to {knob_path(name)}: {error.strerror}"
@@ -177,8 +185,14 @@ def suggested_pages_to_scan(mem_total_bytes, sleep_ms=20):
 
 # ---- /proc/<pid> ----------------------------------------------------------------------------
 
-KSM_STAT_TYPES = {"ksm_rmap_items": int, "ksm_zero_pages": int, "ksm_merging_pages": int,
-                  "ksm_process_profit": int, "ksm_merge_any": bool, "ksm_mergeable": bool}
+KSM_STAT_TYPES = {
+    "ksm_rmap_items": int,
+    "ksm_zero_pages": int,
+    "ksm_merging_pages": int,
+    "ksm_process_profit": int,
+    "ksm_merge_any": bool,
+    "ksm_mergeable": bool,
+}
 
 
 def parse_ksm_stat(text):
@@ -224,7 +238,7 @@ def transparent_huge_pages_mode():
             text = f.read()
     except OSError:
         return ""
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
 
 
 def executable_path(pid):
@@ -288,7 +302,7 @@ def short_cmdline(raw, comm, limit=80):
     args = raw.rstrip("\0").split("\0")
     args[0] = os.path.basename(args[0])
     text = " ".join(args) or f"[{comm}]"
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def pids():
@@ -330,8 +344,9 @@ def ksm_processes():
 
 def unreadable_notes(count):
     """What a command notes about `count` processes it could not read ([] for none)."""
-    return [f"{count} other users' processes were not read: reading their /proc/PID/ksm_stat "
-            "needs root"] if count else []
+    return (
+        [f"{count} other users' processes were not read: reading their /proc/PID/ksm_stat needs root"] if count else []
+    )
 
 
 # ---- regions: /proc/<pid>/smaps ---------------------------------------------------------------
@@ -400,14 +415,14 @@ def mergeable_coverage(regions):
 # Documentation/admin-guide/mm/pagemap.rst. One 64-bit word per virtual page (pagemap) or per
 # page frame (kpageflags, kpagecount). PFNs read as 0 without CAP_SYS_ADMIN (Linux 4.2+).
 
-PAGEMAP_PFN_MASK = (1 << 55) - 1   # bits 0-54: the page frame number, when present
-PAGEMAP_FILE = 1 << 61             # a file page or shared anonymous memory (never KSM)
+PAGEMAP_PFN_MASK = (1 << 55) - 1  # bits 0-54: the page frame number, when present
+PAGEMAP_FILE = 1 << 61  # a file page or shared anonymous memory (never KSM)
 PAGEMAP_SWAPPED = 1 << 62
 PAGEMAP_PRESENT = 1 << 63
 KPAGEFLAGS = "/proc/kpageflags"
-KPAGECOUNT = "/proc/kpagecount"    # how many page-table entries map each frame
-KPF_KSM = 21                       # kpageflags bit: a KSM page
-KPF_ZERO_PAGE = 24                 # kpageflags bit: the zero page (or the huge zero page)
+KPAGECOUNT = "/proc/kpagecount"  # how many page-table entries map each frame
+KPF_KSM = 21  # kpageflags bit: a KSM page
+KPF_ZERO_PAGE = 24  # kpageflags bit: the zero page (or the huge zero page)
 # Kernel-provided mappings: never KSM memory (and [vsyscall] lies outside what pagemap shows).
 SPECIAL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 
@@ -420,8 +435,11 @@ def process_maps(pid):
     """The VMAs of /proc/<pid>/maps (start, end, perms, path), or None when the process is gone.
     maps lines are smaps' header lines, so parse_smaps reads them (no page-table walk)."""
     text = read_proc(pid, "maps")
-    return None if text is None else [{key: region[key] for key in ("start", "end", "perms", "path")}
-                                      for region in parse_smaps(text)]
+    return (
+        None
+        if text is None
+        else [{key: region[key] for key in ("start", "end", "perms", "path")} for region in parse_smaps(text)]
+    )
 
 
 def can_hold_ksm_pages(region):

@@ -1,4 +1,5 @@
 """The compiled helper (python/native.c, built by cffi) with Python errors."""
+
 import errno
 import os
 
@@ -23,12 +24,11 @@ def memory_merge_enabled():
 
 # ---- page frames (ksmpreload.sharing): cffi arrays in and out, no Python loop per page -------
 
-PAGEMAP_CHUNK_WORDS = 1 << 18   # 2 MiB of pagemap per pread (1 GiB of 4 KiB pages)
-PFN_READ_GAP = 8                # kpageflags/kpagecount: read through gaps this small (0 and 8
-                                # measured alike, 128 and whole spans slower: docs/BENCHMARKS.md)
-PFN_CHUNK_WORDS = 1 << 16       # at most 512 KiB per pread of those files
-PROC_FIELDS = ("mapped", "distinct", "shared_in_set", "within_only", "within_only_mapped",
-               "outside", "lone")
+PAGEMAP_CHUNK_WORDS = 1 << 18  # 2 MiB of pagemap per pread (1 GiB of 4 KiB pages)
+PFN_READ_GAP = 8  # kpageflags/kpagecount: read through gaps this small (0 and 8
+# measured alike, 128 and whole spans slower: docs/BENCHMARKS.md)
+PFN_CHUNK_WORDS = 1 << 16  # at most 512 KiB per pread of those files
+PROC_FIELDS = ("mapped", "distinct", "shared_in_set", "within_only", "within_only_mapped", "outside", "lone")
 TOTAL_FIELDS = ("distinct", "mapped", "shared", "within_only", "outside", "lone")
 assert len(PROC_FIELDS) == lib.KSM_PROC_FIELDS and len(TOTAL_FIELDS) == lib.KSM_TOTAL_FIELDS
 
@@ -57,11 +57,11 @@ class PfnArray:
 
     def __init__(self, capacity=1 << 16, scan="auto", with_pages=False):
         self.data, self.capacity, self.size = u64_array(capacity), capacity, 0
-        self.pages = u64_array(capacity) if with_pages else ffi.NULL   # page index of each PFN
+        self.pages = u64_array(capacity) if with_pages else ffi.NULL  # page index of each PFN
         self.scan = scan
         self._buf = u64_array(PAGEMAP_CHUNK_WORDS)
         self._next = ffi.new("uint64_t *")
-        self.counts = ffi.new("uint64_t[2]")   # entries kept, kept entries with PFN 0
+        self.counts = ffi.new("uint64_t[2]")  # entries kept, kept entries with PFN 0
 
     def _reserve(self, extra):
         if self.capacity - self.size >= extra:
@@ -81,17 +81,16 @@ class PfnArray:
             self._reserve(stop - page)
             out, room = self.data + self.size, self.capacity - self.size
             pages = self.pages + self.size if self.pages != ffi.NULL else ffi.NULL
+            # the buffer, what to keep, and where to put it: the same for both readers
+            rest = (self._buf, PAGEMAP_CHUNK_WORDS, keep_mask, keep_value, pfn_mask, out, pages, room, self._next)
             if sparse:
-                got = lib.ksm_pagemap_read_present(fd, page, stop, lib.ksm_page_size(), self._buf,
-                                                   PAGEMAP_CHUNK_WORDS, keep_mask, keep_value, pfn_mask,
-                                                   out, pages, room, self._next, self.counts)
-                if got in (-errno.ENOTTY, -errno.EINVAL):   # no PAGEMAP_SCAN (before 6.7)
+                got = lib.ksm_pagemap_read_present(fd, page, stop, lib.ksm_page_size(), *rest, self.counts)
+                if got in (-errno.ENOTTY, -errno.EINVAL):  # no PAGEMAP_SCAN (before 6.7)
                     self.scan = "never"
                     sparse = False
                     continue
             else:
-                got = lib.ksm_pagemap_read(fd, page, stop, self._buf, PAGEMAP_CHUNK_WORDS, keep_mask,
-                                           keep_value, pfn_mask, out, pages, room, self._next, self.counts)
+                got = lib.ksm_pagemap_read(fd, page, stop, *rest, self.counts)
             self.size += _check(got)
             if self.scan == "auto":
                 sparse = got * self.SPARSE_ONE_IN < stop - page
@@ -133,12 +132,24 @@ def attribute(keys, count, offsets, ksm_pfns, mapcounts, nksm):
     per_proc = u64_array(nprocs * len(PROC_FIELDS))
     pairs = u64_array(nprocs * nprocs)
     totals = u64_array(len(TOTAL_FIELDS))
-    _check(lib.ksm_attribute(keys, count, ffi.new("uint64_t[]", offsets), nprocs, ksm_pfns, mapcounts,
-                             nksm, kinds, per_proc, pairs, totals))
-    rows = [dict(zip(PROC_FIELDS, per_proc[p * len(PROC_FIELDS):(p + 1) * len(PROC_FIELDS)]))
-            for p in range(nprocs)]
+    _check(
+        lib.ksm_attribute(
+            keys,
+            count,
+            ffi.new("uint64_t[]", offsets),
+            nprocs,
+            ksm_pfns,
+            mapcounts,
+            nksm,
+            kinds,
+            per_proc,
+            pairs,
+            totals,
+        )
+    )
+    rows = [dict(zip(PROC_FIELDS, per_proc[p * len(PROC_FIELDS) : (p + 1) * len(PROC_FIELDS)])) for p in range(nprocs)]
     pair_counts = {(a, b): pairs[a * nprocs + b] for a in range(nprocs) for b in range(a + 1, nprocs)}
-    return kinds, rows, pair_counts, dict(zip(TOTAL_FIELDS, totals[0:len(TOTAL_FIELDS)]))
+    return kinds, rows, pair_counts, dict(zip(TOTAL_FIELDS, totals[0 : len(TOTAL_FIELDS)]))
 
 
 def count_kinds(kinds, offsets):
@@ -147,16 +158,31 @@ def count_kinds(kinds, offsets):
     ranges = len(offsets) - 1
     out = u64_array(3 * ranges)
     lib.ksm_count_kinds(kinds, ffi.new("uint64_t[]", offsets), ranges, out)
-    return [tuple(out[3 * r:3 * r + 3]) for r in range(ranges)]
+    return [tuple(out[3 * r : 3 * r + 3]) for r in range(ranges)]
 
 
 # ---- page contents (ksmpreload.potential): pages read from /proc/<pid>/mem and hashed ------------
 
-READ_CHUNK_PAGES = 64           # pages per pread of /proc/<pid>/mem (256 KiB: docs/BENCHMARKS.md)
-KIND_FIELDS = ("zero_pages", "duplicate_pages", "duplicates_across", "duplicates_within", "ksm_pages",
-               "zero_frame_pages", "unmerged_pages")   # the bits of ksm_group_contents' kinds, in order
-CONTENT_FIELDS = ("contents", "zero_pages", "duplicate_pages", "duplicate_contents", "duplicates_across",
-                  "duplicates_within", "saving_across", "saving_within")
+READ_CHUNK_PAGES = 64  # pages per pread of /proc/<pid>/mem (256 KiB: docs/BENCHMARKS.md)
+KIND_FIELDS = (
+    "zero_pages",
+    "duplicate_pages",
+    "duplicates_across",
+    "duplicates_within",
+    "ksm_pages",
+    "zero_frame_pages",
+    "unmerged_pages",
+)  # the bits of ksm_group_contents' kinds, in order
+CONTENT_FIELDS = (
+    "contents",
+    "zero_pages",
+    "duplicate_pages",
+    "duplicate_contents",
+    "duplicates_across",
+    "duplicates_within",
+    "saving_across",
+    "saving_within",
+)
 assert len(KIND_FIELDS) == lib.KSM_KIND_BITS and len(CONTENT_FIELDS) == lib.KSM_CONTENT_FIELDS
 
 
@@ -175,8 +201,8 @@ class PageHashes:
         self.hashes = u64_array(self.frames.capacity)
         self.chunk_pages = chunk_pages or READ_CHUNK_PAGES
         self._buf = ffi.new("unsigned char[]", self.chunk_pages * lib.ksm_page_size())
-        self.unreadable = ffi.new("uint64_t[1]")   # pages present but unreadable, dropped
-        self.seconds = ffi.new("double[2]")        # reading, hashing
+        self.unreadable = ffi.new("uint64_t[1]")  # pages present but unreadable, dropped
+        self.seconds = ffi.new("double[2]")  # reading, hashing
 
     @property
     def size(self):
@@ -196,10 +222,20 @@ class PageHashes:
         """Read and hash the pages from position `start` on (ksm_read_hash_pages); those that
         cannot be read are dropped. ProcessLookupError when the process is gone."""
         frames = self.frames
-        kept = _check(lib.ksm_read_hash_pages(mem_fd, frames.pages + start, frames.data + start,
-                                              frames.size - start, lib.ksm_page_size(), self._buf,
-                                              self.chunk_pages, self.hashes + start, self.unreadable,
-                                              self.seconds))
+        kept = _check(
+            lib.ksm_read_hash_pages(
+                mem_fd,
+                frames.pages + start,
+                frames.data + start,
+                frames.size - start,
+                lib.ksm_page_size(),
+                self._buf,
+                self.chunk_pages,
+                self.hashes + start,
+                self.unreadable,
+                self.seconds,
+            )
+        )
         frames.size = start + kept
 
 
@@ -215,9 +251,8 @@ def group_contents(keys, count, hashes, offsets):
     process's pages. Returns (kinds: a bit per KIND_FIELDS per page, CONTENT_FIELDS totals)."""
     kinds = ffi.new("uint8_t[]", max(count, 1))
     totals = u64_array(len(CONTENT_FIELDS))
-    lib.ksm_group_contents(keys, count, hashes, ffi.new("uint64_t[]", offsets), len(offsets) - 1, kinds,
-                           totals)
-    return kinds, dict(zip(CONTENT_FIELDS, totals[0:len(CONTENT_FIELDS)]))
+    lib.ksm_group_contents(keys, count, hashes, ffi.new("uint64_t[]", offsets), len(offsets) - 1, kinds, totals)
+    return kinds, dict(zip(CONTENT_FIELDS, totals[0 : len(CONTENT_FIELDS)]))
 
 
 def mark_frames(keys, count, flags, ksm_mask, zero_mask, kinds):
@@ -231,4 +266,4 @@ def count_kind_bits(kinds, offsets):
     ranges, width = len(offsets) - 1, len(KIND_FIELDS)
     out = u64_array(ranges * width)
     lib.ksm_count_kind_bits(kinds, ffi.new("uint64_t[]", offsets), ranges, out)
-    return [dict(zip(KIND_FIELDS, out[r * width:(r + 1) * width])) for r in range(ranges)]
+    return [dict(zip(KIND_FIELDS, out[r * width : (r + 1) * width])) for r in range(ranges)]

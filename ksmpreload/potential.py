@@ -46,6 +46,7 @@ and PFNs read as 0: the merged figures are then None. Cost: every present anonym
 read once (about 2.5 GiB/s on 2 vCPUs: docs/BENCHMARKS.md, "Duplicate potential speed"),
 and the arrays take about 60 bytes per page at their peak.
 """
+
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -55,18 +56,19 @@ from .sharing import KEEP_MASK, KEEP_VALUE
 from .timing import StepClock
 
 MIB = 1 << 20
-FRAME_FIELDS = ("ksm_pages", "zero_frame_pages", "unmerged_pages")   # known with PFNs only
+FRAME_FIELDS = ("ksm_pages", "zero_frame_pages", "unmerged_pages")  # known with PFNs only
 
 
 @dataclass
 class PageCounts:
     """Anonymous pages read, and what they hold (the fields are the module docstring's)."""
+
     pages: int = 0
     zero_pages: int = 0
     duplicate_pages: int = 0
     duplicates_across: int = 0
     duplicates_within: int = 0
-    ksm_pages: Optional[int] = None        # this and the next two: None without PFNs
+    ksm_pages: Optional[int] = None  # this and the next two: None without PFNs
     zero_frame_pages: Optional[int] = None
     unmerged_pages: Optional[int] = None
 
@@ -74,6 +76,7 @@ class PageCounts:
 @dataclass
 class RegionPotential(PageCounts):
     """One VMA."""
+
     start: int = 0
     end: int = 0
     perms: str = ""
@@ -84,7 +87,7 @@ class RegionPotential(PageCounts):
 class ProcessPotential(PageCounts):
     pid: int = 0
     comm: str = ""
-    unreadable_pages: int = 0              # present but unreadable (EIO), skipped
+    unreadable_pages: int = 0  # present but unreadable (EIO), skipped
     ksm_merging_pages: Optional[int] = None  # from ksm_stat
     ksm_zero_pages: Optional[int] = None
     regions: list = field(default_factory=list)
@@ -92,11 +95,11 @@ class ProcessPotential(PageCounts):
 
 @dataclass
 class PotentialReport:
-    processes: dict            # pid -> ProcessPotential, in the order given
-    totals: dict               # pages, unreadable_pages, native.CONTENT_FIELDS, frames, zero_frames
-    missing: list              # pids that were gone
+    processes: dict  # pid -> ProcessPotential, in the order given
+    totals: dict  # pages, unreadable_pages, native.CONTENT_FIELDS, frames, zero_frames
+    missing: list  # pids that were gone
     page_size: int
-    use_zero_pages: bool       # the kernel's setting, which potential_pages and merged_pages follow
+    use_zero_pages: bool  # the kernel's setting, which potential_pages and merged_pages follow
     potential_pages_use_zero_pages: int
     potential_pages_no_zero_pages: int
     merged_pages: Optional[int]  # None without PFNs (not root)
@@ -121,12 +124,26 @@ class PotentialReport:
         return self.merged_pages / self.potential_pages
 
     def to_dict(self):
-        fields = {name: getattr(self, name) for name in
-                  ("page_size", "use_zero_pages", "potential_pages", "potential_pages_use_zero_pages",
-                   "potential_pages_no_zero_pages", "potential_mib", "merged_pages", "merged_mib",
-                   "efficiency")}
-        return {**fields, "totals": dict(self.totals), "missing": list(self.missing),
-                "processes": [asdict(process) for process in self.processes.values()]}
+        fields = {
+            name: getattr(self, name)
+            for name in (
+                "page_size",
+                "use_zero_pages",
+                "potential_pages",
+                "potential_pages_use_zero_pages",
+                "potential_pages_no_zero_pages",
+                "potential_mib",
+                "merged_pages",
+                "merged_mib",
+                "efficiency",
+            )
+        }
+        return {
+            **fields,
+            "totals": dict(self.totals),
+            "missing": list(self.missing),
+            "processes": [asdict(process) for process in self.processes.values()],
+        }
 
 
 def _read_process(pid, pages, region_offsets, clock):
@@ -148,8 +165,14 @@ def _read_process(pid, pages, region_offsets, clock):
             return None
         for region in filter(kernel.can_hold_ksm_pages, regions):
             start = pages.size
-            pages.read_pagemap(pagemap_fd, region["start"] // page, region["end"] // page, KEEP_MASK,
-                               KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
+            pages.read_pagemap(
+                pagemap_fd,
+                region["start"] // page,
+                region["end"] // page,
+                KEEP_MASK,
+                KEEP_VALUE,
+                kernel.PAGEMAP_PFN_MASK,
+            )
             clock.step("pagemap")
             pages.read_hash(mem_fd, start)
             clock.step("read")
@@ -211,7 +234,7 @@ def potential(pids, timings=None, pagemap_scan="auto", chunk_pages=None):
         start, regions_before = pages.size, len(region_offsets)
         process = _read_process(pid, pages, region_offsets, clock)
         if process is None or not _add_ksm_stat(process):
-            pages.truncate(start)            # drop what was read before it went away
+            pages.truncate(start)  # drop what was read before it went away
             del region_offsets[regions_before:]
             missing.append(pid)
             continue
@@ -220,14 +243,14 @@ def potential(pids, timings=None, pagemap_scan="auto", chunk_pages=None):
     count = pages.size
     offsets.append(count)
     clock.step("ksm_stat")
-    if timings is not None:                  # "read" timed reading and hashing: split them
+    if timings is not None:  # "read" timed reading and hashing: split them
         timings["hash"] = pages.seconds[1]
         timings["read"] = timings.get("read", 0.0) - pages.seconds[1]
     keys = native.sort_hashes(pages.hashes, count)
     clock.step("sort")
     kinds, totals = native.group_contents(keys, count, pages.hashes, offsets)
     clock.step("group")
-    frames_known = pages.frames.counts[1] < pages.frames.counts[0]   # PFNs read as 0 without root
+    frames_known = pages.frames.counts[1] < pages.frames.counts[0]  # PFNs read as 0 without root
     frames, zero_frames = _mark_frames(pages, kinds) if frames_known else (None, None)
     clock.step("frames")
     _fill_counts(processes.values(), offsets, kinds, frames_known)
@@ -245,10 +268,14 @@ def _report(processes, missing, totals, count, frames, zero_frames):
     if frames is not None:
         merged = count - frames + (zero_frames if use_zero_pages else 0)
     unreadable = sum(process.unreadable_pages for process in processes.values())
-    totals = {"pages": count, "unreadable_pages": unreadable, **totals, "frames": frames,
-              "zero_frames": zero_frames}
-    return PotentialReport(processes=processes, totals=totals, missing=missing, page_size=kernel.page_size(),
-                           use_zero_pages=use_zero_pages,
-                           potential_pages_use_zero_pages=duplicate_saving + zero,
-                           potential_pages_no_zero_pages=duplicate_saving + max(zero - 1, 0),
-                           merged_pages=merged)
+    totals = {"pages": count, "unreadable_pages": unreadable, **totals, "frames": frames, "zero_frames": zero_frames}
+    return PotentialReport(
+        processes=processes,
+        totals=totals,
+        missing=missing,
+        page_size=kernel.page_size(),
+        use_zero_pages=use_zero_pages,
+        potential_pages_use_zero_pages=duplicate_saving + zero,
+        potential_pages_no_zero_pages=duplicate_saving + max(zero - 1, 0),
+        merged_pages=merged,
+    )

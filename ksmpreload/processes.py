@@ -1,6 +1,7 @@
 """The processes the tool starts and watches (compare, doctor, demo and the benchmarks):
 ksm-wrap's command line, a process and its descendants, their merged pages and resident
 memory, stopping them, and worker processes that say when their data is ready."""
+
 import json
 import os
 import signal
@@ -58,8 +59,10 @@ def start_workers(commands):
     """Starts every command, then waits for each one's JSON line (kept as `proc.report`): the
     workers hold their data until their stdin closes."""
     # cwd "/": started in a source checkout, `-m ksmpreload...` would import the unbuilt package there.
-    workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
-               for command in commands]
+    workers = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+        for command in commands
+    ]
     for proc in workers:
         line = proc.stdout.readline()
         if not line:

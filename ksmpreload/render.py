@@ -1,4 +1,5 @@
 """Output shared by the commands: one renderer per format (JSON; text and tables with rich)."""
+
 import json
 import os
 
@@ -53,8 +54,7 @@ def key_value_lines(pairs):
 
 def key_value_columns(pairs):
     """The same 'name: value' items laid out in columns, to fit a terminal's height."""
-    return Columns([Text(f"{name}: {value}") for name, value in pairs], column_first=True,
-                   padding=(0, 3))
+    return Columns([Text(f"{name}: {value}") for name, value in pairs], column_first=True, padding=(0, 3))
 
 
 def table(columns, rows, title=None):
@@ -65,8 +65,7 @@ def table(columns, rows, title=None):
     for index, (header, justify) in enumerate(columns):
         widest = max((len(str(row[index])) for row in rows), default=0)
         if justify == "left":
-            result.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis",
-                              max_width=TEXT_COLUMN_WIDTH)
+            result.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis", max_width=TEXT_COLUMN_WIDTH)
         else:
             result.add_column(header, justify=justify, min_width=widest)
     for row in rows:
@@ -88,6 +87,7 @@ def plot_lines(path, series, title, xlabel, ylabel, styles=None):
     """A PNG at `path` with one line per entry of `series` ({label: [(x, y), ...]}), drawn
     with styles[label] (matplotlib keywords such as color, linestyle) where given."""
     import matplotlib
+
     matplotlib.use("Agg")  # files only: no display needed
     from matplotlib import pyplot
 

@@ -1,5 +1,6 @@
 """Running KSM for a measurement: a fast scan rate for a while, every knob put back after,
 and waiting for ksmd to pass over memory a given number of times."""
+
 import contextlib
 import time
 
@@ -49,8 +50,10 @@ def wait_full_scans(count, timeout=120.0, on_progress=None, poll=0.1):
         if on_progress:
             on_progress(done, count)
         if time.monotonic() > deadline:
-            raise KsmError(f"ksmd finished {done} of {count} full scans in {timeout:.0f} s; "
-                           "is KSM running and pages_to_scan high enough?")
+            raise KsmError(
+                f"ksmd finished {done} of {count} full scans in {timeout:.0f} s; "
+                "is KSM running and pages_to_scan high enough?"
+            )
         time.sleep(poll)
     if on_progress:
         on_progress(count, count)
@@ -61,8 +64,7 @@ def wait_full_scans(count, timeout=120.0, on_progress=None, poll=0.1):
 SETTLE_SCANS = 9
 
 
-def wait_until_settled(merged_now, min_scans=3, steady_scans=SETTLE_SCANS, timeout=120.0, on_progress=None,
-                       poll=0.2):
+def wait_until_settled(merged_now, min_scans=3, steady_scans=SETTLE_SCANS, timeout=120.0, on_progress=None, poll=0.2):
     """Wait until merging settles: at least `min_scans` full scans have passed and
     `merged_now()` has not changed for `steady_scans` full scans (or `timeout` passed).
     Pages need two scans with the same checksum before they merge, and smart_scan skips
@@ -95,4 +97,5 @@ def ignoring_flutter(read, pages=64, fraction=0.005):
         if last is None or abs(now - last) > max(pages, fraction * last):
             last = now
         return last
+
     return value

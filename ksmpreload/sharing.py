@@ -24,6 +24,7 @@ This is a snapshot of memory that keeps changing: pages merged, broken by a writ
 between two reads are counted as they were when read. KSM zero pages (use_zero_pages) map
 the zero page, which is no KSM page: they are not counted here (ksm_stat has ksm_zero_pages).
 """
+
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -38,37 +39,38 @@ KEEP_VALUE = kernel.PAGEMAP_PRESENT  # present, in RAM, not a file page
 @dataclass
 class RegionSharing:
     """One VMA: its anonymous pages in RAM (present, no file page) and the KSM pages among them."""
+
     start: int
     end: int
     perms: str
     path: str
     anon_pages: int = 0
     ksm_pages: int = 0
-    ksm_shared: int = 0        # KSM pages another process of the set maps too
-    ksm_within: int = 0        # KSM pages mapped again only inside this process
+    ksm_shared: int = 0  # KSM pages another process of the set maps too
+    ksm_within: int = 0  # KSM pages mapped again only inside this process
 
 
 @dataclass
 class ProcessSharing:
     pid: int
     comm: str
-    anon_pages: int = 0        # anonymous pages in RAM (present, no file page), as read
-    ksm_pages: int = 0         # of its pages, those mapping a KSM page (= ksm_merging_pages)
-    ksm_distinct: int = 0      # distinct KSM pages it maps
-    shared_in_set: int = 0     # ... also mapped by another process of the set
-    within_only: int = 0       # ... mapped more than once here and by no other process of the set
+    anon_pages: int = 0  # anonymous pages in RAM (present, no file page), as read
+    ksm_pages: int = 0  # of its pages, those mapping a KSM page (= ksm_merging_pages)
+    ksm_distinct: int = 0  # distinct KSM pages it maps
+    shared_in_set: int = 0  # ... also mapped by another process of the set
+    within_only: int = 0  # ... mapped more than once here and by no other process of the set
     within_only_mapped: int = 0  # its pages mapping those
-    mapped_outside: int = 0    # distinct KSM pages also mapped by processes outside the set
-    lone: int = 0              # distinct KSM pages mapped once in all (nothing shares them now)
+    mapped_outside: int = 0  # distinct KSM pages also mapped by processes outside the set
+    lone: int = 0  # distinct KSM pages mapped once in all (nothing shares them now)
     regions: list = field(default_factory=list)
 
 
 @dataclass
 class SharingReport:
-    processes: dict            # pid -> ProcessSharing, in the order given
-    pairs: dict                # (pid_a, pid_b) -> distinct KSM pages both map, pid_a before pid_b
-    totals: dict               # over the set: distinct, mapped, shared, within_only, outside, lone
-    missing: list              # pids that were gone
+    processes: dict  # pid -> ProcessSharing, in the order given
+    pairs: dict  # (pid_a, pid_b) -> distinct KSM pages both map, pid_a before pid_b
+    totals: dict  # over the set: distinct, mapped, shared, within_only, outside, lone
+    missing: list  # pids that were gone
     page_size: int
 
     def shared(self, pid_a, pid_b):
@@ -131,7 +133,7 @@ def sharing(pids, timings=None, pagemap_scan="auto"):
         start, regions_before = pfns.size, len(region_offsets)
         process = _read_process(pid, pfns, region_offsets)
         if process is None:
-            pfns.size = start            # drop what was read before it went away
+            pfns.size = start  # drop what was read before it went away
             del region_offsets[regions_before:]
             missing.append(pid)
             continue
@@ -178,5 +180,4 @@ def _attribute(processes, missing, pfns, offsets, region_offsets, flags_fd, coun
         process.lone = row["lone"]
     pairs = {(order[a], order[b]): pages for (a, b), pages in pair_counts.items()}
     clock.step("attribute")
-    return SharingReport(processes=processes, pairs=pairs, totals=totals, missing=missing,
-                         page_size=kernel.page_size())
+    return SharingReport(processes=processes, pairs=pairs, totals=totals, missing=missing, page_size=kernel.page_size())

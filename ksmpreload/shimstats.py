@@ -5,6 +5,7 @@ the magic "KSMPRLD1", a u64 slot count, the u64 slots, the slot names, NUL-separ
 (8-byte aligned) a ring of records of the regions the shim handled, "KSMREGN1".
 A file is current only while its process still maps it; others are left-overs.
 """
+
 import os
 import re
 import struct
@@ -14,10 +15,15 @@ from . import kernel
 
 MAGIC = b"KSMPRLD1"
 REGIONS_MAGIC = b"KSMREGN1"
-REGION_KINDS = {1: "mmap", 2: "mapped before start", 3: "glibc mmapped chunk", 4: "glibc arena heap",
-                5: "jemalloc extent"}
-HEADER_BYTES = 16       # magic, slot count
-RECORD_BYTES = 32       # start, length, kind, caller
+REGION_KINDS = {
+    1: "mmap",
+    2: "mapped before start",
+    3: "glibc mmapped chunk",
+    4: "glibc arena heap",
+    5: "jemalloc extent",
+}
+HEADER_BYTES = 16  # magic, slot count
+RECORD_BYTES = 32  # start, length, kind, caller
 SLOT_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")  # the shim's slot names are C identifiers
 STATS_FILE = re.compile(r"([0-9]+)\.stats")
 SETTLE_SECONDS = 2  # a file younger than this may belong to a process about to map it
@@ -91,7 +97,7 @@ def parse_regions(data):
     records give [], and so does a ring whose capacity is not written yet (the shim writes
     the magic first)."""
     at = (_slots(data)[2] + 7) & ~7
-    if data[at:at + 8] != REGIONS_MAGIC:
+    if data[at : at + 8] != REGIONS_MAGIC:
         return []
     capacity, written = _u64(data, at + 8), _u64(data, at + 16)
     kept = min(capacity, written)
@@ -101,8 +107,14 @@ def parse_regions(data):
     for index in range(written - kept, written):
         start, length, kind, caller = struct.unpack_from("<4Q", data, at + 24 + RECORD_BYTES * (index % capacity))
         if kind:  # 0: being written
-            records.append({"start": start, "end": start + length, "kind": REGION_KINDS.get(kind, "unknown"),
-                            "caller": caller or None})
+            records.append(
+                {
+                    "start": start,
+                    "end": start + length,
+                    "kind": REGION_KINDS.get(kind, "unknown"),
+                    "caller": caller or None,
+                }
+            )
     return records
 
 

@@ -1,6 +1,7 @@
 """Sizes as the shim reads them (shim/config.c parse_size): digits, then K, M, G or T (powers of
 1024), then i, iB, B or b, both optional: 65536, 64K, 2M, 64KiB. As the shim's strtoull allows,
 blanks and a '+' may come first; nothing may follow."""
+
 import re
 
 import click
@@ -27,6 +28,7 @@ def short_size(size):
 
 class SizeParam(click.ParamType):
     """A size from `minimum` to `maximum` bytes."""
+
     name = "SIZE"
 
     def __init__(self, minimum, maximum):

@@ -1,4 +1,5 @@
 """Where the time of a long read goes: seconds per named step (sharing and potential)."""
+
 import time
 
 

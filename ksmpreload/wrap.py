@@ -2,6 +2,7 @@
 
 The launcher execs the program itself: the pid stays the program's.
 """
+
 import errno
 import os
 import shutil
@@ -56,9 +57,11 @@ def preload_value(existing, shim):
     if any(is_shim(entry, shim) for entry in existing.replace(":", " ").split()):
         return existing
     if any(c in NOT_IN_PRELOAD for c in shim):
-        raise KsmError(f"LD_PRELOAD cannot carry the shim's path {shown(shim)} (it splits at blanks and "
-                       "colons and expands $): copy the shim to a path without them and point "
-                       "KSMPRELOAD_SHIM at it")
+        raise KsmError(
+            f"LD_PRELOAD cannot carry the shim's path {shown(shim)} (it splits at blanks and "
+            "colons and expands $): copy the shim to a path without them and point "
+            "KSMPRELOAD_SHIM at it"
+        )
     return f"{shim} {existing}" if existing.strip() else shim
 
 
@@ -112,8 +115,7 @@ def warn_if_ksm_idle():
     if not kernel.ksm_available():
         say("this kernel has no KSM: the program runs, but nothing will merge")
     elif kernel.read_knobs().get("run") != 1:
-        say("KSM is not running (run != 1): nothing merges until it is; "
-            "use --enable-ksm or 'ksmpreload ksm on'")
+        say("KSM is not running (run != 1): nothing merges until it is; use --enable-ksm or 'ksmpreload ksm on'")
 
 
 def may_merge_for(target, euid):
@@ -127,40 +129,65 @@ def merge_without_preload(program, target):
     """For static and secure programs: prctl here, kept across exec on Linux 6.7+ (no alignment)."""
     program, reason = shown(program), target.preload_ignored_because
     if not may_merge_for(target, os.geteuid()):
-        say(f"{program} {target.secure_reason}; it runs with privileges you do not have, so its memory "
+        say(
+            f"{program} {target.secure_reason}; it runs with privileges you do not have, so its memory "
             "is left unmergeable (merging would expose its pages to timing by other processes: "
-            "docs/SECURITY.md); run ksm-wrap as root to merge it anyway")
+            "docs/SECURITY.md); run ksm-wrap as root to merge it anyway"
+        )
         return
     if not kernel.prctl_merge_supported():
-        say(f"{program} {reason}; this kernel has no prctl(PR_SET_MEMORY_MERGE) either, "
-            "so its memory cannot be made mergeable; running it unchanged")
+        say(
+            f"{program} {reason}; this kernel has no prctl(PR_SET_MEMORY_MERGE) either, "
+            "so its memory cannot be made mergeable; running it unchanged"
+        )
         return
     from . import native
+
     try:
         native.set_memory_merge(True)
     except OSError as error:
         say(f"{program} {reason}; prctl(PR_SET_MEMORY_MERGE) failed ({error.strerror}); running it unchanged")
         return
-    say(f"{program} {reason}: using prctl(PR_SET_MEMORY_MERGE), which the program inherits "
-        "(whole-process merging, no alignment of its allocations)")
+    say(
+        f"{program} {reason}: using prctl(PR_SET_MEMORY_MERGE), which the program inherits "
+        "(whole-process merging, no alignment of its allocations)"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
-@click.option("--strategy", type=click.Choice(["auto", "prctl", "madvise", "observe"]), default=None,
-              help="How memory is made mergeable. auto: prctl(PR_SET_MEMORY_MERGE) where the kernel has it "
-                   "(6.4+), else madvise. prctl marks every mapping without splitting any; madvise marks "
-                   "only large allocations and mappings. observe: change nothing, only count the program's "
-                   "own madvise calls (what `ksmpreload doctor --as-is` uses). "
-                   "[default: $KSMPRELOAD_STRATEGY, else auto]")
-@click.option("--threshold", type=SizeParam(kernel.page_size(), MAX_THRESHOLD), default=None,
-              help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M), "
-                   "from one page to 1T. [default: $KSMPRELOAD_THRESHOLD, else 8K]")
-@click.option("--align/--no-align", default=None,
-              help="Page-align large allocations, or leave them where the allocator puts them (identical "
-                   "buffers then rarely give identical pages). [default: $KSMPRELOAD_ALIGN (1 or 0), else align]")
-@click.option("--enable-ksm", is_flag=True, help="Turn KSM on (root) with a scan rate suited to this machine if it is off.")
-@click.option("-v", "--verbose", is_flag=True, default=None,
-              help="The shim says what it chose, on stderr. [default: $KSMPRELOAD_VERBOSE (1 or 0), else quiet]")
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "prctl", "madvise", "observe"]),
+    default=None,
+    help="How memory is made mergeable. auto: prctl(PR_SET_MEMORY_MERGE) where the kernel has it "
+    "(6.4+), else madvise. prctl marks every mapping without splitting any; madvise marks "
+    "only large allocations and mappings. observe: change nothing, only count the program's "
+    "own madvise calls (what `ksmpreload doctor --as-is` uses). "
+    "[default: $KSMPRELOAD_STRATEGY, else auto]",
+)
+@click.option(
+    "--threshold",
+    type=SizeParam(kernel.page_size(), MAX_THRESHOLD),
+    default=None,
+    help="Allocations and mappings at least this large are aligned and marked (like 16K or 2M), "
+    "from one page to 1T. [default: $KSMPRELOAD_THRESHOLD, else 8K]",
+)
+@click.option(
+    "--align/--no-align",
+    default=None,
+    help="Page-align large allocations, or leave them where the allocator puts them (identical "
+    "buffers then rarely give identical pages). [default: $KSMPRELOAD_ALIGN (1 or 0), else align]",
+)
+@click.option(
+    "--enable-ksm", is_flag=True, help="Turn KSM on (root) with a scan rate suited to this machine if it is off."
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    default=None,
+    help="The shim says what it chose, on stderr. [default: $KSMPRELOAD_VERBOSE (1 or 0), else quiet]",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def cli(strategy, threshold, align, enable_ksm, verbose, command):
     """Run COMMAND with Kernel Samepage Merging working on its memory.

@@ -15,6 +15,7 @@ shim's counters: extents the hooks saw, and those the mmap wrapper had not.
 
     python3 scripts/bench_jemalloc_paths.py [--json]
 """
+
 import argparse
 import json
 import os
@@ -27,13 +28,29 @@ from bench_redis_cost import free_port, wait_for_pong
 from bench_shim_cost import cpu_model, installed_shim
 
 from ksmpreload import kernel, shimstats
+from ksmpreload.workloads.redis import server_command
 
-ARMS = [("default", "", "0"), ("default+hooks", "", "1"),
-        ("dss", "dss:primary", "0"), ("dss+hooks", "dss:primary", "1")]
-LOADS = [["-t", "set,lpush", "-n", "100000", "-r", "100000", "-d", "2000"],
-         ["-t", "set", "-n", "20000", "-r", "20000", "-d", "40000"]]
-COUNTERS = ("heap_regions", "mmap_regions", "madvise_calls", "hook_arenas", "hook_extents", "hook_bytes",
-            "hook_unseen_extents", "hook_unseen_bytes", "hook_recommits")
+ARMS = [
+    ("default", "", "0"),
+    ("default+hooks", "", "1"),
+    ("dss", "dss:primary", "0"),
+    ("dss+hooks", "dss:primary", "1"),
+]
+LOADS = [
+    ["-t", "set,lpush", "-n", "100000", "-r", "100000", "-d", "2000"],
+    ["-t", "set", "-n", "20000", "-r", "20000", "-d", "40000"],
+]
+COUNTERS = (
+    "heap_regions",
+    "mmap_regions",
+    "madvise_calls",
+    "hook_arenas",
+    "hook_extents",
+    "hook_bytes",
+    "hook_unseen_extents",
+    "hook_unseen_bytes",
+    "hook_recommits",
+)
 
 
 def rss_kib(pid):
@@ -43,20 +60,38 @@ def rss_kib(pid):
 
 def run_arm(malloc_conf, hooks, shim, workdir):
     port = free_port()
-    env = dict(os.environ, KSMPRELOAD_SHIM=shim, KSMPRELOAD_STATS_DIR=os.path.join(workdir, "stats"),
-               KSMPRELOAD_JEMALLOC_HOOKS=hooks, MALLOC_CONF=malloc_conf)
-    command = [sys.executable, "-m", "ksmpreload.wrap", "--strategy", "madvise", "redis-server", "--port",
-               str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+    env = dict(
+        os.environ,
+        KSMPRELOAD_SHIM=shim,
+        KSMPRELOAD_STATS_DIR=os.path.join(workdir, "stats"),
+        KSMPRELOAD_JEMALLOC_HOOKS=hooks,
+        MALLOC_CONF=malloc_conf,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "ksmpreload.wrap",
+        "--strategy",
+        "madvise",
+        *server_command(port, directory=workdir),
+    ]
     proc = subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.DEVNULL)
     try:
         wait_for_pong(port, proc)
         for load in LOADS:
-            subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q", *load],
-                           stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q", *load],
+                stdout=subprocess.DEVNULL,
+                check=True,
+            )
         marked, unmarked = kernel.mergeable_coverage(kernel.process_regions(proc.pid))
         stats = shimstats.read_process_stats(proc.pid, env["KSMPRELOAD_STATS_DIR"])
-        return {"mergeable_kib": marked, "unmarked_kib": unmarked, "rss_kib": rss_kib(proc.pid),
-                "counters": {key: stats.get(key, 0) for key in COUNTERS}}
+        return {
+            "mergeable_kib": marked,
+            "unmarked_kib": unmarked,
+            "rss_kib": rss_kib(proc.pid),
+            "counters": {key: stats.get(key, 0) for key in COUNTERS},
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -19,6 +19,7 @@ madvise) per round. The checksum of what the workload read back must match betwe
     python3 scripts/bench_large_churn.py [--reps 5] [--mib 256] [--min-rounds 65536] [--sizes 8K,256K,16M]
         [--patterns loop,calloc] [--allocators glibc,jemalloc] [--json FILE]
 """
+
 import argparse
 import json
 import os
@@ -32,8 +33,12 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "bench", "large_churn.c")
 LIBS = "/usr/lib/x86_64-linux-gnu"
-ALLOCATORS = {"glibc": "", "jemalloc": f"{LIBS}/libjemalloc.so.2", "mimalloc": f"{LIBS}/libmimalloc.so.2",
-              "tcmalloc": f"{LIBS}/libtcmalloc_minimal.so.4"}
+ALLOCATORS = {
+    "glibc": "",
+    "jemalloc": f"{LIBS}/libjemalloc.so.2",
+    "mimalloc": f"{LIBS}/libmimalloc.so.2",
+    "tcmalloc": f"{LIBS}/libtcmalloc_minimal.so.4",
+}
 PATTERNS = ["loop", "calloc", "realloc", "threads", "handoff", "mixed"]
 SIZES = ["8K", "64K", "256K", "1M", "4M", "16M"]
 SMALL_BLOCK = 64 << 10
@@ -69,11 +74,18 @@ def run_once(command, env):
 
 def mapping_calls(command, env):
     """Mapping system calls of one run, counted by strace -f -c."""
-    result = subprocess.run(["strace", "-f", "-qq", "-c", "-U", "calls,name", "-e",
-                             "trace=" + ",".join(MAPPING_CALLS), *command],
-                            env=env, capture_output=True, text=True, timeout=600)
-    counts = {fields[1]: int(fields[0]) for fields in map(str.split, result.stderr.splitlines())
-              if len(fields) == 2 and fields[0].isdigit()}
+    result = subprocess.run(
+        ["strace", "-f", "-qq", "-c", "-U", "calls,name", "-e", "trace=" + ",".join(MAPPING_CALLS), *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    counts = {
+        fields[1]: int(fields[0])
+        for fields in map(str.split, result.stderr.splitlines())
+        if len(fields) == 2 and fields[0].isdigit()
+    }
     return sum(counts.get(name, 0) for name in MAPPING_CALLS)
 
 
@@ -82,32 +94,43 @@ def measure_case(program, shim, allocator, pattern, size, rounds, reps):
     arms = {"alone": environment(allocator, ""), "shim": environment(allocator, shim)}
     runs = {arm: [] for arm in arms}
     for rep in range(reps):
-        for arm in (("alone", "shim") if rep % 2 == 0 else ("shim", "alone")):
+        for arm in ("alone", "shim") if rep % 2 == 0 else ("shim", "alone"):
             runs[arm].append(run_once(command, arms[arm]))
     checksums = {run["checksum"] for arm in runs for run in runs[arm]}
-    case = {"allocator": allocator, "pattern": pattern, "size": size, "rounds": rounds,
-            "checksums_match": len(checksums) == 1}
+    case = {
+        "allocator": allocator,
+        "pattern": pattern,
+        "size": size,
+        "rounds": rounds,
+        "checksums_match": len(checksums) == 1,
+    }
     for arm, env in arms.items():
-        case[arm] = {"seconds": statistics.median(run["seconds"] for run in runs[arm]),
-                     "faults_per_round": statistics.median(run["minor_faults"] for run in runs[arm]) / rounds,
-                     "max_rss_kib": statistics.median(run["max_rss_kib"] for run in runs[arm]),
-                     "mapping_calls_per_round": mapping_calls(command, env) / rounds}
+        case[arm] = {
+            "seconds": statistics.median(run["seconds"] for run in runs[arm]),
+            "faults_per_round": statistics.median(run["minor_faults"] for run in runs[arm]) / rounds,
+            "max_rss_kib": statistics.median(run["max_rss_kib"] for run in runs[arm]),
+            "mapping_calls_per_round": mapping_calls(command, env) / rounds,
+        }
     case["time_ratio"] = case["shim"]["seconds"] / case["alone"]["seconds"]
     case["rss_ratio"] = case["shim"]["max_rss_kib"] / case["alone"]["max_rss_kib"]
     return case
 
 
 def markdown(cases):
-    lines = ["| allocator | pattern | size | time shim/alone | alone s | shim s | faults/round alone → shim "
-             "| map calls/round alone → shim | peak RSS MiB alone → shim |",
-             "|---|---|---:|---:|---:|---:|---|---|---|"]
+    lines = [
+        "| allocator | pattern | size | time shim/alone | alone s | shim s | faults/round alone → shim "
+        "| map calls/round alone → shim | peak RSS MiB alone → shim |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
     for c in cases:
         a, s = c["alone"], c["shim"]
-        lines.append(f"| {c['allocator']} | {c['pattern']} | {size_text(c['size'])} | {c['time_ratio']:.2f} "
-                     f"| {a['seconds']:.4f} | {s['seconds']:.4f} "
-                     f"| {a['faults_per_round']:.1f} → {s['faults_per_round']:.1f} "
-                     f"| {a['mapping_calls_per_round']:.2f} → {s['mapping_calls_per_round']:.2f} "
-                     f"| {a['max_rss_kib'] / 1024:.1f} → {s['max_rss_kib'] / 1024:.1f} |")
+        lines.append(
+            f"| {c['allocator']} | {c['pattern']} | {size_text(c['size'])} | {c['time_ratio']:.2f} "
+            f"| {a['seconds']:.4f} | {s['seconds']:.4f} "
+            f"| {a['faults_per_round']:.1f} → {s['faults_per_round']:.1f} "
+            f"| {a['mapping_calls_per_round']:.2f} → {s['mapping_calls_per_round']:.2f} "
+            f"| {a['max_rss_kib'] / 1024:.1f} → {s['max_rss_kib'] / 1024:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -129,6 +152,7 @@ def main():
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     import ksmpreload
+
     allocators = [a for a in args.allocators.split(",") if not ALLOCATORS[a] or os.path.exists(ALLOCATORS[a])]
     if not shutil.which("strace"):
         sys.exit("strace is missing (apt-get install strace)")
@@ -142,12 +166,16 @@ def main():
                 for size in map(parse_size, args.sizes.split(",")):
                     rounds = max(args.min_rounds if size <= SMALL_BLOCK else 16, (args.mib << 20) // size)
                     case = measure_case(program, shim, allocator, pattern, size, rounds, args.reps)
-                    say(f"{allocator} {pattern} {size_text(size)}: {case['time_ratio']:.2f}x, "
+                    say(
+                        f"{allocator} {pattern} {size_text(size)}: {case['time_ratio']:.2f}x, "
                         f"map calls/round {case['alone']['mapping_calls_per_round']:.2f} -> "
-                        f"{case['shim']['mapping_calls_per_round']:.2f}")
+                        f"{case['shim']['mapping_calls_per_round']:.2f}"
+                    )
                     cases.append(case)
-    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}; "
-          f"reps {args.reps}, {args.mib} MiB written per run, {args.min_rounds} rounds at least up to {size_text(SMALL_BLOCK)}\n")
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}; "
+        f"reps {args.reps}, {args.mib} MiB written per run, {args.min_rounds} rounds at least up to {size_text(SMALL_BLOCK)}\n"
+    )
     print(markdown(cases))
     if args.json:
         with open(args.json, "w") as f:

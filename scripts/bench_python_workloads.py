@@ -14,6 +14,7 @@ part of each arm and shim/alone as the ratio of medians, and the median peak RSS
 
     python3 scripts/bench_python_workloads.py [--reps 5] [--numpy-suite] [--json FILE]
 """
+
 import argparse
 import json
 import os
@@ -82,34 +83,61 @@ def command(arm, program):
 
 
 def run_workload(arm, name):
-    result = subprocess.run(command(arm, ["-c", WORKLOADS[name] + REPORT]), capture_output=True, text=True,
-                            env=dict(os.environ, KSMPRELOAD_STATS_DIR="off"), timeout=1200)
+    result = subprocess.run(
+        command(arm, ["-c", WORKLOADS[name] + REPORT]),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, KSMPRELOAD_STATS_DIR="off"),
+        timeout=1200,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{name} ({arm}) failed: {result.stderr.strip()[-500:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_numpy_suite(arm):
-    program = ["-m", "pytest", "--pyargs", "numpy._core", "-m", "not slow", "-q", "-p", "no:cacheprovider",
-               "--no-header"]
+    program = [
+        "-m",
+        "pytest",
+        "--pyargs",
+        "numpy._core",
+        "-m",
+        "not slow",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--no-header",
+    ]
     start = time.perf_counter()
-    result = subprocess.run(command(arm, program), capture_output=True, text=True, cwd="/tmp",
-                            env=dict(os.environ, KSMPRELOAD_STATS_DIR="off"), timeout=3600)
+    result = subprocess.run(
+        command(arm, program),
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+        env=dict(os.environ, KSMPRELOAD_STATS_DIR="off"),
+        timeout=3600,
+    )
     seconds = time.perf_counter() - start
-    counts = dict((word, int(number)) for number, word in re.findall(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?)",
-                                                                     result.stdout.splitlines()[-1]))
+    counts = dict(
+        (word, int(number))
+        for number, word in re.findall(
+            r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?)", result.stdout.splitlines()[-1]
+        )
+    )
     return {"seconds": seconds, "counts": counts}
 
 
 def compare(name, reps, run):
     runs = {"alone": [], "shim": []}
     for rep in range(reps):
-        for arm in (("alone", "shim") if rep % 2 == 0 else ("shim", "alone")):
+        for arm in ("alone", "shim") if rep % 2 == 0 else ("shim", "alone"):
             runs[arm].append(run(arm))
     case = {"workload": name, "reps": reps}
     for arm, results in runs.items():
-        case[arm] = {"seconds": statistics.median(r["seconds"] for r in results),
-                     "all_seconds": [round(r["seconds"], 4) for r in results]}
+        case[arm] = {
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "all_seconds": [round(r["seconds"], 4) for r in results],
+        }
         if "peak_kib" in results[0]:
             case[arm]["peak_kib"] = statistics.median(r["peak_kib"] for r in results)
         if "counts" in results[0]:
@@ -121,13 +149,20 @@ def compare(name, reps, run):
 
 
 def markdown(cases):
-    lines = ["| workload | alone s (median) | ksm-wrap s (median) | ksm-wrap/alone | peak RSS MiB alone → ksm-wrap |",
-             "|---|---:|---:|---:|---|"]
+    lines = [
+        "| workload | alone s (median) | ksm-wrap s (median) | ksm-wrap/alone | peak RSS MiB alone → ksm-wrap |",
+        "|---|---:|---:|---:|---|",
+    ]
     for c in cases:
-        peak = (f"{c['alone']['peak_kib'] / 1024:.0f} → {c['shim']['peak_kib'] / 1024:.0f}"
-                if "peak_kib" in c["alone"] else "")
-        lines.append(f"| {c['workload']} | {c['alone']['seconds']:.3f} | {c['shim']['seconds']:.3f} "
-                     f"| {c['ratio']:.3f} | {peak} |")
+        peak = (
+            f"{c['alone']['peak_kib'] / 1024:.0f} → {c['shim']['peak_kib'] / 1024:.0f}"
+            if "peak_kib" in c["alone"]
+            else ""
+        )
+        lines.append(
+            f"| {c['workload']} | {c['alone']['seconds']:.3f} | {c['shim']['seconds']:.3f} "
+            f"| {c['ratio']:.3f} | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -140,15 +175,21 @@ def main():
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     import ksmpreload
+
     say(f"ksm-wrap: {shutil.which('ksm-wrap')}, shim {ksmpreload.shim_path()} (KSMPRELOAD_SHIM chooses another)")
-    cases = [compare(name, args.reps, lambda arm, name=name: run_workload(arm, name))
-             for name in args.workloads.split(",") if name]
+    cases = [
+        compare(name, args.reps, lambda arm, name=name: run_workload(arm, name))
+        for name in args.workloads.split(",")
+        if name
+    ]
     if args.numpy_suite:
         suite = compare("numpy-suite", args.suite_reps, run_numpy_suite)
         say(f"numpy-suite counts: alone {suite['alone']['counts']}, shim {suite['shim']['counts']}")
         cases.append(suite)
-    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}, "
-          f"Python {platform.python_version()}\n")
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}, "
+        f"Python {platform.python_version()}\n"
+    )
     print(markdown(cases))
     if args.json:
         with open(args.json, "w") as f:

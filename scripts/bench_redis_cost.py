@@ -29,6 +29,7 @@ which it was).
 Redis keeps every LPUSHed value until LPOP takes it: with -d 16K and -n 100000 the server
 grows to about 2 GB.
 """
+
 import argparse
 import json
 import os
@@ -44,6 +45,8 @@ import time
 
 from bench_shim_cost import cpu_model, installed_shim, ksm_run, loadavg, say, sha256
 
+from ksmpreload.workloads.redis import server_command
+
 TESTS = "set,get,lpush,lpop"
 ARMS = [  # name, ksm-wrap options (None: no shim)
     ("redis", None),
@@ -55,7 +58,7 @@ BASELINE = "redis"
 
 
 def parse_size(text):
-    units = {"": 1, "K": 1024, "M": 1024 ** 2}
+    units = {"": 1, "K": 1024, "M": 1024**2}
     text = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = text[-1] if text and text[-1] in units else ""
     return int(text[:-1] if unit else text) * units[unit]
@@ -96,9 +99,19 @@ def maps_shim(pid):
 
 def shim_counters(pid, stats_dir):
     from ksmpreload import shimstats  # the installed package, as for the shim
+
     stats = shimstats.read_process_stats(pid, stats_dir)
-    keys = ("strategy", "threshold", "heap_regions", "mmap_regions", "realloc_copies", "madvise_calls",
-            "madvise_einval", "madvise_enomem", "vma_budget_skips")
+    keys = (
+        "strategy",
+        "threshold",
+        "heap_regions",
+        "mmap_regions",
+        "realloc_copies",
+        "madvise_calls",
+        "madvise_einval",
+        "madvise_enomem",
+        "vma_budget_skips",
+    )
     return {key: stats[key] for key in keys if key in stats} if stats else None
 
 
@@ -114,8 +127,9 @@ def parse_benchmark(output):
 
 def run_arm(arm, wrap_options, size, requests, workdir, shim, base_env):
     port = free_port()
-    server = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-              "--daemonize", "no", "--dir", workdir, "--logfile", os.path.join(workdir, f"{arm}.log")]
+    server = server_command(
+        port, "--daemonize", "no", "--logfile", os.path.join(workdir, f"{arm}.log"), directory=workdir
+    )
     env = dict(base_env)
     env.pop("LD_PRELOAD", None)
     env["KSMPRELOAD_STATS_DIR"] = os.path.join(workdir, "stats")
@@ -125,8 +139,7 @@ def run_arm(arm, wrap_options, size, requests, workdir, shim, base_env):
         env["KSMPRELOAD_SHIM"] = shim
         command = [sys.executable, "-m", "ksmpreload.wrap", *wrap_options, *server]
     # cwd: the temporary directory, so that `-m ksmpreload.wrap` finds the installed package.
-    proc = subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_pong(port, proc)
         has_shim = maps_shim(proc.pid)
@@ -134,9 +147,26 @@ def run_arm(arm, wrap_options, size, requests, workdir, shim, base_env):
             raise RuntimeError(f"{arm}: libksmpreload {'is' if has_shim else 'is not'} mapped in redis-server")
         cpu_before = cpu_seconds(proc.pid)
         client_env = {k: v for k, v in base_env.items() if k != "LD_PRELOAD"}
-        bench = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q", "-t", TESTS,
-                                "-n", str(requests), "-d", str(size)], env=client_env, capture_output=True,
-                               text=True, timeout=1800)
+        bench = subprocess.run(
+            [
+                "redis-benchmark",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-q",
+                "-t",
+                TESTS,
+                "-n",
+                str(requests),
+                "-d",
+                str(size),
+            ],
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         cpu = cpu_seconds(proc.pid) - cpu_before
         counters = shim_counters(proc.pid, env["KSMPRELOAD_STATS_DIR"]) if has_shim else None
         if bench.returncode != 0:
@@ -162,13 +192,22 @@ def summarise(runs, arms):
         base = [run["rates"][test] for run in runs[BASELINE]]
         for arm in arms:
             rates = [run["rates"][test] for run in runs[arm]]
-            row = {"test": test, "arm": arm, "rates": rates, "median": statistics.median(rates),
-                   "min": min(rates), "max": max(rates)}
+            row = {
+                "test": test,
+                "arm": arm,
+                "rates": rates,
+                "median": statistics.median(rates),
+                "min": min(rates),
+                "max": max(rates),
+            }
             if arm != BASELINE:
                 paired = [r / b for r, b in zip(rates, base)]
-                row.update(ratio_median=row["median"] / statistics.median(base),
-                           ratio_paired_median=statistics.median(paired),
-                           ratio_paired_min=min(paired), ratio_paired_max=max(paired))
+                row.update(
+                    ratio_median=row["median"] / statistics.median(base),
+                    ratio_paired_median=statistics.median(paired),
+                    ratio_paired_min=min(paired),
+                    ratio_paired_max=max(paired),
+                )
             table.append(row)
     cpu = []
     base_cpu = statistics.median(run["server_cpu_seconds"] for run in runs[BASELINE])
@@ -187,36 +226,57 @@ def print_table(report):
     print(f"{report['redis']}; {report['reps']} interleaved rounds per arm, {report['requests']} requests per test")
     for size in report["sizes"]:
         print()
-        print(f"value size {size['size']} bytes: redis-benchmark -q -t {TESTS} -n {report['requests']} -d {size['size']}")
-        print(f"  {'test':<6} {'arm':<20} {'median rps':>11} {'min rps':>10} {'max rps':>10} {'ratio(med)':>10} "
-              f"{'paired':>7} {'paired range':>13}")
+        print(
+            f"value size {size['size']} bytes: redis-benchmark -q -t {TESTS} -n {report['requests']} -d {size['size']}"
+        )
+        print(
+            f"  {'test':<6} {'arm':<20} {'median rps':>11} {'min rps':>10} {'max rps':>10} {'ratio(med)':>10} "
+            f"{'paired':>7} {'paired range':>13}"
+        )
         for row in size["table"]:
-            ratio = lambda key: f"{row[key]:.3f}" if key in row else "-"
-            spread = f"{row['ratio_paired_min']:.3f}-{row['ratio_paired_max']:.3f}" if "ratio_paired_min" in row else "-"
-            print(f"  {row['test']:<6} {row['arm']:<20} {row['median']:>11,.0f} {row['min']:>10,.0f} {row['max']:>10,.0f} "
-                  f"{ratio('ratio_median'):>10} {ratio('ratio_paired_median'):>7} {spread:>13}")
-        print("  server CPU per run (s): " + ", ".join(
-            f"{row['arm']} {row['median']:.2f}" + (f" ({row['ratio_median']:.3f})" if "ratio_median" in row else "")
-            for row in size["cpu"]))
+
+            def ratio(key, row=row):
+                return f"{row[key]:.3f}" if key in row else "-"
+
+            spread = (
+                f"{row['ratio_paired_min']:.3f}-{row['ratio_paired_max']:.3f}" if "ratio_paired_min" in row else "-"
+            )
+            print(
+                f"  {row['test']:<6} {row['arm']:<20} {row['median']:>11,.0f} {row['min']:>10,.0f} {row['max']:>10,.0f} "
+                f"{ratio('ratio_median'):>10} {ratio('ratio_paired_median'):>7} {spread:>13}"
+            )
+        print(
+            "  server CPU per run (s): "
+            + ", ".join(
+                f"{row['arm']} {row['median']:.2f}" + (f" ({row['ratio_median']:.3f})" if "ratio_median" in row else "")
+                for row in size["cpu"]
+            )
+        )
         for arm, counters in size["shim_counters"].items():
             if counters:
-                print(f"  {arm} counters after its last run: "
-                      + ", ".join(f"{key} {value}" for key, value in counters.items()))
+                print(
+                    f"  {arm} counters after its last run: "
+                    + ", ".join(f"{key} {value}" for key, value in counters.items())
+                )
     m = report["machine"]
     print()
-    print(f"machine: {m['nproc']} CPUs, {m['cpu']}, kernel {m['kernel']}; load {report['load_before']} before, "
-          f"{report['load_after']} after; {report['date']}")
+    print(
+        f"machine: {m['nproc']} CPUs, {m['cpu']}, kernel {m['kernel']}; load {report['load_before']} before, "
+        f"{report['load_after']} after; {report['date']}"
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before them (default 1)")
     parser.add_argument("--sizes", default="100,16K", help="value sizes for -d, comma-separated (default 100,16K)")
     parser.add_argument("--requests", type=int, default=100_000, help="-n: requests per test (default 100000)")
-    parser.add_argument("--noalign-arm", action="store_true",
-                        help="also run ksm-wrap --no-align (what the page alignment costs)")
+    parser.add_argument(
+        "--noalign-arm", action="store_true", help="also run ksm-wrap --no-align (what the page alignment costs)"
+    )
     parser.add_argument("--shim", help="libksmpreload.so to preload (default: the installed package's)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     args = parser.parse_args()
@@ -240,14 +300,25 @@ def main():
         shutil.copyfile(installed, shim)
         report = {
             "command": " ".join(["python3", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:]),
-            "shim": installed, "shim_sha256": sha256(shim),
+            "shim": installed,
+            "shim_sha256": sha256(shim),
             "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip(),
-            "redis_benchmark": subprocess.run(["redis-benchmark", "--version"], capture_output=True,
-                                              text=True).stdout.strip(),
-            "reps": args.reps, "warmup_rounds": args.warmup, "requests": args.requests, "tests": TESTS,
-            "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "kernel": platform.release(),
-                        "ksm_run": ksm_run()},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_before": loadavg(), "sizes": [],
+            "redis_benchmark": subprocess.run(
+                ["redis-benchmark", "--version"], capture_output=True, text=True
+            ).stdout.strip(),
+            "reps": args.reps,
+            "warmup_rounds": args.warmup,
+            "requests": args.requests,
+            "tests": TESTS,
+            "machine": {
+                "nproc": os.cpu_count(),
+                "cpu": cpu_model(),
+                "kernel": platform.release(),
+                "ksm_run": ksm_run(),
+            },
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "load_before": loadavg(),
+            "sizes": [],
         }
         for size in sizes:
             runs = {arm: [] for arm in arms}
@@ -258,17 +329,27 @@ def main():
                     if index >= 0:
                         runs[arm].append(result)
                 if index >= 0:
-                    say(f"  -d {size} round {index + 1}/{args.reps}: " + "  ".join(
-                        f"{arm} SET {runs[arm][-1]['rates'].get('SET', 0):,.0f}/s" for arm in arms))
+                    say(
+                        f"  -d {size} round {index + 1}/{args.reps}: "
+                        + "  ".join(f"{arm} SET {runs[arm][-1]['rates'].get('SET', 0):,.0f}/s" for arm in arms)
+                    )
             table, cpu = summarise(runs, arms)
-            report["sizes"].append({"size": size, "runs": runs, "table": table, "cpu": cpu,
-                                    "shim_counters": {arm: runs[arm][-1]["shim_counters"] for arm in arms}})
+            report["sizes"].append(
+                {
+                    "size": size,
+                    "runs": runs,
+                    "table": table,
+                    "cpu": cpu,
+                    "shim_counters": {arm: runs[arm][-1]["shim_counters"] for arm in arms},
+                }
+            )
         if sha256(installed) != report["shim_sha256"]:
             say(f"note: {installed} changed while the benchmark ran; the figures are for the copy taken at the start")
             report["shim_changed_during_run"] = True
         report["load_after"] = loadavg()
-        report["ksm_run_seen"] = sorted({str(run["ksm_run"]) for size in report["sizes"]
-                                         for arm_runs in size["runs"].values() for run in arm_runs})
+        report["ksm_run_seen"] = sorted(
+            {str(run["ksm_run"]) for size in report["sizes"] for arm_runs in size["runs"].values() for run in arm_runs}
+        )
 
     if args.json:
         json.dump(report, sys.stdout, indent=2)

@@ -28,6 +28,7 @@ a repeatable instruction ratio and the shim's own instructions per call.
 
     python3 scripts/bench_shim_cost.py [--reps 7] [--instructions] [--json]
 """
+
 import argparse
 import collections
 import hashlib
@@ -56,6 +57,7 @@ def say(text):
 def installed_shim():
     # Run from scripts/, so this is the installed package, not the source tree.
     import ksmpreload
+
     return ksmpreload.shim_path()
 
 
@@ -80,8 +82,8 @@ def ksmd_ticks():
                 text = f.read()
         except OSError:
             continue
-        if text[text.index("(") + 1:text.rindex(")")] == "ksmd":
-            fields = text[text.rindex(")") + 2:].split()
+        if text[text.index("(") + 1 : text.rindex(")")] == "ksmd":
+            fields = text[text.rindex(")") + 2 :].split()
             return int(fields[11]) + int(fields[12])
     return None
 
@@ -101,7 +103,9 @@ def run_workload(program, workload_args, env):
     ksmd_before = ksmd_ticks()
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    proc = subprocess.Popen([program, *workload_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [program, *workload_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     out, err = proc.communicate()
     elapsed = time.monotonic() - start
     ksmd_after = ksmd_ticks()
@@ -111,7 +115,9 @@ def run_workload(program, workload_args, env):
     result = json.loads(out.strip().splitlines()[-1])
     # user+sys of the whole process (start-up included): less sensitive than wall time to
     # waiting for a CPU when other work shares the machine.
-    result["cpu_seconds"] = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    result["cpu_seconds"] = (usage_after.ru_utime - usage_before.ru_utime) + (
+        usage_after.ru_stime - usage_before.ru_stime
+    )
     if ksmd_before is not None and ksmd_after is not None and elapsed > 0:
         result["ksmd_cpu"] = (ksmd_after - ksmd_before) / os.sysconf("SC_CLK_TCK") / elapsed
     return result
@@ -170,8 +176,7 @@ def time_case(program, name, workload_args, groups, reps, warmup, base):
                 if "ksmd_cpu" in result:
                     ksmd[arm].append(result["ksmd_cpu"])
         if index >= 0:
-            say(f"  {name} round {index + 1}/{reps}: "
-                + "  ".join(f"{arm} {runs[arm][-1]:.3f}s" for arm in arm_list))
+            say(f"  {name} round {index + 1}/{reps}: " + "  ".join(f"{arm} {runs[arm][-1]:.3f}s" for arm in arm_list))
     return runs, cpu, ksmd, checksums
 
 
@@ -179,8 +184,15 @@ def summarise(runs, cpu, ksmd, groups):
     rows = []
     for arm, baseline, _, _ in (spec for group in groups for spec in group):
         seconds = runs[arm]
-        row = {"arm": arm, "runs": seconds, "median": statistics.median(seconds), "min": min(seconds),
-               "max": max(seconds), "cpu_runs": cpu[arm], "cpu_median": statistics.median(cpu[arm])}
+        row = {
+            "arm": arm,
+            "runs": seconds,
+            "median": statistics.median(seconds),
+            "min": min(seconds),
+            "max": max(seconds),
+            "cpu_runs": cpu[arm],
+            "cpu_median": statistics.median(cpu[arm]),
+        }
         if ksmd[arm]:
             row["ksmd_cpu_median"] = statistics.median(ksmd[arm])
         if baseline:
@@ -198,8 +210,14 @@ CALLGRIND_TOTAL = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
 def callgrind_arm(program, workload_args, env, directory, arm):
     out_file = os.path.join(directory, f"callgrind.{arm}.out")
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
-               "--toggle-collect=allocation_loop", program, *workload_args]
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out_file}",
+        "--toggle-collect=allocation_loop",
+        program,
+        *workload_args,
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"callgrind failed for {arm}: {proc.stderr[-2000:]}")
@@ -253,7 +271,10 @@ def shim_functions(out_file):
                 else:
                     self_ir[(ob, fn)] = self_ir.get((ob, fn), 0) + cost
     functions = {}
-    shim = lambda obj: bool(obj) and os.path.basename(obj).startswith("libksmpreload")
+
+    def shim(obj):
+        return bool(obj) and os.path.basename(obj).startswith("libksmpreload")
+
     for (obj, function), cost in self_ir.items():
         if shim(obj):
             functions.setdefault(function, {})["self_ir"] = cost
@@ -275,8 +296,13 @@ def instructions(program, workload_args, groups, base, directory):
     rows = []
     for arm, baseline, _, _ in specs:
         r = results[arm]
-        row = {"arm": arm, "ir": r["ir"], "ops": r["ops"], "checksum": r["checksum"],
-               "shim_functions": r["shim_functions"]}
+        row = {
+            "arm": arm,
+            "ir": r["ir"],
+            "ops": r["ops"],
+            "checksum": r["checksum"],
+            "shim_functions": r["shim_functions"],
+        }
         if baseline:
             b = results[baseline]
             row["ir_ratio"] = r["ir"] / b["ir"]
@@ -312,59 +338,87 @@ def ksm_run():
 
 def print_table(report):
     print(f"shim: {report['shim']} (sha256 {report['shim_sha256'][:12]}); {report['shim_says']}")
-    print(f"workload: {report['threads']} threads x {report['iterations']} iterations, "
-          f"{report['slots']} slots per thread; {report['reps']} interleaved rounds per arm")
+    print(
+        f"workload: {report['threads']} threads x {report['iterations']} iterations, "
+        f"{report['slots']} slots per thread; {report['reps']} interleaved rounds per arm"
+    )
     for case in report["cases"]:
         print()
-        print(f"case {case['case']} (large fraction {case['large_fraction']}), checksum {case['checksum']}, "
-              f"{case['ops']} allocator calls per run")
-        print(f"  {'arm':<24} {'median s':>9} {'min s':>8} {'max s':>8} {'ratio(med)':>10} {'ratio(min)':>10} "
-              f"{'paired':>7} {'cpu s':>7} {'cpu ratio':>9} {'ksmd':>5}")
+        print(
+            f"case {case['case']} (large fraction {case['large_fraction']}), checksum {case['checksum']}, "
+            f"{case['ops']} allocator calls per run"
+        )
+        print(
+            f"  {'arm':<24} {'median s':>9} {'min s':>8} {'max s':>8} {'ratio(med)':>10} {'ratio(min)':>10} "
+            f"{'paired':>7} {'cpu s':>7} {'cpu ratio':>9} {'ksmd':>5}"
+        )
         for row in case["rows"]:
-            ratio = lambda key: f"{row[key]:.3f}" if key in row else "-"
+
+            def ratio(key, row=row):
+                return f"{row[key]:.3f}" if key in row else "-"
+
             ksmd = f"{row['ksmd_cpu_median'] * 100:.0f}%" if "ksmd_cpu_median" in row else "-"
-            print(f"  {row['arm']:<24} {row['median']:>9.4f} {row['min']:>8.4f} {row['max']:>8.4f} "
-                  f"{ratio('ratio_median'):>10} {ratio('ratio_min'):>10} {ratio('ratio_paired_median'):>7} "
-                  f"{row['cpu_median']:>7.3f} {ratio('cpu_ratio_median'):>9} {ksmd:>5}")
+            print(
+                f"  {row['arm']:<24} {row['median']:>9.4f} {row['min']:>8.4f} {row['max']:>8.4f} "
+                f"{ratio('ratio_median'):>10} {ratio('ratio_min'):>10} {ratio('ratio_paired_median'):>7} "
+                f"{row['cpu_median']:>7.3f} {ratio('cpu_ratio_median'):>9} {ksmd:>5}"
+            )
     if report.get("instructions"):
         ins = report["instructions"]
         print()
-        print(f"callgrind, case small, {ins['iterations']} iterations per thread "
-              f"(Ir of allocation_loop and its callees)")
+        print(
+            f"callgrind, case small, {ins['iterations']} iterations per thread (Ir of allocation_loop and its callees)"
+        )
         print(f"  {'arm':<24} {'Ir':>14} {'Ir ratio':>9} {'extra Ir/call':>13}  shim Ir per call")
         for row in ins["rows"]:
-            per_call = ", ".join(f"{name} {f['ir_per_call']:.1f}" for name, f in sorted(row["shim_functions"].items())
-                                 if "ir_per_call" in f)
+            per_call = ", ".join(
+                f"{name} {f['ir_per_call']:.1f}"
+                for name, f in sorted(row["shim_functions"].items())
+                if "ir_per_call" in f
+            )
             ratio = f"{row['ir_ratio']:.4f}" if "ir_ratio" in row else "-"
             extra = f"{row['extra_ir_per_op']:.1f}" if "extra_ir_per_op" in row else "-"
             print(f"  {row['arm']:<24} {row['ir']:>14,} {ratio:>9} {extra:>13}  {per_call}")
     print()
-    print(f"machine: {report['machine']['nproc']} CPUs, {report['machine']['cpu']}, kernel {report['machine']['kernel']}, "
-          f"glibc {report['machine']['glibc']}, KSM run={report['machine']['ksm_run']}, "
-          f"load {report['load_before']} before, {report['load_after']} after")
+    print(
+        f"machine: {report['machine']['nproc']} CPUs, {report['machine']['cpu']}, kernel {report['machine']['kernel']}, "
+        f"glibc {report['machine']['glibc']}, KSM run={report['machine']['ksm_run']}, "
+        f"load {report['load_before']} before, {report['load_after']} after"
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Exit status 1 when a checksum differs between arms.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit status 1 when a checksum differs between arms.",
+    )
     parser.add_argument("--reps", type=int, default=7, help="timed runs per arm and case (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before them (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="workload threads (default 2)")
     parser.add_argument("--iterations", type=int, default=10_000_000, help="iterations per thread (default 10000000)")
     parser.add_argument("--slots", type=int, default=4096, help="working-set slots per thread (default 4096)")
-    parser.add_argument("--mixed-fraction", type=float, default=CASES["mixed"],
-                        help="fraction of large (16..256 KiB) new blocks in the mixed case (default 0.05)")
+    parser.add_argument(
+        "--mixed-fraction",
+        type=float,
+        default=CASES["mixed"],
+        help="fraction of large (16..256 KiB) new blocks in the mixed case (default 0.05)",
+    )
     parser.add_argument("--cases", default="small,mixed", help="comma-separated: small, mixed (default both)")
     parser.add_argument("--shim", help="libksmpreload.so to preload (default: the installed package's)")
     parser.add_argument("--jemalloc", default=JEMALLOC, help=f"jemalloc to preload (default {JEMALLOC})")
     parser.add_argument("--no-jemalloc", action="store_true", help="only the glibc arms")
-    parser.add_argument("--noalign-arms", action="store_true",
-                        help="also run each shim arm with KSMPRELOAD_ALIGN=0 (what the page alignment costs)")
-    parser.add_argument("--instructions", action="store_true",
-                        help="also count instructions under callgrind, once per arm, small case")
-    parser.add_argument("--cg-iterations", type=int, default=200_000,
-                        help="iterations per thread under callgrind (default 200000)")
+    parser.add_argument(
+        "--noalign-arms",
+        action="store_true",
+        help="also run each shim arm with KSMPRELOAD_ALIGN=0 (what the page alignment costs)",
+    )
+    parser.add_argument(
+        "--instructions", action="store_true", help="also count instructions under callgrind, once per arm, small case"
+    )
+    parser.add_argument(
+        "--cg-iterations", type=int, default=200_000, help="iterations per thread under callgrind (default 200000)"
+    )
     parser.add_argument("--cc", default="cc", help="C compiler (default cc)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     args = parser.parse_args()
@@ -392,17 +446,38 @@ def main():
         groups = arms(shim, jemalloc, args.noalign_arms)
         report = {
             "command": " ".join(["python3", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:]),
-            "shim": installed, "shim_sha256": sha256(shim), "shim_says": shim_configuration(program, shim, base),
-            "jemalloc": jemalloc, "threads": args.threads, "iterations": args.iterations, "slots": args.slots,
-            "reps": args.reps, "warmup_rounds": args.warmup,
-            "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "kernel": platform.release(),
-                        "glibc": glibc_version(), "ksm_run": ksm_run()},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_before": loadavg(), "cases": [],
+            "shim": installed,
+            "shim_sha256": sha256(shim),
+            "shim_says": shim_configuration(program, shim, base),
+            "jemalloc": jemalloc,
+            "threads": args.threads,
+            "iterations": args.iterations,
+            "slots": args.slots,
+            "reps": args.reps,
+            "warmup_rounds": args.warmup,
+            "machine": {
+                "nproc": os.cpu_count(),
+                "cpu": cpu_model(),
+                "kernel": platform.release(),
+                "glibc": glibc_version(),
+                "ksm_run": ksm_run(),
+            },
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "load_before": loadavg(),
+            "cases": [],
         }
         mismatch = False
         for case in cases:
-            workload_args = ["-t", str(args.threads), "-n", str(args.iterations), "-w", str(args.slots),
-                             "-l", str(fractions[case])]
+            workload_args = [
+                "-t",
+                str(args.threads),
+                "-n",
+                str(args.iterations),
+                "-w",
+                str(args.slots),
+                "-l",
+                str(fractions[case]),
+            ]
             say(f"case {case}: {' '.join(workload_args)}")
             runs, cpu, ksmd, checksums = time_case(program, case, workload_args, groups, args.reps, args.warmup, base)
             distinct = set().union(*checksums.values())
@@ -410,9 +485,16 @@ def main():
                 say(f"CHECKSUM MISMATCH in case {case}: {checksums}")
                 mismatch = True
             checksum, ops = sorted(distinct)[0]
-            report["cases"].append({"case": case, "large_fraction": fractions[case], "checksum": checksum,
-                                    "ops": ops, "checksums_by_arm": {a: sorted(c) for a, c in checksums.items()},
-                                    "rows": summarise(runs, cpu, ksmd, groups)})
+            report["cases"].append(
+                {
+                    "case": case,
+                    "large_fraction": fractions[case],
+                    "checksum": checksum,
+                    "ops": ops,
+                    "checksums_by_arm": {a: sorted(c) for a, c in checksums.items()},
+                    "rows": summarise(runs, cpu, ksmd, groups),
+                }
+            )
         if args.instructions:
             workload_args = ["-t", str(args.threads), "-n", str(args.cg_iterations), "-w", str(args.slots), "-l", "0"]
             say(f"callgrind, case small: {' '.join(workload_args)}")

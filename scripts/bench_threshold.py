@@ -9,6 +9,7 @@ against the same workload without alignment.
 
     sudo python3 scripts/bench_threshold.py [--mib 256] [--json]
 """
+
 import argparse
 import json
 import os
@@ -38,8 +39,9 @@ def rss_anon_bytes(pid):
 
 
 def run_arm(program, workload_args, wrap_args):
-    proc = subprocess.Popen(["ksm-wrap", *wrap_args, program, *workload_args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ksm-wrap", *wrap_args, program, *workload_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         ready = json.loads(proc.stdout.readline())
         rss = rss_anon_bytes(proc.pid)
@@ -50,15 +52,22 @@ def run_arm(program, workload_args, wrap_args):
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
-    return {"rss_anon": rss, "merging_pages": stat["ksm_merging_pages"],
-            "profit": stat["ksm_process_profit"], "rmap_items": stat["ksm_rmap_items"], "duplicate_pages_if_aligned": ready["duplicate_pages_if_aligned"],
-            "held_bytes": ready["held_bytes"], "vmas": vmas}
+    return {
+        "rss_anon": rss,
+        "merging_pages": stat["ksm_merging_pages"],
+        "profit": stat["ksm_process_profit"],
+        "rmap_items": stat["ksm_rmap_items"],
+        "duplicate_pages_if_aligned": ready["duplicate_pages_if_aligned"],
+        "held_bytes": ready["held_bytes"],
+        "vmas": vmas,
+    }
 
 
 def measure(args):
     workload_args = [str(args.mib), "50", "3", str(parse_size(args.min_size)), str(parse_size(args.max_size)), "7"]
     arms = [("no alignment", ["--no-align"])] + [
-        (threshold, ["--threshold", threshold]) for threshold in args.thresholds.split(",")]
+        (threshold, ["--threshold", threshold]) for threshold in args.thresholds.split(",")
+    ]
     with tempfile.TemporaryDirectory() as directory, scanning.fast_scanning():
         program = build_workload(directory)
         results = []
@@ -75,13 +84,17 @@ def measure(args):
 
 
 def print_table(results):
-    print(f"duplicate data if every copy were page-aligned: "
-          f"{results[0]['duplicate_pages_if_aligned'] * 4096 / MIB:.1f} MiB")
+    print(
+        f"duplicate data if every copy were page-aligned: "
+        f"{results[0]['duplicate_pages_if_aligned'] * 4096 / MIB:.1f} MiB"
+    )
     print("| arm | RssAnon MiB | extra MiB | merged MiB | profit MiB | net MiB | VMAs | rmap items |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['arm']} | {r['rss_anon'] / MIB:.1f} | {r['extra_rss'] / MIB:.1f} | "
-              f"{r['merging_pages'] * 4096 / MIB:.1f} | {r['profit'] / MIB:.1f} | {r['net_saving'] / MIB:.1f} | {r['vmas']} | {r['rmap_items']} |")
+        print(
+            f"| {r['arm']} | {r['rss_anon'] / MIB:.1f} | {r['extra_rss'] / MIB:.1f} | "
+            f"{r['merging_pages'] * 4096 / MIB:.1f} | {r['profit'] / MIB:.1f} | {r['net_saving'] / MIB:.1f} | {r['vmas']} | {r['rmap_items']} |"
+        )
 
 
 def main():

@@ -61,6 +61,7 @@ Needs root (the KSM knobs, pagemap PFNs) and Debian's redis-server, memcached, s
 redis-py, pymemcache and torch for their scenarios. Sizes: `small` (tens of MiB per process,
 for the tests) and `full` (hundreds of MiB per process).
 """
+
 import argparse
 import contextlib
 import json
@@ -81,19 +82,18 @@ from ksmpreload import kernel, scanning, shimstats
 from ksmpreload.processes import ksm_wrap_command, merged_pages, start_workers, stop_workers
 from ksmpreload.potential import potential
 from ksmpreload.sharing import sharing
+from ksmpreload.workloads.redis import server_command
 
 MIB = 1 << 20
 PAGE = kernel.page_size()
 STRATEGIES = ("auto", "prctl", "madvise", "none")
-WRAP_THRESHOLD = 8 * 1024            # ksm-wrap's default --threshold
+WRAP_THRESHOLD = 8 * 1024  # ksm-wrap's default --threshold
 MIN_VALUE, MAX_VALUE = 100, 64 * 1024
 LOAD_BATCH_BYTES = 8 * MIB
 
 SIZES = {
-    "small": {"value_bytes": 16 * MIB, "torch_layers": 5, "torch_width": 1024, "vm_bytes": 64 * MIB,
-              "timeout": 60},
-    "full": {"value_bytes": 400 * MIB, "torch_layers": 8, "torch_width": 3072, "vm_bytes": 1024 * MIB,
-             "timeout": 600},
+    "small": {"value_bytes": 16 * MIB, "torch_layers": 5, "torch_width": 1024, "vm_bytes": 64 * MIB, "timeout": 60},
+    "full": {"value_bytes": 400 * MIB, "torch_layers": 8, "torch_width": 3072, "vm_bytes": 1024 * MIB, "timeout": 600},
 }
 
 # Fill methods of stress-ng 0.15: the first two write pages of few distinct contents, the last
@@ -109,8 +109,8 @@ SLAB_LAYOUTS = (
     ([], "shuffled", "mixed"),
     ([], "shuffled", "page multiples"),
     (["-f", "2"], "shuffled", "mixed"),
-    (["-n", str(PAGE - MEMCACHED_ITEM_HEADER), "-f", "2"], "shuffled", "mixed"),       # classes of 1, 2, 4... pages
-    (["-n", str(PAGE - MEMCACHED_ITEM_HEADER - 8), "-f", "2"], "shuffled", "mixed"),   # each 8 bytes short
+    (["-n", str(PAGE - MEMCACHED_ITEM_HEADER), "-f", "2"], "shuffled", "mixed"),  # classes of 1, 2, 4... pages
+    (["-n", str(PAGE - MEMCACHED_ITEM_HEADER - 8), "-f", "2"], "shuffled", "mixed"),  # each 8 bytes short
     (["-o", "slab_chunk_max=16384"], "shuffled", "mixed"),
     (["-o", PAGE_MULTIPLE_SLAB_SIZES], "shuffled", "mixed"),
 )
@@ -121,6 +121,7 @@ def say(text):
 
 
 # ---- data -------------------------------------------------------------------------------------
+
 
 def value_sizes(total_bytes, seed=1):
     """Value sizes, log-uniform between MIN_VALUE and MAX_VALUE, adding up to about total_bytes."""
@@ -154,6 +155,7 @@ def aligned_value_pages(sizes):
 
 # ---- processes --------------------------------------------------------------------------------
 
+
 def wrapped(command, strategy):
     return list(command) if strategy == "none" else [*ksm_wrap_command(), "--strategy", strategy, *command]
 
@@ -168,8 +170,7 @@ def start_server(command, strategy, port, workdir, timeout=30.0):
     """The server behind ksm-wrap (or not), once it accepts connections on `port`."""
     log_path = os.path.join(workdir, f"{os.path.basename(command[0])}-{port}.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(wrapped(command, strategy), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                cwd="/")
+        proc = subprocess.Popen(wrapped(command, strategy), stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd="/")
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -213,6 +214,7 @@ def loaded(data_by_pid, operations=None, started=None, unit="sets/s"):
 
 # ---- merging and measuring -------------------------------------------------------------------
 
+
 def mergeable_kib(pids):
     """KiB of the processes' anonymous memory in VMAs marked mergeable (smaps VmFlags mg)."""
     return sum(kernel.mergeable_coverage(kernel.process_regions(pid) or [])[0] for pid in pids)
@@ -229,17 +231,31 @@ def process_row(pid, saved_per_merged, data_bytes):
     stat = kernel.process_ksm_stat(pid) or {}
     counters = shimstats.read_process_stats(pid) or {}
     merged, zero = stat.get("ksm_merging_pages", 0), stat.get("ksm_zero_pages", 0)
-    return {"pid": pid, "comm": (kernel.read_proc(pid, "comm") or "").strip(), "data_bytes": data_bytes,
-            "rss_bytes": psutil.Process(pid).memory_info().rss, "ksm_merging_pages": merged,
-            "ksm_zero_pages": zero, "rmap_items": stat.get("ksm_rmap_items", 0),
-            "saved_bytes": round((merged * saved_per_merged + zero) * PAGE),
-            "padding_bytes": shimstats.memory_cost_bytes(counters), "shim": bool(counters)}
+    return {
+        "pid": pid,
+        "comm": (kernel.read_proc(pid, "comm") or "").strip(),
+        "data_bytes": data_bytes,
+        "rss_bytes": psutil.Process(pid).memory_info().rss,
+        "ksm_merging_pages": merged,
+        "ksm_zero_pages": zero,
+        "rmap_items": stat.get("ksm_rmap_items", 0),
+        "saved_bytes": round((merged * saved_per_merged + zero) * PAGE),
+        "padding_bytes": shimstats.memory_cost_bytes(counters),
+        "shim": bool(counters),
+    }
 
 
 def summed(rows):
     """The set's totals of the per-process rows, with the percentages and net saving."""
-    keys = ("data_bytes", "rss_bytes", "ksm_merging_pages", "ksm_zero_pages", "rmap_items", "saved_bytes",
-            "padding_bytes")
+    keys = (
+        "data_bytes",
+        "rss_bytes",
+        "ksm_merging_pages",
+        "ksm_zero_pages",
+        "rmap_items",
+        "saved_bytes",
+        "padding_bytes",
+    )
     total = {key: sum(row[key] for row in rows) for key in keys}
     return with_net(total)
 
@@ -260,7 +276,8 @@ def settle_through_chain_prunes(pids, start, timeout, timeline):
         settled = scanning.wait_until_settled(
             scanning.ignoring_flutter(lambda: merged_pages(pids)),
             timeout=max(timeout - (time.monotonic() - start), 1),
-            on_progress=lambda merged: timeline.append((time.monotonic() - start, merged)))
+            on_progress=lambda merged: timeline.append((time.monotonic() - start, merged)),
+        )
         time.sleep(1.5 * prune_seconds)
         if merged_pages(pids) - settled <= max(64, 0.005 * settled) or time.monotonic() - start > timeout:
             return
@@ -278,27 +295,41 @@ def measure(data_by_pid, timeout):
             settle_through_chain_prunes(pids, start, timeout, timeline)
         settle_seconds, final = time.monotonic() - start, merged_pages(pids)
         report = sharing(pids)
-        saved_per_merged = ((report.totals["mapped"] - report.totals["distinct"]) / report.totals["mapped"]
-                            if report.totals["mapped"] else 0.0)
+        saved_per_merged = (
+            (report.totals["mapped"] - report.totals["distinct"]) / report.totals["mapped"]
+            if report.totals["mapped"]
+            else 0.0
+        )
         rows = [with_net(process_row(pid, saved_per_merged, data_by_pid[pid])) for pid in pids]
         duplicate = potential(pids)
-    return {"processes": rows, "total": summed(rows),
-            "potential_bytes": duplicate.potential_pages * duplicate.page_size,
-            "nonzero_potential_bytes": (duplicate.totals["saving_across"] + duplicate.totals["saving_within"])
-            * duplicate.page_size,
-            "zero_bytes": duplicate.totals["zero_pages"] * duplicate.page_size,
-            "time_to_90pct_s": time_to_fraction(timeline, final), "settle_s": settle_seconds,
-            "timeline": [[round(seconds, 2), merged] for seconds, merged in timeline],
-            "mergeable": can_merge, "settled": settle_seconds < timeout}
+    return {
+        "processes": rows,
+        "total": summed(rows),
+        "potential_bytes": duplicate.potential_pages * duplicate.page_size,
+        "nonzero_potential_bytes": (duplicate.totals["saving_across"] + duplicate.totals["saving_within"])
+        * duplicate.page_size,
+        "zero_bytes": duplicate.totals["zero_pages"] * duplicate.page_size,
+        "time_to_90pct_s": time_to_fraction(timeline, final),
+        "settle_s": settle_seconds,
+        "timeline": [[round(seconds, 2), merged] for seconds, merged in timeline],
+        "mergeable": can_merge,
+        "settled": settle_seconds < timeout,
+    }
 
 
 # ---- redis ----------------------------------------------------------------------------------
 
+
 def start_redis(strategy, workdir):
     import redis
+
     port = free_port()
-    proc = start_server(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                         "--appendonly", "no", "--dir", workdir], strategy, port, workdir)
+    proc = start_server(
+        server_command(port, directory=workdir),
+        strategy,
+        port,
+        workdir,
+    )
     return proc, redis.Redis(host="127.0.0.1", port=port, socket_timeout=120)
 
 
@@ -331,8 +362,13 @@ def redis_servers(sizes, processes, strategy, workdir):
 def redis_same_values(sizes, processes, strategy, timeout, workdir):
     with redis_servers(sizes, processes, strategy, workdir) as load:
         result = measure(load["data_by_pid"], timeout)
-    return {"label": f"{processes} servers, same values", "value_count": len(sizes),
-            "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE, **load["rate"], **result}
+    return {
+        "label": f"{processes} servers, same values",
+        "value_count": len(sizes),
+        "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE,
+        **load["rate"],
+        **result,
+    }
 
 
 def redis_duplicate_values(sizes, distinct, strategy, timeout, workdir):
@@ -340,34 +376,45 @@ def redis_duplicate_values(sizes, distinct, strategy, timeout, workdir):
     pool = sizes[:distinct]
     proc, client = start_redis(strategy, workdir)
     try:
-        load_redis(client, ((f"key:{i}".encode(), value(i % distinct, pool[i % distinct]))
-                            for i in range(len(sizes))))
+        load_redis(client, ((f"key:{i}".encode(), value(i % distinct, pool[i % distinct])) for i in range(len(sizes))))
         result = measure({proc.pid: sum(pool[i % distinct] for i in range(len(sizes)))}, timeout)
     finally:
         stop([proc])
     copies = [len(range(index, len(sizes), distinct)) for index in range(distinct)]
     expected = sum(aligned_value_pages([size]) * (count - 1) for size, count in zip(pool, copies))
-    return {"label": f"1 server, {len(sizes)} keys sharing {distinct} values", "value_count": len(sizes),
-            "expected_saved_bytes": expected * PAGE, **result}
+    return {
+        "label": f"1 server, {len(sizes)} keys sharing {distinct} values",
+        "value_count": len(sizes),
+        "expected_saved_bytes": expected * PAGE,
+        **result,
+    }
 
 
 def redis(size="small", strategy="auto", processes=3):
     settings = SIZES[size]
     sizes = value_sizes(settings["value_bytes"])
     with tempfile.TemporaryDirectory(prefix="scenario-redis.") as workdir:
-        runs = [redis_same_values(sizes, processes, strategy, settings["timeout"], workdir),
-                redis_duplicate_values(sizes, 32, strategy, settings["timeout"], workdir)]
+        runs = [
+            redis_same_values(sizes, processes, strategy, settings["timeout"], workdir),
+            redis_duplicate_values(sizes, 32, strategy, settings["timeout"], workdir),
+        ]
     return {"scenario": "redis", "size": size, "strategy": strategy, "runs": runs}
 
 
 # ---- memcached --------------------------------------------------------------------------------
 
+
 def start_memcached(strategy, options, workdir):
     from pymemcache.client.base import Client
+
     port = free_port()
     as_root = ["-u", "root"] if os.geteuid() == 0 else []  # memcached refuses root without -u
-    proc = start_server(["memcached", "-p", str(port), "-U", "0", "-m", "1024", "-l", "127.0.0.1", *as_root,
-                         *options], strategy, port, workdir)
+    proc = start_server(
+        ["memcached", "-p", str(port), "-U", "0", "-m", "1024", "-l", "127.0.0.1", *as_root, *options],
+        strategy,
+        port,
+        workdir,
+    )
     return proc, Client(("127.0.0.1", port), timeout=120)
 
 
@@ -403,9 +450,15 @@ def memcached_servers(sizes, processes, strategy, options, order, workdir):
 def memcached_run(sizes, processes, strategy, options, order, timeout, workdir):
     with memcached_servers(sizes, processes, strategy, options, order, workdir) as load:
         result = measure(load["data_by_pid"], timeout)
-    return {"label": f"{processes} servers, {' '.join(options) or 'default options'}, {order} order",
-            "options": options, "order": order, "value_count": len(sizes),
-            "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE, **load["rate"], **result}
+    return {
+        "label": f"{processes} servers, {' '.join(options) or 'default options'}, {order} order",
+        "options": options,
+        "order": order,
+        "value_count": len(sizes),
+        "expected_saved_bytes": aligned_value_pages(sizes) * (processes - 1) * PAGE,
+        **load["rate"],
+        **result,
+    }
 
 
 def memcached(size="small", strategy="auto", processes=3):
@@ -431,14 +484,17 @@ def memcached_slabs(size="small", strategy="auto", processes=2):
 
 # ---- pytorch --------------------------------------------------------------------------------
 
+
 def build_model(layers, width):
     import torch
+
     return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
 
 
 def torch_worker(weights, layers, width):
     """Build the model (its own random weights), load the saved ones into it, hold them."""
     import torch
+
     torch.set_num_threads(1)
     model = build_model(layers, width)
     model.load_state_dict(torch.load(weights))
@@ -463,8 +519,9 @@ def torch_workers(layers, width, processes, strategy):
         weights = os.path.join(workdir, "weights.pt")
         torch.manual_seed(0)
         torch.save(build_model(layers, width).state_dict(), weights)
-        command = wrapped([sys.executable, os.path.abspath(__file__), "--torch-worker", weights, str(layers),
-                           str(width)], strategy)
+        command = wrapped(
+            [sys.executable, os.path.abspath(__file__), "--torch-worker", weights, str(layers), str(width)], strategy
+        )
         workers = start_workers([command] * processes)
         try:
             yield loaded({proc.pid: proc.report["bytes"] for proc in workers})
@@ -482,6 +539,7 @@ def pytorch(size="small", strategy="auto", processes=3):
 
 
 # ---- stress-ng --------------------------------------------------------------------------------
+
 
 def cpu_seconds(procs):
     total = 0.0
@@ -511,8 +569,20 @@ def wait_until_filled(pid, worker_bytes, workers, timeout):
 def stress_ng_filled(method, vm_bytes, strategy, timeout):
     # --no-madvise: otherwise each worker madvises its buffer with random advice, at times
     # MADV_UNMERGEABLE, and that worker's memory stays unmerged (doctor: unmarked_by_program)
-    command = ["stress-ng", "--vm", str(STRESS_WORKERS), "--vm-bytes", str(vm_bytes), "--vm-keep", "--vm-hang",
-               "0", "--vm-method", method, "--no-madvise", "--quiet"]
+    command = [
+        "stress-ng",
+        "--vm",
+        str(STRESS_WORKERS),
+        "--vm-bytes",
+        str(vm_bytes),
+        "--vm-keep",
+        "--vm-hang",
+        "0",
+        "--vm-method",
+        method,
+        "--no-madvise",
+        "--quiet",
+    ]
     proc = subprocess.Popen(wrapped(command, strategy), stdin=subprocess.DEVNULL, cwd="/")
     try:
         # stress-ng divides --vm-bytes among the workers
@@ -533,19 +603,28 @@ def stress_ng(size="small", strategy="auto", methods=STRESS_METHODS):
     return {"scenario": "stress-ng", "size": size, "strategy": strategy, "runs": runs}
 
 
-SCENARIOS = {"redis": redis, "memcached": memcached, "memcached-slabs": memcached_slabs, "pytorch": pytorch,
-             "stress-ng": stress_ng}
+SCENARIOS = {
+    "redis": redis,
+    "memcached": memcached,
+    "memcached-slabs": memcached_slabs,
+    "pytorch": pytorch,
+    "stress-ng": stress_ng,
+}
 
 # --serve: each scenario's loader (settings, strategy, processes or None, stress-ng method, workdir)
 LOADERS = {
     "redis": lambda settings, strategy, processes, method, workdir: redis_servers(
-        value_sizes(settings["value_bytes"]), processes or 3, strategy, workdir),
+        value_sizes(settings["value_bytes"]), processes or 3, strategy, workdir
+    ),
     "memcached": lambda settings, strategy, processes, method, workdir: memcached_servers(
-        value_sizes(settings["value_bytes"]), processes or 3, strategy, [], "same", workdir),
+        value_sizes(settings["value_bytes"]), processes or 3, strategy, [], "same", workdir
+    ),
     "pytorch": lambda settings, strategy, processes, method, workdir: torch_workers(
-        settings["torch_layers"], settings["torch_width"], processes or 3, strategy),
+        settings["torch_layers"], settings["torch_width"], processes or 3, strategy
+    ),
     "stress-ng": lambda settings, strategy, processes, method, workdir: stress_ng_filled(
-        method, settings["vm_bytes"], strategy, settings["timeout"]),
+        method, settings["vm_bytes"], strategy, settings["timeout"]
+    ),
 }
 
 
@@ -553,20 +632,37 @@ def serve(name, size, strategy, processes, method):
     """Start and load the scenario's processes, print the ready line that `ksmpreload compare
     --wait-ready` waits for, and hold them until SIGTERM or SIGINT."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with tempfile.TemporaryDirectory(prefix=f"scenario-{name}.") as workdir, \
-            LOADERS[name](SIZES[size], strategy, processes, method, workdir) as load:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"scenario-{name}.") as workdir,
+        LOADERS[name](SIZES[size], strategy, processes, method, workdir) as load,
+    ):
         data_by_pid = load["data_by_pid"]
-        print(json.dumps({"ready": True, "scenario": name, "size": size, "pids": list(data_by_pid),
-                          "data_bytes": sum(data_by_pid.values()), **load["rate"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ready": True,
+                    "scenario": name,
+                    "size": size,
+                    "pids": list(data_by_pid),
+                    "data_bytes": sum(data_by_pid.values()),
+                    **load["rate"],
+                }
+            ),
+            flush=True,
+        )
         while True:
             signal.pause()
 
 
 # ---- report -----------------------------------------------------------------------------------
 
+
 def git_head():
-    result = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
-                             "HEAD"], capture_output=True, text=True)
+    result = subprocess.run(
+        ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
     return result.stdout.strip() or None
 
 
@@ -575,8 +671,12 @@ def loadavg():
 
 
 def machine():
-    return {"nproc": os.cpu_count(), "kernel": platform.release(),
-            "mem_total_gib": round(kernel.mem_total_bytes() / (1 << 30), 1), "commit": git_head()}
+    return {
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "mem_total_gib": round(kernel.mem_total_bytes() / (1 << 30), 1),
+        "commit": git_head(),
+    }
 
 
 def mib(value):
@@ -585,44 +685,64 @@ def mib(value):
 
 def print_table(report):
     print(f"{report['scenario']}, size {report['size']}, strategy {report['strategy']}")
-    print("| run | processes | data per process MiB | saved MiB | % of RSS | padding MiB | net saved MiB "
-          "| time to 90% s | rmap items | expected MiB | potential MiB | non-zero potential MiB | settled in s |")
+    print(
+        "| run | processes | data per process MiB | saved MiB | % of RSS | padding MiB | net saved MiB "
+        "| time to 90% s | rmap items | expected MiB | potential MiB | non-zero potential MiB | settled in s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in report["runs"]:
         total, count = run["total"], len(run["processes"])
         holding = sum(1 for row in run["processes"] if row["data_bytes"]) or 1
         t90 = "-" if run["time_to_90pct_s"] is None else f"{run['time_to_90pct_s']:.1f}"
         expected = mib(run["expected_saved_bytes"]) if "expected_saved_bytes" in run else "-"
-        settled = (f"{run['settle_s']:.0f}" + ("" if run["settled"] else " (timeout)") if run["mergeable"]
-                   else "nothing mergeable")
-        print(f"| {run['label']} | {count} | {mib(total['data_bytes'] / holding)} | {mib(total['saved_bytes'])} "
-              f"| {total['saved_pct_of_rss']:.1f} | {mib(total['padding_bytes'])} | {mib(total['net_saved_bytes'])} "
-              f"| {t90} | {total['rmap_items']:,} | {expected} | {mib(run['potential_bytes'])} "
-              f"| {mib(run['nonzero_potential_bytes'])} | {settled} |")
+        settled = (
+            f"{run['settle_s']:.0f}" + ("" if run["settled"] else " (timeout)")
+            if run["mergeable"]
+            else "nothing mergeable"
+        )
+        print(
+            f"| {run['label']} | {count} | {mib(total['data_bytes'] / holding)} | {mib(total['saved_bytes'])} "
+            f"| {total['saved_pct_of_rss']:.1f} | {mib(total['padding_bytes'])} | {mib(total['net_saved_bytes'])} "
+            f"| {t90} | {total['rmap_items']:,} | {expected} | {mib(run['potential_bytes'])} "
+            f"| {mib(run['nonzero_potential_bytes'])} | {settled} |"
+        )
     m = report["machine"]
-    print(f"machine: {m['nproc']} CPUs, {m['mem_total_gib']} GiB, kernel {m['kernel']}, commit {m['commit']}; "
-          f"{report['date_utc']}; load average {report['load_before']} before, {report['load_after']} after")
+    print(
+        f"machine: {m['nproc']} CPUs, {m['mem_total_gib']} GiB, kernel {m['kernel']}, commit {m['commit']}; "
+        f"{report['date_utc']}; load average {report['load_before']} before, {report['load_after']} after"
+    )
 
 
 def main():
     if sys.argv[1:2] == ["--torch-worker"]:
         torch_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", choices=sorted(SCENARIOS))
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--strategy", choices=STRATEGIES,
-                        help="ksm-wrap --strategy, or none: run without ksm-wrap (default auto; none with --serve)")
-    parser.add_argument("--processes", type=int, help="servers or workers (redis, memcached: 3, "
-                                                      "memcached-slabs: 2, pytorch: 3)")
-    parser.add_argument("--method", choices=STRESS_METHODS,
-                        help="stress-ng: only this fill method (with --serve: zero-one unless given)")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="ksm-wrap --strategy, or none: run without ksm-wrap (default auto; none with --serve)",
+    )
+    parser.add_argument(
+        "--processes", type=int, help="servers or workers (redis, memcached: 3, memcached-slabs: 2, pytorch: 3)"
+    )
+    parser.add_argument(
+        "--method",
+        choices=STRESS_METHODS,
+        help="stress-ng: only this fill method (with --serve: zero-one unless given)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    parser.add_argument("--serve", action="store_true",
-                        help="start and load the processes, print a JSON ready line with their pids, hold them "
-                             "until SIGTERM: the workload for `ksmpreload compare --wait-ready` (no measuring; "
-                             "the processes inherit the ksm-wrap this script was started under)")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="start and load the processes, print a JSON ready line with their pids, hold them "
+        "until SIGTERM: the workload for `ksmpreload compare --wait-ready` (no measuring; "
+        "the processes inherit the ksm-wrap this script was started under)",
+    )
     args = parser.parse_args()
     if args.serve:
         if args.name not in LOADERS:
@@ -633,8 +753,11 @@ def main():
     if args.name == "stress-ng" and args.method:
         options["methods"] = (args.method,)
     started = time.time()
-    report = {"command": " ".join(["python3", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:]),
-              "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "load_before": loadavg()}
+    report = {
+        "command": " ".join(["python3", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+        "load_before": loadavg(),
+    }
     report.update(SCENARIOS[args.name](size=args.size, strategy=args.strategy or "auto", **options))
     report.update(load_after=loadavg(), duration_s=time.time() - started, machine=machine())
     if args.json:

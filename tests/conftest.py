@@ -1,4 +1,5 @@
 """Shared fixtures. Tests that need root and KSM skip elsewhere, but fail when CI=true."""
+
 import os
 
 import pytest
@@ -64,9 +65,13 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 def c_programs(tmp_path_factory):
     """The C test programs of tests/c, built with CMake; returns a path -> program function."""
     import subprocess
+
     build = tmp_path_factory.mktemp("c-build")
-    subprocess.run(["cmake", "-S", REPO, "-B", str(build), "-DKSMPRELOAD_TESTS=ON",
-                    "-DCMAKE_BUILD_TYPE=Debug"], check=True, capture_output=True)
+    subprocess.run(
+        ["cmake", "-S", REPO, "-B", str(build), "-DKSMPRELOAD_TESTS=ON", "-DCMAKE_BUILD_TYPE=Debug"],
+        check=True,
+        capture_output=True,
+    )
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
     return lambda name: str(build / "tests" / "c" / name)
 
@@ -74,6 +79,7 @@ def c_programs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shim():
     import ksmpreload
+
     path = ksmpreload.shim_path()
     assert os.path.isfile(path), f"the installed package has no shim at {path}"
     return path
@@ -82,6 +88,7 @@ def shim():
 @pytest.fixture
 def shim_env(shim, tmp_path):
     """Environment that preloads the shim, with its counters in a private directory."""
+
     def make(preload_after=(), **settings):
         env = dict(os.environ)
         env["LD_PRELOAD"] = " ".join([shim, *preload_after])
@@ -89,16 +96,19 @@ def shim_env(shim, tmp_path):
         for name, value in settings.items():
             env[f"KSMPRELOAD_{name.upper()}"] = str(value)
         return env
+
     return make
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs a real program or test suite for tens of seconds "
-                                       "(deselect with -m 'not slow')")
+    config.addinivalue_line(
+        "markers", "slow: runs a real program or test suite for tens of seconds (deselect with -m 'not slow')"
+    )
 
 
 def free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -111,10 +121,17 @@ def start_redis(prefix=(), args=(), env=None, timeout=30):
     import time
 
     import redis
+
+    from ksmpreload.workloads.redis import server_command
+
     port = free_port()
-    proc = subprocess.Popen([*prefix, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--loglevel", "warning", *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*prefix, *server_command(port, "--loglevel", "warning", *args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=60)
     deadline = time.monotonic() + timeout
     while True:

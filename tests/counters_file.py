@@ -1,4 +1,5 @@
 """Counters files of the shim built byte by byte from docs/COUNTERS.md, for tests."""
+
 import struct
 
 from ksmpreload import shimstats

@@ -4,6 +4,7 @@ Run as a script (`python mergeable_child.py NPAGES [zero]`): it opts its whole a
 into KSM, maps NPAGES pages that all hold the same bytes (zeros with `zero`), prints "ready"
 and waits until its stdin closes. `mergeable_process(npages)` runs it for a test.
 """
+
 import contextlib
 import ctypes
 import mmap
@@ -22,12 +23,12 @@ def opt_into_ksm():
 
 def identical_pages(npages, zero=False):
     pattern = b"\0" if zero else PATTERN
-    page = (pattern * (mmap.PAGESIZE // len(pattern) + 1))[:mmap.PAGESIZE]
+    page = (pattern * (mmap.PAGESIZE // len(pattern) + 1))[: mmap.PAGESIZE]
     # Private: KSM silently ignores shared mappings (Python's default for mmap(-1, ...)).
     region = mmap.mmap(-1, npages * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_NOHUGEPAGE)
     for i in range(npages):
-        region[i * mmap.PAGESIZE:(i + 1) * mmap.PAGESIZE] = page
+        region[i * mmap.PAGESIZE : (i + 1) * mmap.PAGESIZE] = page
     return region
 
 

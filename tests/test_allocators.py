@@ -1,6 +1,7 @@
 """Every allocator's memory gets marked (madvise strategy), and the counters say which path
 marked it: jemalloc shared (Debian's redis-server), jemalloc linked into the program, jemalloc
 preloaded with its extent hooks counting (measurement mode) and after purges."""
+
 import json
 import os
 import subprocess
@@ -17,8 +18,11 @@ def coverage(pid):
     """Of the anonymous memory, the share in mergeable VMAs; a file's .bss (the anonymous
     mapping right after it) is the file's, which the shim never marks."""
     regions = kernel.process_regions(pid)
-    after_file = {r["start"] for before, r in zip(regions, regions[1:])
-                  if before["path"].startswith("/") and before["end"] == r["start"]}
+    after_file = {
+        r["start"]
+        for before, r in zip(regions, regions[1:])
+        if before["path"].startswith("/") and before["end"] == r["start"]
+    }
     marked, unmarked = kernel.mergeable_coverage([r for r in regions if r["start"] not in after_file])
     return marked / (marked + unmarked)
 
@@ -36,8 +40,9 @@ def test_redis_jemalloc_memory_is_marked_through_heap_and_mmap_paths(tmp_path):
         for i in range(0, 3000, 10):  # grows large blocks through realloc
             pipe.append(f"large:{i}", b"+" * 10000)
         pipe.execute()
-        grown_intact = all(client.get(f"large:{i}") == bytes([i % 251]) * 20000 + b"+" * 10000
-                           for i in range(0, 3000, 10))
+        grown_intact = all(
+            client.get(f"large:{i}") == bytes([i % 251]) * 20000 + b"+" * 10000 for i in range(0, 3000, 10)
+        )
         share = coverage(proc.pid)
         counters = shimstats.read_process_stats(proc.pid, str(stats_dir))
     finally:
@@ -69,8 +74,9 @@ def test_static_jemalloc_is_marked_through_its_mappings(c_programs, shim_env):
 
 def run_dup_buffers(program, env, distinct=64, copies=4):
     """Starts dup_buffers; returns (process, its report, its counters, its mergeable share)."""
-    proc = subprocess.Popen([program, str(distinct), str(copies)], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [program, str(distinct), str(copies)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     report = json.loads(proc.stdout.readline())
     counters = shimstats.read_process_stats(proc.pid, env["KSMPRELOAD_STATS_DIR"])
     return proc, report, counters, coverage(proc.pid)

@@ -1,5 +1,6 @@
 """Attribution on the real kernel: `ksmpreload report` says which pair of processes shares the
 merged pages and which regions (labelled by what made them) hold them."""
+
 import json
 import os
 import subprocess
@@ -27,8 +28,13 @@ ready.wait()
 
 
 def start_wrapped(command, env=None):
-    proc = subprocess.Popen(["ksm-wrap", "--strategy", "madvise", *command], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ksm-wrap", "--strategy", "madvise", *command],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return proc, proc.stdout.readline()
 
 
@@ -38,8 +44,9 @@ def finish(proc):
 
 
 def report_json(*pids):
-    done = subprocess.run(["ksmpreload", "report", "--json", *map(str, pids)], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        ["ksmpreload", "report", "--json", *map(str, pids)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout)
 
 
@@ -59,8 +66,11 @@ def test_sharing_matrix_gives_merged_pages_to_the_pair_and_the_shim_regions(ksm_
     distinct_pages = mergeable // COPIES  # every process holds COPIES copies of the same pages
     assert pair[0]["pages"] >= 0.9 * distinct_pages, f"{pair[0]['pages']} of {distinct_pages} pages shared"
     for process in report["processes"]:
-        shared = [(region["label"], region["source"], region["shared_pages"]) for region in process["regions"]
-                  if region["shared_pages"]]
+        shared = [
+            (region["label"], region["source"], region["shared_pages"])
+            for region in process["regions"]
+            if region["shared_pages"]
+        ]
         in_shim_regions = sum(pages for _, source, pages in shared if source == "shim")
         assert in_shim_regions >= 0.9 * mergeable, f"shared pages by region: {shared}"
         assert process["merged_bytes"] > 0 and process["net_saved_bytes"] <= process["merged_bytes"]
@@ -83,8 +93,12 @@ def test_regions_are_labelled_by_what_made_them():
 def test_report_formats_and_bad_pid(tmp_path):
     proc, _ = start_wrapped([sys.executable, "-c", THREADS_AND_ARENAS])
     try:
-        markdown = subprocess.run(["ksmpreload", "report", "--markdown", "--no-sharing", str(proc.pid)],
-                                  capture_output=True, text=True, check=True).stdout
+        markdown = subprocess.run(
+            ["ksmpreload", "report", "--markdown", "--no-sharing", str(proc.pid)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     finally:
         finish(proc)
     assert f"### Regions of {proc.pid} (python" in markdown and "| thread stack |" in markdown
@@ -96,11 +110,15 @@ def test_top_snapshot_sorts_filters_and_stops_on_ctrl_c(ksm_running, c_programs)
     small, _ = start_wrapped([c_programs("dup_buffers"), "8", "2"])
     big, _ = start_wrapped([c_programs("dup_buffers"), "64", "4"])
     try:
-        scanning.wait_until_settled(lambda: ksm_stat(big.pid)["ksm_merging_pages"] + ksm_stat(small.pid)["ksm_merging_pages"])
-        snap = json.loads(subprocess.run(["ksmpreload", "top", "--json"], capture_output=True, text=True,
-                                         check=True).stdout)
-        table = subprocess.run(["ksmpreload", "top", "--filter", "dup_buffers 64"], capture_output=True, text=True,
-                               check=True).stdout
+        scanning.wait_until_settled(
+            lambda: ksm_stat(big.pid)["ksm_merging_pages"] + ksm_stat(small.pid)["ksm_merging_pages"]
+        )
+        snap = json.loads(
+            subprocess.run(["ksmpreload", "top", "--json"], capture_output=True, text=True, check=True).stdout
+        )
+        table = subprocess.run(
+            ["ksmpreload", "top", "--filter", "dup_buffers 64"], capture_output=True, text=True, check=True
+        ).stdout
         ctrl_c = interrupt_top_on_a_terminal()
     finally:
         finish(small)
@@ -118,9 +136,11 @@ def interrupt_top_on_a_terminal():
     import pty
     import signal
     from test_status_cli import read_until
+
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen(["ksmpreload", "top", "--interval", "0.2"], stdin=terminal, stdout=terminal,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ksmpreload", "top", "--interval", "0.2"], stdin=terminal, stdout=terminal, stderr=subprocess.PIPE, text=True
+    )
     os.close(terminal)
     read_until(controller, lambda out: out.count(b"total (") >= 2)
     proc.send_signal(signal.SIGINT)

@@ -2,6 +2,7 @@
 or raise their one plain error, ValueError, whatever the bytes (hypothesis): arbitrary bytes,
 every cut and flipped bytes of valid files (built from the format, and a real shim's file),
 counts and rings far beyond the file. Valid files built from the format round-trip."""
+
 import os
 import struct
 import subprocess
@@ -23,6 +24,7 @@ RECORDS = st.lists(st.tuples(U64, U64, st.integers(0, 7), U64), max_size=24)
 
 # ---- counters files, built from docs/COUNTERS.md (tests/counters_file.py) ----------------------
 
+
 def expected_stats(slots):
     return {**slots, "strategy": shimstats.STRATEGIES.get(slots.get("strategy"), "unknown")}
 
@@ -34,8 +36,14 @@ def expected_records(entries, written):
     for index in range(max(written - capacity, 0), written):
         start, length, kind, caller = entries[index % capacity]
         if kind:
-            found.append({"start": start, "end": start + length,
-                          "kind": shimstats.REGION_KINDS.get(kind, "unknown"), "caller": caller or None})
+            found.append(
+                {
+                    "start": start,
+                    "end": start + length,
+                    "kind": shimstats.REGION_KINDS.get(kind, "unknown"),
+                    "caller": caller or None,
+                }
+            )
     return found
 
 
@@ -148,11 +156,15 @@ def test_an_oversized_ring_is_a_plain_error(slots, entries, capacity, written):
         assert shimstats.parse_regions(data) == expected_records(entries[:written], written)
 
 
-@pytest.mark.parametrize("capacity, written, expected", [
-    (0, 0, []), (0, 5, []),          # the shim writes the magic before the capacity: no records yet
-    (4, 0, []),
-    (4, 2, [{"start": 4096, "end": 8192, "kind": "mmap", "caller": None}] * 2),
-])
+@pytest.mark.parametrize(
+    "capacity, written, expected",
+    [
+        (0, 0, []),
+        (0, 5, []),  # the shim writes the magic before the capacity: no records yet
+        (4, 0, []),
+        (4, 2, [{"start": 4096, "end": 8192, "kind": "mmap", "caller": None}] * 2),
+    ],
+)
 def test_region_ring_edges(capacity, written, expected):
     data = with_ring_header(counters_file({"pid": 1}, [(4096, 4096, 1, 0)] * 4), capacity, written)
     assert shimstats.parse_regions(data) == expected
@@ -165,8 +177,9 @@ def test_records_cut_short_are_a_plain_error(cut):
         shimstats.parse_regions(data[:-cut])
 
 
-@pytest.mark.parametrize("names", [b"", b"pid", b"pid\0strat", b"\xff\xfe\0pad\0", b"pid\0a b\0",
-                                   b"pid\0\0", "pid\0stratégie\0".encode()])
+@pytest.mark.parametrize(
+    "names", [b"", b"pid", b"pid\0strat", b"\xff\xfe\0pad\0", b"pid\0a b\0", b"pid\0\0", "pid\0stratégie\0".encode()]
+)
 def test_slot_names_missing_cut_or_not_identifiers_are_a_plain_error(names):
     data = shimstats.MAGIC + struct.pack("<QQQ", 2, 1, 2) + names
     with pytest.raises(ValueError):
@@ -184,10 +197,12 @@ ALLOCATE = "import sys; block = bytearray(8 << 20); print('ready', flush=True); 
 def real_counters_file(tmp_path_factory):
     """The bytes of the counters file of a Python process that allocated 8 MiB under the shim."""
     import ksmpreload
+
     stats_dir = tmp_path_factory.mktemp("stats")
     env = {**os.environ, "LD_PRELOAD": ksmpreload.shim_path(), "KSMPRELOAD_STATS_DIR": str(stats_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", ALLOCATE], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ALLOCATE], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline() == "ready\n"
         with open(stats_dir / f"{proc.pid}.stats", "rb") as f:

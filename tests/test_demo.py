@@ -1,4 +1,5 @@
 """The README's first command: `ksmpreload demo` on the real kernel."""
+
 import json
 import subprocess
 
@@ -9,8 +10,9 @@ from ksmpreload import kernel
 def test_demo_merges_the_workers_data_and_restores_knobs():
     require_root_ksm()
     before = kernel.read_knobs()
-    result = subprocess.run(["ksmpreload", "demo", "--json", "--mib", "16", "--workers", "3"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["ksmpreload", "demo", "--json", "--mib", "16", "--workers", "3"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     held = 16 << 20

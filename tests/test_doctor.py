@@ -1,6 +1,7 @@
 """Every failure of the blog post (../shared/seed/ksm-modern-workloads.md), built on the real
 kernel, and `ksmpreload doctor` naming it. KSM knobs are changed inside
 scanning.fast_scanning, which puts every one back."""
+
 import ctypes
 import errno
 import json
@@ -15,8 +16,9 @@ SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE, MADV_MERGEABLE = 434, 440, 12
 
 
 def doctor(*args):
-    done = subprocess.run(["ksmpreload", "doctor", "--json", "--quiet", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        ["ksmpreload", "doctor", "--json", "--quiet", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -136,8 +138,24 @@ def test_program_that_unmarks_its_own_memory():
     two workers at times, in CI): the memory stays unmerged even under prctl, and the doctor
     names the program's call. Here the advice is chosen, not drawn."""
     with scanning.fast_scanning():
-        report = doctor("--timeout", "30", "--", "stress-ng", "--vm", "1", "--vm-bytes", "32M", "--vm-keep",
-                        "--vm-hang", "0", "--vm-method", "zero-one", "--vm-madvise", "unmergeable", "--quiet")
+        report = doctor(
+            "--timeout",
+            "30",
+            "--",
+            "stress-ng",
+            "--vm",
+            "1",
+            "--vm-bytes",
+            "32M",
+            "--vm-keep",
+            "--vm-hang",
+            "0",
+            "--vm-method",
+            "zero-one",
+            "--vm-madvise",
+            "unmergeable",
+            "--quiet",
+        )
     unmarked = finding(report, "unmarked_by_program")
     assert unmarked["evidence"]["program_unmerged_bytes"] >= 32 << 20, unmarked
     assert unmarked["cost_bytes"] >= 32 << 20 and "--no-madvise" in unmarked["fix"], unmarked
@@ -146,12 +164,25 @@ def test_program_that_unmarks_its_own_memory():
 
 # ---- the duplicate potential (the issue's done-when) ----------------------------------------
 
+
 def test_random_fill_has_no_duplicate_potential():
     """The post's stress-ng: 12 million pages scanned, none merged. A random fill method
     leaves nothing to merge, and the doctor says so."""
     with scanning.fast_scanning():
-        report = doctor("--timeout", "60", "--", "stress-ng", "--vm", "1", "--vm-bytes", "64M", "--vm-keep",
-                        "--vm-method", "rand-set", "--quiet")
+        report = doctor(
+            "--timeout",
+            "60",
+            "--",
+            "stress-ng",
+            "--vm",
+            "1",
+            "--vm-bytes",
+            "64M",
+            "--vm-keep",
+            "--vm-method",
+            "rand-set",
+            "--quiet",
+        )
     none = finding(report, "no_duplicates")
     assert none["evidence"]["pages_read"] >= 16384, none  # the 64 MiB worker was read
     assert report["potential"]["potential_bytes"] - report["potential"]["merged_bytes"] < 1 << 20
@@ -160,6 +191,7 @@ def test_random_fill_has_no_duplicate_potential():
 def test_potential_of_two_redis_servers_is_what_ksm_then_merges():
     from test_merging import load_same_values
     from ksmpreload.potential import potential
+
     with scanning.fast_scanning():
         kernel.write_knob("run", 0)  # nothing merges until the potential is read
         servers = [start_redis(["ksm-wrap"]) for _ in range(2)]

@@ -1,4 +1,5 @@
 """`ksmpreload exporter`: its metrics text, its HTTP server, and a real Prometheus scraping it."""
+
 import contextlib
 import json
 import os
@@ -25,6 +26,7 @@ DEADLINE_SECONDS = 60
 
 # ---- helpers -------------------------------------------------------------------------------
 
+
 def samples_by_name(text):
     """{sample name as Prometheus stores it (counters with _total): [(labels, value)]}, and
     {family name: (type, help)} of a metrics text."""
@@ -46,8 +48,13 @@ def value_for_pid(samples, name, pid):
 def dup_buffers_under_shim(program, stats_dir):
     """dup_buffers under ksm-wrap, its shim counters in `stats_dir`; stopped after the block."""
     env = {**os.environ, "KSMPRELOAD_STATS_DIR": str(stats_dir)}
-    proc = subprocess.Popen(["ksm-wrap", program, str(DISTINCT), str(COPIES)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        ["ksm-wrap", program, str(DISTINCT), str(COPIES)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         report = json.loads(proc.stdout.readline())
         assert report["pid"] == proc.pid
@@ -79,8 +86,9 @@ def running(args, **popen_args):
 @contextlib.contextmanager
 def exporter_server(*args, env=None):
     """`ksmpreload exporter ARGS` as a server: yields (process, the line it printed)."""
-    with running(["ksmpreload", "exporter", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                 text=True, env=env) as proc:
+    with running(
+        ["ksmpreload", "exporter", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
         yield proc, proc.stdout.readline()
 
 
@@ -100,13 +108,18 @@ def port_is_free(port):
 
 # ---- --once --------------------------------------------------------------------------------
 
+
 def test_once_reports_a_merging_process_and_the_global_counters(ksm_running, c_programs, tmp_path):
     stats_dir = tmp_path / "stats"
     with dup_buffers_under_shim(c_programs("dup_buffers"), stats_dir) as proc:
         scanning.wait_until_settled(lambda: merging_pages(proc.pid))
         before, scans_before = ksm_stat(proc.pid), scanning.full_scans()
-        result = subprocess.run(["ksmpreload", "exporter", "--once"], capture_output=True, text=True,
-                                env={**os.environ, "KSMPRELOAD_STATS_DIR": str(stats_dir)})
+        result = subprocess.run(
+            ["ksmpreload", "exporter", "--once"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KSMPRELOAD_STATS_DIR": str(stats_dir)},
+        )
         after = ksm_stat(proc.pid)
         shim_counters = shimstats.read_process_stats(proc.pid, str(stats_dir))
     assert (result.returncode, result.stderr) == (0, ""), result
@@ -118,15 +131,22 @@ def test_once_reports_a_merging_process_and_the_global_counters(ksm_running, c_p
         assert low <= exported <= high, f"{field}: exported {exported}, ksm_stat {before[field]}..{after[field]}"
     merged = value_for_pid(samples, "ksmpreload_process_ksm_merging_pages", proc.pid)
     assert merged >= 0.9 * DISTINCT * COPIES
-    labels = next(labels for labels, _ in samples["ksmpreload_process_ksm_merging_pages"]
-                  if labels["pid"] == str(proc.pid))
+    labels = next(
+        labels for labels, _ in samples["ksmpreload_process_ksm_merging_pages"] if labels["pid"] == str(proc.pid)
+    )
     assert labels["command"] == "dup_buffers"
-    by_region = {labels["made_by"]: value for labels, value in samples["ksmpreload_region_ksm_bytes"]
-                 if labels["pid"] == str(proc.pid)}
+    by_region = {
+        labels["made_by"]: value
+        for labels, value in samples["ksmpreload_region_ksm_bytes"]
+        if labels["pid"] == str(proc.pid)
+    }
     assert by_region.get("brk heap", 0) >= 0.9 * merged * kernel.page_size(), by_region
 
-    assert value_for_pid(samples, "ksmpreload_shim_heap_regions_total", proc.pid) \
-        == shim_counters["heap_regions"] >= DISTINCT * COPIES
+    assert (
+        value_for_pid(samples, "ksmpreload_shim_heap_regions_total", proc.pid)
+        == shim_counters["heap_regions"]
+        >= DISTINCT * COPIES
+    )
     assert value_for_pid(samples, "ksmpreload_shim_madvise_einval_total", proc.pid) == 0
     info = [labels for labels, _ in samples["ksmpreload_shim_info"] if labels["pid"] == str(proc.pid)]
     assert info == [{"pid": str(proc.pid), "command": "dup_buffers", "strategy": shim_counters["strategy"]}]
@@ -134,8 +154,11 @@ def test_once_reports_a_merging_process_and_the_global_counters(ksm_running, c_p
 
     knobs = kernel.read_knobs()
     numeric = {name for name, value in knobs.items() if isinstance(value, int)}
-    exported_knobs = {name.removeprefix("ksmpreload_ksm_").removesuffix("_total")
-                      for name in samples if name.startswith("ksmpreload_ksm_")}
+    exported_knobs = {
+        name.removeprefix("ksmpreload_ksm_").removesuffix("_total")
+        for name in samples
+        if name.startswith("ksmpreload_ksm_")
+    }
     assert exported_knobs == numeric
     assert families["ksmpreload_ksm_full_scans"][0] == "counter"
     assert samples["ksmpreload_ksm_full_scans_total"][0][1] >= scans_before
@@ -154,20 +177,24 @@ def test_a_process_that_ends_during_the_scrape_is_left_out(monkeypatch):
     ended = subprocess.Popen(["true"])
     ended.wait()
     monkeypatch.setattr(kernel, "pids", lambda: [ended.pid, os.getpid()])
-    monkeypatch.setattr(shimstats, "all_process_stats",
-                        lambda **_: {ended.pid: {"pid": ended.pid, "strategy": "prctl", "heap_regions": 3}})
+    monkeypatch.setattr(
+        shimstats,
+        "all_process_stats",
+        lambda **_: {ended.pid: {"pid": ended.pid, "strategy": "prctl", "heap_regions": 3}},
+    )
     result = run("exporter", "--once")
     assert (result.exit_code, result.stderr) == (0, ""), result
     samples, _ = samples_by_name(result.stdout)
     assert "ksmpreload_scrape_duration_seconds" in samples
-    assert not [name for name, series in samples.items()
-                for labels, _ in series if labels.get("pid") == str(ended.pid)]
+    assert not [name for name, series in samples.items() for labels, _ in series if labels.get("pid") == str(ended.pid)]
 
 
 # ---- --listen ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("listen", ["9465", "127.0.0.1", "127.0.0.1:", ":9465", "127.0.0.1:http",
-                                    "127.0.0.1:65536", "127.0.0.1:-1"])
+
+@pytest.mark.parametrize(
+    "listen", ["9465", "127.0.0.1", "127.0.0.1:", ":9465", "127.0.0.1:http", "127.0.0.1:65536", "127.0.0.1:-1"]
+)
 def test_a_malformed_listen_address_is_one_usage_line(listen):
     assert_one_clear_error(run("exporter", "--listen", listen), 2, "--listen", "HOST:PORT")
 
@@ -183,8 +210,11 @@ def test_an_address_in_use_is_one_line():
 
 
 def listening_addresses(pid):
-    return {(conn.laddr.ip, conn.laddr.port) for conn in psutil.net_connections(kind="inet")
-            if conn.pid == pid and conn.status == psutil.CONN_LISTEN}
+    return {
+        (conn.laddr.ip, conn.laddr.port)
+        for conn in psutil.net_connections(kind="inet")
+        if conn.pid == pid and conn.status == psutil.CONN_LISTEN
+    }
 
 
 def test_serves_on_loopback_by_default_and_ctrl_c_exits_0():
@@ -259,17 +289,28 @@ def test_prometheus_scrapes_the_process_series(ksm_running, c_programs, tmp_path
         exporter, line = stack.enter_context(exporter_server("--listen", f"127.0.0.1:{exporter_port}", env=env))
         assert f"127.0.0.1:{exporter_port}" in line, (line, exporter.stderr.read())
         log = stack.enter_context(open(log_path, "w"))
-        stack.enter_context(running(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prometheus_port}"], stdout=log, stderr=subprocess.STDOUT))
+        stack.enter_context(
+            running(
+                [
+                    "prometheus",
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
 
         merging = f'ksmpreload_process_ksm_merging_pages{{pid="{proc.pid}"}}'
         deadline = time.monotonic() + DEADLINE_SECONDS
         while (found := query(prometheus_port, merging)).get(str(proc.pid), 0) <= 0:
             if time.monotonic() > deadline:
-                pytest.fail(f"Prometheus had no {merging} above 0 after {DEADLINE_SECONDS} s (got {found}; "
-                            f"ksm_stat says {merging_pages(proc.pid)} pages); "
-                            f"{why_not_scraped(prometheus_port, log_path)}")
+                pytest.fail(
+                    f"Prometheus had no {merging} above 0 after {DEADLINE_SECONDS} s (got {found}; "
+                    f"ksm_stat says {merging_pages(proc.pid)} pages); "
+                    f"{why_not_scraped(prometheus_port, log_path)}"
+                )
             time.sleep(0.5)
         sharing = query(prometheus_port, 'ksmpreload_ksm_pages_sharing{job="ksmpreload"}')
         up = query(prometheus_port, 'up{job="ksmpreload"}')

@@ -1,6 +1,7 @@
 """The shim as a guest: no more resident memory than the program asked for, padding that is
 a gauge of live blocks, marking from the real layout (glibc heaps under hugetlb tunables),
 and the allocator's own answers for odd alignments. Real programs, real kernel."""
+
 import os
 import shutil
 import subprocess
@@ -15,8 +16,11 @@ THRESHOLD = 8192
 
 def allocators():
     yield pytest.param((), id="glibc")
-    yield pytest.param((JEMALLOC,), id="jemalloc",
-                       marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"))
+    yield pytest.param(
+        (JEMALLOC,),
+        id="jemalloc",
+        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
+    )
 
 
 MIMALLOC = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2"
@@ -27,7 +31,9 @@ def every_allocator():
     """glibc, jemalloc, and Debian's mimalloc and tcmalloc (in the test packages)."""
     yield from allocators()
     for name, path in (("mimalloc", MIMALLOC), ("tcmalloc", TCMALLOC)):
-        yield pytest.param((path,), id=name, marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing"))
+        yield pytest.param(
+            (path,), id=name, marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing")
+        )
 
 
 def rss_added_kib(program, mib, env):
@@ -53,8 +59,13 @@ def test_large_calloc_leaves_fresh_pages_untouched(c_programs, shim_env, preload
 def test_calloc_of_reused_memory_reads_zero(c_programs, shim_env, preload_after, size):
     """calloc leaves unused pages alone, but memory the program used and freed is cleared,
     wholly or half used: every byte reads zero."""
-    result = subprocess.run([c_programs("guest_probe"), "reused", str(size)], env=shim_env(preload_after),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [c_programs("guest_probe"), "reused", str(size)],
+        env=shim_env(preload_after),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and result.stdout == "zeroed\n", result.stdout + result.stderr
 
 
@@ -64,10 +75,14 @@ def test_calloc_of_shared_allocator_memory_reads_zero(c_programs, shim_env, tmp_
     """tcmalloc with TCMALLOC_MEMFS_MALLOC_PATH serves blocks from a MAP_SHARED file: a page it
     released (madvise) has no page table entry but keeps its bytes in the file, so the pagemap
     cannot tell a used page there: calloc clears every byte of such an allocator's blocks."""
-    env = dict(shim_env((TCMALLOC,)), TCMALLOC_MEMFS_MALLOC_PATH=str(tmp_path / "tcmalloc"),
-               TCMALLOC_AGGRESSIVE_DECOMMIT="true")
-    result = subprocess.run([c_programs("guest_probe"), "reused", str(size)], env=env,
-                            capture_output=True, text=True, timeout=60)
+    env = dict(
+        shim_env((TCMALLOC,)),
+        TCMALLOC_MEMFS_MALLOC_PATH=str(tmp_path / "tcmalloc"),
+        TCMALLOC_AGGRESSIVE_DECOMMIT="true",
+    )
+    result = subprocess.run(
+        [c_programs("guest_probe"), "reused", str(size)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and result.stdout == "zeroed\n", result.stdout + result.stderr
 
 
@@ -107,8 +122,11 @@ def test_padding_is_a_gauge_of_live_blocks(c_programs, shim_env, preload_after):
     """Padding rises with live aligned blocks and falls back to zero when they are freed,
     also after 10,000 rounds of malloc, realloc (growing and shrinking below the threshold)
     and free: a net saving that subtracts it stays true after hours of churn."""
-    seen = counters_at_phases([c_programs("guest_probe"), "padding"], shim_env(preload_after, threshold=THRESHOLD),
-                              ("live", "freed", "churned"))
+    seen = counters_at_phases(
+        [c_programs("guest_probe"), "padding"],
+        shim_env(preload_after, threshold=THRESHOLD),
+        ("live", "freed", "churned"),
+    )
     live = seen["live"]
     assert live["padded_blocks"] > 0 and live["padding_bytes"] > 0, live
     assert 0 < live["padding_table_bytes"] <= 64 * 4096 * 2
@@ -168,8 +186,13 @@ def test_kept_block_gives_back_the_free_memory_below_it(c_programs, shim_env):
 def test_cache_that_empties_itself_while_serving_a_request(c_programs, shim_env):
     """Its one block, which now holds free memory, goes back; with 31 misses before, the 32nd
     gave back a block from the empty cache (a crash, seen in CI as 1 run in 20 of mix_probe)."""
-    result = subprocess.run([c_programs("cache_probe"), "emptied"], env=shim_env(threshold=THRESHOLD),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [c_programs("cache_probe"), "emptied"],
+        env=shim_env(threshold=THRESHOLD),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stdout) == (0, "ok\n"), result
 
 
@@ -178,8 +201,9 @@ def test_double_free_of_a_cached_block_still_aborts(c_programs, shim_env):
     does, and says why itself (which of its checks sees it depends on the heap's layout)."""
     program = c_programs("cache_probe")
     alone = subprocess.run([program, "twice"], capture_output=True, text=True, timeout=30)
-    shimmed = subprocess.run([program, "twice"], env=shim_env(threshold=THRESHOLD), capture_output=True,
-                             text=True, timeout=30)
+    shimmed = subprocess.run(
+        [program, "twice"], env=shim_env(threshold=THRESHOLD), capture_output=True, text=True, timeout=30
+    )
     assert alone.returncode == shimmed.returncode == -6, (alone, shimmed)
     assert "double free" in alone.stderr and shimmed.stderr and "ksmpreload" not in shimmed.stderr, shimmed.stderr
 
@@ -188,8 +212,13 @@ def test_double_free_of_a_cached_block_still_aborts(c_programs, shim_env):
 def test_double_free_across_threads_of_a_cached_block_aborts(c_programs, shim_env, preload_after):
     """A block another thread's cache holds, freed again: handing it out twice later would
     corrupt the program's memory, so the shim stops it as glibc would."""
-    result = subprocess.run([c_programs("cache_probe"), "across"], env=shim_env(preload_after, threshold=THRESHOLD),
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [c_programs("cache_probe"), "across"],
+        env=shim_env(preload_after, threshold=THRESHOLD),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == -6, result
     assert result.stderr.startswith("ksmpreload: free(): double free detected"), result.stderr
 
@@ -198,12 +227,14 @@ def test_padding_of_inherited_blocks_follows_a_fork_child(c_programs, shim_env):
     """A forked child inherits its parent's live blocks and their padding: once it has freed
     them, its gauge is back to zero (not below it)."""
     env = shim_env(threshold=THRESHOLD)
-    proc = subprocess.Popen([c_programs("guest_probe"), "forkfree"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [c_programs("guest_probe"), "forkfree"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "child"
-        child = next(int(name.split(".")[0]) for name in os.listdir(env["KSMPRELOAD_STATS_DIR"])
-                     if name != f"{proc.pid}.stats")
+        child = next(
+            int(name.split(".")[0]) for name in os.listdir(env["KSMPRELOAD_STATS_DIR"]) if name != f"{proc.pid}.stats"
+        )
         parent, child = read_stats(proc.pid, env), read_stats(child, env)
     finally:
         proc.stdin.close()
@@ -228,8 +259,9 @@ def marked_vmas(pid):
 
 def probe_layout(c_programs, env, *args):
     """Runs guest_probe ARGS until its first line; returns that line's words and its VMAs then."""
-    proc = subprocess.Popen([c_programs("guest_probe"), *args], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [c_programs("guest_probe"), *args], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         return proc.stdout.readline().split(), marked_vmas(proc.pid)
     finally:
@@ -287,10 +319,20 @@ def test_alignment_zero_answers_as_the_allocator_does(c_programs, shim_env, size
     """aligned_alloc(0, n) and memalign(0, n): glibc 2.36 serves them, jemalloc refuses them;
     under the shim each answers as it does alone, below and above the threshold."""
     probe = c_programs("guest_probe")
-    alone = subprocess.run([probe, "aligned0", size], env=dict(os.environ, LD_PRELOAD=" ".join(preload_after)),
-                           capture_output=True, text=True, timeout=30)
-    under_shim = subprocess.run([probe, "aligned0", size], env=shim_env(preload_after, threshold=THRESHOLD),
-                                capture_output=True, text=True, timeout=30)
+    alone = subprocess.run(
+        [probe, "aligned0", size],
+        env=dict(os.environ, LD_PRELOAD=" ".join(preload_after)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    under_shim = subprocess.run(
+        [probe, "aligned0", size],
+        env=shim_env(preload_after, threshold=THRESHOLD),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert alone.returncode == under_shim.returncode == 0
     assert under_shim.stdout == alone.stdout
 
@@ -305,8 +347,14 @@ def test_second_copy_of_the_shim_stays_inert(c_programs, shim, shim_env, tmp_pat
     for name, preload in (("once", shim), ("twice", f"{shim} {copy}")):
         env = shim_env(threshold=THRESHOLD, verbose=1)
         env["LD_PRELOAD"] = preload
-        proc = subprocess.Popen([c_programs("guest_probe"), "padding"], env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [c_programs("guest_probe"), "padding"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "live"
         counts[name] = read_stats(proc.pid, env)
         assert os.listdir(env["KSMPRELOAD_STATS_DIR"]) == [f"{proc.pid}.stats"]

@@ -2,6 +2,7 @@
 the program (full filesystem, file size limit), never be adopted from, or made in, a
 directory someone else controls, never be published by a setuid program, and a fork
 child must never write into its parent's file. On the real system, as root."""
+
 import json
 import os
 import shutil
@@ -37,8 +38,15 @@ class Probe:
     """stats_probe running, its lines read one at a time; next() lets it go on."""
 
     def __init__(self, command, env, **options):
-        self.proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, **options)
+        self.proc = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **options,
+        )
 
     def line(self):
         text = self.proc.stdout.readline()
@@ -98,8 +106,21 @@ def test_full_filesystem_does_not_kill_the_program(c_programs, shim, tmp_path, p
     env = probe_env("", mount_point)
     del env["LD_PRELOAD"]
     env["PROBE_PRELOAD"] = shim if preload else ""
-    result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", FILL_AND_RUN, "sh",
-                  c_programs("stats_probe"), "alloc"], env)
+    result = run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            FILL_AND_RUN,
+            "sh",
+            c_programs("stats_probe"),
+            "alloc",
+        ],
+        env,
+    )
     assert result.returncode == 0, f"exit {result.returncode}: {result.stdout} {result.stderr}"
     assert result.stdout.splitlines()[-1].split() == ["files:", "fill"], result.stdout
     assert json.loads(result.stdout.splitlines()[0])["aligned"] is preload
@@ -116,8 +137,10 @@ def test_file_size_limit_is_respected(c_programs, shim, tmp_path):
 
 # ---- whose directory, whose file -------------------------------------------------------------
 
-@pytest.mark.parametrize("mode, owner", [(0o1777, 0), (0o777, 0), (0o770, 0), (0o700, NOBODY)],
-                         ids=["1777", "0777", "0770", "nobody's"])
+
+@pytest.mark.parametrize(
+    "mode, owner", [(0o1777, 0), (0o777, 0), (0o770, 0), (0o700, NOBODY)], ids=["1777", "0777", "0770", "nobody's"]
+)
 def test_directory_others_control_is_refused(c_programs, shim, tmp_path, mode, owner):
     require_root("to give a directory to nobody")
     shared = tmp_path / "shared"
@@ -195,6 +218,7 @@ def test_exit_removes_only_the_file_it_created(c_programs, shim, tmp_path):
 
 # ---- the path ----------------------------------------------------------------------------
 
+
 def test_relative_directory_is_refused(c_programs, shim, tmp_path):
     """A relative directory is refused at start: nothing is made in the working directory
     at start, nor in the one the program later moves to."""
@@ -245,6 +269,7 @@ def test_tools_read_the_counters_under_any_spelling_the_shim_takes(c_programs, s
 
 # ---- a setuid-root program -----------------------------------------------------------------
 
+
 @pytest.fixture
 def setuid_probe(shim):
     """stats_probe linked against the shim (DT_NEEDED), setuid root, in a directory nobody
@@ -255,8 +280,21 @@ def setuid_probe(shim):
         os.chmod(work, 0o755)
         shutil.copy(shim, os.path.join(work, "libksmpreload.so"))
         probe = os.path.join(work, "stats_probe")
-        subprocess.run(["cc", "-O1", "-o", probe, PROBE_SOURCE, f"-L{work}", "-Wl,--no-as-needed",
-                        "-lksmpreload", f"-Wl,-rpath,{work}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "cc",
+                "-O1",
+                "-o",
+                probe,
+                PROBE_SOURCE,
+                f"-L{work}",
+                "-Wl,--no-as-needed",
+                "-lksmpreload",
+                f"-Wl,-rpath,{work}",
+            ],
+            check=True,
+            capture_output=True,
+        )
         os.chmod(probe, 0o4755)
         yield work, probe
     finally:
@@ -275,8 +313,16 @@ def test_setuid_program_publishes_nothing(setuid_probe, shim, target):
     stats_dir = secret if target == "existing" else os.path.join(secret, "new")
     env = probe_env("", stats_dir, verbose=1, strategy="bogus")
     del env["LD_PRELOAD"]
-    command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sh", "-c",
-               'echo $$; read line; exec "$0" alloc', program]
+    command = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "sh",
+        "-c",
+        'echo $$; read line; exec "$0" alloc',
+        program,
+    ]
     probe = Probe(command, env)
     pid = int(probe.line())
     planted = os.path.join(secret, f"{pid}.stats")
@@ -294,6 +340,7 @@ def test_setuid_program_publishes_nothing(setuid_probe, shim, target):
 
 
 # ---- fork, _Fork and clone ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["fork", "_Fork", "clone"])
 def test_child_counts_in_its_own_file(c_programs, shim, tmp_path, how):
@@ -328,9 +375,12 @@ def test_child_counts_in_its_own_file(c_programs, shim, tmp_path, how):
 
 # ---- what the shim says --------------------------------------------------------------------
 
+
 def test_invalid_value_is_escaped_on_one_line(c_programs, shim, tmp_path):
     env = probe_env(shim, tmp_path / "stats", strategy="fast\x1b[2J\nksmpreload: forged \\ \u00e9")
     result = run([c_programs("stats_probe"), "alloc"], env)
     assert result.returncode == 0
-    assert result.stderr == ("ksmpreload: KSMPRELOAD_STRATEGY='fast\\x1b[2J\\x0aksmpreload: forged \\x5c \\xc3\\xa9'"
-                             " is not auto, prctl, madvise or observe; using auto\n")
+    assert result.stderr == (
+        "ksmpreload: KSMPRELOAD_STRATEGY='fast\\x1b[2J\\x0aksmpreload: forged \\x5c \\xc3\\xa9'"
+        " is not auto, prctl, madvise or observe; using auto\n"
+    )

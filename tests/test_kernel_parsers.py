@@ -1,5 +1,6 @@
 """ksmpreload.kernel: parsers against golden files captured from Linux 6.18 (tests/data,
 made by tests/data/capture_golden.py), and the same functions on the running kernel."""
+
 import json
 import os
 import subprocess
@@ -42,11 +43,11 @@ def golden_page_size():
 
 
 def require_ksm_stat():
-    require(os.path.exists(f"/proc/{os.getpid()}/ksm_stat"),
-            "no /proc/<pid>/ksm_stat (Linux < 6.1)")
+    require(os.path.exists(f"/proc/{os.getpid()}/ksm_stat"), "no /proc/<pid>/ksm_stat (Linux < 6.1)")
 
 
 # ---- /proc/<pid>/ksm_stat, golden ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", WITH_PROFIT)
 def test_every_ksm_stat_line_becomes_one_field(name):
@@ -86,13 +87,15 @@ def test_kernel_thread_has_empty_ksm_stat():
     assert kernel.parse_ksm_stat(golden(KERNEL_THREAD)) == {}
 
 
-@pytest.mark.parametrize("name, involved", [(MERGING, True), (ZERO_PAGES, True),
-                                            (NOT_INVOLVED, False), (KERNEL_THREAD, False)])
+@pytest.mark.parametrize(
+    "name, involved", [(MERGING, True), (ZERO_PAGES, True), (NOT_INVOLVED, False), (KERNEL_THREAD, False)]
+)
 def test_uses_ksm(name, involved):
     assert kernel.uses_ksm(kernel.parse_ksm_stat(golden(name))) is involved
 
 
 # ---- /sys/kernel/mm/ksm, golden ------------------------------------------------------------
+
 
 def test_read_knobs_reads_every_file_as_int_but_advisor_mode():
     knobs = kernel.read_knobs(GOLDEN_KNOBS)
@@ -124,12 +127,14 @@ def test_pages_saved_without_zero_page_counter():
 
 # ---- versions and features -----------------------------------------------------------------
 
+
 def test_kernel_version_of_the_golden_kernel():
     assert kernel.kernel_version(golden_kernel()["release"]) == (6, 18)
 
 
-@pytest.mark.parametrize("release, version", [
-    ("5.15.0-91-generic", (5, 15)), ("6.8.0-rc3", (6, 8)), ("4.19.325", (4, 19))])
+@pytest.mark.parametrize(
+    "release, version", [("5.15.0-91-generic", (5, 15)), ("6.8.0-rc3", (6, 8)), ("4.19.325", (4, 19))]
+)
 def test_kernel_version(release, version):
     assert kernel.kernel_version(release) == version
 
@@ -139,8 +144,7 @@ def test_kernel_version_rejects_garbage():
         kernel.kernel_version("unknown")
 
 
-@pytest.mark.parametrize("version, supported", [((5, 15), False), ((6, 3), False),
-                                                ((6, 4), True), ((7, 0), True)])
+@pytest.mark.parametrize("version, supported", [((5, 15), False), ((6, 3), False), ((6, 4), True), ((7, 0), True)])
 def test_prctl_merge_supported(version, supported):
     assert kernel.prctl_merge_supported(version) is supported
 
@@ -154,8 +158,10 @@ def test_features_of_6_6():
 def _merge_flag_after_exec():
     """PR_GET_MEMORY_MERGE in a process exec'd after setting the flag."""
     after = "from ksmpreload import native; print(int(native.memory_merge_enabled()))"
-    before = ("import os, sys; from ksmpreload import native; native.set_memory_merge(True); "
-              f"os.execv(sys.executable, [sys.executable, '-c', {after!r}])")
+    before = (
+        "import os, sys; from ksmpreload import native; native.set_memory_merge(True); "
+        f"os.execv(sys.executable, [sys.executable, '-c', {after!r}])"
+    )
     done = subprocess.run([sys.executable, "-c", before], capture_output=True, text=True, timeout=60, cwd="/")
     return done.stdout.strip()
 
@@ -170,8 +176,7 @@ def test_features_said_present_exist_on_this_kernel():
     checks = {
         "ksm_stat": "ksm_rmap_items" in stat,
         "prctl_merge": "ksm_process_profit" in stat,
-        "ksm_zero_pages": ("ksm_zero_pages" in stat
-                           and kernel.read_knob("ksm_zero_pages") is not None),
+        "ksm_zero_pages": ("ksm_zero_pages" in stat and kernel.read_knob("ksm_zero_pages") is not None),
         "smaps_ksm": "\nKSM:" in smaps,
         "smart_scan": kernel.read_knob("smart_scan") is not None,
         "advisor": kernel.read_knob("advisor_mode") is not None,
@@ -183,6 +188,7 @@ def test_features_said_present_exist_on_this_kernel():
 
 
 # ---- scan rate -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("gib, sleep_ms", [(4, 20), (24, 20), (64, 10), (8, 50)])
 def test_suggested_scan_rate_gives_a_one_minute_pass(gib, sleep_ms):
@@ -210,10 +216,12 @@ def test_mem_total_matches_psutil():
 
 def test_page_size_matches_mmap():
     import mmap
+
     assert kernel.page_size() == mmap.PAGESIZE
 
 
 # ---- /proc/<pid> on the running kernel -----------------------------------------------------
+
 
 def test_process_ksm_stat_of_a_gone_process_is_none():
     child = subprocess.Popen(["true"])
@@ -255,8 +263,7 @@ def test_ksm_processes_on_a_fake_proc(monkeypatch, tmp_path):
     fake_proc(root, "self", golden(MERGING), "x\n", "x\0")  # not a pid
     monkeypatch.setattr(kernel, "PROC_DIR", root)
     found = kernel.ksm_processes()
-    expected = {"pid": 100, "comm": "python3", "cmdline": "python3 app.py",
-                **kernel.parse_ksm_stat(golden(MERGING))}
+    expected = {"pid": 100, "comm": "python3", "cmdline": "python3 app.py", **kernel.parse_ksm_stat(golden(MERGING))}
     assert found == [expected]
 
 
@@ -266,8 +273,13 @@ def test_ksm_processes_as_unprivileged_user_skips_unreadable_processes():
     require_ksm_stat()
     with mergeable_process(16) as child:  # prctl sets merge_any at once: no scan needed
         assert kernel.uses_ksm(kernel.process_ksm_stat(child.pid))
-        result = subprocess.run([sys.executable, "-c", AS_NOBODY], capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": REPO},
+            timeout=60,
+        )
     assert result.returncode == 0, result.stderr
     assert child.pid not in [entry["pid"] for entry in json.loads(result.stdout)]
 
@@ -285,6 +297,7 @@ def test_ksm_processes_finds_a_prctl_process(ksm_running):
 
 
 # ---- smaps, captured from dup_buffers under `ksm-wrap --strategy madvise` after merging settled
+
 
 def test_smaps_ksm_lines_add_up_to_the_processes_merging_pages():
     regions = kernel.parse_smaps(golden("smaps_6.18_dup_buffers_madvise.txt"))

@@ -2,6 +2,7 @@
 whatever the text (hypothesis): garbage, truncated and corrupted lines, non-numeric fields,
 numbers too long for 64 bits are skipped, and what they return has the types its readers
 use. Mutations start from the golden captures in tests/data."""
+
 import mmap
 import os
 import re
@@ -24,6 +25,7 @@ def golden(name):
 
 # ---- /proc/<pid>/ksm_stat --------------------------------------------------------------------
 
+
 def assert_ksm_stat_types(fields):
     assert all(type(fields[name]) is int for name in KSM_STAT_COUNTERS if name in fields), fields
     assert all(type(fields[name]) is bool for name in KSM_STAT_FLAGS if name in fields), fields
@@ -37,8 +39,10 @@ def test_any_ksm_stat_text_parses_with_typed_known_fields(text):
     assert_ksm_stat_types(kernel.parse_ksm_stat(text))
 
 
-@pytest.mark.parametrize("name", ["ksm_stat_6.18_prctl_merging.txt", "ksm_stat_6.18_not_involved.txt",
-                                  "ksm_stat_6.18_dup_buffers_madvise.txt"])
+@pytest.mark.parametrize(
+    "name",
+    ["ksm_stat_6.18_prctl_merging.txt", "ksm_stat_6.18_not_involved.txt", "ksm_stat_6.18_dup_buffers_madvise.txt"],
+)
 def test_every_truncation_of_a_golden_ksm_stat_parses(name):
     text = golden(name)
     full = kernel.parse_ksm_stat(text)
@@ -61,6 +65,7 @@ def test_a_garbage_line_in_ksm_stat_leaves_the_others(garbage, where):
 
 # ---- /proc/<pid>/smaps and maps --------------------------------------------------------------
 
+
 def assert_well_formed(regions, smaps=True):
     """VMAs as their readers use them: an address range, 4 perms, a path; from smaps also
     the mergeable flag and fields in KiB."""
@@ -69,19 +74,33 @@ def assert_well_formed(regions, smaps=True):
         assert 0 <= region["start"] < region["end"] < 2**64
         assert len(region["perms"]) == 4 and isinstance(region["path"], str)
         assert isinstance(region["mergeable"], bool) if smaps else len(region) == 4
-        assert all(type(value) is int for key, value in region.items()
-                   if key not in ("start", "end", "perms", "path", "mergeable")), region
+        assert all(
+            type(value) is int
+            for key, value in region.items()
+            if key not in ("start", "end", "perms", "path", "mergeable")
+        ), region
         kernel.can_hold_ksm_pages(region)
     if smaps:
         kernel.mergeable_coverage(regions)
 
 
-SMAPS_LINES = st.sampled_from([
-    "7f0000000000-7f0000001000 rw-p 00000000 00:00 0 ", "7f0000001000-7f0000000000 rw-p 00000000 00:00 0",
-    "fffffffffffffffffffff-ffffffffffffffffffffff rw-p 00000000 00:00 0", "Rss:  12 kB", "Rss: x kB",
-    "Rss: " + "9" * 5000 + " kB", "VmFlags: rd wr mg", "VmFlags:", " kB", ":: kB", "KSM: -1 kB",
-    "55d0c0000000-55d0c0021000 r--p 00000000 08:01 1234 /usr/bin/x (deleted)", "Anonymous: 8 kB",
-]) | st.text(max_size=60)
+SMAPS_LINES = st.sampled_from(
+    [
+        "7f0000000000-7f0000001000 rw-p 00000000 00:00 0 ",
+        "7f0000001000-7f0000000000 rw-p 00000000 00:00 0",
+        "fffffffffffffffffffff-ffffffffffffffffffffff rw-p 00000000 00:00 0",
+        "Rss:  12 kB",
+        "Rss: x kB",
+        "Rss: " + "9" * 5000 + " kB",
+        "VmFlags: rd wr mg",
+        "VmFlags:",
+        " kB",
+        ":: kB",
+        "KSM: -1 kB",
+        "55d0c0000000-55d0c0021000 r--p 00000000 08:01 1234 /usr/bin/x (deleted)",
+        "Anonymous: 8 kB",
+    ]
+) | st.text(max_size=60)
 
 
 @given(st.lists(SMAPS_LINES, max_size=30))
@@ -103,12 +122,12 @@ HEADER = re.compile(r"[0-9a-f]+-[0-9a-f]+ ")
 def test_a_truncated_golden_smaps_keeps_the_vmas_before_the_cut(draw):
     text = golden(SMAPS)
     full = kernel.parse_smaps(text)
-    prefix = text[:draw.draw(st.integers(0, len(text)))]
+    prefix = text[: draw.draw(st.integers(0, len(text)))]
     regions = kernel.parse_smaps(prefix)
     assert_well_formed(regions)
     complete_headers = sum(1 for line in prefix.split("\n")[:-1] if HEADER.match(line))
     assert len(regions) in (complete_headers, complete_headers + 1)  # the last header may be cut
-    assert [r["start"] for r in regions] == [r["start"] for r in full[:len(regions)]]
+    assert [r["start"] for r in regions] == [r["start"] for r in full[: len(regions)]]
 
 
 @given(st.integers(0, 10**6), st.text(max_size=50))
@@ -118,7 +137,7 @@ def test_a_corrupted_line_of_a_golden_smaps_spoils_at_most_its_vma(where, garbag
     full = kernel.parse_smaps(golden(SMAPS))
     lines = golden(SMAPS).split("\n")
     where %= len(lines)
-    regions = kernel.parse_smaps("\n".join(lines[:where] + [garbage] + lines[where + 1:]))
+    regions = kernel.parse_smaps("\n".join(lines[:where] + [garbage] + lines[where + 1 :]))
     assert_well_formed(regions)
     assert sum(region in full for region in regions) >= len(full) - 1
 

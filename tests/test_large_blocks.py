@@ -1,6 +1,7 @@
 """Large blocks at the allocator's own speed: an aligned alloc/free loop reuses memory as the
 allocator does without the shim, instead of a fresh mapping (and fresh page faults) per block.
 Speed itself is measured by scripts/bench_large_churn.py, not here."""
+
 import os
 import shutil
 import subprocess
@@ -13,11 +14,19 @@ from conftest import JEMALLOC, require
 def mapping_calls(command, env):
     """(mmap calls, munmap calls) the command made, counted by strace."""
     require(shutil.which("strace"), "strace is missing (apt-get install strace)")
-    result = subprocess.run(["strace", "-f", "-qq", "-c", "-U", "calls,name", "-e", "trace=mmap,munmap", *command],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["strace", "-f", "-qq", "-c", "-U", "calls,name", "-e", "trace=mmap,munmap", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    calls = {fields[1]: int(fields[0]) for fields in map(str.split, result.stderr.splitlines())
-             if len(fields) == 2 and fields[0].isdigit()}
+    calls = {
+        fields[1]: int(fields[0])
+        for fields in map(str.split, result.stderr.splitlines())
+        if len(fields) == 2 and fields[0].isdigit()
+    }
     return calls.get("mmap", 0), calls.get("munmap", 0)
 
 
@@ -60,12 +69,18 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 def allocator_settings():
     """glibc as it comes and with the tunables that change its paths, and the other allocators."""
-    for tunables in ("", "glibc.malloc.tcache_count=0", "glibc.malloc.mmap_threshold=65536",
-                     "glibc.malloc.arena_max=1", "glibc.malloc.perturb=165"):
+    for tunables in (
+        "",
+        "glibc.malloc.tcache_count=0",
+        "glibc.malloc.mmap_threshold=65536",
+        "glibc.malloc.arena_max=1",
+        "glibc.malloc.perturb=165",
+    ):
         yield pytest.param((), tunables, id="glibc" + (f"-{tunables.split('.')[-1]}" if tunables else ""))
     for name, path in (("jemalloc", JEMALLOC), ("mimalloc", MIMALLOC), ("tcmalloc", TCMALLOC)):
-        yield pytest.param((path,), "", id=name,
-                           marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing"))
+        yield pytest.param(
+            (path,), "", id=name, marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing")
+        )
 
 
 @pytest.mark.parametrize("threads", ["1", "4"])

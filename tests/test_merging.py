@@ -1,4 +1,5 @@
 """Merging on the real kernel, judged by the ksm_stat of the processes the tests start."""
+
 import json
 import subprocess
 
@@ -11,8 +12,12 @@ DISTINCT, COPIES = 64, 4
 
 
 def start_dup_buffers(program, *wrap_args):
-    proc = subprocess.Popen(["ksm-wrap", *wrap_args, program, str(DISTINCT), str(COPIES)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ksm-wrap", *wrap_args, program, str(DISTINCT), str(COPIES)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     report = json.loads(proc.stdout.readline())
     assert report["pid"] == proc.pid
     return proc, report["mergeable_pages"]
@@ -57,6 +62,7 @@ VALUES, VALUE_BYTES = 1500, 32 * 1024
 
 def load_same_values(client):
     import random
+
     pipe = client.pipeline(transaction=False)
     for i in range(VALUES):
         pipe.set(f"key:{i}", random.Random(i).randbytes(VALUE_BYTES))

@@ -1,5 +1,6 @@
 """How much of some processes' memory could merge (ksmpreload.potential), on the real kernel;
 and its C pieces (hash, grouping, reading) on data whose answer is known."""
+
 import ctypes
 import json
 import mmap
@@ -17,13 +18,17 @@ from ksmpreload.potential import potential
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB_PAGES = (1 << 20) // PAGE
-NOISE = 64            # pages a small C program holds besides its data (25 seen)
+NOISE = 64  # pages a small C program holds besides its data (25 seen)
 
 
 def start_worker(program, shared, private, zero, twin, seed, mergeable=False):
     """tests/c/potential_worker: one mapping of SHARED | PRIVATE | ZERO | TWIN twice (MiB)."""
-    proc = subprocess.Popen([program, *map(str, (shared, private, zero, twin, seed, int(mergeable)))],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [program, *map(str, (shared, private, zero, twin, seed, int(mergeable)))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     proc.report = json.loads(proc.stdout.readline())
     assert proc.report["pid"] == proc.pid
     return proc
@@ -140,15 +145,16 @@ def test_every_pagemap_mode_reads_the_same_pages_of_a_large_reservation():
     """16 GiB reserved, 8 MiB written in two halves (one all zero): reading pagemap directly
     and only where PAGEMAP_SCAN finds pages read the same pages, with the same contents."""
     require_root_ksm()
-    code = ("import mmap, sys\n"
-            "NORESERVE = 0x4000\n"
-            "m = mmap.mmap(-1, 16 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | NORESERVE)\n"
-            "m.madvise(mmap.MADV_NOHUGEPAGE)\n"
-            "for i in range(0, 8 << 20, mmap.PAGESIZE): m[i] = 1 if i < 4 << 20 else 0\n"
-            "m[1 << 30:(1 << 30) + (4 << 20)] = bytes(4 << 20)\n"
-            "print('ready', flush=True); sys.stdin.read()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    code = (
+        "import mmap, sys\n"
+        "NORESERVE = 0x4000\n"
+        "m = mmap.mmap(-1, 16 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | NORESERVE)\n"
+        "m.madvise(mmap.MADV_NOHUGEPAGE)\n"
+        "for i in range(0, 8 << 20, mmap.PAGESIZE): m[i] = 1 if i < 4 << 20 else 0\n"
+        "m[1 << 30:(1 << 30) + (4 << 20)] = bytes(4 << 20)\n"
+        "print('ready', flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "ready\n"
         found = {}
@@ -170,6 +176,7 @@ M64 = (1 << 64) - 1
 
 def xxh64(data):
     """XXH64 with seed 0 of data whose length is a multiple of 32, written from the spec."""
+
     def rotl(x, r):
         return (x << r | x >> (64 - r)) & M64
 
@@ -179,7 +186,7 @@ def xxh64(data):
     lanes = [(P1 + P2) & M64, P2, 0, -P1 & M64]
     for at in range(0, len(data), 8):
         lane = at // 8 % 4
-        lanes[lane] = round_(lanes[lane], int.from_bytes(data[at:at + 8], "little"))
+        lanes[lane] = round_(lanes[lane], int.from_bytes(data[at : at + 8], "little"))
     h = (rotl(lanes[0], 1) + rotl(lanes[1], 7) + rotl(lanes[2], 12) + rotl(lanes[3], 18)) & M64
     for lane in lanes:
         h = ((h ^ round_(0, lane)) * P1 + P4) & M64
@@ -206,15 +213,32 @@ def test_grouping_of_known_hashes():
     hashes = [7, 0, top | 5, 11, top | 3, 9, top | 3, 7, 9, top | 5]
     offsets = [0, 5, 10]
     array = native.u64_array(len(hashes))
-    array[0:len(hashes)] = hashes
+    array[0 : len(hashes)] = hashes
     keys = native.sort_hashes(array, len(hashes))
     kinds, totals = native.group_contents(keys, len(hashes), array, offsets)
-    assert totals == {"contents": 6, "zero_pages": 1, "duplicate_pages": 8, "duplicate_contents": 4,
-                      "duplicates_across": 6, "duplicates_within": 2, "saving_across": 3,
-                      "saving_within": 1}
+    assert totals == {
+        "contents": 6,
+        "zero_pages": 1,
+        "duplicate_pages": 8,
+        "duplicate_contents": 4,
+        "duplicates_across": 6,
+        "duplicates_within": 2,
+        "saving_across": 3,
+        "saving_within": 1,
+    }
     zero, dup, across, within = 1, 2, 4, 8
-    assert list(kinds[0:10]) == [dup | across, zero, dup | across, 0, dup | across,
-                                 dup | within, dup | across, dup | across, dup | within, dup | across]
+    assert list(kinds[0:10]) == [
+        dup | across,
+        zero,
+        dup | across,
+        0,
+        dup | across,
+        dup | within,
+        dup | across,
+        dup | across,
+        dup | within,
+        dup | across,
+    ]
     rows = native.count_kind_bits(kinds, offsets)
     assert [row["duplicates_across"] for row in rows] == [3, 3]
     assert [row["duplicates_within"] for row in rows] == [0, 2]
@@ -241,11 +265,11 @@ def test_grouping_of_known_hashes():
 def libc_mmap(pages):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_long]
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    address = libc.mmap(None, pages * PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
-                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    address = libc.mmap(
+        None, pages * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
+    )
     assert address not in (None, ctypes.c_void_p(-1).value)
     return libc, address
 
@@ -258,8 +282,12 @@ def read_hash(fd, page_indices, chunk_pages=64):
     pages.frames.size = count
     pages.read_hash(fd, 0)
     kept = pages.size
-    return (list(pages.frames.pages[0:kept]), list(pages.frames.data[0:kept]), list(pages.hashes[0:kept]),
-            pages.unreadable[0])
+    return (
+        list(pages.frames.pages[0:kept]),
+        list(pages.frames.data[0:kept]),
+        list(pages.hashes[0:kept]),
+        pages.unreadable[0],
+    )
 
 
 def test_unreadable_pages_are_skipped_and_the_rest_read():
@@ -267,14 +295,14 @@ def test_unreadable_pages_are_skipped_and_the_rest_read():
     contents = [random.Random(i).randbytes(PAGE) for i in range(4)]
     for i, content in enumerate(contents):
         ctypes.memmove(address + i * PAGE, content, PAGE)
-    assert libc.munmap(address + 2 * PAGE, PAGE) == 0          # a hole in the middle of a run
+    assert libc.munmap(address + 2 * PAGE, PAGE) == 0  # a hole in the middle of a run
     first = address // PAGE
     fd = os.open("/proc/self/mem", os.O_RDONLY)
     try:
         for chunk in (1, 2, 64):
             pages, pfns, hashes, unreadable = read_hash(fd, [0, first, first + 1, first + 2, first + 3], chunk)
             assert pages == [first, first + 1, first + 3] and unreadable == 2, (chunk, pages)
-            assert pfns == [101, 102, 104]                         # kept aligned with the pages
+            assert pfns == [101, 102, 104]  # kept aligned with the pages
             assert hashes == [native.hash_page(contents[i]) for i in (0, 1, 3)]
     finally:
         os.close(fd)
@@ -284,14 +312,18 @@ def test_unreadable_pages_are_skipped_and_the_rest_read():
 
 def test_a_process_gone_while_read_raises_process_lookup_error():
     require_root_ksm()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline() == "ready\n"
     fd = os.open(f"/proc/{proc.pid}/mem", os.O_RDONLY)
     try:
         stack = next(region for region in kernel.process_maps(proc.pid) if region["path"] == "[stack]")
         last = stack["end"] // PAGE - 1
-        assert read_hash(fd, [last])[0] == [last]                  # readable while it runs
+        assert read_hash(fd, [last])[0] == [last]  # readable while it runs
         stop(proc)
         with pytest.raises(ProcessLookupError):
             read_hash(fd, [last])

@@ -6,6 +6,7 @@ reduced runs sized for CI (about three and a half minutes in all on two cores); 
 with the machine and the timings, are in docs/HARMLESS.md. KSM need not be running: the shim
 marks memory all the same, and its counters show that it did.
 """
+
 import hashlib
 import os
 import re
@@ -18,6 +19,8 @@ import time
 import pytest
 
 from conftest import JEMALLOC, free_port
+
+from ksmpreload.workloads.redis import server_command
 from ksmpreload import shimstats
 
 slow = pytest.mark.slow
@@ -25,8 +28,9 @@ slow = pytest.mark.slow
 
 def clean_environment():
     """os.environ without any preload or shim setting, for the runs without the shim."""
-    return {name: value for name, value in os.environ.items()
-            if name != "LD_PRELOAD" and not name.startswith("KSMPRELOAD_")}
+    return {
+        name: value for name, value in os.environ.items() if name != "LD_PRELOAD" and not name.startswith("KSMPRELOAD_")
+    }
 
 
 class ShimActivity:
@@ -84,19 +88,23 @@ class ShimActivity:
 # Debian-like Python installs may lack the multiprocessing test packages (this one has only
 # test/_test_multiprocessing.py, which holds every test); these are CPython 3.11's own
 # wrapper modules, written to a --testdir.
-MP_INIT = '''import os.path
+MP_INIT = """import os.path
 from test import support
 
 
 def load_tests(*args):
     return support.load_package_tests(os.path.dirname(__file__), *args)
-'''
-MP_MODULE = '''from test._test_multiprocessing import install_tests_in_module_dict
+"""
+MP_MODULE = """from test._test_multiprocessing import install_tests_in_module_dict
 
 install_tests_in_module_dict(globals(), {method!r}, {selection})
-'''
-MP_PARTS = {"processes": 'only_type="processes"', "threads": 'only_type="threads"',
-            "manager": 'only_type="manager"', "misc": "exclude_types=True"}
+"""
+MP_PARTS = {
+    "processes": 'only_type="processes"',
+    "threads": 'only_type="threads"',
+    "manager": 'only_type="manager"',
+    "misc": "exclude_types=True",
+}
 
 
 def write_multiprocessing_tests(directory, methods=("fork", "forkserver", "spawn")):
@@ -121,15 +129,27 @@ REGRTEST_SELECTION = {
     "test.test_mmap": ["test.test_mmap.*"],
     "test.test_bytes": ["test.test_bytes.*"],
     "test.test_gc": ["test.test_gc.*"],
-    "test.test_threading": [f"test.test_threading.{name}.*" for name in (
-        "ThreadTests", "ThreadJoinOnShutdown", "SubinterpThreadingTests", "ThreadingExceptionTests",
-        "AtexitTests", "TimerTests", "ExceptHookTests", "InterruptMainTests", "MiscTestCase")],
+    "test.test_threading": [
+        f"test.test_threading.{name}.*"
+        for name in (
+            "ThreadTests",
+            "ThreadJoinOnShutdown",
+            "SubinterpThreadingTests",
+            "ThreadingExceptionTests",
+            "AtexitTests",
+            "TimerTests",
+            "ExceptHookTests",
+            "InterruptMainTests",
+            "MiscTestCase",
+        )
+    ],
     "test.test_thread": ["test.test_thread.*"],
     "test.test_fork1": ["test.test_fork1.*"],
-    "test.test_subprocess": ["test.test_subprocess.POSIXProcessTestCase.*",
-                             "test.test_subprocess.RunFuncTestCase.*"],
-    FORKSERVER: [f"{FORKSERVER}.WithProcessesTest{name}.*"
-                 for name in ("Heap", "SharedMemory", "Array", "Value", "Queue", "Pool", "Connection")],
+    "test.test_subprocess": ["test.test_subprocess.POSIXProcessTestCase.*", "test.test_subprocess.RunFuncTestCase.*"],
+    FORKSERVER: [
+        f"{FORKSERVER}.WithProcessesTest{name}.*"
+        for name in ("Heap", "SharedMemory", "Array", "Value", "Queue", "Pool", "Connection")
+    ],
 }
 # Fails here with and without the shim: a .pth file of this Python imports threading at
 # start-up, and this test asserts that `python -I` has not imported it.
@@ -138,13 +158,25 @@ REGRTEST_IGNORE = ["test_import_from_another_thread"]
 
 # `python -m test` with SIGINT handled: a shell's background job inherits SIGINT ignored, and
 # then the tests that expect KeyboardInterrupt fail with and without the shim alike.
-REGRTEST = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "sys.argv[0] = 'test'; runpy.run_module('test', run_name='__main__', alter_sys=True)")
+REGRTEST = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'test'; runpy.run_module('test', run_name='__main__', alter_sys=True)"
+)
 
 
 def regrtest(env, workdir, testdir):
-    command = [sys.executable, "-c", REGRTEST, "--testdir", testdir, "-j2", "--timeout", "300",
-               "--tempdir", str(workdir / "regrtest")]
+    command = [
+        sys.executable,
+        "-c",
+        REGRTEST,
+        "--testdir",
+        testdir,
+        "-j2",
+        "--timeout",
+        "300",
+        "--tempdir",
+        str(workdir / "regrtest"),
+    ]
     for patterns in REGRTEST_SELECTION.values():
         for pattern in patterns:
             command += ["-m", pattern]
@@ -161,7 +193,7 @@ def regrtest_summary(output):
     lines = output.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("== Tests result:")]
     assert starts, "regrtest printed no result:\n" + output[-3000:]
-    return [line for line in lines[starts[-1]:] if line.strip() and not line.startswith("Total duration:")]
+    return [line for line in lines[starts[-1] :] if line.strip() and not line.startswith("Total duration:")]
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +209,12 @@ def regrtest_without_shim(tmp_path_factory, mp_testdir):
 
 
 @slow
-@pytest.mark.parametrize("strategy, threshold", [("prctl", None), ("madvise", None),
-                                                 ("prctl", 4096), ("madvise", 4096)],
-                         ids=["prctl", "madvise", "prctl-4K", "madvise-4K"])
-def test_cpython_regrtest_same_under_shim(regrtest_without_shim, mp_testdir, shim_env, tmp_path,
-                                          strategy, threshold):
+@pytest.mark.parametrize(
+    "strategy, threshold",
+    [("prctl", None), ("madvise", None), ("prctl", 4096), ("madvise", 4096)],
+    ids=["prctl", "madvise", "prctl-4K", "madvise-4K"],
+)
+def test_cpython_regrtest_same_under_shim(regrtest_without_shim, mp_testdir, shim_env, tmp_path, strategy, threshold):
     settings = {"strategy": strategy} if threshold is None else {"strategy": strategy, "threshold": threshold}
     env = shim_env(**settings)
     with ShimActivity(env["KSMPRELOAD_STATS_DIR"]) as activity:
@@ -192,34 +225,74 @@ def test_cpython_regrtest_same_under_shim(regrtest_without_shim, mp_testdir, shi
 
 def test_regrtest_summary_shows_a_failure():
     """The comparison can fail: one failing test changes the summary."""
-    passing = ["== Tests result: SUCCESS ==", "All 8 tests OK.", "Total duration: 31.0 sec",
-               "Total tests: run=1,020 (filtered) skipped=58", "Result: SUCCESS"]
-    failing = ["== Tests result: FAILURE ==", "1 test failed:", "    test.test_mmap", "7 tests OK.",
-               "Total duration: 31.0 sec", "Total tests: run=1,020 (filtered) failures=1 skipped=58",
-               "Result: FAILURE"]
-    assert regrtest_summary("\n".join(["0:00:01 [1/8] test.test_mmap passed", *passing])) == \
-        [line for line in passing if not line.startswith("Total duration")]
+    passing = [
+        "== Tests result: SUCCESS ==",
+        "All 8 tests OK.",
+        "Total duration: 31.0 sec",
+        "Total tests: run=1,020 (filtered) skipped=58",
+        "Result: SUCCESS",
+    ]
+    failing = [
+        "== Tests result: FAILURE ==",
+        "1 test failed:",
+        "    test.test_mmap",
+        "7 tests OK.",
+        "Total duration: 31.0 sec",
+        "Total tests: run=1,020 (filtered) failures=1 skipped=58",
+        "Result: FAILURE",
+    ]
+    assert regrtest_summary("\n".join(["0:00:01 [1/8] test.test_mmap passed", *passing])) == [
+        line for line in passing if not line.startswith("Total duration")
+    ]
     assert regrtest_summary("\n".join(failing)) != regrtest_summary("\n".join(passing))
 
 
 # ---- stress-ng -----------------------------------------------------------------------------
 
 STRESSORS = ["malloc", "mmap", "brk", "fork", "vm"]
-STRESS_ARGS = ["--malloc", "1", "--malloc-bytes", "256K", "--malloc-touch", "--malloc-pthreads", "2",
-               "--mmap", "1", "--mmap-bytes", "16M", "--brk", "1", "--fork", "1",
-               "--vm", "1", "--vm-bytes", "64M", "--timeout", "3s", "--metrics-brief", "--verify"]
+STRESS_ARGS = [
+    "--malloc",
+    "1",
+    "--malloc-bytes",
+    "256K",
+    "--malloc-touch",
+    "--malloc-pthreads",
+    "2",
+    "--mmap",
+    "1",
+    "--mmap-bytes",
+    "16M",
+    "--brk",
+    "1",
+    "--fork",
+    "1",
+    "--vm",
+    "1",
+    "--vm-bytes",
+    "64M",
+    "--timeout",
+    "3s",
+    "--metrics-brief",
+    "--verify",
+]
 
 
 def allocators():
     yield pytest.param((), id="glibc")
-    yield pytest.param((JEMALLOC,), id="jemalloc",
-                       marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"))
+    yield pytest.param(
+        (JEMALLOC,),
+        id="jemalloc",
+        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
+    )
 
 
 @pytest.mark.skipif(not shutil.which("stress-ng"), reason="stress-ng missing")
 @pytest.mark.parametrize("preload_after", allocators())
-@pytest.mark.parametrize("strategy, threshold", [(None, None), ("prctl", None), ("madvise", 4096)],
-                         ids=["without-shim", "prctl", "madvise-4K"])
+@pytest.mark.parametrize(
+    "strategy, threshold",
+    [(None, None), ("prctl", None), ("madvise", 4096)],
+    ids=["without-shim", "prctl", "madvise-4K"],
+)
 def test_stress_ng_memory_stressors(shim_env, tmp_path, preload_after, strategy, threshold):
     if strategy is None:
         env = clean_environment()
@@ -229,8 +302,14 @@ def test_stress_ng_memory_stressors(shim_env, tmp_path, preload_after, strategy,
         settings = {"strategy": strategy} if threshold is None else {"strategy": strategy, "threshold": threshold}
         env = shim_env(preload_after, **settings)
     with ShimActivity(tmp_path / "stats") as activity:
-        result = subprocess.run(["stress-ng", *STRESS_ARGS, "--temp-path", str(tmp_path)], env=env,
-                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["stress-ng", *STRESS_ARGS, "--temp-path", str(tmp_path)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "successful run completed" in output
@@ -258,11 +337,15 @@ def value_for(key, generation):
 
 def start_redis(prefix, port, directory, env):
     import redis
+
     log = directory / f"redis-{port}.log"
-    proc = subprocess.Popen([*prefix, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--dir", str(directory), "--dbfilename", "dump.rdb", "--save", "",
-                             "--appendonly", "no", "--logfile", str(log)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*prefix, *server_command(port, "--dbfilename", "dump.rdb", "--logfile", str(log), directory=directory)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=60)
     deadline = time.monotonic() + 30
     while True:
@@ -291,6 +374,7 @@ def wait_no_bgsave(client, timeout=60):
 def start_bgsave(client):
     """BGSAVE now; False when one is still running (Redis then refuses a second)."""
     import redis
+
     try:
         client.bgsave(schedule=False)
         return True
@@ -334,7 +418,7 @@ def check_values(client, generations):
     keys = sorted(generations)
     wrong = []
     for start in range(0, len(keys), 500):
-        chunk = keys[start:start + 500]
+        chunk = keys[start : start + 500]
         for key, value in zip(chunk, client.mget(chunk)):
             if value != value_for(key, generations[key]):
                 wrong.append(key)
@@ -342,10 +426,15 @@ def check_values(client, generations):
 
 
 @slow
-@pytest.mark.skipif(not shutil.which("redis-server") or not shutil.which("redis-benchmark"),
-                    reason="redis-server or redis-benchmark missing")
-@pytest.mark.parametrize("wrap_args, strategy", [(None, None), ((), "prctl"), (("--strategy", "madvise"), "madvise")],
-                         ids=["without-shim", "ksm-wrap", "ksm-wrap-madvise"])
+@pytest.mark.skipif(
+    not shutil.which("redis-server") or not shutil.which("redis-benchmark"),
+    reason="redis-server or redis-benchmark missing",
+)
+@pytest.mark.parametrize(
+    "wrap_args, strategy",
+    [(None, None), ((), "prctl"), (("--strategy", "madvise"), "madvise")],
+    ids=["without-shim", "ksm-wrap", "ksm-wrap-madvise"],
+)
 def test_redis_bgsave_under_load_keeps_every_value(shim, tmp_path, wrap_args, strategy):
     env = clean_environment()
     env["KSMPRELOAD_SHIM"] = shim  # ksm-wrap preloads the shim under test
@@ -354,9 +443,28 @@ def test_redis_bgsave_under_load_keeps_every_value(shim, tmp_path, wrap_args, st
     proc, client, log = start_redis(prefix, free_port(), tmp_path, env)
     port = client.connection_pool.connection_kwargs["port"]
     benchmark_log = open(tmp_path / "benchmark.log", "w")
-    benchmark = subprocess.Popen(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", "4",
-                                  "-n", "10000000", "-r", "5000", "-d", "10000", "-t", "set,lpush,incr", "-q"],
-                                 stdout=benchmark_log, stderr=subprocess.STDOUT)
+    benchmark = subprocess.Popen(
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-c",
+            "4",
+            "-n",
+            "10000000",
+            "-r",
+            "5000",
+            "-d",
+            "10000",
+            "-t",
+            "set,lpush,incr",
+            "-q",
+        ],
+        stdout=benchmark_log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         with ShimActivity(tmp_path / "stats") as activity:
             generations = write_while_saving(client)

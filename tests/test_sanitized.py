@@ -8,6 +8,7 @@
 - valgrind memcheck on the test programs with the release shim preloaded: valgrind's
   malloc replaces libc's, and the shim's malloc calls through to it.
 """
+
 import os
 import re
 import shutil
@@ -24,16 +25,15 @@ PROGRAMS = ["shim_checks", "ctor_main", "ctor_lib", "dlopen_shim", "dup_buffers"
 
 def build(build_dir, *options, targets=PROGRAMS):
     """CMake build of the given targets; returns a name -> path function for tests/c."""
-    subprocess.run(["cmake", "-S", REPO, "-B", str(build_dir), "-DKSMPRELOAD_TESTS=ON", *options],
-                   check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build_dir), "-j2", "--target", *targets], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["cmake", "-S", REPO, "-B", str(build_dir), "-DKSMPRELOAD_TESTS=ON", *options], check=True, capture_output=True
+    )
+    subprocess.run(["cmake", "--build", str(build_dir), "-j2", "--target", *targets], check=True, capture_output=True)
     return lambda name: str(build_dir / "tests" / "c" / name)
 
 
 def run(command, env, timeout=120):
-    return subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
 def base_env(tmp_path, **extra):
@@ -51,8 +51,11 @@ def preload_env(tmp_path, shim, preload_after=(), strategy="prctl", **extra):
 
 def allocators():
     yield pytest.param((), id="glibc")
-    yield pytest.param((JEMALLOC,), id="jemalloc",
-                       marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"))
+    yield pytest.param(
+        (JEMALLOC,),
+        id="jemalloc",
+        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
+    )
 
 
 def expect_ok(result, check=None, reports=()):
@@ -71,8 +74,12 @@ ASAN_REPORTS = [r"ERROR: AddressSanitizer", r"ERROR: LeakSanitizer", r"runtime e
 # runs every check but that expectation. allocator_may_return_null: the enomem check asks for
 # impossible sizes on purpose and wants NULL and ENOMEM, as C says, not ASan's report.
 # ASan runs the allocation loops about four times slower: 5000 rounds per thread, not 20000.
-ASAN_ENV = {"SHIM_CHECKS_ALIGNED": "0", "SHIM_CHECKS_ROUNDS": "5000",
-            "ASAN_OPTIONS": "allocator_may_return_null=1:detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+ASAN_ENV = {
+    "SHIM_CHECKS_ALIGNED": "0",
+    "SHIM_CHECKS_ROUNDS": "5000",
+    "ASAN_OPTIONS": "allocator_may_return_null=1:detect_leaks=1",
+    "UBSAN_OPTIONS": "print_stacktrace=1",
+}
 
 
 @pytest.fixture(scope="session")
@@ -113,16 +120,23 @@ def ubsan_build(tmp_path_factory):
     """The shim with -fsanitize=undefined (optimised as released, with line numbers), and the
     plain test programs plus ubsan_probe. Returns (shim path, name -> program path)."""
     build_dir = tmp_path_factory.mktemp("ubsan-shim-build")
-    programs = build(build_dir, "-DKSMPRELOAD_SHIM_UBSAN=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
-                     targets=["ksmpreload", "ubsan_probe", *PROGRAMS])
+    programs = build(
+        build_dir,
+        "-DKSMPRELOAD_SHIM_UBSAN=ON",
+        "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+        targets=["ksmpreload", "ubsan_probe", *PROGRAMS],
+    )
     return str(build_dir / "libksmpreload.so"), programs
 
 
 def test_ubsan_shim_is_instrumented(ubsan_build):
     from elftools.elf.elffile import ELFFile
+
     with open(ubsan_build[0], "rb") as f:
         elf = ELFFile(f)
-        needed = [tag.needed for tag in elf.get_section_by_name(".dynamic").iter_tags() if tag.entry.d_tag == "DT_NEEDED"]
+        needed = [
+            tag.needed for tag in elf.get_section_by_name(".dynamic").iter_tags() if tag.entry.d_tag == "DT_NEEDED"
+        ]
         imports = [s.name for s in elf.get_section_by_name(".dynsym").iter_symbols() if s["st_shndx"] == "SHN_UNDEF"]
     assert any(name.startswith("libubsan.so") for name in needed), needed
     assert any(name.startswith("__ubsan_handle_") for name in imports), imports
@@ -166,7 +180,11 @@ def test_dup_buffers_under_ubsan_shim(ubsan_build, tmp_path, strategy):
 # ---- valgrind memcheck with the release shim preloaded -----------------------------------
 
 VALGRIND = [
-    "valgrind", "-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite",
+    "valgrind",
+    "-q",
+    "--error-exitcode=99",
+    "--leak-check=full",
+    "--errors-for-leak-kinds=definite",
     # valgrind 3.19 replaces the allocation functions of every object that exports them, the
     # shim's included (--trace-redir=yes shows libksmpreload.so's malloc redirected): the
     # shim's malloc would never run. A somalloc synonym that names no loaded library keeps the

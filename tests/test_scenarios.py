@@ -1,5 +1,6 @@
 """The blog post's four workloads (scripts/scenarios.py) in their small size, on the real kernel:
 each merges what it should under ksm-wrap, and nothing without it."""
+
 import importlib.util
 import os
 import shutil
@@ -65,8 +66,10 @@ def test_memcached_slab_sizes_of_whole_pages_merge_whatever_the_order(tmp_path):
     require_program("memcached")
     require_module("pymemcache")
     sizes = scenarios.value_sizes(scenarios.SIZES["small"]["value_bytes"])
-    runs = {name: scenarios.memcached_run(sizes, 2, "auto", options, "shuffled", 60, str(tmp_path))
-            for name, options in (("default", []), ("pages", ["-o", scenarios.PAGE_MULTIPLE_SLAB_SIZES]))}
+    runs = {
+        name: scenarios.memcached_run(sizes, 2, "auto", options, "shuffled", 60, str(tmp_path))
+        for name, options in (("default", []), ("pages", ["-o", scenarios.PAGE_MULTIPLE_SLAB_SIZES]))
+    }
     expected = runs["default"]["expected_saved_bytes"]
     assert saved_beyond_zero_pages(runs["default"]) < 0.3 * expected, runs["default"]["total"]
     assert saved_beyond_zero_pages(runs["pages"]) >= 0.8 * expected, runs["pages"]["total"]

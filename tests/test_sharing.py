@@ -1,5 +1,6 @@
 """Which processes share which KSM pages (ksmpreload.sharing), on the real kernel; and the C
 decoding behind it on synthetic pagemap and kpageflags words."""
+
 import json
 import os
 import subprocess
@@ -33,15 +34,21 @@ def ksm_merging(ksm_running):
 
 def start_worker(mib, seed):
     """A demo worker under ksm-wrap holding `mib` MiB that every worker with `seed` holds."""
-    proc = subprocess.Popen(["ksm-wrap", sys.executable, "-m", "ksmpreload.demo_worker", str(mib), str(seed)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    proc = subprocess.Popen(
+        ["ksm-wrap", sys.executable, "-m", "ksmpreload.demo_worker", str(mib), str(seed)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     assert json.loads(proc.stdout.readline())["pid"] == proc.pid
     return proc
 
 
 def start_dup_buffers(program, distinct, copies):
-    proc = subprocess.Popen(["ksm-wrap", program, str(distinct), str(copies)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ksm-wrap", program, str(distinct), str(copies)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     report = json.loads(proc.stdout.readline())
     assert report["pid"] == proc.pid
     return proc, report["mergeable_pages"]
@@ -66,8 +73,10 @@ def settle(pids, expect, timeout=120.0):
     while any(merging_pages(pid) < pages for pid, pages in expect.items()):
         if time.monotonic() > deadline:
             knobs = {name: kernel.read_knob(name) for name in ("run", "pages_to_scan", "full_scans")}
-            pytest.fail(f"not merged in {timeout:.0f} s: {[merging_pages(pid) for pid in expect]} of "
-                        f"{list(expect.values())} pages; KSM knobs now {knobs}")
+            pytest.fail(
+                f"not merged in {timeout:.0f} s: {[merging_pages(pid) for pid in expect]} of "
+                f"{list(expect.values())} pages; KSM knobs now {knobs}"
+            )
         time.sleep(0.2)
     scanning.wait_until_settled(lambda: [merging_pages(pid) for pid in pids])
 
@@ -135,8 +144,10 @@ def test_copies_inside_one_process_are_within_process_sharing(ksm_merging, c_pro
 def test_copies_in_two_processes_are_shared_between_them_not_within(ksm_merging, c_programs):
     distinct, copies = 64, 2
     program = c_programs("dup_buffers")
-    (first, mergeable), (second, _) = start_dup_buffers(program, distinct, copies), \
-        start_dup_buffers(program, distinct, copies)
+    (first, mergeable), (second, _) = (
+        start_dup_buffers(program, distinct, copies),
+        start_dup_buffers(program, distinct, copies),
+    )
     try:
         settle([first.pid, second.pid], {first.pid: 0.95 * mergeable, second.pid: 0.95 * mergeable})
         report, before, after = sharing_with_stats([first.pid, second.pid])
@@ -161,12 +172,14 @@ def test_a_process_that_is_gone_is_reported_missing():
 def test_without_root_says_root_is_needed():
     """Root with the effective uid of nobody: capabilities are gone, PFNs read as 0."""
     require_root_ksm()
-    code = ("import os, ksmpreload.sharing as s, ksmpreload.errors as e\n"
-            "os.seteuid(65534)\n"
-            "try:\n"
-            "    s.sharing([os.getpid()])\n"
-            "except e.KsmError as error:\n"
-            "    print(error.message)\n")
+    code = (
+        "import os, ksmpreload.sharing as s, ksmpreload.errors as e\n"
+        "os.seteuid(65534)\n"
+        "try:\n"
+        "    s.sharing([os.getpid()])\n"
+        "except e.KsmError as error:\n"
+        "    print(error.message)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1 and "needs root" in result.stdout, result.stdout
@@ -176,14 +189,15 @@ def test_a_large_reservation_is_read_where_pages_are(tmp_path):
     """256 GiB reserved, 16 MiB written: every mode finds the same pages, and "auto" reads
     only where PAGEMAP_SCAN finds pages (reading every entry costs ~8 bytes per virtual page)."""
     require_root_ksm()
-    code = ("import mmap, sys\n"
-            "NORESERVE = 0x4000\n"
-            "m = mmap.mmap(-1, 256 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | NORESERVE)\n"
-            "m.madvise(mmap.MADV_NOHUGEPAGE)\n"
-            "for i in range(0, 16 << 20, mmap.PAGESIZE): m[i] = 1\n"
-            "print('ready', flush=True); sys.stdin.read()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    code = (
+        "import mmap, sys\n"
+        "NORESERVE = 0x4000\n"
+        "m = mmap.mmap(-1, 256 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | NORESERVE)\n"
+        "m.madvise(mmap.MADV_NOHUGEPAGE)\n"
+        "for i in range(0, 16 << 20, mmap.PAGESIZE): m[i] = 1\n"
+        "print('ready', flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "ready\n"
         found, seconds = {}, {}
@@ -213,24 +227,26 @@ def words_file(tmp_path, name, words):
 
 
 def test_pagemap_decoding_keeps_present_anonymous_pfns(tmp_path):
-    entries = [PRESENT | EXCLUSIVE | SOFT_DIRTY | 0x1234,   # kept: flags above bit 54 dropped
-               0,                                          # not present
-               SWAPPED | 0x77,                             # swapped: bits 0-54 are no PFN
-               PRESENT | FILE | 0x99,                      # a file page: never KSM
-               PRESENT | 0x1234,                           # the same frame again
-               PRESENT | (1 << 54) | 5,                    # the top PFN bit
-               PRESENT]                                    # PFN 0: what non-root reads
+    entries = [
+        PRESENT | EXCLUSIVE | SOFT_DIRTY | 0x1234,  # kept: flags above bit 54 dropped
+        0,  # not present
+        SWAPPED | 0x77,  # swapped: bits 0-54 are no PFN
+        PRESENT | FILE | 0x99,  # a file page: never KSM
+        PRESENT | 0x1234,  # the same frame again
+        PRESENT | (1 << 54) | 5,  # the top PFN bit
+        PRESENT,
+    ]  # PFN 0: what non-root reads
     fd = words_file(tmp_path, "pagemap", entries)
     try:
-        pfns = native.PfnArray(capacity=2)                 # grows while reading
+        pfns = native.PfnArray(capacity=2)  # grows while reading
         pfns.read_pagemap(fd, 0, 100, KEEP_MASK, PRESENT, kernel.PAGEMAP_PFN_MASK)  # past the end
-        assert list(pfns.data[0:pfns.size]) == [0x1234, 0x1234, (1 << 54) | 5, 0]
+        assert list(pfns.data[0 : pfns.size]) == [0x1234, 0x1234, (1 << 54) | 5, 0]
         assert (pfns.counts[0], pfns.counts[1]) == (4, 1)
-        pfns.read_pagemap(fd, 3, 5, KEEP_MASK, PRESENT, kernel.PAGEMAP_PFN_MASK)    # appends
-        assert list(pfns.data[0:pfns.size]) == [0x1234, 0x1234, (1 << 54) | 5, 0, 0x1234]
-        scanned = native.PfnArray(scan="always")    # a plain file has no PAGEMAP_SCAN: falls back
+        pfns.read_pagemap(fd, 3, 5, KEEP_MASK, PRESENT, kernel.PAGEMAP_PFN_MASK)  # appends
+        assert list(pfns.data[0 : pfns.size]) == [0x1234, 0x1234, (1 << 54) | 5, 0, 0x1234]
+        scanned = native.PfnArray(scan="always")  # a plain file has no PAGEMAP_SCAN: falls back
         scanned.read_pagemap(fd, 0, 100, KEEP_MASK, PRESENT, kernel.PAGEMAP_PFN_MASK)
-        assert list(scanned.data[0:scanned.size]) == [0x1234, 0x1234, (1 << 54) | 5, 0]
+        assert list(scanned.data[0 : scanned.size]) == [0x1234, 0x1234, (1 << 54) | 5, 0]
         assert scanned.scan == "never"
     finally:
         os.close(fd)
@@ -242,7 +258,7 @@ def test_attribution_of_synthetic_frames(tmp_path):
     per_process = [[10, 20, 40], [20, 10], [30, 30, 50]]
     pfns = native.u64_array(8)
     flat = [pfn for process in per_process for pfn in process]
-    pfns[0:len(flat)] = flat
+    pfns[0 : len(flat)] = flat
     offsets = [0, 3, 5, 8]
     keys = native.sort_pfns(pfns, len(flat))
     assert [key >> 32 for key in keys[0:8]] == sorted(flat)
@@ -253,7 +269,7 @@ def test_attribution_of_synthetic_frames(tmp_path):
     ksm = 1 << kernel.KPF_KSM
     flags = [0] * 64
     flags[10] = flags[30] = flags[40] = ksm | 1
-    flags[50] = ksm                      # past the end of the file below: reads as 0
+    flags[50] = ksm  # past the end of the file below: reads as 0
     fd = words_file(tmp_path, "kpageflags", flags[:45])
     try:
         words = native.read_pfn_words(fd, distinct, count, max_gap=0)

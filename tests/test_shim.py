@@ -1,5 +1,6 @@
 """The shim inside real processes: the C checks under LD_PRELOAD (glibc and jemalloc),
 from other libraries' constructors, loaded with dlopen, and with bad configuration."""
+
 import os
 import subprocess
 
@@ -17,8 +18,11 @@ def run(program, *args, env=None):
 
 def allocators():
     yield pytest.param((), id="glibc")
-    yield pytest.param((JEMALLOC,), id="jemalloc",
-                       marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"))
+    yield pytest.param(
+        (JEMALLOC,),
+        id="jemalloc",
+        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
+    )
 
 
 @pytest.mark.parametrize("preload_after", allocators())
@@ -52,12 +56,15 @@ def test_loaded_with_dlopen(c_programs, shim):
     assert result.stdout.strip() == "ok dlopen"
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("THRESHOLD", "abc", "KSMPRELOAD_THRESHOLD='abc' is not a size"),
-    ("THRESHOLD", "100", "KSMPRELOAD_THRESHOLD='100' is not a size"),
-    ("STRATEGY", "fast", "KSMPRELOAD_STRATEGY='fast' is not auto, prctl, madvise or observe; using auto"),
-    ("ALIGN", "yes", "KSMPRELOAD_ALIGN='yes' is not 0 or 1; using 1"),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("THRESHOLD", "abc", "KSMPRELOAD_THRESHOLD='abc' is not a size"),
+        ("THRESHOLD", "100", "KSMPRELOAD_THRESHOLD='100' is not a size"),
+        ("STRATEGY", "fast", "KSMPRELOAD_STRATEGY='fast' is not auto, prctl, madvise or observe; using auto"),
+        ("ALIGN", "yes", "KSMPRELOAD_ALIGN='yes' is not 0 or 1; using 1"),
+    ],
+)
 def test_invalid_environment_value_names_variable_and_default(c_programs, shim_env, name, value, expected):
     env = shim_env(**{name.lower(): value})
     result = run(c_programs("shim_checks"), "alignment", "16384", env=env)
@@ -69,15 +76,19 @@ def test_invalid_environment_value_names_variable_and_default(c_programs, shim_e
 def test_counters_published_while_running(c_programs, shim_env, tmp_path):
     """A process's counters file holds its pid, configuration and the large blocks it made."""
     from ksmpreload import shimstats
+
     env = shim_env(strategy="madvise", threshold=THRESHOLD)
-    proc = subprocess.Popen([c_programs("dup_buffers"), "16", "2"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [c_programs("dup_buffers"), "16", "2"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         proc.stdout.readline()
         stats = shimstats.read_process_stats(proc.pid, str(tmp_path / "stats"))
         assert stats is not None
         assert stats["pid"] == proc.pid and stats["strategy"] == "madvise" and stats["threshold"] == THRESHOLD
-        large_buffers = sum(1 for i in range(16) if [8192, 12288, 16384, 20000, 32768, 40960, 50000, 65536][i % 8] >= THRESHOLD) * 2
+        large_buffers = (
+            sum(1 for i in range(16) if [8192, 12288, 16384, 20000, 32768, 40960, 50000, 65536][i % 8] >= THRESHOLD) * 2
+        )
         assert stats["heap_regions"] == large_buffers
         assert stats["madvise_calls"] >= 1 and stats["madvise_einval"] == 0
         assert oct(os.stat(tmp_path / "stats" / f"{proc.pid}.stats").st_mode & 0o777) == "0o600"

@@ -1,4 +1,5 @@
 """The `status` and `ksm` commands, run through the real CLI on the running kernel."""
+
 import fcntl
 import json
 import os
@@ -55,6 +56,7 @@ def assert_one_clear_error(result, exit_code, *words):
 
 
 # ---- status ------------------------------------------------------------------------------
+
 
 def test_status_shows_every_knob_one_per_line():
     require_ksm()
@@ -137,8 +139,12 @@ def read_until(fd, predicate, timeout=30.0):
 def test_status_watch_json_lines_until_ctrl_c():
     """The real CLI in a subprocess, stdout a pipe: JSON lines, and SIGINT exits 0."""
     require_ksm()
-    child = subprocess.Popen(CLI + ["status", "--json", "--watch", "0.2"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+    child = subprocess.Popen(
+        CLI + ["status", "--json", "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     read_until(child.stdout.fileno(), lambda out: out.count(b"\n") >= 1)
     time.sleep(0.5)
     child.send_signal(signal.SIGINT)
@@ -155,8 +161,12 @@ def test_status_watch_redraws_on_a_terminal_until_ctrl_c():
     require_ksm()
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    child = subprocess.Popen(CLI + ["status", "--watch", "0.2"], stdout=follower,
-                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+    child = subprocess.Popen(
+        CLI + ["status", "--watch", "0.2"],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     os.close(follower)
     output = read_until(leader, lambda out: out.count(b"pages saved (") >= 2)
     child.send_signal(signal.SIGINT)
@@ -171,6 +181,7 @@ def test_status_watch_redraws_on_a_terminal_until_ctrl_c():
 
 
 # ---- ksm on / off / unmerge / tune ---------------------------------------------------------
+
 
 def test_ksm_off_on_unmerge_say_what_changed(ksm_running):
     assert run("ksm", "off").stdout.splitlines() == ["run: 1 -> 0"]
@@ -191,8 +202,7 @@ def test_ksm_on_suggests_a_scan_rate_when_a_pass_takes_over_a_minute(ksm_running
     lines = run("ksm", "on").stdout.splitlines()
     assert lines[0] == "run: 0 -> 1"
     seconds = round(kernel.full_scan_seconds(memory, 100, sleep_ms))
-    assert lines[1].startswith(f"hint: at pages_to_scan 100 one pass over all RAM takes about "
-                               f"{seconds} s")
+    assert lines[1].startswith(f"hint: at pages_to_scan 100 one pass over all RAM takes about {seconds} s")
     assert f"--pages-to-scan {suggested}`" in lines[1]
     _write("pages_to_scan", suggested)
     assert run("ksm", "on").stdout.splitlines() == ["run: 1 -> 1"]
@@ -208,8 +218,7 @@ def test_ksm_unmerge_unmerges(ksm_running):
     assert int(_read("pages_sharing")) == 0
 
 
-@pytest.mark.parametrize("option, knob", [("--pages-to-scan", "pages_to_scan"),
-                                          ("--sleep-ms", "sleep_millisecs")])
+@pytest.mark.parametrize("option, knob", [("--pages-to-scan", "pages_to_scan"), ("--sleep-ms", "sleep_millisecs")])
 def test_ksm_tune_changes_the_knob(ksm_running, option, knob):
     before = int(_read(knob))
     result = run("ksm", "tune", option, str(before + 7))
@@ -224,12 +233,15 @@ def test_ksm_tune_both_at_once(ksm_running):
     assert (_read("pages_to_scan"), _read("sleep_millisecs")) == ("1234", "33")
 
 
-@pytest.mark.parametrize("args, words", [
-    ([], ["--pages-to-scan", "--sleep-ms"]),
-    (["--pages-to-scan", "-5"], ["--pages-to-scan"]),
-    (["--pages-to-scan", "0"], ["--pages-to-scan"]),
-    (["--sleep-ms", "fast"], ["--sleep-ms"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([], ["--pages-to-scan", "--sleep-ms"]),
+        (["--pages-to-scan", "-5"], ["--pages-to-scan"]),
+        (["--pages-to-scan", "0"], ["--pages-to-scan"]),
+        (["--sleep-ms", "fast"], ["--sleep-ms"]),
+    ],
+)
 def test_ksm_tune_bad_input(args, words):
     assert_one_clear_error(run("ksm", "tune", *args), 2, *words)
 
@@ -274,6 +286,7 @@ def test_ctrl_c_while_the_cli_starts_is_no_traceback(script):
     from ksmpreload's code (an interrupt inside Python's own start-up is Python's to report)."""
     import re
     import shutil
+
     path = shutil.which(script)
     require(path, f"{script} is not installed")
     args = {"ksmpreload": ["status"], "ksm-wrap": ["true"]}[script]
@@ -290,9 +303,11 @@ def test_ctrl_c_that_python_wrapped_during_import_exits_130(tmp_path, monkeypatc
     ksm-wrap) reaches the entry point as a RuntimeError: it still ends quietly with 130 (CI
     saw the traceback once); any other import error is raised as it is."""
     from ksmpreload import entry
+
     (tmp_path / "interrupted_module.py").write_text(
         "try:\n    raise KeyboardInterrupt\nexcept KeyboardInterrupt as error:\n"
-        "    raise RuntimeError('Error calling __set_name__') from error\n")
+        "    raise RuntimeError('Error calling __set_name__') from error\n"
+    )
     (tmp_path / "broken_module.py").write_text("raise ValueError('broken')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(SystemExit) as ended:

@@ -3,6 +3,7 @@ mapped by live processes, so the readers take them as current), processes of ano
 read without root, and processes that end before they are read. Each command either works
 with what it can read and names what it skipped, or says in one line what it needs, with
 exit 1; never a traceback."""
+
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ SLOTS = {"pid": 1, "strategy": 2, "padding_bytes": 4096, "heap_regions": 1}
 GOOD = counters_file(SLOTS, [(0x10000, 0x100000, 1, 0)] * 4)
 RING = GOOD.index(b"KSMREGN1") + 8
 BAD_FILES = {
-    "truncated": GOOD[:40],                               # cut inside the slot values
+    "truncated": GOOD[:40],  # cut inside the slot values
     "huge count": with_u64(GOOD, 8, 2**63),
     "huge ring": with_u64(with_u64(GOOD, RING, 2**63), RING + 8, 2**63 + 5),  # counters fine, records not
 }
@@ -58,13 +59,15 @@ ksmpreload.cli.main()
 
 
 def ksmpreload(*args, env=None):
-    return subprocess.run(["ksmpreload", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        ["ksmpreload", *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 def as_nobody(*args):
-    return subprocess.run([sys.executable, "-c", AS_NOBODY, *args], capture_output=True, text=True, timeout=300,
-                          cwd="/")
+    return subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, *args], capture_output=True, text=True, timeout=300, cwd="/"
+    )
 
 
 def no_traceback(done):
@@ -82,8 +85,12 @@ def bad_files(tmp_path_factory):
         for kind, data in BAD_FILES.items():
             source = tmp_path_factory.mktemp("source") / "counters"
             source.write_bytes(data)
-            proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(source), str(stats_dir)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", HOLDER, str(source), str(stats_dir)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             procs.append(proc)
             assert proc.stdout.readline() == "ready\n"
             held[kind] = (proc.pid, str(stats_dir / f"{proc.pid}.stats"))
@@ -153,6 +160,7 @@ def test_a_bad_file_its_process_maps_is_noted_once_and_kept(bad_files):
 
 # ---- without root ------------------------------------------------------------------------
 
+
 @pytest.fixture
 def root_process():
     """A process of root's, which nobody may not read."""
@@ -191,13 +199,17 @@ def test_status_and_top_without_root_say_what_they_could_not_read(root_process, 
 def test_exporter_without_root_counts_the_processes_it_could_not_read(root_process):
     done = no_traceback(as_nobody("exporter", "--once"))
     assert done.returncode == 0, done
-    count = next(float(line.split()[1]) for line in done.stdout.splitlines()
-                 if line.startswith("ksmpreload_unreadable_processes "))
+    count = next(
+        float(line.split()[1])
+        for line in done.stdout.splitlines()
+        if line.startswith("ksmpreload_unreadable_processes ")
+    )
     assert count >= 1
     assert "needs root" in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
 # ---- a process that ends between listing and reading ---------------------------------------
+
 
 @pytest.mark.parametrize("command", ["report", "doctor"])
 def test_a_process_that_ends_before_it_is_read_is_one_line(monkeypatch, command):
@@ -210,6 +222,7 @@ def test_a_process_that_ends_before_it_is_read_is_one_line(monkeypatch, command)
         proc.kill()
         proc.wait()
         return read(pid, *args, **kwargs)
+
     monkeypatch.setattr(attribution, "process_attribution", end_then_read)
     result = run(command, str(proc.pid))
     assert_one_clear_error(result, 1, f"no such process: {proc.pid}")

@@ -1,5 +1,6 @@
 """The shim must not multiply a process's mappings (the kernel caps them at vm.max_map_count):
 one million mixed allocations and frees across the threshold, in four threads."""
+
 import json
 import subprocess
 

@@ -1,4 +1,5 @@
 """One module per subcommand; COMMANDS is what `ksmpreload` offers."""
+
 from .compare import compare
 from .demo import demo
 from .doctor import doctor

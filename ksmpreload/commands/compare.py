@@ -1,4 +1,5 @@
 """`ksmpreload compare`: one workload under several allocators and strategies, side by side."""
+
 import click
 from rich.progress import Progress
 
@@ -6,9 +7,19 @@ from .. import compare as comparing
 from .. import kernel, render
 
 MIB = 1024 * 1024
-COLUMNS = [("allocator", "left"), ("strategy", "left"), ("processes", "right"), ("RSS → after merging MiB", "right"),
-           ("saved MiB", "right"), ("% of RSS", "right"), ("padding MiB", "right"), ("net saved MiB", "right"),
-           ("s to 90%", "right"), ("rmap items", "right"), ("throughput", "right")]
+COLUMNS = [
+    ("allocator", "left"),
+    ("strategy", "left"),
+    ("processes", "right"),
+    ("RSS → after merging MiB", "right"),
+    ("saved MiB", "right"),
+    ("% of RSS", "right"),
+    ("padding MiB", "right"),
+    ("net saved MiB", "right"),
+    ("s to 90%", "right"),
+    ("rmap items", "right"),
+    ("throughput", "right"),
+]
 
 
 def csv_choice(known):
@@ -18,23 +29,35 @@ def csv_choice(known):
         if unknown or not names:
             raise click.BadParameter(f"{', '.join(unknown) or 'nothing'} is not one of {', '.join(known)}")
         return names
+
     return parse
 
 
 def rows(results):
     def mib(count):
         return f"{count / MIB:,.1f}"
+
     table = []
     for arm in results:
         if arm["failure"]:
             table.append([arm["allocator"], arm["strategy"], arm["failure"]] + [""] * (len(COLUMNS) - 3))
             continue
         after = arm["resident_bytes"] - arm["saved_bytes"]
-        table.append([allocator(arm), arm["strategy"], arm["processes"],
-                      f"{mib(arm['resident_bytes'])} → {mib(after)}", mib(arm["saved_bytes"]),
-                      arm["saved_percent"], mib(arm["padding_bytes"]), mib(arm["net_saved_bytes"]),
-                      "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"], f"{arm['rmap_items']:,}",
-                      throughput(arm)])
+        table.append(
+            [
+                allocator(arm),
+                arm["strategy"],
+                arm["processes"],
+                f"{mib(arm['resident_bytes'])} → {mib(after)}",
+                mib(arm["saved_bytes"]),
+                arm["saved_percent"],
+                mib(arm["padding_bytes"]),
+                mib(arm["net_saved_bytes"]),
+                "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"],
+                f"{arm['rmap_items']:,}",
+                throughput(arm),
+            ]
+        )
     return table
 
 
@@ -66,35 +89,79 @@ def plot(results, path, command):
             continue
         label = f"{arm['allocator']}, {arm['strategy']}"
         series[label] = [(t, saved * page / MIB) for t, _, saved in arm["samples"]]
-        styles[label] = {"color": f"C{allocators.index(arm['allocator']) % 10}",
-                         "linestyle": LINE_STYLES[strategies.index(arm["strategy"]) % len(LINE_STYLES)]}
-    render.plot_lines(path, series, f"KSM: {' '.join(command)[:60]}", "seconds",
-                      "MiB saved (merged pages less the KSM pages they map)", styles)
+        styles[label] = {
+            "color": f"C{allocators.index(arm['allocator']) % 10}",
+            "linestyle": LINE_STYLES[strategies.index(arm["strategy"]) % len(LINE_STYLES)],
+        }
+    render.plot_lines(
+        path,
+        series,
+        f"KSM: {' '.join(command)[:60]}",
+        "seconds",
+        "MiB saved (merged pages less the KSM pages they map)",
+        styles,
+    )
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("--allocators", default="glibc", show_default=True, callback=csv_choice(comparing.ALLOCATORS),
-              help="Comma-separated: glibc (the program's own), jemalloc, mimalloc, tcmalloc (Debian's "
-                   "libjemalloc2, libmimalloc2.0, libtcmalloc-minimal4, preloaded).")
-@click.option("--strategies", default="none,prctl,madvise", show_default=True,
-              callback=csv_choice(comparing.STRATEGIES),
-              help="Comma-separated: none (no ksm-wrap), prctl, madvise, madvise-noalign.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120, show_default=True, metavar="SECONDS",
-              help="Longest wait per arm for merging to settle.")
-@click.option("--warmup", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="SECONDS",
-              help="Time the command gets to load its data before the measurement starts.")
-@click.option("--wait-ready", is_flag=True,
-              help="COMMAND prints a JSON ready line once loaded (see below); measure from then on.")
-@click.option("--load-timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
-              help="Longest wait for the ready line, with --wait-ready.")
+@click.option(
+    "--allocators",
+    default="glibc",
+    show_default=True,
+    callback=csv_choice(comparing.ALLOCATORS),
+    help="Comma-separated: glibc (the program's own), jemalloc, mimalloc, tcmalloc (Debian's "
+    "libjemalloc2, libmimalloc2.0, libtcmalloc-minimal4, preloaded).",
+)
+@click.option(
+    "--strategies",
+    default="none,prctl,madvise",
+    show_default=True,
+    callback=csv_choice(comparing.STRATEGIES),
+    help="Comma-separated: none (no ksm-wrap), prctl, madvise, madvise-noalign.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=120,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest wait per arm for merging to settle.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time the command gets to load its data before the measurement starts.",
+)
+@click.option(
+    "--wait-ready", is_flag=True, help="COMMAND prints a JSON ready line once loaded (see below); measure from then on."
+)
+@click.option(
+    "--load-timeout",
+    type=click.FloatRange(min=1),
+    default=1800,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest wait for the ready line, with --wait-ready.",
+)
 @click.option("--json", "as_json", is_flag=True, help="The results as JSON on stdout.")
-@click.option("--markdown", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Also write the table as Markdown to FILE.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
-              help="Also plot MiB saved over time per arm to FILE.png.")
+@click.option(
+    "--markdown",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="FILE",
+    help="Also write the table as Markdown to FILE.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="FILE.png",
+    help="Also plot MiB saved over time per arm to FILE.png.",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, as_json, markdown, plot_path,
-            command):
+def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, as_json, markdown, plot_path, command):
     """Run COMMAND once per allocator and strategy and compare what KSM saves.
 
     \b
@@ -121,11 +188,17 @@ def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, a
     with Progress(transient=True, disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
         results = comparing.compare(
-            list(command), allocators, strategies, timeout, warmup,
+            list(command),
+            allocators,
+            strategies,
+            timeout,
+            warmup,
             on_arm=lambda allocator, strategy: progress.update(task, description=f"{allocator}, {strategy}"),
             on_sample=lambda arm, pages: progress.update(
-                task, description=f"{arm.allocator}, {arm.strategy}: {pages} pages merged"),
-            wait_ready=load_timeout if wait_ready else None)
+                task, description=f"{arm.allocator}, {arm.strategy}: {pages} pages merged"
+            ),
+            wait_ready=load_timeout if wait_ready else None,
+        )
     if markdown:
         with open(markdown, "w") as f:
             f.write(render.markdown_table(COLUMNS, rows(results), f"ksmpreload compare: {' '.join(command)}") + "\n")

@@ -1,4 +1,5 @@
 """`ksmpreload demo`: two workers holding the same data under ksm-wrap, merging shown live."""
+
 import os
 import sys
 import time
@@ -10,6 +11,7 @@ from .. import kernel, scanning
 from ..processes import ksm_wrap_command, start_workers, stop_workers
 from ..errors import KsmError
 from ..render import console, human_bytes, print_json, print_rich, table
+
 
 def start_demo_workers(count, mib):
     worker = [sys.executable, "-m", "ksmpreload.demo_worker", str(mib), "1"]
@@ -30,36 +32,60 @@ def merged_pages(workers):
 def watch_merging(workers, timeout, quiet):
     """Show merged pages against the pages the workers hold until merging settles."""
     total = sum(proc.held_bytes for proc in workers) // kernel.page_size()
-    columns = (TextColumn("merging"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("merging"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} pages"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console(), disable=quiet, transient=False) as progress:
         task = progress.add_task("merge", total=total)
-        scanning.wait_until_settled(lambda: merged_pages(workers), timeout=timeout,
-                                    on_progress=lambda merged: progress.update(task, completed=min(merged, total)))
+        scanning.wait_until_settled(
+            lambda: merged_pages(workers),
+            timeout=timeout,
+            on_progress=lambda merged: progress.update(task, completed=min(merged, total)),
+        )
     return total
 
 
 def summary(workers, total_pages, seconds):
     stats = worker_stats(workers)
     page = kernel.page_size()
-    rows = [{"pid": proc.pid, "held_bytes": proc.held_bytes, "merging_pages": stat.get("ksm_merging_pages", 0),
-             "profit_bytes": stat.get("ksm_process_profit", 0)} for proc, stat in zip(workers, stats)]
+    rows = [
+        {
+            "pid": proc.pid,
+            "held_bytes": proc.held_bytes,
+            "merging_pages": stat.get("ksm_merging_pages", 0),
+            "profit_bytes": stat.get("ksm_process_profit", 0),
+        }
+        for proc, stat in zip(workers, stats)
+    ]
     merged = sum(row["merging_pages"] for row in rows)
     # The workers hold the same data: n merged copies of a page leave one. (The machine-wide
     # pages_sharing would also move with other processes' merging and unmerging.)
     saved = merged * (len(workers) - 1) // len(workers) * page
-    return {"workers": rows, "held_bytes": total_pages * page, "merged_pages": merged,
-            "saved_bytes": saved, "seconds": round(seconds, 1)}
+    return {
+        "workers": rows,
+        "held_bytes": total_pages * page,
+        "merged_pages": merged,
+        "saved_bytes": saved,
+        "seconds": round(seconds, 1),
+    }
 
 
 def show_summary(result):
-    rows = [(w["pid"], human_bytes(w["held_bytes"]), w["merging_pages"], human_bytes(w["profit_bytes"]))
-            for w in result["workers"]]
-    print_rich(table([("pid", "right"), ("holds", "right"), ("merging pages", "right"),
-                      ("ksm_process_profit", "right")], rows))
-    click.echo(f"{len(rows)} workers hold {human_bytes(result['held_bytes'])}; KSM merged "
-               f"{result['merged_pages']} of their pages, saving {human_bytes(result['saved_bytes'])} "
-               f"in {result['seconds']} s.")
+    rows = [
+        (w["pid"], human_bytes(w["held_bytes"]), w["merging_pages"], human_bytes(w["profit_bytes"]))
+        for w in result["workers"]
+    ]
+    print_rich(
+        table([("pid", "right"), ("holds", "right"), ("merging pages", "right"), ("ksm_process_profit", "right")], rows)
+    )
+    click.echo(
+        f"{len(rows)} workers hold {human_bytes(result['held_bytes'])}; KSM merged "
+        f"{result['merged_pages']} of their pages, saving {human_bytes(result['saved_bytes'])} "
+        f"in {result['seconds']} s."
+    )
 
 
 def run_demo(workers_count, mib, timeout, as_json):

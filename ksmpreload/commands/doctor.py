@@ -1,4 +1,5 @@
 """`ksmpreload doctor`: why KSM is not merging, what it costs, and the fix."""
+
 import shutil
 import signal
 import subprocess
@@ -15,15 +16,16 @@ from ..errors import EXIT_NOT_FOUND, KsmError
 from ..processes import ksm_wrap_command, merged_pages, process_tree
 
 MIB = 1024 * 1024
-START_SECONDS = 1.0   # a started command gets this long to allocate before the wait for merging
+START_SECONDS = 1.0  # a started command gets this long to allocate before the wait for merging
 
 
 def start_wrapped(command, as_is):
     """The command under ksm-wrap (as_is: in observe mode), its stdin closed and stdout dropped."""
     options = ["--strategy", "observe"] if as_is else []
     try:
-        return subprocess.Popen([*ksm_wrap_command(), *options, *command],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [*ksm_wrap_command(), *options, *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
     except OSError as error:
         raise KsmError(f"cannot start {command[0]}: {error.strerror}", EXIT_NOT_FOUND) from error
 
@@ -31,8 +33,10 @@ def start_wrapped(command, as_is):
 def wait_for_merging(pid, timeout, quiet):
     """Until the merged pages of the process and its children stop changing over several full
     scans, or `timeout`."""
+
     def merged():
         return merged_pages(process_tree(pid))
+
     if kernel.read_knob("run") != 1:
         return
     if quiet or not sys.stderr.isatty():
@@ -40,9 +44,13 @@ def wait_for_merging(pid, timeout, quiet):
         return
     with Progress(transient=True) as progress:
         task = progress.add_task("waiting for KSM to settle", total=None)
-        scanning.wait_until_settled(merged, timeout=timeout,
-                                    on_progress=lambda pages: progress.update(task, description=(
-                                        f"waiting for KSM to settle: {pages} pages merged")))
+        scanning.wait_until_settled(
+            merged,
+            timeout=timeout,
+            on_progress=lambda pages: progress.update(
+                task, description=(f"waiting for KSM to settle: {pages} pages merged")
+            ),
+        )
 
 
 def diagnose_command(command, timeout, quiet, as_is):
@@ -56,8 +64,11 @@ def diagnose_command(command, timeout, quiet, as_is):
         time.sleep(START_SECONDS)
         if proc.poll() is not None:
             report = diagnosis.diagnose([], program=program)
-            report["notes"].insert(0, f"{command[0]} exited with {proc.returncode} within {START_SECONDS:g} s: "
-                                      "only the system and its file were diagnosed")
+            report["notes"].insert(
+                0,
+                f"{command[0]} exited with {proc.returncode} within {START_SECONDS:g} s: "
+                "only the system and its file were diagnosed",
+            )
             return report
         wait_for_merging(proc.pid, timeout, quiet)
         return diagnosis.diagnose(process_tree(proc.pid), program=program)
@@ -74,8 +85,7 @@ def finding_text(number, finding):
     cost = f" ({finding['cost_bytes'] / MIB:.1f} MiB)" if finding["cost_bytes"] else ""
     who = f" [pid {finding['pid']}]" if finding["pid"] else ""
     evidence = ", ".join(f"{key} {value}" for key, value in finding["evidence"].items() if key != "regions")
-    lines = [f"{number}. {finding['title']}{cost}{who}", f"   why: {finding['cause']}",
-             f"   fix: {finding['fix']}"]
+    lines = [f"{number}. {finding['title']}{cost}{who}", f"   why: {finding['cause']}", f"   fix: {finding['fix']}"]
     if evidence:
         lines.append(f"   evidence: {evidence}")
     for region in finding["evidence"].get("regions", []):
@@ -90,8 +100,10 @@ def print_report(report):
     potential = report.get("potential")
     if potential:
         merged = "unknown" if potential["merged_bytes"] is None else f"{potential['merged_bytes'] / MIB:.1f} MiB"
-        parts += [Text(""), Text(f"duplicate potential: {potential['potential_bytes'] / MIB:.1f} MiB could merge, "
-                                 f"{merged} has")]
+        parts += [
+            Text(""),
+            Text(f"duplicate potential: {potential['potential_bytes'] / MIB:.1f} MiB could merge, {merged} has"),
+        ]
     parts += [Text(""), Text("notes:")] + [Text(f"- {note}") for note in report["notes"]]
     render.print_rich(Group(*parts))
 
@@ -108,11 +120,20 @@ def split_targets(args):
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("targets", nargs=-1, type=click.UNPROCESSED)
 @click.option("--json", "as_json", is_flag=True, help="The findings as one JSON object.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True, metavar="SECONDS",
-              help="With a command: how long to wait for merging to settle.")
-@click.option("--as-is", is_flag=True,
-              help="With a command: run it as it runs without ksmpreload (the shim only watches its own "
-                   "madvise calls), to learn why it does not merge by itself.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=120,
+    show_default=True,
+    metavar="SECONDS",
+    help="With a command: how long to wait for merging to settle.",
+)
+@click.option(
+    "--as-is",
+    is_flag=True,
+    help="With a command: run it as it runs without ksmpreload (the shim only watches its own "
+    "madvise calls), to learn why it does not merge by itself.",
+)
 @click.option("--quiet", is_flag=True, help="No progress display while waiting.")
 def doctor(targets, as_json, timeout, as_is, quiet):
     """Why KSM is not merging, what it costs, and what to do about it.

@@ -3,6 +3,7 @@
 Every scrape reads /sys/kernel/mm/ksm, /proc/<pid>/ksm_stat and the shim's counters files
 afresh; nothing is cached between scrapes.
 """
+
 import socket
 import socketserver
 import time
@@ -49,14 +50,14 @@ CUMULATIVE_KNOBS = ("full_scans", "pages_scanned", "pages_skipped")  # only ever
 PROCESS_FIELDS = {  # /proc/<pid>/ksm_stat field: help
     "ksm_merging_pages": "Pages of the process that KSM merged.",
     "ksm_zero_pages": "Empty pages of the process KSM mapped to the kernel's zero page.",
-    "ksm_process_profit": "Bytes KSM saves for the process minus what its rmap_items cost "
-                          "(can be negative).",
+    "ksm_process_profit": "Bytes KSM saves for the process minus what its rmap_items cost (can be negative).",
     "ksm_rmap_items": "rmap_items KSM keeps for the process (one per page it looked at).",
 }
 SHIM_SETTINGS = ("pid", "strategy", "threshold", "align", "page_size")  # the rest count events
 
 
 # ---- what one scrape reports ---------------------------------------------------------------
+
 
 def knob_metrics(knobs):
     for name, value in knobs.items():
@@ -66,8 +67,11 @@ def knob_metrics(knobs):
         family_type = CounterMetricFamily if name in CUMULATIVE_KNOBS else GaugeMetricFamily
         yield family_type(f"{PREFIX}_ksm_{name}", help_text, value=value)
     saved = kernel.pages_saved(knobs) * kernel.page_size()
-    yield GaugeMetricFamily(f"{PREFIX}_saved_bytes", "Bytes KSM saves machine-wide: "
-                            "(pages_sharing + ksm_zero_pages) * page size.", value=saved)
+    yield GaugeMetricFamily(
+        f"{PREFIX}_saved_bytes",
+        "Bytes KSM saves machine-wide: (pages_sharing + ksm_zero_pages) * page size.",
+        value=saved,
+    )
 
 
 def process_metrics(processes):
@@ -82,8 +86,11 @@ def process_metrics(processes):
 def shim_metrics(counters, commands):
     """`counters`: {pid: the shim's slots}; `commands`: {pid: comm} of the processes to report."""
     reported = {pid: slots for pid, slots in counters.items() if pid in commands}
-    info = GaugeMetricFamily(f"{PREFIX}_shim_info", "1 for each process running libksmpreload.so, "
-                             "with the shim's strategy.", labels=[*PROCESS_LABELS, "strategy"])
+    info = GaugeMetricFamily(
+        f"{PREFIX}_shim_info",
+        "1 for each process running libksmpreload.so, with the shim's strategy.",
+        labels=[*PROCESS_LABELS, "strategy"],
+    )
     counted = {}
     for pid, slots in sorted(reported.items()):
         info.add_metric([str(pid), commands[pid], slots["strategy"]], 1)
@@ -92,8 +99,11 @@ def shim_metrics(counters, commands):
                 counted.setdefault(slot, []).append(([str(pid), commands[pid]], value))
     yield info
     for slot, samples in counted.items():
-        family = CounterMetricFamily(f"{PREFIX}_shim_{slot}", f"The shim's {slot} counter since the "
-                                     "process started (docs/COUNTERS.md).", labels=PROCESS_LABELS)
+        family = CounterMetricFamily(
+            f"{PREFIX}_shim_{slot}",
+            f"The shim's {slot} counter since the process started (docs/COUNTERS.md).",
+            labels=PROCESS_LABELS,
+        )
         for labels, value in samples:
             family.add_metric(labels, value)
         yield family
@@ -105,16 +115,22 @@ REGION_MIN_KIB = 1024  # regions kinds with less anonymous memory and nothing me
 def region_metrics(processes):
     """Per process, its memory by what made it (attribution labels): anonymous and merged bytes."""
     labels = [*PROCESS_LABELS, "made_by"]
-    anonymous = GaugeMetricFamily(f"{PREFIX}_region_anonymous_bytes", "Anonymous memory of the process's "
-                                  "regions, by what made them (ksmpreload report).", labels=labels)
-    merged = GaugeMetricFamily(f"{PREFIX}_region_ksm_bytes", "Memory of the process's regions mapped to "
-                               "KSM pages (smaps KSM:), by what made them.", labels=labels)
+    anonymous = GaugeMetricFamily(
+        f"{PREFIX}_region_anonymous_bytes",
+        "Anonymous memory of the process's regions, by what made them (ksmpreload report).",
+        labels=labels,
+    )
+    merged = GaugeMetricFamily(
+        f"{PREFIX}_region_ksm_bytes",
+        "Memory of the process's regions mapped to KSM pages (smaps KSM:), by what made them.",
+        labels=labels,
+    )
     for process in processes:
         try:
             found = attribution.process_attribution(process["pid"])
         except NeedsRoot:
             continue  # it became another user's (a setuid exec) since it was listed
-        for made_by, totals in (attribution.by_label(found).items() if found else ()):
+        for made_by, totals in attribution.by_label(found).items() if found else ():
             if totals["ksm_kib"] or totals["anonymous_kib"] >= REGION_MIN_KIB:
                 key = [str(process["pid"]), process["comm"], made_by]
                 anonymous.add_metric(key, totals["anonymous_kib"] * 1024)
@@ -134,16 +150,24 @@ def shim_commands(counters, processes):
     return commands
 
 
-UNREADABLE_NOTE = ("other users' processes are left out: reading their /proc/PID/ksm_stat needs root "
-                   f"({PREFIX}_unreadable_processes counts them)")
+UNREADABLE_NOTE = (
+    "other users' processes are left out: reading their /proc/PID/ksm_stat needs root "
+    f"({PREFIX}_unreadable_processes counts them)"
+)
 
 
 def unreadable_metrics(processes, counters_files):
-    yield GaugeMetricFamily(f"{PREFIX}_unreadable_processes", "Processes whose ksm_stat could not be read "
-                            "(other users' processes, without root): left out.", value=processes)
-    yield GaugeMetricFamily(f"{PREFIX}_unreadable_counters_files", "Counters files of running processes that "
-                            "could not be read or parsed: left out (the exporter's stderr names them).",
-                            value=counters_files)
+    yield GaugeMetricFamily(
+        f"{PREFIX}_unreadable_processes",
+        "Processes whose ksm_stat could not be read (other users' processes, without root): left out.",
+        value=processes,
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_unreadable_counters_files",
+        "Counters files of running processes that "
+        "could not be read or parsed: left out (the exporter's stderr names them).",
+        value=counters_files,
+    )
 
 
 class KsmCollector:
@@ -170,8 +194,11 @@ class KsmCollector:
         yield from shim_metrics(counters, shim_commands(counters, processes))
         yield from unreadable_metrics(unreadable, len(problems))
         self.note(problems + ([UNREADABLE_NOTE] if unreadable else []))
-        yield GaugeMetricFamily(f"{PREFIX}_scrape_duration_seconds", "Seconds this scrape took to "
-                                "read KSM's and the shim's counters.", value=time.perf_counter() - started)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_scrape_duration_seconds",
+            "Seconds this scrape took to read KSM's and the shim's counters.",
+            value=time.perf_counter() - started,
+        )
 
 
 def metrics_registry():
@@ -182,8 +209,10 @@ def metrics_registry():
 
 # ---- the HTTP server -----------------------------------------------------------------------
 
+
 class ListenAddress(click.ParamType):
     """HOST:PORT, with an IPv6 host in brackets ([::1]:9465); port 0 picks a free one."""
+
     name = "HOST:PORT"
 
     def convert(self, value, param, ctx):
@@ -221,8 +250,13 @@ def url(server):
 
 
 @click.command()
-@click.option("--listen", type=ListenAddress(), default=DEFAULT_LISTEN, show_default=True,
-              help="Address to serve /metrics on; 0.0.0.0:PORT to reach it from other machines.")
+@click.option(
+    "--listen",
+    type=ListenAddress(),
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    help="Address to serve /metrics on; 0.0.0.0:PORT to reach it from other machines.",
+)
 @click.option("--once", is_flag=True, help="Print the metrics once to stdout and exit (no server).")
 def exporter(listen, once):
     """Serve KSM's metrics to Prometheus.

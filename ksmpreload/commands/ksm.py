@@ -1,4 +1,5 @@
 """`ksmpreload ksm`: start, stop and unmerge ksmd, and set its scan rate (needs root)."""
+
 import click
 
 from .. import kernel
@@ -23,8 +24,10 @@ def scan_rate_hint():
         return None
     now = kernel.full_scan_seconds(memory, knobs["pages_to_scan"], sleep_ms)
     then = kernel.full_scan_seconds(memory, suggested, sleep_ms)
-    return (f"hint: at pages_to_scan {knobs['pages_to_scan']} one pass over all RAM takes about "
-            f"{now:.0f} s; `ksmpreload ksm tune --pages-to-scan {suggested}` makes it {then:.0f} s")
+    return (
+        f"hint: at pages_to_scan {knobs['pages_to_scan']} one pass over all RAM takes about "
+        f"{now:.0f} s; `ksmpreload ksm tune --pages-to-scan {suggested}` makes it {then:.0f} s"
+    )
 
 
 @click.group()
@@ -54,10 +57,18 @@ def unmerge():
 
 
 @ksm.command()
-@click.option("--pages-to-scan", type=click.IntRange(min=1), metavar="N",
-              help="Pages ksmd scans per wake-up (kernel default 100).")
-@click.option("--sleep-ms", type=click.IntRange(min=1), metavar="N",
-              help="Milliseconds ksmd sleeps between wake-ups (sleep_millisecs, default 20).")
+@click.option(
+    "--pages-to-scan",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Pages ksmd scans per wake-up (kernel default 100).",
+)
+@click.option(
+    "--sleep-ms",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Milliseconds ksmd sleeps between wake-ups (sleep_millisecs, default 20).",
+)
 def tune(pages_to_scan, sleep_ms):
     """Set ksmd's scan rate: give --pages-to-scan, --sleep-ms or both."""
     if pages_to_scan is None and sleep_ms is None:

@@ -1,4 +1,5 @@
 """`ksmpreload report`: who saves what, per process and per region, and who shares with whom."""
+
 import click
 from rich.console import Group
 from rich.text import Text
@@ -13,22 +14,50 @@ def mib(count_bytes):
 
 
 def process_section(report):
-    columns = [("pid", "right"), ("command", "left"), ("strategy", "left"), ("merged MiB", "right"),
-               ("padding MiB", "right"), ("net saved MiB", "right"), ("zero pages", "right"),
-               ("profit MiB", "right")]
-    rows = [[p["pid"], p["comm"], p["shim"]["strategy"] if p["shim"] else "no shim", mib(p["merged_bytes"]),
-             mib(p["padding_bytes"]), mib(p["net_saved_bytes"]), p["ksm_stat"].get("ksm_zero_pages", "-"),
-             mib(p["ksm_stat"]["ksm_process_profit"]) if "ksm_process_profit" in p["ksm_stat"] else "-"]
-            for p in sorted(report["processes"], key=lambda p: -p["net_saved_bytes"])]
+    columns = [
+        ("pid", "right"),
+        ("command", "left"),
+        ("strategy", "left"),
+        ("merged MiB", "right"),
+        ("padding MiB", "right"),
+        ("net saved MiB", "right"),
+        ("zero pages", "right"),
+        ("profit MiB", "right"),
+    ]
+    rows = [
+        [
+            p["pid"],
+            p["comm"],
+            p["shim"]["strategy"] if p["shim"] else "no shim",
+            mib(p["merged_bytes"]),
+            mib(p["padding_bytes"]),
+            mib(p["net_saved_bytes"]),
+            p["ksm_stat"].get("ksm_zero_pages", "-"),
+            mib(p["ksm_stat"]["ksm_process_profit"]) if "ksm_process_profit" in p["ksm_stat"] else "-",
+        ]
+        for p in sorted(report["processes"], key=lambda p: -p["net_saved_bytes"])
+    ]
     return "Processes (net saved = merged - the shim's alignment padding)", columns, rows
 
 
 def region_section(process, limit):
-    columns = [("made by", "left"), ("regions", "right"), ("anonymous MiB", "right"), ("KSM MiB", "right"),
-               ("shared pages", "right")]
-    rows = [[label, totals["regions"], mib(totals["anonymous_kib"] * 1024), mib(totals["ksm_kib"] * 1024),
-             totals["shared_pages"]]
-            for label, totals in list(attribution.by_label(process).items())[:limit]]
+    columns = [
+        ("made by", "left"),
+        ("regions", "right"),
+        ("anonymous MiB", "right"),
+        ("KSM MiB", "right"),
+        ("shared pages", "right"),
+    ]
+    rows = [
+        [
+            label,
+            totals["regions"],
+            mib(totals["anonymous_kib"] * 1024),
+            mib(totals["ksm_kib"] * 1024),
+            totals["shared_pages"],
+        ]
+        for label, totals in list(attribution.by_label(process).items())[:limit]
+    ]
     return f"Regions of {process['pid']} ({process['comm']}), by what made them", columns, rows
 
 
@@ -42,16 +71,24 @@ def sharing_section(report):
         if a == b:
             return f"({within.get(a, 0)})"
         return pairs.get((a, b), pairs.get((b, a), 0))
+
     columns = [("pid", "right")] + [(str(pid), "right") for pid in pids]
     rows = [[a] + [cell(a, b) for b in pids] for a in pids]
     return "KSM pages shared by pair ((n): only within one process)", columns, rows
 
 
 def unmerged_section(report):
-    columns = [("pid", "right"), ("command", "left"), ("region", "left"), ("made by", "left"),
-               ("unmerged MiB", "right")]
-    rows = [[u["pid"], u["comm"], f"{u['start']:x}-{u['end']:x}", u["label"], mib(u["unmerged_kib"] * 1024)]
-            for u in report["unmerged"]]
+    columns = [
+        ("pid", "right"),
+        ("command", "left"),
+        ("region", "left"),
+        ("made by", "left"),
+        ("unmerged MiB", "right"),
+    ]
+    rows = [
+        [u["pid"], u["comm"], f"{u['start']:x}-{u['end']:x}", u["label"], mib(u["unmerged_kib"] * 1024)]
+        for u in report["unmerged"]
+    ]
     return "Biggest mergeable regions not merged", columns, rows
 
 
@@ -82,8 +119,14 @@ def print_markdown(report, region_limit):
 @click.argument("pids", nargs=-1, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="The whole report as one JSON object.")
 @click.option("--markdown", is_flag=True, help="Markdown tables instead of terminal tables.")
-@click.option("--regions", "region_limit", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Region kinds listed per process.")
+@click.option(
+    "--regions",
+    "region_limit",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Region kinds listed per process.",
+)
 @click.option("--no-sharing", is_flag=True, help="Skip the sharing matrix (it reads page frames; root only).")
 def report(pids, as_json, markdown, region_limit, no_sharing):
     """Where merged memory comes from: per process, per region, and between processes.

@@ -1,4 +1,5 @@
 """`ksmpreload status`: KSM's knobs and counters, the pages it saves, the processes using it."""
+
 import sys
 import time
 
@@ -52,8 +53,10 @@ def saved_pages(process):
 
 
 def process_table(processes):
-    rows = [[cell(process, key) for _, _, key in PROCESS_COLUMNS]
-            for process in sorted(processes, key=saved_pages, reverse=True)]
+    rows = [
+        [cell(process, key) for _, _, key in PROCESS_COLUMNS]
+        for process in sorted(processes, key=saved_pages, reverse=True)
+    ]
     columns = [(header, justify) for header, justify, _ in PROCESS_COLUMNS]
     return render.table(columns, rows, title="Processes with KSM-enabled memory")
 
@@ -61,10 +64,12 @@ def process_table(processes):
 def status_view(snap, compact=False):
     """The text form of a snapshot: one line per knob (in columns if `compact`, to fit a
     terminal), pages saved, the process table."""
-    saved = Text(f"pages saved (pages_sharing + ksm_zero_pages): "
-                 f"{snap['pages_saved']} pages, {snap['mib_saved']} MiB")
-    processes = (process_table(snap["processes"]) if snap["processes"]
-                 else Text(f"no {'readable ' if snap['notes'] else ''}process has KSM-enabled memory"))
+    saved = Text(f"pages saved (pages_sharing + ksm_zero_pages): {snap['pages_saved']} pages, {snap['mib_saved']} MiB")
+    processes = (
+        process_table(snap["processes"])
+        if snap["processes"]
+        else Text(f"no {'readable ' if snap['notes'] else ''}process has KSM-enabled memory")
+    )
     layout = render.key_value_columns if compact else render.key_value_lines
     return Group(layout(snap["ksm"].items()), Text(), saved, Text(), processes, *render.note_lines(snap["notes"]))
 
@@ -97,9 +102,13 @@ def watch_stream(seconds, as_json):
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-@click.option("--watch", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Refresh every SECONDS until Ctrl-C: in place on a terminal, else one "
-                   "snapshot per interval (with --json, one object per line).")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Refresh every SECONDS until Ctrl-C: in place on a terminal, else one "
+    "snapshot per interval (with --json, one object per line).",
+)
 def status(as_json, watch):
     """Show KSM's knobs, pages saved and processes.
 

@@ -1,4 +1,5 @@
 """`ksmpreload top`: a live view of the processes KSM saves memory for, biggest first."""
+
 import sys
 import time
 
@@ -11,14 +12,32 @@ from .. import kernel, render, shimstats
 
 MIB = 1024 * 1024
 SORT_KEYS = {  # --sort choice -> (row key, largest first)
-    "saved": ("net_saved", True), "merged": ("merged", True), "profit": ("profit", True),
-    "zero": ("zero", True), "pid": ("pid", False), "command": ("command", False),
+    "saved": ("net_saved", True),
+    "merged": ("merged", True),
+    "profit": ("profit", True),
+    "zero": ("zero", True),
+    "pid": ("pid", False),
+    "command": ("command", False),
 }
-COLUMNS = [("pid", "right"), ("command", "left"), ("shim", "left"), ("merged MiB", "right"),
-           ("zero-page MiB", "right"), ("padding MiB", "right"), ("net saved MiB", "right"),
-           ("profit MiB", "right")]
-GLOBAL_COUNTERS = ("run", "pages_shared", "pages_sharing", "pages_unshared", "full_scans", "pages_to_scan",
-                   "sleep_millisecs")
+COLUMNS = [
+    ("pid", "right"),
+    ("command", "left"),
+    ("shim", "left"),
+    ("merged MiB", "right"),
+    ("zero-page MiB", "right"),
+    ("padding MiB", "right"),
+    ("net saved MiB", "right"),
+    ("profit MiB", "right"),
+]
+GLOBAL_COUNTERS = (
+    "run",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "full_scans",
+    "pages_to_scan",
+    "sleep_millisecs",
+)
 
 
 def process_rows(name_filter, notes):
@@ -34,10 +53,18 @@ def process_rows(name_filter, notes):
         shim = counters.get(process["pid"])
         merged = process.get("ksm_merging_pages", 0) * page
         padding = shimstats.memory_cost_bytes(shim)
-        rows.append({"pid": process["pid"], "command": process["cmdline"],
-                     "shim": shim["strategy"] if shim else "-", "merged": merged,
-                     "zero": process.get("ksm_zero_pages", 0) * page, "padding": padding,
-                     "net_saved": merged - padding, "profit": process.get("ksm_process_profit", 0)})
+        rows.append(
+            {
+                "pid": process["pid"],
+                "command": process["cmdline"],
+                "shim": shim["strategy"] if shim else "-",
+                "merged": merged,
+                "zero": process.get("ksm_zero_pages", 0) * page,
+                "padding": padding,
+                "net_saved": merged - padding,
+                "profit": process.get("ksm_process_profit", 0),
+            }
+        )
     return rows
 
 
@@ -47,9 +74,13 @@ def snapshot(sort, name_filter):
     rows = sorted(process_rows(name_filter, notes), key=lambda row: row[key], reverse=largest_first)
     knobs = kernel.read_knobs()
     totals = {name: sum(row[name] for row in rows) for name in ("merged", "zero", "padding", "net_saved", "profit")}
-    return {"ksm": {name: knobs[name] for name in GLOBAL_COUNTERS if name in knobs},
-            "saved_bytes": kernel.pages_saved(knobs) * kernel.page_size(), "processes": rows, "totals": totals,
-            "notes": notes}
+    return {
+        "ksm": {name: knobs[name] for name in GLOBAL_COUNTERS if name in knobs},
+        "saved_bytes": kernel.pages_saved(knobs) * kernel.page_size(),
+        "processes": rows,
+        "totals": totals,
+        "notes": notes,
+    }
 
 
 def mib(count):
@@ -57,22 +88,56 @@ def mib(count):
 
 
 def view(snap, limit):
-    header = Text(f"KSM saves {mib(snap['saved_bytes'])} MiB machine-wide   "
-                  + "   ".join(f"{name} {value}" for name, value in snap["ksm"].items()))
-    rows = [[row["pid"], row["command"], row["shim"], mib(row["merged"]), mib(row["zero"]), mib(row["padding"]),
-             mib(row["net_saved"]), mib(row["profit"])] for row in snap["processes"][:limit]]
+    header = Text(
+        f"KSM saves {mib(snap['saved_bytes'])} MiB machine-wide   "
+        + "   ".join(f"{name} {value}" for name, value in snap["ksm"].items())
+    )
+    rows = [
+        [
+            row["pid"],
+            row["command"],
+            row["shim"],
+            mib(row["merged"]),
+            mib(row["zero"]),
+            mib(row["padding"]),
+            mib(row["net_saved"]),
+            mib(row["profit"]),
+        ]
+        for row in snap["processes"][:limit]
+    ]
     totals = snap["totals"]
-    rows.append(["", f"total ({len(snap['processes'])} processes)", "", mib(totals["merged"]), mib(totals["zero"]),
-                 mib(totals["padding"]), mib(totals["net_saved"]), mib(totals["profit"])])
+    rows.append(
+        [
+            "",
+            f"total ({len(snap['processes'])} processes)",
+            "",
+            mib(totals["merged"]),
+            mib(totals["zero"]),
+            mib(totals["padding"]),
+            mib(totals["net_saved"]),
+            mib(totals["profit"]),
+        ]
+    )
     return Group(header, render.table(COLUMNS, rows), *render.note_lines(snap["notes"]))
 
 
 @click.command()
-@click.option("--sort", type=click.Choice(sorted(SORT_KEYS)), default="saved", show_default=True,
-              help="Order of the rows (saved: merged minus the shim's padding).")
+@click.option(
+    "--sort",
+    type=click.Choice(sorted(SORT_KEYS)),
+    default="saved",
+    show_default=True,
+    help="Order of the rows (saved: merged minus the shim's padding).",
+)
 @click.option("--filter", "name_filter", metavar="TEXT", help="Only processes whose command line contains TEXT.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, metavar="SECONDS",
-              help="Refresh period.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Refresh period.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=30, show_default=True, help="Rows shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
 def top(sort, name_filter, interval, limit, as_json):

@@ -9,6 +9,7 @@ advisor_mode as printed in each mode; KERNEL records the release and page size. 
 it changes is restored. No other process may use KSM meanwhile: the capture checks that
 general_profit is explained by its two children alone, which the tests rely on.
 """
+
 import os
 import platform
 import sys
@@ -64,8 +65,7 @@ def check_only_children(stats):
     rmap_items = sum(int(text.split()[1]) for text in stats)  # first line: ksm_rmap_items N
     saved = int(knob("pages_sharing")) + int(knob("ksm_zero_pages"))
     if int(knob("general_profit")) != saved * os.sysconf("SC_PAGE_SIZE") - 64 * rmap_items:
-        raise SystemExit("another process uses KSM (general_profit does not add up): "
-                         "stop it and capture again")
+        raise SystemExit("another process uses KSM (general_profit does not add up): stop it and capture again")
 
 
 def capture_merging():

@@ -1,0 +1,1 @@
+"""The workloads the tool measures and demonstrates (issue 13): how to start each program."""

@@ -1,0 +1,30 @@
+"""The Python code passes ruff's lint and is in ruff's format (pyproject.toml, [tool.ruff]):
+`ruff check` and `ruff format` from the repository root fix most of what this reports."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = ["ksmpreload", "scripts", "tests", "setup.py"]
+
+
+def ruff(*args):
+    if not importlib.util.find_spec("ruff") and os.environ.get("CI") != "true":
+        pytest.skip("ruff is not installed (pip install '.[test]')")
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args, *CODE], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_python_passes_lint():
+    result = ruff("check", "--no-cache", "--output-format", "concise")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_python_is_formatted():
+    result = ruff("format", "--no-cache", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
