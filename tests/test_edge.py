@@ -1,0 +1,65 @@
+"""The one edge where errors become what the user sees (ksmpreload/edge.py): a line on stderr
+naming the program, and the exit code the error carries. No root, no KSM."""
+
+import click
+import pytest
+
+from ksmpreload.edge import run_cli
+from ksmpreload.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, KsmError, NeedsRoot, NoSuchProcess
+
+
+@pytest.fixture(autouse=True)
+def no_arguments(monkeypatch):
+    """click reads sys.argv: the tool's own, not pytest's."""
+    monkeypatch.setattr("sys.argv", ["tool"])
+
+
+def command_raising(error):
+    @click.command()
+    @click.option("--count", type=int, default=1)
+    def command(count):
+        raise error
+
+    return command
+
+
+@pytest.mark.parametrize(
+    "error,code,line",
+    [
+        (NoSuchProcess([41, 42]), EXIT_USAGE, "tool: no such process: 41, 42"),
+        (NoSuchProcess([7], while_read=True), EXIT_FAILURE, "tool: no such process: 7 (it ended while being read)"),
+        (
+            NeedsRoot("reading /proc/1/pagemap"),
+            EXIT_FAILURE,
+            "tool: reading /proc/1/pagemap needs root (run it with sudo)",
+        ),
+        (KsmError("two\nlines", 127), 127, "tool: two lines"),
+    ],
+)
+def test_library_errors_become_one_line_and_their_exit_code(capsys, error, code, line):
+    with pytest.raises(SystemExit) as leaving:
+        run_cli(command_raising(error), "tool")
+    assert leaving.value.code == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_library_errors_are_not_click_types():
+    """The library knows nothing of its command line (issue 13)."""
+    assert not issubclass(KsmError, click.ClickException)
+
+
+def test_usage_errors_point_at_help(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["tool", "--count", "many"])
+    with pytest.raises(SystemExit) as leaving:
+        run_cli(command_raising(KsmError("unused")), "tool")
+    assert leaving.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("tool: Invalid value for '--count'") and err.endswith("(see 'tool --help')\n"), err
+
+
+def test_ctrl_c_exits_130_quietly(capsys):
+    """click ends the ^C line with a newline; nothing else is said."""
+    with pytest.raises(SystemExit) as leaving:
+        run_cli(command_raising(KeyboardInterrupt()), "tool")
+    assert leaving.value.code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == ""
