@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need root and KSM skip elsewhere, but fail when CI=true."""
+"""Shared fixtures. tests/unit needs neither root nor KSM; tests/integration runs on the real
+kernel as root: elsewhere it skips, and fails when CI=true."""
 
 import os
 
@@ -34,6 +35,12 @@ def _write(name, value):
         f.write(str(value))
 
 
+@pytest.fixture(autouse=True)
+def integration_needs_root_and_ksm(request):
+    if "integration" in request.node.path.parts:
+        require_root_ksm()
+
+
 @pytest.fixture
 def ksm_running():
     """KSM on with a fast scan rate for the test; every knob it changes is restored after."""
@@ -59,6 +66,16 @@ def ksm_stat(pid):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def allocators():
+    """Parameters for tests under glibc's malloc and under Debian's jemalloc (LD_PRELOAD after the shim)."""
+    yield pytest.param((), id="glibc")
+    yield pytest.param(
+        (JEMALLOC,),
+        id="jemalloc",
+        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
+    )
 
 
 @pytest.fixture(scope="session")

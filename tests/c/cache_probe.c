@@ -1,4 +1,4 @@
-/* The shim's cache of freed aligned blocks, seen from a program; run by tests/test_guest.py.
+/* The shim's cache of freed aligned blocks, seen from a program; run by tests/integration/test_guest.py.
  *   cache_probe phases   phases, each ended by a line on stdout and a line read from stdin:
  *                        "kept" (after a loop, 8 blocks of 64 KiB made and freed), "idle" (then
  *                        128 blocks of 20 KiB made and held), "threads" (12 threads each looped,

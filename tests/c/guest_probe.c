@@ -1,4 +1,4 @@
-/* What the shim may cost its host, measured from inside; run by tests/test_guest.py.
+/* What the shim may cost its host, measured from inside; run by tests/integration/test_guest.py.
  *   guest_probe calloc MIB      calloc MIB MiB, check it reads zero, print the RSS it added (KiB);
  *                               with GUEST_PROBE_LIFT set, after freeing a 30 MiB block
  *   guest_probe reused SIZE     rounds of malloc(SIZE) filled with 0xab, free, calloc(SIZE):

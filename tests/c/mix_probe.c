@@ -1,6 +1,6 @@
 /* Random large and small allocations in several threads that share their blocks (a block
  * is often freed by another thread than the one that made it), each block filled with a
- * pattern that is checked before it is freed or reallocated; run by tests/test_large_blocks.py,
+ * pattern that is checked before it is freed or reallocated; run by tests/integration/test_large_blocks.py,
  * alone and under the shim, with glibc's tunables varied. Any block that reads back wrong,
  * is not aligned as asked, or is smaller than asked ends the run with exit 1; glibc aborts
  * on a corrupt heap of its own accord.

@@ -1,7 +1,7 @@
 /* Checks of what the shim must keep and give, run under LD_PRELOAD by pytest.
  * usage: shim_checks CHECK [THRESHOLD]; exits 0 when the check holds, else
  * prints "FAIL <check>: <why>" and exits 1. For runs without the shim or under
- * valgrind (tests/test_sanitized.py), from the environment:
+ * valgrind (tests/integration/test_sanitized.py), from the environment:
  *   SHIM_CHECKS_ALIGNED=0   large blocks need not be page-aligned (ASan's own
  *                           allocator, which must stay first); the rest still runs
  *   SHIM_CHECKS_ROUNDS=N    rounds per allocating thread (default 20000) */

@@ -1,4 +1,4 @@
-/* A program that allocates large blocks under the shim, for tests/test_hostile.py.
+/* A program that allocates large blocks under the shim, for tests/integration/test_hostile.py.
  * Each line it prints is JSON; "wait" means: read one byte from stdin.
  * usage: stats_probe alloc        4 blocks of 64 KiB, print {"pid", "euid", "secure", "aligned"}
  *        stats_probe wait         as alloc, then wait before exiting

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import JEMALLOC, free_port
+from conftest import allocators, free_port
 
 from ksmpreload.workloads.redis import server_command
 from ksmpreload import shimstats
@@ -275,15 +275,6 @@ STRESS_ARGS = [
     "--metrics-brief",
     "--verify",
 ]
-
-
-def allocators():
-    yield pytest.param((), id="glibc")
-    yield pytest.param(
-        (JEMALLOC,),
-        id="jemalloc",
-        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
-    )
 
 
 @pytest.mark.skipif(not shutil.which("stress-ng"), reason="stress-ng missing")

@@ -8,19 +8,10 @@ import subprocess
 
 import pytest
 
-from conftest import JEMALLOC
+from conftest import allocators
 from ksmpreload import shimstats
 
 THRESHOLD = 8192
-
-
-def allocators():
-    yield pytest.param((), id="glibc")
-    yield pytest.param(
-        (JEMALLOC,),
-        id="jemalloc",
-        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
-    )
 
 
 MIMALLOC = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2"

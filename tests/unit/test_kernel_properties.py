@@ -11,9 +11,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from conftest import REPO
 from ksmpreload import kernel, shimstats
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(REPO, "tests", "data")
 KSM_STAT_COUNTERS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
 KSM_STAT_FLAGS = ("ksm_merge_any", "ksm_mergeable")
 

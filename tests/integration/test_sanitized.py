@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import JEMALLOC, REPO, require
+from conftest import REPO, allocators, require
 
 THRESHOLD = 16384
 STRATEGIES = ["prctl", "madvise"]
@@ -47,15 +47,6 @@ def preload_env(tmp_path, shim, preload_after=(), strategy="prctl", **extra):
     env = base_env(tmp_path, KSMPRELOAD_STRATEGY=strategy, KSMPRELOAD_THRESHOLD=str(THRESHOLD), **extra)
     env["LD_PRELOAD"] = " ".join([shim, *preload_after])
     return env
-
-
-def allocators():
-    yield pytest.param((), id="glibc")
-    yield pytest.param(
-        (JEMALLOC,),
-        id="jemalloc",
-        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
-    )
 
 
 def expect_ok(result, check=None, reports=()):

@@ -1,31 +1,22 @@
 """ksmpreload.kernel: parsers against golden files captured from Linux 6.18 (tests/data,
-made by tests/data/capture_golden.py), and the same functions on the running kernel."""
+made by tests/data/capture_golden.py). The same functions on the running kernel are in
+tests/integration/test_kernel_live.py."""
 
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import require, require_root_ksm, wait_full_scans
+from conftest import REPO
 from ksmpreload import kernel
-from mergeable_child import mergeable_process
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(REPO, "tests", "data")
 GOLDEN_KNOBS = os.path.join(DATA, "sys_kernel_mm_ksm_6.18_merging")
 MERGING = "ksm_stat_6.18_prctl_merging.txt"
 ZERO_PAGES = "ksm_stat_6.18_prctl_zero_pages.txt"
 NOT_INVOLVED = "ksm_stat_6.18_not_involved.txt"
 KERNEL_THREAD = "ksm_stat_6.18_kernel_thread.txt"
 WITH_PROFIT = (MERGING, ZERO_PAGES, NOT_INVOLVED)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AS_NOBODY = """
-import json, os
-from ksmpreload.kernel import ksm_processes
-os.setgroups([]); os.setgid(65534); os.setuid(65534)  # after imports: Python may sit in /root
-print(json.dumps(ksm_processes()))
-"""
 
 
 def golden(name):
@@ -40,10 +31,6 @@ def golden_kernel():
 
 def golden_page_size():
     return int(golden_kernel()["page_size"])
-
-
-def require_ksm_stat():
-    require(os.path.exists(f"/proc/{os.getpid()}/ksm_stat"), "no /proc/<pid>/ksm_stat (Linux < 6.1)")
 
 
 # ---- /proc/<pid>/ksm_stat, golden ----------------------------------------------------------
@@ -155,38 +142,6 @@ def test_features_of_6_6():
     assert not features["smart_scan"] and not features["ksm_stat_flags"]
 
 
-def _merge_flag_after_exec():
-    """PR_GET_MEMORY_MERGE in a process exec'd after setting the flag."""
-    after = "from ksmpreload import native; print(int(native.memory_merge_enabled()))"
-    before = (
-        "import os, sys; from ksmpreload import native; native.set_memory_merge(True); "
-        f"os.execv(sys.executable, [sys.executable, '-c', {after!r}])"
-    )
-    done = subprocess.run([sys.executable, "-c", before], capture_output=True, text=True, timeout=60, cwd="/")
-    return done.stdout.strip()
-
-
-def test_features_said_present_exist_on_this_kernel():
-    """KERNEL_FEATURES against the running kernel: what it promises is really there."""
-    require(kernel.ksm_available(), "the kernel has no KSM")
-    features = kernel.kernel_features()
-    stat = kernel.process_ksm_stat(os.getpid()) or {}
-    with open(f"/proc/{os.getpid()}/smaps") as f:
-        smaps = f.read()
-    checks = {
-        "ksm_stat": "ksm_rmap_items" in stat,
-        "prctl_merge": "ksm_process_profit" in stat,
-        "ksm_zero_pages": ("ksm_zero_pages" in stat and kernel.read_knob("ksm_zero_pages") is not None),
-        "smaps_ksm": "\nKSM:" in smaps,
-        "smart_scan": kernel.read_knob("smart_scan") is not None,
-        "advisor": kernel.read_knob("advisor_mode") is not None,
-        "ksm_stat_flags": "ksm_merge_any" in stat and "ksm_mergeable" in stat,
-        "prctl_merge_exec": _merge_flag_after_exec() == "1",
-    }
-    assert set(checks) == set(features)
-    assert [name for name, present in features.items() if present and not checks[name]] == []
-
-
 # ---- scan rate -----------------------------------------------------------------------------
 
 
@@ -229,12 +184,6 @@ def test_process_ksm_stat_of_a_gone_process_is_none():
     assert kernel.process_ksm_stat(child.pid) is None
 
 
-def test_process_ksm_stat_of_this_process():
-    require_ksm_stat()
-    stat = kernel.process_ksm_stat(os.getpid())
-    assert isinstance(stat["ksm_rmap_items"], int)
-
-
 def test_short_cmdline():
     redis = "/usr/bin/redis-server\0--port\0 6380\0"
     assert kernel.short_cmdline(redis, "redis-server") == "redis-server --port  6380"
@@ -265,35 +214,6 @@ def test_ksm_processes_on_a_fake_proc(monkeypatch, tmp_path):
     found = kernel.ksm_processes()
     expected = {"pid": 100, "comm": "python3", "cmdline": "python3 app.py", **kernel.parse_ksm_stat(golden(MERGING))}
     assert found == [expected]
-
-
-def test_ksm_processes_as_unprivileged_user_skips_unreadable_processes():
-    """As nobody, a root process's ksm_stat cannot be read (EACCES): it is skipped, no crash."""
-    require_root_ksm()
-    require_ksm_stat()
-    with mergeable_process(16) as child:  # prctl sets merge_any at once: no scan needed
-        assert kernel.uses_ksm(kernel.process_ksm_stat(child.pid))
-        result = subprocess.run(
-            [sys.executable, "-c", AS_NOBODY],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": REPO},
-            timeout=60,
-        )
-    assert result.returncode == 0, result.stderr
-    assert child.pid not in [entry["pid"] for entry in json.loads(result.stdout)]
-
-
-def test_ksm_processes_finds_a_prctl_process(ksm_running):
-    npages = 512
-    with mergeable_process(npages) as child:
-        wait_full_scans(3)  # a new mm joins behind ksmd's cursor: the scan under way misses it
-        entry = next(e for e in kernel.ksm_processes() if e["pid"] == child.pid)
-        assert entry["comm"].startswith("python")
-        assert "mergeable_child.py" in entry["cmdline"]
-        assert entry["ksm_merge_any"] is True
-        assert entry["ksm_merging_pages"] >= npages
-        assert kernel.pages_saved(kernel.read_knobs()) >= npages - 1
 
 
 # ---- smaps, captured from dup_buffers under `ksm-wrap --strategy madvise` after merging settled

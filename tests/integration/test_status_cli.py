@@ -22,7 +22,7 @@ from ksmpreload import kernel
 from ksmpreload.cli import main
 from mergeable_child import mergeable_process
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = [sys.executable, "-c", "from ksmpreload.cli import main; main()"]
 SNAPSHOT_KEYS = {"ksm", "pages_saved", "mib_saved", "processes", "notes"}
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import JEMALLOC
+from conftest import allocators
 
 CHECKS = ["alignment", "realloc", "errno", "enomem", "threads", "fork", "exec"]
 THRESHOLD = 16384
@@ -14,15 +14,6 @@ THRESHOLD = 16384
 
 def run(program, *args, env=None):
     return subprocess.run([program, *args], env=env, capture_output=True, text=True, timeout=120)
-
-
-def allocators():
-    yield pytest.param((), id="glibc")
-    yield pytest.param(
-        (JEMALLOC,),
-        id="jemalloc",
-        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
-    )
 
 
 @pytest.mark.parametrize("preload_after", allocators())
