@@ -1,6 +1,7 @@
 """cffi build script for ksmpreload._native: the syscalls the toolkit makes itself, the
 page-frame decoding behind ksmpreload.sharing and the page hashing behind ksmpreload.potential
 (arrays in, arrays out, no Python per page)."""
+
 import os
 
 from cffi import FFI
