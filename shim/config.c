@@ -112,7 +112,7 @@ void ksm_config_read(struct ksm_config *config, size_t page_size)
     config->threshold = KSM_DEFAULT_THRESHOLD;
     config->strategy = KSM_STRATEGY_AUTO;
     config->align = 1;
-    config->cache = 1;
+    config->cache = 0; /* opt-in: docs/COUNTERS.md says what it may still do wrong */
     config->verbose = 0;
     config->jemalloc_hooks = 0;
     /* secure_getenv gives nothing in AT_SECURE programs, whose environment an unprivileged

@@ -16,7 +16,7 @@ struct ksm_config {
     size_t threshold;
     enum ksm_strategy strategy;
     int align;
-    int cache; /* keep freed aligned blocks for reuse (block_cache.c) */
+    int cache; /* keep freed aligned blocks for reuse (block_cache.c); KSMPRELOAD_CACHE=1 */
     int verbose;
     int jemalloc_hooks; /* measurement mode: count jemalloc's extents through its hooks */
     const char *stats_dir;

@@ -27,11 +27,13 @@
 static size_t page_size = 4096;
 static struct ksm_glibc_calls glibc;
 static int threshold_fixed;
+static size_t least_lead = MIN_CHUNK; /* the part in front of a cut block: a chunk at least */
 /* glibc's dynamic mmap threshold, followed from the frees the shim sees. */
 static size_t mmap_threshold = 128 * 1024;
 
-void ksm_glibc_start(size_t chosen_page_size, int fixed_threshold, const struct ksm_glibc_calls *calls)
+void ksm_glibc_start(size_t chosen_page_size, int fixed_threshold, int caching, const struct ksm_glibc_calls *calls)
 {
+    least_lead = caching ? LEAVES_SMALL_CACHES : MIN_CHUNK;
     page_size = chosen_page_size;
     glibc = *calls;
     threshold_fixed = fixed_threshold;
@@ -103,7 +105,7 @@ int ksm_glibc_pins_free_memory(void *ptr)
 /* How many bytes to malloc to cut an aligned block of `size` from: room in front and behind
  * the block for parts that are always large enough to leave glibc's small caches when freed
  * (ksm_glibc_cut_block). */
-static size_t carve_request(size_t size) { return size + page_size + 2 * (MIN_CHUNK + LEAVES_SMALL_CACHES); }
+static size_t carve_request(size_t size) { return size + page_size + least_lead + MIN_CHUNK + LEAVES_SMALL_CACHES; }
 
 /* A size glibc cannot serve at all counts as mapped: it goes to posix_memalign, which refuses
  * it, before the request sizes here wrap around (a fixed threshold never compares). */
@@ -255,9 +257,11 @@ void *ksm_glibc_cut_block(size_t size)
     if (!raw)
         return NULL;
     uintptr_t block = page_up((uintptr_t)raw);
-    /* The part in front joins the free memory before it: a small one would stay in tcache, in
-     * use as far as the heap knows, and hide that memory (ksm_glibc_pins_free_memory). */
-    if (block != (uintptr_t)raw && block - (uintptr_t)raw < LEAVES_SMALL_CACHES)
+    /* With the block cache, the part in front joins the free memory before it: a small one
+     * would stay in tcache, in use as far as the heap knows, and hide that memory from
+     * ksm_glibc_pins_free_memory. Without it, a small part keeps a freed block from joining
+     * the memory in front, and malloc's first try (ksm_glibc_reused_block) finds it again. */
+    if (block != (uintptr_t)raw && block - (uintptr_t)raw < least_lead)
         block += page_size;
     if (ksm_glibc_chunk_is_mapped(raw))
         return move_mapped_chunk(raw, block);

@@ -839,7 +839,7 @@ __attribute__((constructor)) static void ksmpreload_start(void)
                                   .vma_budget = read_max_map_count() / 4};
     ksm_marking_start(&marking);
     struct ksm_glibc_calls glibc = {real_malloc, real_realloc, real_free, real_malloc_usable_size};
-    ksm_glibc_start(page_size, ksm_glibc_thresholds_fixed(), &glibc);
+    ksm_glibc_start(page_size, ksm_glibc_thresholds_fixed(), config.align && config.cache, &glibc);
     ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
     if (!allocator_is_glibc && !ksm_jemalloc_found())
         find_other_size_classes();

@@ -140,7 +140,7 @@ def test_cache_of_freed_blocks_is_bounded_counted_and_given_back(c_programs, shi
     them: 4 a thread, counted as memory it costs;
     given back once 32 requests in a row could not use them, and when their thread exits; 12
     threads keep at most the process's 8 MiB."""
-    seen = cache_phases(c_programs("cache_probe"), shim_env(preload_after, threshold=THRESHOLD))
+    seen = cache_phases(c_programs("cache_probe"), shim_env(preload_after, threshold=THRESHOLD, cache=1))
     kept = seen["kept"]  # a thread's share may be a block and 64 KiB behind (docs/COUNTERS.md)
     assert 3 <= kept["cached_blocks"] <= 4 and 3 * 65536 <= kept["cached_bytes"] <= CACHE_THREAD_BYTES, kept
     assert shimstats.memory_cost_bytes(kept) >= kept["cached_bytes"]
@@ -179,7 +179,7 @@ def test_cache_that_empties_itself_while_serving_a_request(c_programs, shim_env)
     gave back a block from the empty cache (a crash, seen in CI as 1 run in 20 of mix_probe)."""
     result = subprocess.run(
         [c_programs("cache_probe"), "emptied"],
-        env=shim_env(threshold=THRESHOLD),
+        env=shim_env(threshold=THRESHOLD, cache=1),
         capture_output=True,
         text=True,
         timeout=60,
@@ -193,7 +193,7 @@ def test_double_free_of_a_cached_block_still_aborts(c_programs, shim_env):
     program = c_programs("cache_probe")
     alone = subprocess.run([program, "twice"], capture_output=True, text=True, timeout=30)
     shimmed = subprocess.run(
-        [program, "twice"], env=shim_env(threshold=THRESHOLD), capture_output=True, text=True, timeout=30
+        [program, "twice"], env=shim_env(threshold=THRESHOLD, cache=1), capture_output=True, text=True, timeout=30
     )
     assert alone.returncode == shimmed.returncode == -6, (alone, shimmed)
     assert "double free" in alone.stderr and shimmed.stderr and "ksmpreload" not in shimmed.stderr, shimmed.stderr
@@ -205,7 +205,7 @@ def test_double_free_across_threads_of_a_cached_block_aborts(c_programs, shim_en
     corrupt the program's memory, so the shim stops it as glibc would."""
     result = subprocess.run(
         [c_programs("cache_probe"), "across"],
-        env=shim_env(preload_after, threshold=THRESHOLD),
+        env=shim_env(preload_after, threshold=THRESHOLD, cache=1),
         capture_output=True,
         text=True,
         timeout=30,

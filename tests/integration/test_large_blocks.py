@@ -97,6 +97,17 @@ def test_blocks_of_every_kind_read_back_what_was_written(c_programs, shim_env, p
     assert run_probe([c_programs("mix_probe"), "11", "2000", threads], env).strip() == "ok"
 
 
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("preload_after,tunables", allocator_settings())
+def test_blocks_of_every_kind_read_back_with_the_block_cache(c_programs, shim_env, preload_after, tunables, seed):
+    """The same mix with KSMPRELOAD_CACHE=1, four threads, two seeds (a cache that emptied
+    itself while serving crashed this run under tcache_count=0 about once in 20; the
+    `cache_probe emptied` test in test_guest.py makes that case every time)."""
+    env = shim_env(preload_after, cache=1)
+    env["GLIBC_TUNABLES"] = tunables
+    assert run_probe([c_programs("mix_probe"), str(seed), "2000", "4"], env).strip() == "ok"
+
+
 @pytest.mark.parametrize("size", [8192, 65536, 262144])
 def test_blocks_freed_by_another_thread_leave_glibc_heap_sound(c_programs, shim_env, size):
     """One thread makes blocks, another frees them: glibc rewrites the flag bits of a chunk's
