@@ -214,6 +214,8 @@ static void mark_heap_block(void *ptr, size_t size)
     ksm_mark_heap_block(ptr, size);
 }
 
+static int caching; /* aligned blocks, and KSMPRELOAD_CACHE=1 */
+
 /* A kept block, taken from the cache for a request of `size` (or NULL): one that has at most
  * a page and a quarter of the request more than the allocator gives the request unaligned
  * (mimalloc gives a page-aligned 150 KiB block 192 KiB, its size class 152 KiB). */
@@ -228,7 +230,7 @@ static void *take_from_cache(size_t size, size_t *usable)
 static void *cached_block(size_t size)
 {
     size_t usable;
-    void *ptr = take_from_cache(size, &usable);
+    void *ptr = caching ? take_from_cache(size, &usable) : NULL; /* off: no call, nothing learned */
     if (ptr)
         ksm_padding_note(ptr, alignment_padding(ptr, size, usable));
     return ptr;
@@ -571,8 +573,6 @@ static void free_to_allocator(void *ptr)
         ksm_glibc_before_free(ptr);
     real_free(ptr);
 }
-
-static int caching; /* aligned blocks, and the cache not turned off */
 
 SLOW_PATH static void free_slow(void *ptr)
 {

@@ -61,11 +61,15 @@ def dup_buffers_under_shim(program, stats_dir):
         yield proc
     finally:
         proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        wait_or_kill(proc, 30)
+
+
+def wait_or_kill(proc, timeout):
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -76,11 +80,7 @@ def running(args, **popen_args):
         yield proc
     finally:
         proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        wait_or_kill(proc, 10)
 
 
 @contextlib.contextmanager
