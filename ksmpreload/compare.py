@@ -2,36 +2,31 @@
 scan rate, with KSM unmerged in between, and measured from the kernel.
 
 An arm starts the command (through ksm-wrap unless its strategy is none; with Debian's
-libjemalloc, libmimalloc or libtcmalloc preloaded for those allocators), follows the merged
-pages of the command's process tree until they stop changing for several full scans (or the
-time limit; a change of a few pages, which threads that keep writing them cause, does not
-count), then measures and stops it:
-- saved: pages the arm's processes map to a KSM page, minus the distinct KSM pages they map
-  (what merging took away; from sharing(), root), plus their KSM zero pages;
-- resident: the processes' RSS; padding: the shim's alignment padding; net = saved - padding;
-- time to 90%: when the saving first reached 90% of its final value, in seconds from
-  the command's start (with wait_ready: from its ready line);
-- rmap items: the scan state KSM keeps for them (its cost);
-- throughput: what the command reports in its ready line (below), if anything;
-- allocator loaded: how many of the processes map the preloaded allocator.
+libjemalloc, libmimalloc or libtcmalloc preloaded for those allocators), follows its processes
+while they merge and measures them (measurement.py: saved, resident, padding, net saved, time to
+90%, rmap items), then stops it. Besides: throughput, what the command reports in its ready line
+(below), if anything; allocator loaded, how many of the processes map the preloaded allocator.
 
 With wait_ready the command loads its data first and then prints one JSON object on a line of
 its stdout, for example {"ready": true, "pids": [4711, 4712], "throughput": 5300.0,
-"throughput_unit": "sets/s"}: the arm is followed from then on, and only the processes in
-"pids" (all of its process tree when there is no "pids") are measured. scripts/scenarios.py
-NAME --serve speaks this.
+"throughput_unit": "sets/s"}: the arm is followed from then on (times count from it), and only
+the processes in "pids" (all of its process tree when there is no "pids") are measured. Every
+workload of the package speaks this (`python -m ksmpreload.workloads serve NAME`, which
+`ksmpreload compare --workload NAME` runs).
 """
 
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from . import kernel, scanning, shimstats
-from .processes import ksm_wrap_command, merged_pages, process_tree, resident_bytes, stop_tree
+from . import kernel, scanning
 from .errors import KsmError
+from .measurement import Measurement, follow, measure
+from .processes import ksm_wrap_command, process_tree, stop_tree
 
 LIBRARIES = "/usr/lib/x86_64-linux-gnu"
 # allocator name: (library preloaded for it, the Debian package that installs it)
@@ -47,26 +42,16 @@ STRATEGIES = {
     "madvise": ["--strategy", "madvise"],
     "madvise-noalign": ["--strategy", "madvise", "--no-align"],
 }
-SAMPLE_SECONDS = 0.5
 UNMERGE_TIMEOUT = 60
 
 
 @dataclass
-class ArmResult:
-    allocator: str
-    strategy: str
-    processes: int = 0
+class ArmResult(Measurement):
+    allocator: str = None
+    strategy: str = None
     allocator_loaded: int = None  # measured processes that map the preloaded allocator
-    saved_bytes: int = 0
-    resident_bytes: int = 0
-    padding_bytes: int = 0
-    net_saved_bytes: int = 0
-    saved_percent: float = 0.0
-    seconds_to_90: float = None
-    rmap_items: int = 0
     throughput: float = None
     throughput_unit: str = None
-    samples: list = field(default_factory=list)  # [seconds since start, merged pages, pages saved]
     exit_code: int = None  # when the command ended before it was measured
     failure: str = None  # why the arm was not measured
 
@@ -120,59 +105,17 @@ def unmerge_all():
         time.sleep(0.1)
 
 
-def saved_pages(pids, stats=None):
-    """Pages the processes no longer need: their pages that map a KSM page minus the distinct
-    KSM pages those are (page frame numbers, root), plus their KSM zero pages."""
-    from .sharing import sharing  # the compiled helper: imported when needed, not with the CLI
-
-    stats = stats or [kernel.process_ksm_stat(pid) or {} for pid in pids]
-    report = sharing(pids)
-    zero_pages = sum(stat.get("ksm_zero_pages", 0) for stat in stats)
-    return report.totals["mapped"] - report.totals["distinct"] + zero_pages
+def workload_command(name, size, processes=None, method=None):
+    """The command that serves a workload of the package for `compare --wait-ready`."""
+    command = [sys.executable, "-m", "ksmpreload.workloads", "serve", name, "--size", size]
+    command += ["--processes", str(processes)] if processes else []
+    return command + (["--method", method] if method else [])
 
 
 def processes_mapping(pids, library):
     """How many of the processes map `library` (a statically linked program ignores a preload)."""
     path = os.path.realpath(library)
     return sum(1 for pid in pids if path in (kernel.read_proc(pid, "maps") or ""))
-
-
-def measure(result, pids):
-    library = ALLOCATORS[result.allocator][0]
-    if library:
-        result.allocator_loaded = processes_mapping(pids, library)
-    page = kernel.page_size()
-    stats = [kernel.process_ksm_stat(pid) or {} for pid in pids]
-    result.saved_bytes = saved_pages(pids, stats) * page
-    result.resident_bytes = sum(resident_bytes(pid) for pid in pids)
-    result.padding_bytes = sum(shimstats.memory_cost_bytes(shimstats.read_process_stats(pid)) for pid in pids)
-    result.net_saved_bytes = result.saved_bytes - result.padding_bytes
-    result.saved_percent = round(100 * result.saved_bytes / result.resident_bytes, 1) if result.resident_bytes else 0
-    result.rmap_items = sum(stat.get("ksm_rmap_items", 0) for stat in stats)
-    result.processes = len(pids)
-
-
-def seconds_to_share(samples, share=0.9):
-    """Seconds until the saving first reached `share` of its last value."""
-    final = samples[-1][2] if samples else 0
-    return next((seconds for seconds, _, saved in samples if final and saved >= share * final), None)
-
-
-def follow(pids, started, result, timeout, on_sample):
-    """Samples the merged and saved pages of pids() (times from `started`) until the merged
-    pages settle or `timeout` passes."""
-
-    def sample():
-        current = pids()
-        pages = merged_pages(current)  # settling is judged by this count: ksm_stat, cheap and exact
-        result.samples.append([round(time.monotonic() - started, 2), pages, saved_pages(current)])
-        on_sample(result, pages)
-        return pages
-
-    if not any(kernel.uses_ksm(kernel.process_ksm_stat(pid) or {}) for pid in pids()):
-        sample()  # nothing of it is mergeable: ksmd has nothing to scan, and full scans may not advance
-        return
-    scanning.wait_until_settled(scanning.ignoring_flutter(sample), timeout=timeout, poll=SAMPLE_SECONDS)
 
 
 def wait_until_loaded(proc, result, warmup, wait_ready):
@@ -196,27 +139,40 @@ def wait_until_loaded(proc, result, warmup, wait_ready):
     return (lambda: listed) if listed else (lambda: process_tree(proc.pid))
 
 
-def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready=None):
-    result = ArmResult(allocator, strategy)
+def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready=None, cwd=None):
+    result = ArmResult(allocator=allocator, strategy=strategy)
     argv, env = arm_command(command, allocator, strategy)
     started = time.monotonic()
     output = subprocess.DEVNULL if wait_ready is None else subprocess.PIPE
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output, text=True)
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output, text=True, cwd=cwd)
     try:
         pids = wait_until_loaded(proc, result, warmup, wait_ready)
         if pids is None:
             return result
         if wait_ready is not None:
             started = time.monotonic()  # load times differ between arms: time the merging alone
-        follow(pids, started, result, timeout, on_sample)
-        measure(result, pids())
-        result.seconds_to_90 = seconds_to_share(result.samples)
+        follow(pids, started, timeout, result, lambda pages: on_sample(result, pages))
+        measured = pids()
+        measure(measured, result)
+        library = ALLOCATORS[allocator][0]
+        if library:
+            result.allocator_loaded = processes_mapping(measured, library)
     finally:
         stop_tree(proc)
     return result
 
 
-def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=None, on_sample=None, wait_ready=None):
+def compare(
+    command,
+    allocators,
+    strategies,
+    timeout=120,
+    warmup=1.0,
+    on_arm=None,
+    on_sample=None,
+    wait_ready=None,
+    cwd=None,
+):
     """Runs every allocator × strategy arm in turn; returns their ArmResults as dicts.
     wait_ready: seconds to wait for the command's ready line (None: wait `warmup` seconds)."""
     kernel.require_ksm()
@@ -244,6 +200,7 @@ def compare(command, allocators, strategies, timeout=120, warmup=1.0, on_arm=Non
                         warmup,
                         on_sample or (lambda result, pages: None),
                         wait_ready,
+                        cwd,
                     )
                 )
         unmerge_all()

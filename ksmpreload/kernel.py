@@ -84,6 +84,12 @@ def mem_total_bytes():
     raise KsmError("no MemTotal line in /proc/meminfo")
 
 
+def vmstat():
+    """/proc/vmstat as {name: count} (cow_ksm: copy-on-write faults on KSM pages, 6.4+)."""
+    with open(os.path.join(PROC_DIR, "vmstat")) as f:
+        return {name: int(count) for name, count in (line.split() for line in f if len(line.split()) == 2)}
+
+
 # ---- values as the kernel prints them -------------------------------------------------------
 
 INTEGER = re.compile(r"-?[0-9]{1,20}")  # what the kernel prints for a 64-bit number

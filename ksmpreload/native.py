@@ -28,8 +28,8 @@ PAGEMAP_CHUNK_WORDS = 1 << 18  # 2 MiB of pagemap per pread (1 GiB of 4 KiB page
 PFN_READ_GAP = 8  # kpageflags/kpagecount: read through gaps this small (0 and 8
 # measured alike, 128 and whole spans slower: docs/BENCHMARKS.md)
 PFN_CHUNK_WORDS = 1 << 16  # at most 512 KiB per pread of those files
-PROC_FIELDS = ("mapped", "distinct", "shared_in_set", "within_only", "within_only_mapped", "outside", "lone")
-TOTAL_FIELDS = ("distinct", "mapped", "shared", "within_only", "outside", "lone")
+PROC_FIELDS = ("mapped", "distinct", "shared_in_set", "within_only", "within_only_mapped", "outside", "lone", "fair")
+TOTAL_FIELDS = ("distinct", "mapped", "shared", "within_only", "outside", "lone", "fair")
 assert len(PROC_FIELDS) == lib.KSM_PROC_FIELDS and len(TOTAL_FIELDS) == lib.KSM_TOTAL_FIELDS
 
 
@@ -147,9 +147,16 @@ def attribute(keys, count, offsets, ksm_pfns, mapcounts, nksm):
             totals,
         )
     )
-    rows = [dict(zip(PROC_FIELDS, per_proc[p * len(PROC_FIELDS) : (p + 1) * len(PROC_FIELDS)])) for p in range(nprocs)]
+    width = len(PROC_FIELDS)
+    rows = [_fair_in_pages(dict(zip(PROC_FIELDS, per_proc[p * width : (p + 1) * width]))) for p in range(nprocs)]
     pair_counts = {(a, b): pairs[a * nprocs + b] for a in range(nprocs) for b in range(a + 1, nprocs)}
-    return kinds, rows, pair_counts, dict(zip(TOTAL_FIELDS, totals[0 : len(TOTAL_FIELDS)]))
+    return kinds, rows, pair_counts, _fair_in_pages(dict(zip(TOTAL_FIELDS, totals[0 : len(TOTAL_FIELDS)])))
+
+
+def _fair_in_pages(fields):
+    """ "fair" (fixed point in C) as pages: the mappings' fair share of what KSM saves."""
+    fields["fair"] /= lib.KSM_FAIR_UNIT
+    return fields
 
 
 def count_kinds(kinds, offsets):

@@ -55,6 +55,24 @@ def stop_tree(proc):
         proc.wait()
 
 
+def stop_parent_first(proc, grace=15):
+    """SIGTERM to the process alone, for a parent that stops its own children (a prefork master,
+    stress-ng: a child killed on its own would be replaced by a new one that outlives the run);
+    after `grace` seconds SIGKILL to the tree, the parent first."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def start_workers(commands):
     """Starts every command, then waits for each one's JSON line (kept as `proc.report`): the
     workers hold their data until their stdin closes."""

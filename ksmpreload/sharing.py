@@ -62,6 +62,7 @@ class ProcessSharing:
     within_only_mapped: int = 0  # its pages mapping those
     mapped_outside: int = 0  # distinct KSM pages also mapped by processes outside the set
     lone: int = 0  # distinct KSM pages mapped once in all (nothing shares them now)
+    fair_saved: float = 0.0  # its fair share of the pages KSM saves (saving.py), zero pages aside
     regions: list = field(default_factory=list)
 
 
@@ -69,7 +70,7 @@ class ProcessSharing:
 class SharingReport:
     processes: dict  # pid -> ProcessSharing, in the order given
     pairs: dict  # (pid_a, pid_b) -> distinct KSM pages both map, pid_a before pid_b
-    totals: dict  # over the set: distinct, mapped, shared, within_only, outside, lone
+    totals: dict  # over the set: distinct, mapped, shared, within_only, outside, lone, fair
     missing: list  # pids that were gone
     page_size: int
 
@@ -177,7 +178,7 @@ def _attribute(processes, missing, pfns, offsets, region_offsets, flags_fd, coun
         process.ksm_pages, process.ksm_distinct = row["mapped"], row["distinct"]
         process.shared_in_set, process.within_only = row["shared_in_set"], row["within_only"]
         process.within_only_mapped, process.mapped_outside = row["within_only_mapped"], row["outside"]
-        process.lone = row["lone"]
+        process.lone, process.fair_saved = row["lone"], row["fair"]
     pairs = {(order[a], order[b]): pages for (a, b), pages in pair_counts.items()}
     clock.step("attribute")
     return SharingReport(processes=processes, pairs=pairs, totals=totals, missing=missing, page_size=kernel.page_size())

@@ -36,7 +36,8 @@ ffibuilder.cdef("""
     void ksm_count_kinds(const uint8_t *entry_kind, const uint64_t *offsets, size_t nranges,
                          uint64_t *out);
     static const int KSM_P_MAPPED, KSM_P_DISTINCT, KSM_P_SHARED_IN_SET, KSM_P_WITHIN_ONLY,
-                     KSM_P_WITHIN_ONLY_MAPPED, KSM_P_OUTSIDE, KSM_P_LONE, KSM_PROC_FIELDS;
+                     KSM_P_WITHIN_ONLY_MAPPED, KSM_P_OUTSIDE, KSM_P_LONE, KSM_P_FAIR_SAVED,
+                     KSM_PROC_FIELDS;
     uint64_t ksm_hash_page(const void *page, size_t bytes);
     long ksm_read_hash_pages(int mem_fd, uint64_t *pages, uint64_t *pfns, size_t n, long page_size,
                              unsigned char *buf, size_t buf_pages, uint64_t *hashes, uint64_t *counts,
@@ -50,7 +51,8 @@ ffibuilder.cdef("""
                              uint64_t *out);
     static const int KSM_KIND_BITS, KSM_CONTENT_FIELDS;
     static const int KSM_T_DISTINCT, KSM_T_MAPPED, KSM_T_SHARED, KSM_T_WITHIN_ONLY, KSM_T_OUTSIDE,
-                     KSM_T_LONE, KSM_TOTAL_FIELDS;
+                     KSM_T_LONE, KSM_T_FAIR_SAVED, KSM_TOTAL_FIELDS;
+    #define KSM_FAIR_UNIT ...
 """)
 with open(os.path.join(HERE, "native.c")) as source:
     ffibuilder.set_source("ksmpreload._native", source.read(), extra_compile_args=["-O2"])

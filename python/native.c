@@ -290,6 +290,7 @@ enum {
     KSM_P_WITHIN_ONLY_MAPPED, /* its pages mapping those */
     KSM_P_OUTSIDE,       /* distinct KSM pages also mapped by processes outside the set */
     KSM_P_LONE,          /* distinct KSM pages mapped once in all (nothing shares them now) */
+    KSM_P_FAIR_SAVED,    /* its fair share of the saving, in 1/KSM_FAIR_UNIT pages (below) */
     KSM_PROC_FIELDS
 };
 
@@ -301,8 +302,13 @@ enum {
     KSM_T_WITHIN_ONLY,   /* distinct KSM pages shared inside one process only */
     KSM_T_OUTSIDE,       /* distinct KSM pages also mapped outside the set */
     KSM_T_LONE,          /* distinct KSM pages mapped once in all */
+    KSM_T_FAIR_SAVED,    /* the set's fair shares, in 1/KSM_FAIR_UNIT pages */
     KSM_TOTAL_FIELDS
 };
+
+/* A KSM page mapped c times saves c - 1 pages; each mapping is credited (c - 1) / c of a page,
+ * so that the shares of every process add up to the machine's saving. Kept in fixed point. */
+#define KSM_FAIR_UNIT (1ULL << 20)
 
 /* Per page of the set (position in the PFN array), the kind of KSM page it maps. */
 enum { KSM_E_KSM = 1, KSM_E_SHARED = 2, KSM_E_WITHIN = 4 };
@@ -363,6 +369,9 @@ static int ksm_attribute(const uint64_t *keys, size_t n, const uint64_t *offsets
         for (size_t e = i; e < j; e++)
             entry_kind[keys[e] & UINT32_MAX] = kind;
         int outside = mapcounts[k] > mapped, lone = mapcounts[k] <= 1 && mapped == 1;
+        /* kpagecount and pagemap are read apart: a count below what the set maps is stale. */
+        uint64_t count = mapcounts[k] > mapped ? mapcounts[k] : mapped;
+        uint64_t share = (count - 1) * KSM_FAIR_UNIT / count;
         for (size_t a = 0; a < m; a++) {
             uint64_t *row = per_proc + procs[a] * KSM_PROC_FIELDS;
             row[KSM_P_MAPPED] += times[a];
@@ -370,6 +379,7 @@ static int ksm_attribute(const uint64_t *keys, size_t n, const uint64_t *offsets
             row[KSM_P_SHARED_IN_SET] += m > 1;
             row[KSM_P_OUTSIDE] += outside;
             row[KSM_P_LONE] += lone;
+            row[KSM_P_FAIR_SAVED] += times[a] * share;
             for (size_t b = a + 1; b < m; b++)
                 pairs[procs[a] * nprocs + procs[b]]++;
         }
@@ -383,6 +393,7 @@ static int ksm_attribute(const uint64_t *keys, size_t n, const uint64_t *offsets
         totals[KSM_T_WITHIN_ONLY] += (kind & KSM_E_WITHIN) != 0;
         totals[KSM_T_OUTSIDE] += outside;
         totals[KSM_T_LONE] += lone;
+        totals[KSM_T_FAIR_SAVED] += mapped * share;
         i = j;
     }
     free(procs);

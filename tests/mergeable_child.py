@@ -3,6 +3,10 @@
 Run as a script (`python mergeable_child.py NPAGES [zero]`): it opts its whole address space
 into KSM, maps NPAGES pages that all hold the same bytes (zeros with `zero`), prints "ready"
 and waits until its stdin closes. `mergeable_process(npages)` runs it for a test.
+
+`python mergeable_child.py distinct TOKEN COUNT`: COUNT pages, page i holding "TOKEN i"
+repeated, marked with madvise(MADV_MERGEABLE) alone (nothing else of the process merges).
+`distinct_pages_process(token, count)` runs it.
 """
 
 import contextlib
@@ -32,10 +36,33 @@ def identical_pages(npages, zero=False):
     return region
 
 
+def distinct_pages(token, count):
+    region = mmap.mmap(-1, count * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_NOHUGEPAGE)
+    for i in range(count):
+        text = f"{token} {i} ".encode()
+        region[i * mmap.PAGESIZE : (i + 1) * mmap.PAGESIZE] = (text * (mmap.PAGESIZE // len(text) + 1))[: mmap.PAGESIZE]
+    region.madvise(mmap.MADV_MERGEABLE)
+    return region
+
+
 @contextlib.contextmanager
 def mergeable_process(npages, zero=False):
     """Yield the Popen of a running child holding `npages` identical, KSM-enabled pages."""
-    args = [sys.executable, __file__, str(npages)] + (["zero"] if zero else [])
+    with _child([str(npages)] + (["zero"] if zero else [])) as child:
+        yield child
+
+
+@contextlib.contextmanager
+def distinct_pages_process(token, count):
+    """Yield the Popen of a running child whose page i holds "token i" (madvise only)."""
+    with _child(["distinct", token, str(count)]) as child:
+        yield child
+
+
+@contextlib.contextmanager
+def _child(arguments):
+    args = [sys.executable, __file__, *arguments]
     child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline().strip()
@@ -55,5 +82,15 @@ def main(npages, zero):
     region.close()
 
 
+def main_distinct(token, count):
+    region = distinct_pages(token, count)
+    print("ready", flush=True)
+    sys.stdin.read()
+    region.close()
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2:] == ["zero"])
+    if sys.argv[1] == "distinct":
+        main_distinct(sys.argv[2], int(sys.argv[3]))
+    else:
+        main(int(sys.argv[1]), sys.argv[2:] == ["zero"])

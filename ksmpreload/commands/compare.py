@@ -5,6 +5,8 @@ from rich.progress import Progress
 
 from .. import compare as comparing
 from .. import kernel, render
+from ..workloads.runner import WORKLOADS
+from .workload_view import MEASURED_COLUMNS, measured_cells, workload_options
 
 MIB = 1024 * 1024
 COLUMNS = [
@@ -12,12 +14,7 @@ COLUMNS = [
     ("strategy", "left"),
     ("processes", "right"),
     ("RSS → after merging MiB", "right"),
-    ("saved MiB", "right"),
-    ("% of RSS", "right"),
-    ("padding MiB", "right"),
-    ("net saved MiB", "right"),
-    ("s to 90%", "right"),
-    ("rmap items", "right"),
+    *MEASURED_COLUMNS,
     ("throughput", "right"),
 ]
 
@@ -49,12 +46,7 @@ def rows(results):
                 arm["strategy"],
                 arm["processes"],
                 f"{mib(arm['resident_bytes'])} → {mib(after)}",
-                mib(arm["saved_bytes"]),
-                arm["saved_percent"],
-                mib(arm["padding_bytes"]),
-                mib(arm["net_saved_bytes"]),
-                "-" if arm["seconds_to_90"] is None else arm["seconds_to_90"],
-                f"{arm['rmap_items']:,}",
+                *measured_cells(arm),
                 throughput(arm),
             ]
         )
@@ -77,7 +69,7 @@ def throughput(arm):
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def plot(results, path, command):
+def plot(results, path, title):
     """Saved MiB over time, a colour per allocator and a line style per strategy (a palette
     of ten colours would repeat past ten arms)."""
     page = kernel.page_size()
@@ -96,9 +88,9 @@ def plot(results, path, command):
     render.plot_lines(
         path,
         series,
-        f"KSM: {' '.join(command)[:60]}",
+        f"KSM: {title[:60]}",
         "seconds",
-        "MiB saved (merged pages less the KSM pages they map)",
+        "MiB saved (fair shares of the KSM pages, zero pages)",
         styles,
     )
 
@@ -146,6 +138,12 @@ def plot(results, path, command):
     metavar="SECONDS",
     help="Longest wait for the ready line, with --wait-ready.",
 )
+@click.option(
+    "--workload",
+    type=click.Choice(list(WORKLOADS)),
+    help="Instead of COMMAND, a workload of ksmpreload (see 'ksmpreload demo --help'), with --wait-ready.",
+)
+@workload_options
 @click.option("--json", "as_json", is_flag=True, help="The results as JSON on stdout.")
 @click.option(
     "--markdown",
@@ -160,8 +158,23 @@ def plot(results, path, command):
     metavar="FILE.png",
     help="Also plot MiB saved over time per arm to FILE.png.",
 )
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, as_json, markdown, plot_path, command):
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def compare(
+    allocators,
+    strategies,
+    timeout,
+    warmup,
+    wait_ready,
+    load_timeout,
+    workload,
+    size,
+    processes,
+    method,
+    as_json,
+    markdown,
+    plot_path,
+    command,
+):
     """Run COMMAND once per allocator and strategy and compare what KSM saves.
 
     \b
@@ -179,11 +192,21 @@ def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, a
     With --wait-ready, COMMAND loads its data and then prints one line of JSON on stdout:
       {"ready": true, "pids": [4711, 4712], "throughput": 5300, "throughput_unit": "sets/s"}
     Only "ready" is required; without "pids" its whole process tree is measured. Times
-    (s to 90%, the plot) then count from the ready line, not from the start. The
-    workloads of scripts/scenarios.py do this with --serve:
-      ksmpreload compare --allocators glibc,jemalloc --wait-ready --
-        python3 scripts/scenarios.py memcached --serve   (one line)
+    (s to 90%, the plot) then count from the ready line, not from the start.
+
+    \b
+    --workload NAME runs a workload of ksmpreload this way:
+      ksmpreload compare --allocators glibc,jemalloc --workload memcached --size full
     """
+    if bool(workload) == bool(command):
+        raise click.UsageError("give either COMMAND or --workload NAME")
+    cwd = None
+    if workload:
+        # from "/": started in a source checkout, -m would import the unbuilt package there
+        command, wait_ready, cwd = comparing.workload_command(workload, size, processes, method), True, "/"
+        label = f"--workload {workload} --size {size}"
+    else:
+        label = " ".join(command)
     kernel.require_ksm()
     with Progress(transient=True, disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
@@ -198,16 +221,17 @@ def compare(allocators, strategies, timeout, warmup, wait_ready, load_timeout, a
                 task, description=f"{arm.allocator}, {arm.strategy}: {pages} pages merged"
             ),
             wait_ready=load_timeout if wait_ready else None,
+            cwd=cwd,
         )
     if markdown:
         with open(markdown, "w") as f:
-            f.write(render.markdown_table(COLUMNS, rows(results), f"ksmpreload compare: {' '.join(command)}") + "\n")
+            f.write(render.markdown_table(COLUMNS, rows(results), f"ksmpreload compare: {label}") + "\n")
     if plot_path:
-        plot(results, plot_path, command)
+        plot(results, plot_path, label)
     if as_json:
         render.print_json(results)
     else:
-        render.print_rich(render.table(COLUMNS, rows(results), title=f"ksmpreload compare: {' '.join(command)}"))
+        render.print_rich(render.table(COLUMNS, rows(results), title=f"ksmpreload compare: {label}"))
     failed = [f"{arm['allocator']}, {arm['strategy']}" for arm in results if arm["failure"]]
     if failed:
         raise click.ClickException(f"not measured: {'; '.join(failed)} (see the table)")

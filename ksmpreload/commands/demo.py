@@ -7,10 +7,13 @@ import time
 import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .. import kernel, scanning
+from .. import kernel, saving, scanning
+from ..errors import KsmError, NeedsRoot
 from ..processes import ksm_wrap_command, start_workers, stop_workers
-from ..errors import KsmError
 from ..render import console, human_bytes, print_json, print_rich, table
+from ..workloads.runner import WORKLOADS, run
+from . import workload_view
+from .workload_view import workload_options
 
 
 def start_demo_workers(count, mib):
@@ -48,9 +51,17 @@ def watch_merging(workers, timeout, quiet):
     return total
 
 
+def saved_bytes(workers, merged):
+    """(bytes saved, whether it is an estimate): the workers' fair shares (saving.py) as root;
+    without root (no page frames), n merged copies of a page leave one."""
+    try:
+        return round(saving.saved_pages([proc.pid for proc in workers]) * kernel.page_size()), False
+    except NeedsRoot:
+        return merged * (len(workers) - 1) // len(workers) * kernel.page_size(), True
+
+
 def summary(workers, total_pages, seconds):
     stats = worker_stats(workers)
-    page = kernel.page_size()
     rows = [
         {
             "pid": proc.pid,
@@ -61,14 +72,13 @@ def summary(workers, total_pages, seconds):
         for proc, stat in zip(workers, stats)
     ]
     merged = sum(row["merging_pages"] for row in rows)
-    # The workers hold the same data: n merged copies of a page leave one. (The machine-wide
-    # pages_sharing would also move with other processes' merging and unmerging.)
-    saved = merged * (len(workers) - 1) // len(workers) * page
+    saved, estimated = saved_bytes(workers, merged)
     return {
         "workers": rows,
-        "held_bytes": total_pages * page,
+        "held_bytes": total_pages * kernel.page_size(),
         "merged_pages": merged,
         "saved_bytes": saved,
+        "saved_is_estimate": estimated,
         "seconds": round(seconds, 1),
     }
 
@@ -83,8 +93,8 @@ def show_summary(result):
     )
     click.echo(
         f"{len(rows)} workers hold {human_bytes(result['held_bytes'])}; KSM merged "
-        f"{result['merged_pages']} of their pages, saving {human_bytes(result['saved_bytes'])} "
-        f"in {result['seconds']} s."
+        f"{result['merged_pages']} of their pages, saving {human_bytes(result['saved_bytes'])}"
+        f"{' (estimated: page frames need root)' if result['saved_is_estimate'] else ''} in {result['seconds']} s."
     )
 
 
@@ -99,21 +109,76 @@ def run_demo(workers_count, mib, timeout, as_json):
     print_json(result) if as_json else show_summary(result)
 
 
+def run_workload(name, size, strategy, processes, method, as_json, markdown_path):
+    if os.geteuid() != 0:
+        raise NeedsRoot("running a workload (it sets the KSM knobs and reads page frames)")
+    with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), transient=True, disable=as_json) as progress:
+        task = progress.add_task(f"{name}: starting", total=None)
+        report = run(
+            name,
+            size,
+            strategy,
+            processes,
+            method,
+            on_run=lambda label: progress.update(task, description=f"{name}: {label}: loading"),
+            on_sample=lambda pages: progress.update(task, description=f"{name}: {pages:,} pages merged"),
+        )
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(workload_view.markdown(report))
+    print_json(report) if as_json else workload_view.show(report)
+
+
 @click.command()
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(2, 16), help="How many workers.")
 @click.option("--mib", default=64, show_default=True, type=click.IntRange(1, 4096), help="MiB each worker holds.")
 @click.option("--timeout", default=120, show_default=True, type=click.IntRange(5, 3600), help="Seconds to wait.")
+@click.option(
+    "--workload",
+    type=click.Choice(list(WORKLOADS)),
+    help="Instead of the demo's workers, run this workload (root): see below.",
+)
+@workload_options
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "prctl", "madvise", "none"]),
+    default="auto",
+    show_default=True,
+    help="Workload: ksm-wrap --strategy, or none (without ksm-wrap).",
+)
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="FILE",
+    help="Workload: also write the table as Markdown to FILE.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def demo(workers, mib, timeout, as_json):
+def demo(workers, mib, timeout, workload, size, strategy, processes, method, markdown_path, as_json):
     """Run workers holding the same data under ksm-wrap and show KSM merging them.
 
     As root, KSM runs at a fast scan rate for the demo and every knob is put back after.
+
+    \b
+    With --workload NAME (root), run one of the workloads instead, loaded with data, merged at
+    a fast scan rate and measured (saved, padding, net, time to 90%, rmap items, what page
+    alignment should save, the duplicate potential left):
+
+    \b
+    [WORKLOADS]
     """
     kernel.require_ksm()
-    if os.geteuid() == 0:
+    if workload:
+        run_workload(workload, size, strategy, processes, method, as_json, markdown_path)
+    elif os.geteuid() == 0:
         with scanning.fast_scanning():
             run_demo(workers, mib, timeout, as_json)
     elif kernel.read_knob("run") != 1:
         raise KsmError("KSM is off and only root can turn it on: run 'sudo ksmpreload demo'")
     else:
         run_demo(workers, mib, timeout, as_json)
+
+
+demo.help = demo.help.replace(
+    "[WORKLOADS]", "\n    ".join(f"{name:16} {description}" for name, (description, _) in WORKLOADS.items())
+)

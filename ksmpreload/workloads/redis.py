@@ -1,5 +1,17 @@
-"""Debian's redis-server as the benchmarks, scenarios and tests run it: on loopback, without
-persistence (no RDB snapshots, no append-only file)."""
+"""Debian's redis-server: N servers holding the same keys and values; then one server whose keys
+share a few distinct values. On loopback, without persistence."""
+
+import contextlib
+import time
+
+from .. import kernel
+from . import Loaded, Run, rate
+from .data import aligned_value_pages, items, value, value_sizes
+from .servers import free_port, require_module, start_server, stop
+
+DESCRIPTION = "N redis-servers holding the same keys and values, then one whose keys share 32 values"
+LOAD_BATCH_BYTES = 8 << 20
+DISTINCT_VALUES = 32
 
 
 def server_command(port, *options, directory=None):
@@ -7,3 +19,73 @@ def server_command(port, *options, directory=None):
     where = ["--dir", str(directory)] if directory is not None else []
     return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             *where, *options]  # fmt: skip
+
+
+def start(strategy, workdir):
+    redis = require_module("redis")
+    port = free_port()
+    proc = start_server(server_command(port, directory=workdir), strategy, port, workdir)
+    return proc, redis.Redis(host="127.0.0.1", port=port, socket_timeout=120)
+
+
+def load(client, pairs):
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+    for key, data in pairs:
+        pipe.set(key, data)
+        pending += len(data)
+        if pending >= LOAD_BATCH_BYTES:
+            pipe.execute()
+            pending = 0
+    pipe.execute()
+
+
+@contextlib.contextmanager
+def same_values(sizes, processes, strategy, workdir):
+    """`processes` servers, each loaded with the same keys and values."""
+    servers = []
+    try:
+        started = time.monotonic()
+        for _ in range(processes):
+            servers.append(start(strategy, workdir))
+            load(servers[-1][1], items(sizes, range(len(sizes))))
+        loaded = rate(processes * len(sizes), started, "sets/s", time.monotonic())
+        yield Loaded({proc.pid: sum(sizes) for proc, _ in servers}, **loaded)
+    finally:
+        stop([proc for proc, _ in servers])
+
+
+@contextlib.contextmanager
+def duplicate_values(sizes, distinct, strategy, workdir):
+    """One server; key i holds the value of index i mod `distinct`."""
+    pool = sizes[:distinct]
+    proc, client = start(strategy, workdir)
+    try:
+        load(client, ((f"key:{i}".encode(), value(i % distinct, pool[i % distinct])) for i in range(len(sizes))))
+        yield Loaded({proc.pid: sum(pool[i % distinct] for i in range(len(sizes)))})
+    finally:
+        stop([proc])
+
+
+def duplicate_expected_pages(sizes, distinct):
+    pool = sizes[:distinct]
+    copies = [len(range(index, len(sizes), distinct)) for index in range(distinct)]
+    return sum(aligned_value_pages([size]) * (count - 1) for size, count in zip(pool, copies))
+
+
+def runs(settings, strategy, processes, method, workdir):
+    sizes, processes, page = value_sizes(settings["value_bytes"]), processes or 3, kernel.page_size()
+    return [
+        Run(
+            f"{processes} servers, same values",
+            lambda: same_values(sizes, processes, strategy, workdir),
+            expected_saved_bytes=aligned_value_pages(sizes) * (processes - 1) * page,
+            details={"value_count": len(sizes)},
+        ),
+        Run(
+            f"1 server, {len(sizes)} keys sharing {DISTINCT_VALUES} values",
+            lambda: duplicate_values(sizes, DISTINCT_VALUES, strategy, workdir),
+            expected_saved_bytes=duplicate_expected_pages(sizes, DISTINCT_VALUES) * page,
+            details={"value_count": len(sizes)},
+        ),
+    ]

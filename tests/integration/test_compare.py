@@ -4,12 +4,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
-from conftest import REPO, require, require_root_ksm
+from conftest import require, require_root_ksm
 from ksmpreload.compare import ALLOCATORS
-
-SCENARIOS = os.path.join(REPO, "scripts", "scenarios.py")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,8 +66,8 @@ def test_compare_rejects_an_unknown_strategy():
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "fast" in done.stderr, done.stderr
 
 
-def test_compare_a_scenario_under_four_allocators(tmp_path):
-    """A scenario loads its data, then says so (--wait-ready): only its servers are measured,
+def test_compare_a_workload_under_four_allocators(tmp_path):
+    """A workload loads its data, then says so (its ready line): only its servers are measured,
     and its load rate is the arm's throughput. memcached uses malloc: each preloaded
     allocator serves it, and the shim aligns and marks under each."""
     require_root_ksm()
@@ -88,13 +85,9 @@ def test_compare_a_scenario_under_four_allocators(tmp_path):
             "madvise",
             "--timeout",
             "60",
-            "--wait-ready",
             "--json",
-            "--",
-            sys.executable,
-            SCENARIOS,
+            "--workload",
             "memcached",
-            "--serve",
             "--processes",
             "2",
         ],

@@ -289,5 +289,8 @@ def test_attribution_of_synthetic_frames(tmp_path):
     assert [row["within_only"] for row in rows] == [0, 0, 1]
     assert [row["within_only_mapped"] for row in rows] == [0, 0, 2]
     assert [row["outside"] for row in rows] == [1, 0, 0]
+    # fair shares: frame 10 (2 mappings) 1/2 each, frame 30 (2) 1/2 each, frame 40 (3) 2/3
+    assert [row["fair"] for row in rows] == pytest.approx([1 / 2 + 2 / 3, 1 / 2, 1], abs=1e-5)
+    assert totals.pop("fair") == pytest.approx(1 + 1 + 2 / 3, abs=1e-5)
     assert totals == {"distinct": 3, "mapped": 5, "shared": 1, "within_only": 1, "outside": 1, "lone": 0}
     assert native.count_kinds(kinds, [0, 2, 3, 5, 8]) == [(1, 1, 0), (1, 0, 0), (1, 1, 0), (2, 0, 2)]

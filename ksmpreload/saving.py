@@ -1,0 +1,70 @@
+"""What KSM saves: the one definition every view uses.
+
+- The machine: pages_sharing + ksm_zero_pages (kernel.pages_saved).
+- A process: its fair share. A KSM page mapped c times saves c - 1 pages, and each of its c
+  mappings is credited (c - 1)/c of a page (page frames through pagemap and kpagecount: root,
+  sharing.py); each KSM zero page (use_zero_pages) saves a whole page. Over every process that
+  uses KSM the shares add up to the machine's figure, so a set's saving is the sum of its
+  members' shares, whoever else maps the same KSM pages.
+- Net: saved - the shim's memory cost (padding of live aligned blocks, its table, kept blocks:
+  shimstats.memory_cost_bytes) - rmap items x RMAP_ITEM_BYTES (what the kernel charges in
+  general_profit).
+
+Pages that a fork shares are not KSM savings and count nowhere here: they were never
+duplicated. A page that a process maps twice (two of its own mappings of one KSM page)
+counts as two mappings.
+"""
+
+from dataclasses import dataclass
+
+from . import kernel, shimstats
+
+
+@dataclass
+class Saving:
+    pid: int
+    merged_pages: int = 0  # ksm_merging_pages: its pages that map a KSM page
+    zero_pages: int = 0  # ksm_zero_pages
+    rmap_items: int = 0  # ksm_rmap_items: the pages ksmd tracks for it
+    saved_pages: float = 0.0  # fair share of the KSM pages it maps + its zero pages
+    padding_bytes: int = 0  # the shim's memory cost; 0 without the shim
+    shim: bool = False  # the shim's counters file was found
+
+    @property
+    def saved_bytes(self):
+        return round(self.saved_pages * kernel.page_size())
+
+    @property
+    def net_saved_bytes(self):
+        return net_saved_bytes(self.saved_bytes, self.padding_bytes, self.rmap_items)
+
+
+def net_saved_bytes(saved_bytes, padding_bytes, rmap_items):
+    return saved_bytes - padding_bytes - rmap_items * kernel.RMAP_ITEM_BYTES
+
+
+def savings(pids):
+    """{pid: Saving} of the processes still there (root: page frame numbers)."""
+    from .sharing import sharing  # the compiled helper: imported when needed, not with the CLI
+
+    report = sharing(pids)
+    result = {}
+    for pid, process in report.processes.items():
+        stat = kernel.process_ksm_stat(pid) or {}
+        counters = shimstats.read_process_stats(pid) or {}
+        zero_pages = stat.get("ksm_zero_pages", 0)
+        result[pid] = Saving(
+            pid,
+            merged_pages=stat.get("ksm_merging_pages", 0),
+            zero_pages=zero_pages,
+            rmap_items=stat.get("ksm_rmap_items", 0),
+            saved_pages=process.fair_saved + zero_pages,
+            padding_bytes=shimstats.memory_cost_bytes(counters),
+            shim=bool(counters),
+        )
+    return result
+
+
+def saved_pages(pids):
+    """The set's saving in pages: the sum of its members' fair shares."""
+    return sum(saving.saved_pages for saving in savings(pids).values())

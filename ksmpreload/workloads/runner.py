@@ -1,0 +1,122 @@
+"""Running a workload: each of its runs is started and loaded (see the workload's module), then
+KSM merges it at a fast scan rate (scanning.fast_scanning: every knob put back after) and
+measurement.py follows and measures it (saved, padding, net saved, time to 90%, rmap items,
+the duplicate potential left). Besides the measurement, each run reports:
+
+- expected: for redis, memcached and pytorch, what page-aligning the data should save: the
+  pages entirely inside values of at least 8 KiB (ksm-wrap's default threshold) or the model's
+  weights, times (copies - 1);
+- data: the bytes the workload put into its processes; load seconds and throughput (operations
+  per second while loading) where the workload has a rate.
+
+serve() only starts and loads a workload's first run, prints the JSON ready line that
+`ksmpreload compare --wait-ready` waits for and holds it until SIGTERM: the command that
+`ksmpreload compare --workload NAME` runs for each arm.
+
+Needs root (the KSM knobs, page frames) and the workload's programs: Debian's redis-server,
+memcached, stress-ng; redis-py, pymemcache, torch or gunicorn for their workloads.
+"""
+
+import json
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from .. import kernel, scanning
+from ..errors import KsmError
+from ..measurement import Measurement, follow, measure
+from . import SIZES, memcached, prefork, pytorch, redis, stress_ng
+
+# name: (description, runs(settings, strategy, processes, method, workdir))
+WORKLOADS = {
+    "redis": (redis.DESCRIPTION, redis.runs),
+    "memcached": (memcached.DESCRIPTION, memcached.runs),
+    "memcached-slabs": (memcached.SLABS_DESCRIPTION, memcached.slab_runs),
+    "pytorch": (pytorch.DESCRIPTION, pytorch.runs),
+    "stress-ng": (stress_ng.DESCRIPTION, stress_ng.runs),
+    "python-prefork": (prefork.DESCRIPTION, prefork.runs),
+}
+METHODS = stress_ng.METHODS
+
+
+@dataclass
+class RunResult(Measurement):
+    label: str = None
+    expected_saved_bytes: int = None
+    data_bytes: int = 0
+    load_seconds: float = None
+    throughput: float = None
+    throughput_unit: str = None
+    details: dict = field(default_factory=dict)
+
+
+def workload_runs(name, size, strategy, processes, method, workdir):
+    if name not in WORKLOADS:
+        raise KsmError(f"unknown workload {name} (known: {', '.join(WORKLOADS)})", 2)
+    if size not in SIZES:
+        raise KsmError(f"unknown size {size} (known: {', '.join(SIZES)})", 2)
+    return WORKLOADS[name][1](SIZES[size], strategy, processes, method, workdir)
+
+
+def run(name, size="small", strategy="auto", processes=None, method=None, on_run=None, on_sample=None):
+    """Every run of the workload, loaded and measured in turn: a dict (the report)."""
+    kernel.require_ksm()
+    started = time.time()
+    results = []
+    with tempfile.TemporaryDirectory(prefix=f"ksmpreload-{name}.") as workdir:
+        for spec in workload_runs(name, size, strategy, processes, method, workdir):
+            if on_run:
+                on_run(spec.label)
+            with spec.load() as loaded:
+                results.append(measure_run(spec, loaded, SIZES[size]["timeout"], on_sample))
+    return {
+        "workload": name,
+        "size": size,
+        "strategy": strategy,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "runs": [asdict(result) for result in results],
+    }
+
+
+def measure_run(spec, loaded, timeout, on_sample=None):
+    result = RunResult(
+        label=spec.label,
+        expected_saved_bytes=spec.expected_saved_bytes,
+        data_bytes=sum(loaded.data_by_pid.values()),
+        load_seconds=loaded.load_seconds,
+        throughput=loaded.throughput,
+        throughput_unit=loaded.throughput_unit,
+        details={**spec.details, **loaded.details},
+    )
+    pids = list(loaded.data_by_pid)
+    with scanning.fast_scanning():
+        follow(lambda: pids, time.monotonic(), timeout, result, on_sample)
+        measure(pids, result, loaded.data_by_pid, with_potential=True)
+        if loaded.after_merge:
+            result.details.update(loaded.after_merge())
+    return result
+
+
+def serve(name, size="small", strategy="none", processes=None, method=None):
+    """Start and load the workload's first run, print the ready line and hold it until SIGTERM
+    or SIGINT. strategy none: its processes inherit the ksm-wrap this was started under."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with tempfile.TemporaryDirectory(prefix=f"ksmpreload-{name}.") as workdir:
+        spec = workload_runs(name, size, strategy, processes, method, workdir)[0]
+        with spec.load() as loaded:
+            ready = {
+                "ready": True,
+                "workload": name,
+                "size": size,
+                "label": spec.label,
+                "pids": list(loaded.data_by_pid),
+                "data_bytes": sum(loaded.data_by_pid.values()),
+                "throughput": loaded.throughput,
+                "throughput_unit": loaded.throughput_unit,
+            }
+            print(json.dumps(ready), flush=True)
+            while True:
+                signal.pause()

@@ -1,0 +1,55 @@
+"""Starting and stopping the workloads' processes: under ksm-wrap with a strategy, or without
+it (strategy none), on a free loopback port, with their output in a log file."""
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+
+from ..errors import KsmError
+from ..processes import ksm_wrap_command, stop_tree
+
+STRATEGIES = ("auto", "prctl", "madvise", "none")
+
+
+def wrapped(command, strategy):
+    return list(command) if strategy == "none" else [*ksm_wrap_command(), "--strategy", strategy, *command]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(command, strategy, port, workdir, timeout=30.0):
+    """The server behind ksm-wrap (or not), once it accepts connections on `port`."""
+    log_path = os.path.join(workdir, f"{os.path.basename(command[0])}-{port}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(wrapped(command, strategy), stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd="/")
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop([proc])
+            with open(log_path) as log:
+                raise KsmError(f"{command[0]} did not start on port {port}: {log.read()[-500:]}")
+        time.sleep(0.05)
+
+
+def stop(procs):
+    """Stop the processes and their descendants (stop_tree: SIGTERM, SIGKILL after 15 s)."""
+    for proc in procs:
+        stop_tree(proc)
+
+
+def require_module(name, package=None):
+    """Import the Python module a workload drives its servers with, or say what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise KsmError(f"this workload needs the Python module {name}: pip install {package or name}") from None
