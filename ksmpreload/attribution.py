@@ -15,7 +15,7 @@ record, or a layout glibc makes (a thread stack above its guard page, an arena h
 import bisect
 import os
 
-from . import kernel, shimstats
+from . import kernel, saving, shimstats
 from .errors import NeedsRoot, NoSuchProcess
 
 GLIBC_HEAP_MAX = 64 << 20  # a glibc thread arena's heap: this size, aligned to it
@@ -140,8 +140,7 @@ def process_attribution(pid, stats_dir=None, notes=None):
         return None
     counters = shimstats.read_process_stats(pid, stats_dir, notes)
     records = Records(shimstats.read_process_regions(pid, stats_dir, notes) if counters else [], regions)
-    page = kernel.page_size()
-    merged = stat.get("ksm_merging_pages", 0) * page
+    merged = stat.get("ksm_merging_pages", 0) * kernel.page_size()
     padding = shimstats.memory_cost_bytes(counters)
     entries = [
         _region_entry(region, *region_label(index, regions, records))
@@ -156,7 +155,9 @@ def process_attribution(pid, stats_dir=None, notes=None):
         "shim": counters,
         "merged_bytes": merged,
         "padding_bytes": padding,
-        "net_saved_bytes": merged - padding,
+        "saved_bytes": None,  # set_savings: saving.py's fair share, or its estimate without root
+        "saved_is_estimate": None,
+        "net_saved_bytes": None,
         "ksm_smaps_kib": sum(entry["ksm_kib"] for entry in entries),
         "regions": entries,
     }
@@ -184,6 +185,23 @@ def unmerged_regions(processes, limit=10):
     ]
     found = [entry for entry in found if entry[3] >= UNMERGED_MIN_KIB]
     return sorted(found, key=lambda entry: -entry[3])[:limit]
+
+
+def set_savings(processes, report=None):
+    """Each process's saved and net saved bytes (saving.py): its fair share from `report` (a
+    SharingReport), or without one the estimate from ksm_stat."""
+    page, knobs = kernel.page_size(), kernel.read_knobs()
+    for process in processes:
+        stat = process["ksm_stat"]
+        read = report.processes.get(process["pid"]) if report else None
+        if read is not None:
+            pages = read.fair_saved + stat.get("ksm_zero_pages", 0)
+        else:
+            pages = saving.estimated_saved_pages(stat, knobs)
+        process["saved_bytes"], process["saved_is_estimate"] = round(pages * page), read is None
+        process["net_saved_bytes"] = saving.net_saved_bytes(
+            process["saved_bytes"], process["padding_bytes"], stat.get("ksm_rmap_items", 0)
+        )
 
 
 def attach_sharing(processes, report):
@@ -215,13 +233,15 @@ def attribution(pids=None, stats_dir=None, with_sharing=True):
         notes += kernel.unreadable_notes(unreadable)
     processes = [entry for entry in (process_attribution(pid, stats_dir, notes) for pid in pids) if entry]
     result = {"processes": processes, "sharing": None, "notes": notes}
+    report = None
     if with_sharing and processes:
         try:
             report = sharing([process["pid"] for process in processes])
             attach_sharing(processes, report)
             result["sharing"] = report.to_dict()
         except NeedsRoot as error:
-            result["notes"].append(f"no sharing matrix: {error}")
+            result["notes"].append(f"no sharing matrix, and saved is estimated from ksm_stat: {error}")
+    set_savings(processes, report)
     result["unmerged"] = [
         {
             "pid": pid,

@@ -6,6 +6,9 @@
   sharing.py); each KSM zero page (use_zero_pages) saves a whole page. Over every process that
   uses KSM the shares add up to the machine's figure, so a set's saving is the sum of its
   members' shares, whoever else maps the same KSM pages.
+- Without root (no page frames): an estimate from ksm_stat. A process's merged pages times the
+  machine's pages_sharing / (pages_sharing + pages_shared), the share of a mapping of a KSM
+  page on average, plus its zero pages: over every process these add up to the machine too.
 - Net: saved - the shim's memory cost (padding of live aligned blocks, its table, kept blocks:
   shimstats.memory_cost_bytes) - rmap items x RMAP_ITEM_BYTES (what the kernel charges in
   general_profit).
@@ -63,6 +66,13 @@ def savings(pids):
             shim=bool(counters),
         )
     return result
+
+
+def estimated_saved_pages(stat, knobs):
+    """A process's saving from its ksm_stat and the machine's counters, without page frames."""
+    sharing, shared = knobs.get("pages_sharing") or 0, knobs.get("pages_shared") or 0
+    per_mapping = sharing / (sharing + shared) if sharing + shared else 0.0
+    return stat.get("ksm_merging_pages", 0) * per_mapping + stat.get("ksm_zero_pages", 0)
 
 
 def saved_pages(pids):

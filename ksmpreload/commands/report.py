@@ -19,6 +19,7 @@ def process_section(report):
         ("command", "left"),
         ("strategy", "left"),
         ("merged MiB", "right"),
+        ("saved MiB", "right"),
         ("padding MiB", "right"),
         ("net saved MiB", "right"),
         ("zero pages", "right"),
@@ -30,6 +31,7 @@ def process_section(report):
             p["comm"],
             p["shim"]["strategy"] if p["shim"] else "no shim",
             mib(p["merged_bytes"]),
+            mib(p["saved_bytes"]) + ("*" if p["saved_is_estimate"] else ""),
             mib(p["padding_bytes"]),
             mib(p["net_saved_bytes"]),
             p["ksm_stat"].get("ksm_zero_pages", "-"),
@@ -37,7 +39,8 @@ def process_section(report):
         ]
         for p in sorted(report["processes"], key=lambda p: -p["net_saved_bytes"])
     ]
-    return "Processes (net saved = merged - the shim's alignment padding)", columns, rows
+    title = "Processes (saved: fair share, docs/SAVINGS.md; * estimated without root; net = saved - shim - rmap items)"
+    return title, columns, rows
 
 
 def region_section(process, limit):

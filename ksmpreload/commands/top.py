@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from .. import kernel, render, shimstats
+from .. import kernel, render, saving, shimstats
 
 MIB = 1024 * 1024
 SORT_KEYS = {  # --sort choice -> (row key, largest first)
@@ -25,6 +25,7 @@ COLUMNS = [
     ("shim", "left"),
     ("merged MiB", "right"),
     ("zero-page MiB", "right"),
+    ("saved MiB (est.)", "right"),
     ("padding MiB", "right"),
     ("net saved MiB", "right"),
     ("profit MiB", "right"),
@@ -41,8 +42,9 @@ GLOBAL_COUNTERS = (
 
 
 def process_rows(name_filter, notes):
-    """One row per KSM process; what could not be read goes to `notes`."""
-    page = kernel.page_size()
+    """One row per KSM process; what could not be read goes to `notes`. saved: the estimate
+    from ksm_stat (saving.estimated_saved_pages: no page frames read at every refresh)."""
+    page, knobs = kernel.page_size(), kernel.read_knobs()
     counters = shimstats.all_process_stats(prune=False, problems=notes)
     processes, unreadable = kernel.ksm_processes_and_unreadable()
     notes += kernel.unreadable_notes(unreadable)
@@ -52,6 +54,7 @@ def process_rows(name_filter, notes):
             continue
         shim = counters.get(process["pid"])
         merged = process.get("ksm_merging_pages", 0) * page
+        saved = round(saving.estimated_saved_pages(process, knobs) * page)
         padding = shimstats.memory_cost_bytes(shim)
         rows.append(
             {
@@ -60,8 +63,9 @@ def process_rows(name_filter, notes):
                 "shim": shim["strategy"] if shim else "-",
                 "merged": merged,
                 "zero": process.get("ksm_zero_pages", 0) * page,
+                "saved": saved,
                 "padding": padding,
-                "net_saved": merged - padding,
+                "net_saved": saving.net_saved_bytes(saved, padding, process.get("ksm_rmap_items", 0)),
                 "profit": process.get("ksm_process_profit", 0),
             }
         )
@@ -73,7 +77,9 @@ def snapshot(sort, name_filter):
     notes = []
     rows = sorted(process_rows(name_filter, notes), key=lambda row: row[key], reverse=largest_first)
     knobs = kernel.read_knobs()
-    totals = {name: sum(row[name] for row in rows) for name in ("merged", "zero", "padding", "net_saved", "profit")}
+    totals = {
+        name: sum(row[name] for row in rows) for name in ("merged", "zero", "saved", "padding", "net_saved", "profit")
+    }
     return {
         "ksm": {name: knobs[name] for name in GLOBAL_COUNTERS if name in knobs},
         "saved_bytes": kernel.pages_saved(knobs) * kernel.page_size(),
@@ -99,6 +105,7 @@ def view(snap, limit):
             row["shim"],
             mib(row["merged"]),
             mib(row["zero"]),
+            mib(row["saved"]),
             mib(row["padding"]),
             mib(row["net_saved"]),
             mib(row["profit"]),
@@ -113,6 +120,7 @@ def view(snap, limit):
             "",
             mib(totals["merged"]),
             mib(totals["zero"]),
+            mib(totals["saved"]),
             mib(totals["padding"]),
             mib(totals["net_saved"]),
             mib(totals["profit"]),
@@ -127,7 +135,7 @@ def view(snap, limit):
     type=click.Choice(sorted(SORT_KEYS)),
     default="saved",
     show_default=True,
-    help="Order of the rows (saved: merged minus the shim's padding).",
+    help="Order of the rows (saved: net saved, the estimated saving less the shim's memory and rmap items).",
 )
 @click.option("--filter", "name_filter", metavar="TEXT", help="Only processes whose command line contains TEXT.")
 @click.option(
@@ -143,8 +151,11 @@ def view(snap, limit):
 def top(sort, name_filter, interval, limit, as_json):
     """Live view of the processes with KSM-enabled memory, biggest saving first.
 
-    One row per process: merged memory, zero pages, the shim's alignment padding, the net
-    saving and the kernel's profit, with totals and KSM's global counters. Refreshes in
+    One row per process: merged memory, zero pages, its saving estimated from ksm_stat (its
+    merged pages times the machine's pages_sharing / (pages_sharing + pages_shared), plus
+    zero pages: docs/SAVINGS.md; 'ksmpreload report' as root gives the exact share), the
+    shim's memory, the net saving and the kernel's profit, with totals and KSM's global
+    counters. Refreshes in
     place until Ctrl-C; when stdout is not a terminal (or with --json) prints one snapshot.
     """
     kernel.require_ksm()
