@@ -10,10 +10,7 @@
 #define PR_GET_MEMORY_MERGE 68
 #endif
 
-static int ksm_prctl_set_merge(int enable)
-{
-    return prctl(PR_SET_MEMORY_MERGE, enable, 0, 0, 0) == 0 ? 0 : -errno;
-}
+static int ksm_prctl_set_merge(int enable) { return prctl(PR_SET_MEMORY_MERGE, enable, 0, 0, 0) == 0 ? 0 : -errno; }
 
 static int ksm_prctl_get_merge(void)
 {
@@ -26,10 +23,7 @@ static int ksm_madvise_mergeable(void *addr, size_t length)
     return madvise(addr, length, MADV_MERGEABLE) == 0 ? 0 : -errno;
 }
 
-static long ksm_page_size(void)
-{
-    return sysconf(_SC_PAGESIZE);
-}
+static long ksm_page_size(void) { return sysconf(_SC_PAGESIZE); }
 
 /* ---- page frames: which KSM pages which processes map (ksmpreload/sharing.py) ----------------
  *
@@ -42,11 +36,11 @@ static long ksm_page_size(void)
 #include <string.h>
 #include <sys/ioctl.h>
 
-struct ksm_page_region {      /* struct page_region, include/uapi/linux/fs.h (Linux 6.7+) */
+struct ksm_page_region { /* struct page_region, include/uapi/linux/fs.h (Linux 6.7+) */
     uint64_t start, end, categories;
 };
 
-struct ksm_pm_scan_arg {      /* struct pm_scan_arg */
+struct ksm_pm_scan_arg { /* struct pm_scan_arg */
     uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
     uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
 };
@@ -80,10 +74,9 @@ static long ksm_pread_full(int fd, void *buf, size_t bytes, uint64_t offset)
  * *next is the first page not looked at, so the caller grows out and calls again.
  * counts[0] += entries kept, counts[1] += kept entries whose PFN reads as 0 (what an
  * unprivileged reader gets). Returns the PFNs appended or -errno. */
-static long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf, size_t buf_words,
-                             uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
-                             uint64_t *out, uint64_t *pages, size_t out_cap, uint64_t *next,
-                             uint64_t *counts)
+static long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf, size_t buf_words, uint64_t keep_mask,
+                             uint64_t keep_value, uint64_t pfn_mask, uint64_t *out, uint64_t *pages, size_t out_cap,
+                             uint64_t *next, uint64_t *counts)
 {
     size_t kept = 0;
     uint64_t page = first;
@@ -109,7 +102,7 @@ static long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf
                 counts[1] += pfn == 0;
             }
         }
-        if (words < want) {         /* end of the address space the file shows */
+        if (words < want) { /* end of the address space the file shows */
             page = end;
             break;
         }
@@ -124,19 +117,20 @@ static long ksm_pagemap_read(int fd, uint64_t first, uint64_t end, uint64_t *buf
  * pages are present and not file-backed, and reads pagemap only there: a large reservation
  * with few pages in it costs its page tables, not 8 bytes per virtual page. Pages are indices
  * (address / page_size). Returns -ENOTTY or -EINVAL where the kernel lacks the ioctl. */
-static long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long page_size,
-                                     uint64_t *buf, size_t buf_words,
-                                     uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
-                                     uint64_t *out, uint64_t *pages, size_t out_cap, uint64_t *next,
-                                     uint64_t *counts)
+static long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long page_size, uint64_t *buf,
+                                     size_t buf_words, uint64_t keep_mask, uint64_t keep_value, uint64_t pfn_mask,
+                                     uint64_t *out, uint64_t *pages, size_t out_cap, uint64_t *next, uint64_t *counts)
 {
     struct ksm_page_region ranges[KSM_SCAN_RANGES];
     size_t kept = 0;
     uint64_t page = first;
     while (page < end) {
         struct ksm_pm_scan_arg arg = {
-            .size = sizeof arg, .start = page * (uint64_t)page_size, .end = end * (uint64_t)page_size,
-            .vec = (uint64_t)(uintptr_t)ranges, .vec_len = KSM_SCAN_RANGES,
+            .size = sizeof arg,
+            .start = page * (uint64_t)page_size,
+            .end = end * (uint64_t)page_size,
+            .vec = (uint64_t)(uintptr_t)ranges,
+            .vec_len = KSM_SCAN_RANGES,
             .category_inverted = KSM_PAGE_IS_FILE,
             .category_mask = KSM_PAGE_IS_PRESENT | KSM_PAGE_IS_FILE,
             .return_mask = KSM_PAGE_IS_PRESENT,
@@ -153,20 +147,19 @@ static long ksm_pagemap_read_present(int fd, uint64_t first, uint64_t end, long 
             if (from < page)
                 from = page;
             uint64_t stop = from;
-            long got = ksm_pagemap_read(fd, from, to, buf, buf_words, keep_mask, keep_value, pfn_mask,
-                                        out + kept, pages ? pages + kept : NULL, out_cap - kept, &stop,
-                                        counts);
+            long got = ksm_pagemap_read(fd, from, to, buf, buf_words, keep_mask, keep_value, pfn_mask, out + kept,
+                                        pages ? pages + kept : NULL, out_cap - kept, &stop, counts);
             if (got < 0)
                 return got;
             kept += (size_t)got;
-            if (stop < to) {        /* out is full */
+            if (stop < to) { /* out is full */
                 *next = stop;
                 return (long)kept;
             }
             page = to;
         }
         if (walked <= page && found == 0)
-            walked = end;           /* nothing more, whatever walk_end says */
+            walked = end; /* nothing more, whatever walk_end says */
         page = walked > page ? walked : page;
     }
     *next = page;
@@ -247,8 +240,8 @@ static size_t ksm_distinct_pfns(const uint64_t *keys, size_t n, uint64_t *out)
  * /proc/kpagecount); pfns ascending and distinct. PFNs at most max_gap apart are read with
  * one pread (a syscall costs more than reading a few words it does not need), spans of at
  * most buf_words words. A PFN past the end of the file reads as 0. Returns 0 or -errno. */
-static int ksm_read_pfn_words(int fd, const uint64_t *pfns, size_t n, uint64_t max_gap,
-                              uint64_t *buf, size_t buf_words, uint64_t *out)
+static int ksm_read_pfn_words(int fd, const uint64_t *pfns, size_t n, uint64_t max_gap, uint64_t *buf, size_t buf_words,
+                              uint64_t *out)
 {
     size_t i = 0;
     while (i < n) {
@@ -271,8 +264,7 @@ static int ksm_read_pfn_words(int fd, const uint64_t *pfns, size_t n, uint64_t m
 }
 
 /* The pfns whose word has any bit of mask set, into out (order kept); returns how many. */
-static size_t ksm_select_pfns(const uint64_t *pfns, const uint64_t *words, size_t n, uint64_t mask,
-                              uint64_t *out)
+static size_t ksm_select_pfns(const uint64_t *pfns, const uint64_t *words, size_t n, uint64_t mask, uint64_t *out)
 {
     size_t selected = 0;
     for (size_t i = 0; i < n; i++)
@@ -283,26 +275,26 @@ static size_t ksm_select_pfns(const uint64_t *pfns, const uint64_t *words, size_
 
 /* Per-process fields of ksm_attribute's per_proc (KSM_PROC_FIELDS per process). */
 enum {
-    KSM_P_MAPPED,        /* pages of the process that map a KSM page (ksm_merging_pages) */
-    KSM_P_DISTINCT,      /* distinct KSM pages it maps */
-    KSM_P_SHARED_IN_SET, /* ... of which another process of the set maps too */
-    KSM_P_WITHIN_ONLY,   /* ... mapped more than once here and by no other process of the set */
+    KSM_P_MAPPED,             /* pages of the process that map a KSM page (ksm_merging_pages) */
+    KSM_P_DISTINCT,           /* distinct KSM pages it maps */
+    KSM_P_SHARED_IN_SET,      /* ... of which another process of the set maps too */
+    KSM_P_WITHIN_ONLY,        /* ... mapped more than once here and by no other process of the set */
     KSM_P_WITHIN_ONLY_MAPPED, /* its pages mapping those */
-    KSM_P_OUTSIDE,       /* distinct KSM pages also mapped by processes outside the set */
-    KSM_P_LONE,          /* distinct KSM pages mapped once in all (nothing shares them now) */
-    KSM_P_FAIR_SAVED,    /* its fair share of the saving, in 1/KSM_FAIR_UNIT pages (below) */
+    KSM_P_OUTSIDE,            /* distinct KSM pages also mapped by processes outside the set */
+    KSM_P_LONE,               /* distinct KSM pages mapped once in all (nothing shares them now) */
+    KSM_P_FAIR_SAVED,         /* its fair share of the saving, in 1/KSM_FAIR_UNIT pages (below) */
     KSM_PROC_FIELDS
 };
 
 /* Totals of ksm_attribute (KSM_TOTAL_FIELDS). */
 enum {
-    KSM_T_DISTINCT,      /* distinct KSM pages the set maps */
-    KSM_T_MAPPED,        /* pages of the set that map them */
-    KSM_T_SHARED,        /* distinct KSM pages mapped by two processes of the set or more */
-    KSM_T_WITHIN_ONLY,   /* distinct KSM pages shared inside one process only */
-    KSM_T_OUTSIDE,       /* distinct KSM pages also mapped outside the set */
-    KSM_T_LONE,          /* distinct KSM pages mapped once in all */
-    KSM_T_FAIR_SAVED,    /* the set's fair shares, in 1/KSM_FAIR_UNIT pages */
+    KSM_T_DISTINCT,    /* distinct KSM pages the set maps */
+    KSM_T_MAPPED,      /* pages of the set that map them */
+    KSM_T_SHARED,      /* distinct KSM pages mapped by two processes of the set or more */
+    KSM_T_WITHIN_ONLY, /* distinct KSM pages shared inside one process only */
+    KSM_T_OUTSIDE,     /* distinct KSM pages also mapped outside the set */
+    KSM_T_LONE,        /* distinct KSM pages mapped once in all */
+    KSM_T_FAIR_SAVED,  /* the set's fair shares, in 1/KSM_FAIR_UNIT pages */
     KSM_TOTAL_FIELDS
 };
 
@@ -315,7 +307,7 @@ enum { KSM_E_KSM = 1, KSM_E_SHARED = 2, KSM_E_WITHIN = 4 };
 
 static size_t ksm_proc_of(const uint64_t *offsets, size_t nprocs, uint64_t position)
 {
-    size_t low = 0, high = nprocs;   /* offsets[low] <= position < offsets[high] */
+    size_t low = 0, high = nprocs; /* offsets[low] <= position < offsets[high] */
     while (high - low > 1) {
         size_t mid = (low + high) / 2;
         if (offsets[mid] <= position)
@@ -332,8 +324,8 @@ static size_t ksm_proc_of(const uint64_t *offsets, size_t nprocs, uint64_t posit
  * KSM_PROC_FIELDS), pairs[a * nprocs + b] for a < b (distinct KSM pages both map) and
  * totals (KSM_TOTAL_FIELDS); all zeroed by the caller. Returns 0 or -ENOMEM. */
 static int ksm_attribute(const uint64_t *keys, size_t n, const uint64_t *offsets, size_t nprocs,
-                         const uint64_t *ksm_pfns, const uint64_t *mapcounts, size_t nksm,
-                         uint8_t *entry_kind, uint64_t *per_proc, uint64_t *pairs, uint64_t *totals)
+                         const uint64_t *ksm_pfns, const uint64_t *mapcounts, size_t nksm, uint8_t *entry_kind,
+                         uint64_t *per_proc, uint64_t *pairs, uint64_t *totals)
 {
     size_t *procs = malloc((nprocs + 1) * sizeof *procs);
     uint64_t *times = malloc((nprocs + 1) * sizeof *times);
@@ -404,8 +396,7 @@ static int ksm_attribute(const uint64_t *keys, size_t n, const uint64_t *offsets
 /* Per range r of positions [offsets[r], offsets[r+1]): out[3r] its pages mapping KSM pages,
  * out[3r+1] those another process of the set maps too, out[3r+2] those shared within the
  * process only. */
-static void ksm_count_kinds(const uint8_t *entry_kind, const uint64_t *offsets, size_t nranges,
-                            uint64_t *out)
+static void ksm_count_kinds(const uint8_t *entry_kind, const uint64_t *offsets, size_t nranges, uint64_t *out)
 {
     for (size_t r = 0; r < nranges; r++) {
         uint64_t ksm = 0, shared = 0, within = 0;
@@ -431,7 +422,7 @@ static void ksm_count_kinds(const uint8_t *entry_kind, const uint64_t *offsets, 
 #define KSM_XXH_P2 0xC2B2AE3D27D4EB4Full
 #define KSM_XXH_P3 0x165667B19E3779F9ull
 #define KSM_XXH_P4 0x85EBCA77C2B2AE63ull
-#define KSM_POSITION(key) ((key) & UINT32_MAX)
+#define KSM_POSITION(key) ((key)&UINT32_MAX)
 
 static inline uint64_t ksm_load64(const unsigned char *p)
 {
@@ -440,10 +431,7 @@ static inline uint64_t ksm_load64(const unsigned char *p)
     return word;
 }
 
-static inline uint64_t ksm_rotl(uint64_t x, int bits)
-{
-    return x << bits | x >> (64 - bits);
-}
+static inline uint64_t ksm_rotl(uint64_t x, int bits) { return x << bits | x >> (64 - bits); }
 
 static inline uint64_t ksm_xxh_round(uint64_t acc, uint64_t input)
 {
@@ -521,7 +509,7 @@ static long ksm_read_hash_pages(int mem_fd, uint64_t *pages, uint64_t *pfns, siz
             pfns[kept++] = pfns[i + k];
         }
         seconds[1] += ksm_seconds() - read;
-        if (whole < run) {          /* the page after those read failed: skip it */
+        if (whole < run) { /* the page after those read failed: skip it */
             counts[0]++;
             whole++;
         }
@@ -555,14 +543,14 @@ enum {
 
 /* Totals of ksm_group_contents (KSM_CONTENT_FIELDS). */
 enum {
-    KSM_C_CONTENTS,        /* distinct contents, the zero page's included */
-    KSM_C_ZERO,            /* zero pages */
-    KSM_C_DUP_PAGES,       /* non-zero pages whose content another page of the set holds */
-    KSM_C_DUP_CONTENTS,    /* distinct non-zero contents held more than once */
-    KSM_C_ACROSS_PAGES,    /* duplicate pages whose content two processes or more hold */
-    KSM_C_WITHIN_PAGES,    /* duplicate pages whose content one process holds, several times */
-    KSM_C_SAVING_ACROSS,   /* per duplicated content, processes holding it - 1 */
-    KSM_C_SAVING_WITHIN,   /* per duplicated content, copies - processes holding it */
+    KSM_C_CONTENTS,      /* distinct contents, the zero page's included */
+    KSM_C_ZERO,          /* zero pages */
+    KSM_C_DUP_PAGES,     /* non-zero pages whose content another page of the set holds */
+    KSM_C_DUP_CONTENTS,  /* distinct non-zero contents held more than once */
+    KSM_C_ACROSS_PAGES,  /* duplicate pages whose content two processes or more hold */
+    KSM_C_WITHIN_PAGES,  /* duplicate pages whose content one process holds, several times */
+    KSM_C_SAVING_ACROSS, /* per duplicated content, processes holding it - 1 */
+    KSM_C_SAVING_WITHIN, /* per duplicated content, copies - processes holding it */
     KSM_CONTENT_FIELDS
 };
 
@@ -581,8 +569,8 @@ static void ksm_sort_run(uint64_t *keys, size_t n, const uint64_t *hashes)
 }
 
 /* One content: the keys of its `copies` pages, positions ascending. */
-static void ksm_mark_content(const uint64_t *keys, size_t copies, uint64_t hash, const uint64_t *offsets,
-                             size_t nprocs, uint8_t *kinds, uint64_t *totals)
+static void ksm_mark_content(const uint64_t *keys, size_t copies, uint64_t hash, const uint64_t *offsets, size_t nprocs,
+                             uint8_t *kinds, uint64_t *totals)
 {
     uint8_t kind = 0;
     totals[KSM_C_CONTENTS]++;
@@ -611,8 +599,8 @@ static void ksm_mark_content(const uint64_t *keys, size_t copies, uint64_t hash,
  * within runs of equal top bits); process p owns positions [offsets[p], offsets[p+1]). Sets
  * kinds[position] (KSM_K_ZERO, _DUP, _ACROSS, _WITHIN) and adds to totals
  * (KSM_CONTENT_FIELDS, zeroed by the caller). */
-static void ksm_group_contents(uint64_t *keys, size_t n, const uint64_t *hashes, const uint64_t *offsets,
-                               size_t nprocs, uint8_t *kinds, uint64_t *totals)
+static void ksm_group_contents(uint64_t *keys, size_t n, const uint64_t *hashes, const uint64_t *offsets, size_t nprocs,
+                               uint8_t *kinds, uint64_t *totals)
 {
     for (size_t i = 0; i < n;) {
         size_t j = i + 1;
@@ -643,8 +631,7 @@ static void ksm_mark_frames(const uint64_t *keys, size_t n, const uint64_t *flag
         size_t j = i + 1;
         while (j < n && keys[j] >> 32 == keys[i] >> 32)
             j++;
-        uint8_t bits = (flags[frame] & ksm_mask ? KSM_K_KSM : 0)
-                     | (flags[frame] & zero_mask ? KSM_K_ZERO_FRAME : 0);
+        uint8_t bits = (flags[frame] & ksm_mask ? KSM_K_KSM : 0) | (flags[frame] & zero_mask ? KSM_K_ZERO_FRAME : 0);
         int shared = j - i > 1 || bits;
         for (size_t e = i; e < j; e++) {
             uint8_t *kind = &kinds[KSM_POSITION(keys[e])];

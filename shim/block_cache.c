@@ -89,8 +89,8 @@ static void publish(struct thread_cache *cache, int now)
 {
     int64_t blocks = (int64_t)cache->count - cache->published_count;
     int64_t bytes = (int64_t)cache->bytes - (int64_t)cache->published_bytes;
-    if (!now && (cache->count || !blocks) && blocks < 2 && blocks > -2 && bytes < PUBLISH_BYTES
-        && bytes > -PUBLISH_BYTES && cache->unpublished_hits < PUBLISH_HITS)
+    if (!now && (cache->count || !blocks) && blocks < 2 && blocks > -2 && bytes < PUBLISH_BYTES &&
+        bytes > -PUBLISH_BYTES && cache->unpublished_hits < PUBLISH_HITS)
         return;
     if (blocks || bytes) {
         ksm_stat_add(KSM_STAT_cached_blocks, (uint64_t)blocks);
@@ -153,8 +153,8 @@ static int open_cache(struct thread_cache *cache)
     if (!started)
         return 0;
     size_t before = __atomic_fetch_add(&allotted, KSM_CACHE_THREAD_BYTES, __ATOMIC_RELAXED);
-    if (before + KSM_CACHE_THREAD_BYTES > KSM_CACHE_PROCESS_BYTES
-        || __cxa_thread_atexit_impl(close_at_thread_exit, cache, &__dso_handle) != 0) {
+    if (before + KSM_CACHE_THREAD_BYTES > KSM_CACHE_PROCESS_BYTES ||
+        __cxa_thread_atexit_impl(close_at_thread_exit, cache, &__dso_handle) != 0) {
         give_back_allotment();
         return 0;
     }

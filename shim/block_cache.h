@@ -17,7 +17,7 @@
 #define KSM_CACHE_IDLE_MISSES 32
 
 struct ksm_cache_calls {
-    void (*release)(void *block);        /* hands a block back to the allocator, as free would */
+    void (*release)(void *block);         /* hands a block back to the allocator, as free would */
     int (*pins_free_memory)(void *block); /* keeping it would keep free memory from the system (or NULL) */
 };
 

@@ -6,6 +6,7 @@
  * has seen glibc's own rounding, and writes them only as glibc's memalign does. */
 #define _GNU_SOURCE
 #include "glibc_chunks.h"
+#include "runtime.h"
 
 #include <stdint.h>
 #include <string.h>
@@ -24,24 +25,25 @@
 /* On 64 bits glibc never lifts its mmap threshold above 32 MiB. */
 #define MMAP_THRESHOLD_MAX ((size_t)4 * 1024 * 1024 * sizeof(long))
 
-static size_t page_size = 4096;
 static struct ksm_glibc_calls glibc;
 static int threshold_fixed;
 static size_t least_lead = MIN_CHUNK; /* the part in front of a cut block: a chunk at least */
 /* glibc's dynamic mmap threshold, followed from the frees the shim sees. */
 static size_t mmap_threshold = 128 * 1024;
 
-void ksm_glibc_start(size_t chosen_page_size, int fixed_threshold, int caching, const struct ksm_glibc_calls *calls)
+void ksm_glibc_start(int fixed_threshold, int caching, const struct ksm_glibc_calls *calls)
 {
     least_lead = caching ? LEAVES_SMALL_CACHES : MIN_CHUNK;
-    page_size = chosen_page_size;
     glibc = *calls;
     threshold_fixed = fixed_threshold;
     if (fixed_threshold) /* it never moves, and is not known: no block needs the page that lifts it */
         mmap_threshold = SIZE_MAX;
 }
 
-static uintptr_t page_up(uintptr_t address) { return (address + page_size - 1) & ~(uintptr_t)(page_size - 1); }
+static uintptr_t page_up(uintptr_t address)
+{
+    return (address + ksm_runtime.page_size - 1) & ~(uintptr_t)(ksm_runtime.page_size - 1);
+}
 
 static size_t word_before(const void *ptr, int words)
 {
@@ -79,7 +81,7 @@ void ksm_glibc_chunk_mapping(const void *ptr, uintptr_t *start, size_t *length)
  * touched. Unaligned, the header and the block share pages from the mapping's start. */
 static size_t mapped_padding(size_t size)
 {
-    return page_size + page_up(size) - page_up(size + 2 * SIZE_SZ);
+    return ksm_runtime.page_size + page_up(size) - page_up(size + 2 * SIZE_SZ);
 }
 
 size_t ksm_glibc_padding(void *ptr, size_t size, size_t usable)
@@ -105,14 +107,17 @@ int ksm_glibc_pins_free_memory(void *ptr)
 /* How many bytes to malloc to cut an aligned block of `size` from: room in front and behind
  * the block for parts that are always large enough to leave glibc's small caches when freed
  * (ksm_glibc_cut_block). */
-static size_t carve_request(size_t size) { return size + page_size + least_lead + MIN_CHUNK + LEAVES_SMALL_CACHES; }
+static size_t carve_request(size_t size)
+{
+    return size + ksm_runtime.page_size + least_lead + MIN_CHUNK + LEAVES_SMALL_CACHES;
+}
 
 /* A size glibc cannot serve at all counts as mapped: it goes to posix_memalign, which refuses
  * it, before the request sizes here wrap around (a fixed threshold never compares). */
 int ksm_glibc_will_map(size_t size)
 {
-    return size > PTRDIFF_MAX - 4 * page_size || (size > MMAP_THRESHOLD_MAX && !threshold_fixed)
-        || chunk_for(carve_request(size)) >= __atomic_load_n(&mmap_threshold, __ATOMIC_RELAXED);
+    return size > PTRDIFF_MAX - 4 * ksm_runtime.page_size || (size > MMAP_THRESHOLD_MAX && !threshold_fixed) ||
+           chunk_for(carve_request(size)) >= __atomic_load_n(&mmap_threshold, __ATOMIC_RELAXED);
 }
 
 /* A request at or above glibc's mmap threshold gets a mapping of its own, and freeing a
@@ -138,13 +143,13 @@ size_t ksm_glibc_aligned_request(size_t size)
 static int aligned_block_freed;
 static unsigned plain_backoff;
 
-static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (page_size - 1)) == 0; }
+static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (ksm_runtime.page_size - 1)) == 0; }
 
 void ksm_glibc_before_free(const void *ptr)
 {
     size_t size_word = word_before(ptr, 1), size = size_word & ~(size_t)SIZE_BITS;
-    if ((size_word & IS_MMAPPED) && !threshold_fixed && size > __atomic_load_n(&mmap_threshold, __ATOMIC_RELAXED)
-        && size <= MMAP_THRESHOLD_MAX)
+    if ((size_word & IS_MMAPPED) && !threshold_fixed && size > __atomic_load_n(&mmap_threshold, __ATOMIC_RELAXED) &&
+        size <= MMAP_THRESHOLD_MAX)
         __atomic_store_n(&mmap_threshold, size, __ATOMIC_RELAXED);
     /* a mapped chunk's memory goes back to the kernel: no later block takes its place */
     if (!(size_word & IS_MMAPPED) && is_page_aligned(ptr) && !__atomic_load_n(&aligned_block_freed, __ATOMIC_RELAXED))
@@ -246,10 +251,7 @@ static void *hand_back_around(void *raw, uintptr_t block, size_t size)
     return ptr;
 }
 
-void *ksm_glibc_reused_block(size_t size)
-{
-    return worth_asking_malloc_first() ? malloc_if_aligned(size) : NULL;
-}
+void *ksm_glibc_reused_block(size_t size) { return worth_asking_malloc_first() ? malloc_if_aligned(size) : NULL; }
 
 void *ksm_glibc_cut_block(size_t size)
 {
@@ -262,7 +264,7 @@ void *ksm_glibc_cut_block(size_t size)
      * ksm_glibc_pins_free_memory. Without it, a small part keeps a freed block from joining
      * the memory in front, and malloc's first try (ksm_glibc_reused_block) finds it again. */
     if (block != (uintptr_t)raw && block - (uintptr_t)raw < least_lead)
-        block += page_size;
+        block += ksm_runtime.page_size;
     if (ksm_glibc_chunk_is_mapped(raw))
         return move_mapped_chunk(raw, block);
     return ksm_glibc_single_threaded() ? cut_out(raw, block, size) : hand_back_around(raw, block, size);

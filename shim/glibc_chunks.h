@@ -16,7 +16,7 @@ struct ksm_glibc_calls {
 };
 
 /* caching: the block cache is on (the part in front of a cut block is then larger). */
-void ksm_glibc_start(size_t page_size, int fixed_threshold, int caching, const struct ksm_glibc_calls *calls);
+void ksm_glibc_start(int fixed_threshold, int caching, const struct ksm_glibc_calls *calls);
 /* No second thread was ever created (glibc's __libc_single_threaded): glibc's malloc then
  * takes no locks, and nothing else can change its heap during a call. */
 int ksm_glibc_single_threaded(void);

@@ -12,6 +12,7 @@
 
 #include "jemalloc.h"
 #include "marking.h"
+#include "runtime.h"
 #include "stats.h"
 
 typedef void *(*rallocx_fn)(void *ptr, size_t size, int flags);
@@ -22,8 +23,8 @@ typedef int (*mallctl_fn)(const char *name, void *old, size_t *old_len, void *ne
 
 /* jemalloc's extent_hooks_t (stable since 5.0): nine function pointers, of
  * which the shim replaces alloc and commit and passes the others through. */
-typedef void *(*extent_alloc_fn)(void *hooks, void *new_addr, size_t size, size_t alignment, bool *zero,
-                                 bool *commit, unsigned arena_ind);
+typedef void *(*extent_alloc_fn)(void *hooks, void *new_addr, size_t size, size_t alignment, bool *zero, bool *commit,
+                                 unsigned arena_ind);
 typedef bool (*extent_commit_fn)(void *hooks, void *addr, size_t size, size_t offset, size_t length,
                                  unsigned arena_ind);
 struct extent_hooks {
@@ -39,7 +40,6 @@ static nallocx_fn real_nallocx;
 static mallctl_fn real_mallctl;
 static int lg_page_flag;
 static size_t extent_threshold;
-static int marking_by_prctl;
 static struct extent_hooks *default_hooks;
 static struct extent_hooks counting_hooks;
 
@@ -82,7 +82,7 @@ static bool counting_commit(void *hooks, void *addr, size_t size, size_t offset,
     bool failed = default_hooks->commit(default_hooks, addr, size, offset, length, arena_ind);
     if (!failed && size >= extent_threshold) {
         ksm_stat_add(KSM_STAT_hook_recommits, 1);
-        if (!marking_by_prctl)
+        if (!ksm_runtime.by_prctl)
             ksm_mark_extent((char *)addr + offset, length);
     }
     return failed;
@@ -110,8 +110,8 @@ static void install_counting_hooks(void)
         counting_hooks.commit = counting_commit;
     for (unsigned arena = 0; arena < narenas; arena++) {
         struct extent_hooks *old = NULL;
-        if (arena_hooks(arena, &old, NULL) == 0 && old == default_hooks
-            && arena_hooks(arena, &old, &counting_hooks) == 0)
+        if (arena_hooks(arena, &old, NULL) == 0 && old == default_hooks &&
+            arena_hooks(arena, &old, &counting_hooks) == 0)
             ksm_stat_add(KSM_STAT_hook_arenas, 1);
     }
 }
@@ -122,40 +122,30 @@ static int same_object(void *a, void *b)
     return a && b && dladdr(a, &info_a) && dladdr(b, &info_b) && info_a.dli_fbase == info_b.dli_fbase;
 }
 
-void ksm_jemalloc_start(void *real_malloc, size_t page_size, size_t threshold, int by_prctl, int hooks)
+void ksm_jemalloc_start(void *real_malloc, size_t threshold, int hooks)
 {
     void *rallocx = dlsym(RTLD_NEXT, "rallocx");
     void *mallctl = dlsym(RTLD_NEXT, "mallctl");
     void *nallocx = dlsym(RTLD_NEXT, "nallocx");
     void *mallocx = dlsym(RTLD_NEXT, "mallocx");
-    if (!same_object(real_malloc, rallocx) || !same_object(real_malloc, mallctl) || !same_object(real_malloc, nallocx)
-        || !same_object(real_malloc, mallocx))
+    if (!same_object(real_malloc, rallocx) || !same_object(real_malloc, mallctl) ||
+        !same_object(real_malloc, nallocx) || !same_object(real_malloc, mallocx))
         return;
     real_mallocx = (mallocx_fn)mallocx;
     real_nallocx = (nallocx_fn)nallocx;
-    lg_page_flag = __builtin_ctzl(page_size); /* MALLOCX_LG_ALIGN(log2 page) */
+    lg_page_flag = __builtin_ctzl(ksm_runtime.page_size); /* MALLOCX_LG_ALIGN(log2 page) */
     extent_threshold = threshold;
-    marking_by_prctl = by_prctl;
     real_mallctl = (mallctl_fn)mallctl;
     __atomic_store_n(&real_rallocx, (rallocx_fn)rallocx, __ATOMIC_RELEASE);
     if (hooks)
         install_counting_hooks();
 }
 
-int ksm_jemalloc_found(void)
-{
-    return __atomic_load_n(&real_rallocx, __ATOMIC_ACQUIRE) != NULL;
-}
+int ksm_jemalloc_found(void) { return __atomic_load_n(&real_rallocx, __ATOMIC_ACQUIRE) != NULL; }
 
-void *ksm_jemalloc_realloc_aligned(void *old, size_t size)
-{
-    return real_rallocx(old, size, lg_page_flag);
-}
+void *ksm_jemalloc_realloc_aligned(void *old, size_t size) { return real_rallocx(old, size, lg_page_flag); }
 
-void *ksm_jemalloc_zalloc_aligned(size_t size)
-{
-    return real_mallocx(size, lg_page_flag | MALLOCX_ZERO);
-}
+void *ksm_jemalloc_zalloc_aligned(size_t size) { return real_mallocx(size, lg_page_flag | MALLOCX_ZERO); }
 
 size_t ksm_jemalloc_padding(size_t size, size_t usable)
 {

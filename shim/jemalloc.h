@@ -7,7 +7,7 @@
 
 /* Finds jemalloc's rallocx and mallctl when they come from the same object as
  * `real_malloc`; installs the extent hooks when `hooks` is set. */
-void ksm_jemalloc_start(void *real_malloc, size_t page_size, size_t threshold, int by_prctl, int hooks);
+void ksm_jemalloc_start(void *real_malloc, size_t threshold, int hooks);
 /* 1 when the program's malloc is jemalloc. */
 int ksm_jemalloc_found(void);
 /* realloc that keeps the block page-aligned, in place when jemalloc can; NULL

@@ -7,29 +7,35 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "glibc_chunks.h"
+#include "runtime.h"
 #include "stats.h"
+#include "sys.h"
 
-static struct ksm_marking setup = {.page_size = 4096};
+static struct ksm_marking setup;
 
-static uintptr_t page_down(uintptr_t address) { return address & ~(uintptr_t)(setup.page_size - 1); }
-static uintptr_t page_up(uintptr_t address) { return page_down(address + setup.page_size - 1); }
+static uintptr_t page_down(uintptr_t address) { return address & ~(uintptr_t)(ksm_runtime.page_size - 1); }
+static uintptr_t page_up(uintptr_t address) { return page_down(address + ksm_runtime.page_size - 1); }
 
-void ksm_marking_start(const struct ksm_marking *chosen)
-{
-    setup = *chosen;
-}
+void ksm_marking_start(const struct ksm_marking *chosen) { setup = *chosen; }
 
 static void count_madvise_failure(int error)
 {
     switch (error) {
-    case EINVAL: ksm_stat_add(KSM_STAT_madvise_einval, 1); break;
-    case ENOMEM: ksm_stat_add(KSM_STAT_madvise_enomem, 1); break;
-    case EAGAIN: ksm_stat_add(KSM_STAT_madvise_eagain, 1); break;
-    default: ksm_stat_add(KSM_STAT_madvise_other, 1); break;
+    case EINVAL:
+        ksm_stat_add(KSM_STAT_madvise_einval, 1);
+        break;
+    case ENOMEM:
+        ksm_stat_add(KSM_STAT_madvise_enomem, 1);
+        break;
+    case EAGAIN:
+        ksm_stat_add(KSM_STAT_madvise_eagain, 1);
+        break;
+    default:
+        ksm_stat_add(KSM_STAT_madvise_other, 1);
+        break;
     }
 }
 
@@ -39,7 +45,7 @@ static void madvise_mergeable(uintptr_t start, uintptr_t end)
     int saved_errno = errno;
     ksm_stat_add(KSM_STAT_madvise_calls, 1);
     /* The system call: `madvise` would be the shim's own wrapper, which counts the program's calls. */
-    if (syscall(SYS_madvise, (void *)start, end - start, MADV_MERGEABLE) != 0)
+    if (ksm_sys_madvise((void *)start, end - start, MADV_MERGEABLE) != 0)
         count_madvise_failure(errno);
     errno = saved_errno;
 }
@@ -64,10 +70,7 @@ static void lock_heap_marks(void)
         ;
 }
 
-static void unlock_heap_marks(void)
-{
-    __atomic_clear(&heap_lock, __ATOMIC_RELEASE);
-}
+static void unlock_heap_marks(void) { __atomic_clear(&heap_lock, __ATOMIC_RELEASE); }
 
 static int mark_in_main_heap(uintptr_t start)
 {
@@ -78,8 +81,8 @@ static int mark_in_main_heap(uintptr_t start)
     if (!heap_marked_from || start < heap_marked_from || top != heap_marked_top) {
         /* A moved top may hide a trim and regrowth: mark the whole range again. */
         uintptr_t from = heap_marked_from && heap_marked_from < start ? heap_marked_from : start;
-        if (top - setup.page_size > from)
-            madvise_mergeable(from, top - setup.page_size);
+        if (top - ksm_runtime.page_size > from)
+            madvise_mergeable(from, top - ksm_runtime.page_size);
         heap_marked_from = from;
         heap_marked_top = top;
     }
@@ -144,10 +147,7 @@ static void for_each_mapping(int (*visit)(const struct vma *, void *), void *con
     close(fd);
 }
 
-static int private_anonymous(const struct vma *vma)
-{
-    return vma->anonymous && vma->perms[3] == 'p';
-}
+static int private_anonymous(const struct vma *vma) { return vma->anonymous && vma->perms[3] == 'p'; }
 
 /* ---- glibc's chunks (glibc_chunks.c says where they live) ------------- */
 
@@ -158,7 +158,7 @@ static void mark_glibc_mapped_chunk(void *ptr)
     size_t length;
     ksm_glibc_chunk_mapping(ptr, &start, &length);
     ksm_region_record(start, length, KSM_REGION_GLIBC_CHUNK, NULL);
-    if (!setup.by_prctl)
+    if (!ksm_runtime.by_prctl)
         madvise_mergeable(start, start + length);
 }
 
@@ -195,8 +195,8 @@ static uintptr_t no_heap_start, no_heap_end;
 
 static int heap_search_failed(uintptr_t block)
 {
-    return block >= __atomic_load_n(&no_heap_start, __ATOMIC_RELAXED)
-        && block < __atomic_load_n(&no_heap_end, __ATOMIC_RELAXED);
+    return block >= __atomic_load_n(&no_heap_start, __ATOMIC_RELAXED) &&
+           block < __atomic_load_n(&no_heap_end, __ATOMIC_RELAXED);
 }
 
 static int no_heap_in(const struct vma *holding)
@@ -222,7 +222,7 @@ static int find_glibc_heap(uintptr_t block, uintptr_t *start, uintptr_t *size)
         end = search.after.end;
     *start = search.holding.start;
     *size = end - *start;
-    if ((*size & (*size - 1)) == 0 && (*start & (*size - 1)) == 0 && *size >= setup.page_size)
+    if ((*size & (*size - 1)) == 0 && (*start & (*size - 1)) == 0 && *size >= ksm_runtime.page_size)
         return 1;
     return no_heap_in(&search.holding);
 }
@@ -231,10 +231,7 @@ static int find_glibc_heap(uintptr_t block, uintptr_t *start, uintptr_t *size)
 #define MARKED_HEAPS 256
 static uintptr_t marked_heaps[MARKED_HEAPS];
 
-static uintptr_t *heap_seen_slot(uintptr_t heap, uintptr_t size)
-{
-    return &marked_heaps[(heap / size) % MARKED_HEAPS];
-}
+static uintptr_t *heap_seen_slot(uintptr_t heap, uintptr_t size) { return &marked_heaps[(heap / size) % MARKED_HEAPS]; }
 
 /* glibc deletes an empty heap with its own munmap, which the shim never sees, and the next
  * heap often comes back at the same address, unmarked: a remembered heap is marked again
@@ -249,7 +246,7 @@ static int remembered_heap(void *ptr)
     uintptr_t heap = (uintptr_t)ptr & ~(size - 1);
     if (!size || __atomic_load_n(heap_seen_slot(heap, size), __ATOMIC_RELAXED) != heap)
         return 0;
-    if (!setup.by_prctl && __atomic_add_fetch(&remembered_hits, 1, __ATOMIC_RELAXED) % REMARK_EVERY == 0)
+    if (!ksm_runtime.by_prctl && __atomic_add_fetch(&remembered_hits, 1, __ATOMIC_RELAXED) % REMARK_EVERY == 0)
         madvise_mergeable(heap, heap + size);
     return 1;
 }
@@ -263,7 +260,7 @@ static int mark_glibc_arena_heap(void *ptr)
         return 0;
     __atomic_store_n(&glibc_heap_size, size, __ATOMIC_RELAXED);
     ksm_region_record(heap, size, KSM_REGION_GLIBC_ARENA, NULL);
-    if (!setup.by_prctl)
+    if (!ksm_runtime.by_prctl)
         madvise_mergeable(heap, heap + size);
     __atomic_store_n(heap_seen_slot(heap, size), heap, __ATOMIC_RELAXED);
     return 1;
@@ -287,8 +284,7 @@ static int take_vma_budget(void)
 {
     uint64_t left = __atomic_load_n(&setup.vma_budget, __ATOMIC_RELAXED);
     while (left > 0)
-        if (__atomic_compare_exchange_n(&setup.vma_budget, &left, left - 1, 0, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED))
+        if (__atomic_compare_exchange_n(&setup.vma_budget, &left, left - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
             return 1;
     ksm_stat_add(KSM_STAT_vma_budget_skips, 1);
     return 0;
@@ -299,8 +295,8 @@ void ksm_mark_heap_block(void *ptr, size_t size)
     ksm_stats_publish_pending();
     ksm_stat_add(KSM_STAT_heap_regions, 1);
     ksm_stat_add(KSM_STAT_heap_bytes, size);
-    if (setup.by_prctl) { /* nothing to mark: only the region records */
-        if (setup.glibc_chunks)
+    if (ksm_runtime.by_prctl) { /* nothing to mark: only the region records */
+        if (ksm_runtime.allocator_is_glibc)
             mark_by_glibc_chunk(ptr);
         return;
     }
@@ -309,7 +305,7 @@ void ksm_mark_heap_block(void *ptr, size_t size)
         return;
     /* Other allocators (jemalloc) map their memory through the wrapped mmap,
      * which marks whole mappings: a madvise per block would only cost a call. */
-    if (!setup.glibc_chunks || mark_by_glibc_chunk(ptr))
+    if (!ksm_runtime.allocator_is_glibc || mark_by_glibc_chunk(ptr))
         return;
     if (take_vma_budget()) /* glibc's main arena outside the brk heap */
         madvise_mergeable(start, end);
@@ -319,7 +315,7 @@ void ksm_mark_extent(void *ptr, size_t len)
 {
     ksm_stats_publish_pending();
     ksm_region_record((uintptr_t)ptr, len, KSM_REGION_JEMALLOC_EXTENT, NULL);
-    if (!setup.by_prctl)
+    if (!ksm_runtime.by_prctl)
         madvise_mergeable(page_down((uintptr_t)ptr), page_up((uintptr_t)ptr + len));
 }
 
@@ -329,7 +325,7 @@ static void mark_mapping_of_kind(void *ptr, size_t len, enum ksm_region_kind kin
     ksm_region_record((uintptr_t)ptr, len, kind, caller);
     ksm_stat_add(KSM_STAT_mmap_regions, 1);
     ksm_stat_add(KSM_STAT_mmap_bytes, len);
-    if (!setup.by_prctl)
+    if (!ksm_runtime.by_prctl)
         madvise_mergeable((uintptr_t)ptr, (uintptr_t)ptr + page_up(len));
 }
 
@@ -366,13 +362,10 @@ static int mark_if_program_memory(const struct vma *vma, void *context)
 
 void ksm_mark_existing_mappings(size_t threshold)
 {
-    if (setup.by_prctl)
+    if (ksm_runtime.by_prctl)
         return;
     struct existing_scan scan = {.threshold = threshold};
     for_each_mapping(mark_if_program_memory, &scan);
 }
 
-void ksm_marking_after_fork(void)
-{
-    heap_lock = 0; /* another thread may have held it when the parent forked */
-}
+void ksm_marking_after_fork(void) { heap_lock = 0; /* another thread may have held it when the parent forked */ }

@@ -7,10 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* What marking needs besides the runtime (runtime.h: page size, prctl, glibc). */
 struct ksm_marking {
-    size_t page_size;
-    int by_prctl;              /* the whole process merges: count, never madvise */
-    int glibc_chunks;          /* the allocator is glibc: its chunk headers tell where a block lives */
     uintptr_t main_heap_start; /* start_brk */
     uint64_t vma_budget;       /* madvise calls that may split a mapping */
 };

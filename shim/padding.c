@@ -11,10 +11,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "stats.h"
+#include "sys.h"
 
 #define SHARDS 16
 #define FIRST_CAPACITY 64 /* entries; the first arrays are static, so a program with few padded blocks maps nothing */
@@ -35,27 +35,21 @@ static struct shard shards[SHARDS];
 static struct entry first_entries[SHARDS][FIRST_CAPACITY];
 static unsigned page_shift = 12;
 
-static uint64_t hash_of(uintptr_t block)
-{
-    return (uint64_t)(block >> page_shift) * 0x9E3779B97F4A7C15ull;
-}
+static uint64_t hash_of(uintptr_t block) { return (uint64_t)(block >> page_shift) * 0x9E3779B97F4A7C15ull; }
 
-static struct shard *shard_of(uintptr_t block)
-{
-    return &shards[hash_of(block) >> 60]; /* the top 4 bits: 16 shards */
-}
+static struct shard *shard_of(uintptr_t block) { return &shards[hash_of(block) >> 60]; /* the top 4 bits: 16 shards */ }
 
 static struct entry *map_entries(size_t capacity)
 {
-    long p = syscall(SYS_mmap, NULL, capacity * sizeof(struct entry), PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p < 0 && p > -4096 ? NULL : (struct entry *)p;
+    void *p =
+        ksm_sys_mmap(NULL, capacity * sizeof(struct entry), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
 }
 
 static void unmap_entries(struct entry *entries, size_t capacity)
 {
     if (capacity > FIRST_CAPACITY)
-        syscall(SYS_munmap, entries, capacity * sizeof(struct entry));
+        ksm_sys_munmap(entries, capacity * sizeof(struct entry));
     ksm_stat_add(KSM_STAT_padding_table_bytes, -(uint64_t)(capacity * sizeof(struct entry)));
 }
 

@@ -18,11 +18,12 @@
 #include <sys/auxv.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "block_cache.h"
 #include "config.h"
+#include "runtime.h"
+#include "sys.h"
 #include "glibc_chunks.h"
 #include "hooks.h"
 #include "jemalloc.h"
@@ -41,8 +42,7 @@
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 
-static struct ksm_config config;
-static size_t page_size = 4096;
+struct ksm_runtime ksm_runtime = {.page_size = 4096};
 /* free's and realloc's fast paths take only pointers inside a page: the shim's
  * aligned blocks start on a page, and their padding must be taken back. */
 static uintptr_t page_offset_mask = 4095;
@@ -50,7 +50,6 @@ static uintptr_t page_offset_mask = 4095;
  * that finds them; then SIZE_MAX (all pass through) until the constructor sets
  * the configured threshold. The fast path is then one comparison. */
 static size_t large_threshold;
-static int marking_by_prctl;
 
 /* ---- the real functions ------------------------------------------------ */
 
@@ -116,12 +115,12 @@ EXPORT void *ksmpreload_next_symbol(const char *name)
 __attribute__((noinline)) static void resolve_real_functions(void)
 {
     resolving = 1;
-#define KSM_RESOLVE(name, ret, params, required)                                   \
-    if (!real_##name)                                                                    \
-        __atomic_store_n(&real_##name, (name##_fn)ksmpreload_next_symbol(#name), __ATOMIC_RELEASE); \
-    if (required && !real_##name) {                                                     \
-        ksm_say("no '" #name "' after libksmpreload in the link order; cannot run");     \
-        _exit(127);                                                                      \
+#define KSM_RESOLVE(name, ret, params, required)                                                                       \
+    if (!real_##name)                                                                                                  \
+        __atomic_store_n(&real_##name, (name##_fn)ksmpreload_next_symbol(#name), __ATOMIC_RELEASE);                    \
+    if (required && !real_##name) {                                                                                    \
+        ksm_say("no '" #name "' after libksmpreload in the link order; cannot run");                                   \
+        _exit(127);                                                                                                    \
     }
     KSM_HOOKS(KSM_RESOLVE)
 #undef KSM_RESOLVE
@@ -129,13 +128,6 @@ __attribute__((noinline)) static void resolve_real_functions(void)
     __atomic_compare_exchange_n(&large_threshold, &unresolved, SIZE_MAX, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
     __atomic_store_n(&free_slow_window, sizeof bootstrap_pool, __ATOMIC_RELEASE);
     resolving = 0;
-}
-
-/* Before the constructor, jemalloc may map memory from its own constructor:
- * no dlsym then (it can deadlock), the system calls themselves serve. */
-static void *mmap_syscall(void *addr, size_t len, int prot, int flags, int fd, off_t off)
-{
-    return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
 }
 
 /* The first calls, before the real functions are known: resolve them, or tell
@@ -160,9 +152,7 @@ static size_t threshold_now(void)
 
 /* ---- what the wrappers hand to the marking policy ----------------------- */
 
-static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (page_size - 1)) == 0; }
-
-static int allocator_is_glibc;
+static int is_page_aligned(const void *ptr) { return ((uintptr_t)ptr & (ksm_runtime.page_size - 1)) == 0; }
 
 /* Another allocator's usable size for an unaligned request (mimalloc's mi_good_size,
  * tcmalloc's nallocx), so that padding counts what alignment adds, not size classes. */
@@ -191,37 +181,93 @@ static size_t other_unaligned_usable(size_t size)
     return other_nallocx ? other_nallocx(size, 0) : size;
 }
 
-/* What the alignment costs: usable bytes beyond those of the same request unaligned. */
-static size_t alignment_padding(void *ptr, size_t size, size_t usable)
+/* ---- the allocator that serves the program ------------------------------ */
+
+/* What the shim asks of the allocator, one backend chosen by the constructor: glibc (its
+ * chunk headers: glibc_chunks.c), jemalloc (its aligned calls: jemalloc.c), an allocator
+ * whose size classes are whole pages (mimalloc, tcmalloc: "sized"), or one the shim knows
+ * nothing of (valgrind's, a sanitizer's). */
+struct backend {
+    /* What the alignment costs: usable bytes beyond those of the same request unaligned. */
+    size_t (*padding)(void *ptr, size_t size, size_t usable);
+    /* A page-aligned block of `size` bytes made its own way, or NULL: posix_memalign then. */
+    void *(*aligned_block)(size_t size);
+    /* realloc to a page-aligned block; NULL, the old block intact, when there is no memory. */
+    void *(*realloc_aligned)(void *old, size_t size);
+};
+
+static size_t jemalloc_padding(void *ptr, size_t size, size_t usable)
 {
-    if (allocator_is_glibc)
-        return ksm_glibc_padding(ptr, size, usable);
-    if (ksm_jemalloc_found())
-        return ksm_jemalloc_padding(size, usable);
-    /* Only up to the end of the last page the request reaches: the program never touches the
-     * whole pages beyond, so they cost no memory (mimalloc hands a page-aligned 1 MiB block
-     * 1.5 MiB of usable size). */
-    size_t touched = (size + page_size - 1) & ~(page_size - 1);
+    (void)ptr;
+    return ksm_jemalloc_padding(size, usable);
+}
+
+/* Only up to the end of the last page the request reaches: the program never touches the
+ * whole pages beyond, so they cost no memory (mimalloc hands a page-aligned 1 MiB block
+ * 1.5 MiB of usable size). */
+static size_t sized_padding(void *ptr, size_t size, size_t usable)
+{
+    (void)ptr;
+    size_t touched = (size + ksm_runtime.page_size - 1) & ~(ksm_runtime.page_size - 1);
     size_t usable_touched = usable < touched ? usable : touched;
     size_t unaligned = other_unaligned_usable(size);
     return usable_touched > unaligned ? usable_touched - unaligned : 0;
 }
 
-static void mark_heap_block(void *ptr, size_t size)
+static void *glibc_aligned_block(size_t size)
 {
-    if (config.align && is_page_aligned(ptr))
-        ksm_padding_note(ptr, alignment_padding(ptr, size, real_malloc_usable_size(ptr)));
-    ksm_mark_heap_block(ptr, size);
+    return ksm_glibc_will_map(size) ? NULL : ksm_glibc_aligned_block(size);
 }
 
-static int caching; /* aligned blocks, and KSMPRELOAD_CACHE=1 */
+/* mimalloc and tcmalloc hand out most large blocks page-aligned already (their size classes
+ * are whole pages): such a block is taken as malloc gives it, which keeps the allocator's own
+ * reuse (mimalloc maps a fresh segment for each huge aligned block: docs/BENCHMARKS.md). */
+static void *sized_aligned_block(size_t size)
+{
+    void *ptr = real_malloc(size);
+    if (ptr && is_page_aligned(ptr))
+        return ptr;
+    real_free(ptr);
+    return NULL;
+}
+
+static void *no_aligned_block(size_t size)
+{
+    (void)size;
+    return NULL;
+}
+
+static void *realloc_keeping_alignment(void *old, size_t size);
+
+static const struct backend glibc_backend = {ksm_glibc_padding, glibc_aligned_block, realloc_keeping_alignment};
+static const struct backend jemalloc_backend = {jemalloc_padding, no_aligned_block, ksm_jemalloc_realloc_aligned};
+static const struct backend sized_backend = {sized_padding, sized_aligned_block, realloc_keeping_alignment};
+static const struct backend unknown_backend = {sized_padding, no_aligned_block, realloc_keeping_alignment};
+static const struct backend *backend = &unknown_backend;
+
+static const struct backend *choose_backend(void)
+{
+    if (ksm_runtime.allocator_is_glibc)
+        return &glibc_backend;
+    if (ksm_jemalloc_found())
+        return &jemalloc_backend;
+    find_other_size_classes();
+    return other_good_size || other_nallocx ? &sized_backend : &unknown_backend;
+}
+
+static void mark_heap_block(void *ptr, size_t size)
+{
+    if (ksm_runtime.config.align && is_page_aligned(ptr))
+        ksm_padding_note(ptr, backend->padding(ptr, size, real_malloc_usable_size(ptr)));
+    ksm_mark_heap_block(ptr, size);
+}
 
 /* A kept block, taken from the cache for a request of `size` (or NULL): one that has at most
  * a page and a quarter of the request more than the allocator gives the request unaligned
  * (mimalloc gives a page-aligned 150 KiB block 192 KiB, its size class 152 KiB). */
 static void *take_from_cache(size_t size, size_t *usable)
 {
-    size_t most = other_unaligned_usable(size) + page_size + size / 4;
+    size_t most = other_unaligned_usable(size) + ksm_runtime.page_size + size / 4;
     return ksm_cache_take(size, most, usable);
 }
 
@@ -230,9 +276,9 @@ static void *take_from_cache(size_t size, size_t *usable)
 static void *cached_block(size_t size)
 {
     size_t usable;
-    void *ptr = caching ? take_from_cache(size, &usable) : NULL; /* off: no call, nothing learned */
+    void *ptr = ksm_runtime.caching ? take_from_cache(size, &usable) : NULL; /* off: no call, nothing learned */
     if (ptr)
-        ksm_padding_note(ptr, alignment_padding(ptr, size, usable));
+        ksm_padding_note(ptr, backend->padding(ptr, size, usable));
     return ptr;
 }
 
@@ -240,8 +286,8 @@ static void *cached_block(size_t size)
  * and huge pages are not worth a scan. */
 static int mergeable_mapping(int flags)
 {
-    return (flags & MAP_TYPE) == MAP_PRIVATE && (flags & MAP_ANONYMOUS)
-        && !(flags & (MAP_GROWSDOWN | MAP_STACK | MAP_HUGETLB));
+    return (flags & MAP_TYPE) == MAP_PRIVATE && (flags & MAP_ANONYMOUS) &&
+           !(flags & (MAP_GROWSDOWN | MAP_STACK | MAP_HUGETLB));
 }
 
 /* Set once the malloc library maps memory that is not private anonymous (tcmalloc under
@@ -252,8 +298,8 @@ static int allocator_maps_other_memory;
 
 static void note_allocator_mapping(void *ptr, int flags, const void *caller)
 {
-    if (ptr == MAP_FAILED || ((flags & MAP_TYPE) == MAP_PRIVATE && (flags & MAP_ANONYMOUS))
-        || allocator_is_glibc || __atomic_load_n(&allocator_maps_other_memory, __ATOMIC_RELAXED))
+    if (ptr == MAP_FAILED || ((flags & MAP_TYPE) == MAP_PRIVATE && (flags & MAP_ANONYMOUS)) ||
+        ksm_runtime.allocator_is_glibc || __atomic_load_n(&allocator_maps_other_memory, __ATOMIC_RELAXED))
         return;
     /* Before the real functions are known no lookup is safe: count it as the allocator's. */
     malloc_fn malloc_now = __atomic_load_n(&real_malloc, __ATOMIC_ACQUIRE);
@@ -264,7 +310,8 @@ static void note_allocator_mapping(void *ptr, int flags, const void *caller)
 static void *mark_mapping(void *ptr, size_t len, int flags, const void *caller)
 {
     note_allocator_mapping(ptr, flags, caller);
-    if (ptr != MAP_FAILED && config.threshold && len >= config.threshold && mergeable_mapping(flags)) {
+    if (ptr != MAP_FAILED && ksm_runtime.config.threshold && len >= ksm_runtime.config.threshold &&
+        mergeable_mapping(flags)) {
         ksm_jemalloc_saw_mapping(ptr, len);
         ksm_mark_mapping(ptr, len, caller);
     }
@@ -276,12 +323,12 @@ static void *mark_mapping(void *ptr, size_t len, int flags, const void *caller)
 /* The size to ask the allocator for, for an aligned block of `size` bytes. */
 static size_t aligned_request(size_t size)
 {
-    return allocator_is_glibc ? ksm_glibc_aligned_request(size) : size;
+    return ksm_runtime.allocator_is_glibc ? ksm_glibc_aligned_request(size) : size;
 }
 
 static size_t large_alignment(size_t align)
 {
-    return config.align && align < page_size ? page_size : align;
+    return ksm_runtime.config.align && align < ksm_runtime.page_size ? ksm_runtime.page_size : align;
 }
 
 /* The allocator's own posix_memalign, asked for what aligned_request says; NULL on failure. */
@@ -291,30 +338,19 @@ static void *memaligned_block(size_t size, size_t alignment)
     return real_posix_memalign(&ptr, alignment, aligned_request(size)) == 0 ? ptr : NULL;
 }
 
-/* A block of `size` bytes at `alignment` (a page or more), or NULL. mimalloc and tcmalloc
- * hand out most large blocks page-aligned already (their size classes are whole pages):
- * such a block is taken as malloc gives it, which keeps the allocator's own reuse
- * (mimalloc maps a fresh segment for each huge aligned block: docs/BENCHMARKS.md). */
+/* A block of `size` bytes at `alignment` (a page or more), or NULL: the backend's own page-
+ * aligned block where it has one, else posix_memalign's. */
 static void *aligned_block(size_t size, size_t alignment)
 {
-    void *ptr = NULL;
-    if (alignment == page_size && allocator_is_glibc && !ksm_glibc_will_map(size)
-        && (ptr = ksm_glibc_aligned_block(size)))
-        return ptr;
-    if (alignment == page_size && (other_good_size || other_nallocx)) {
-        ptr = real_malloc(size);
-        if (ptr && is_page_aligned(ptr))
-            return ptr;
-        real_free(ptr);
-    }
-    return memaligned_block(size, alignment);
+    void *ptr = alignment == ksm_runtime.page_size ? backend->aligned_block(size) : NULL;
+    return ptr ? ptr : memaligned_block(size, alignment);
 }
 
 /* Returns a block of at least `size` bytes, page-aligned when aligning; errno kept on success. */
 SLOW_PATH static void *allocate_large(size_t size, size_t align)
 {
     size_t alignment = large_alignment(align);
-    void *ptr = alignment == page_size ? cached_block(size) : NULL;
+    void *ptr = alignment == ksm_runtime.page_size ? cached_block(size) : NULL;
     if (ptr)
         return ptr;
     int saved_errno = errno;
@@ -332,7 +368,7 @@ SLOW_PATH static void *allocate_large(size_t size, size_t align)
  * MALLOC_PERTURB_ filled it (then its first byte is not zero). */
 static int fresh_glibc_mapping(const void *ptr)
 {
-    return allocator_is_glibc && ksm_glibc_chunk_is_mapped(ptr) && *(const unsigned char *)ptr == 0;
+    return ksm_runtime.allocator_is_glibc && ksm_glibc_chunk_is_mapped(ptr) && *(const unsigned char *)ptr == 0;
 }
 
 /* glibc, mimalloc or tcmalloc: their blocks are private anonymous memory whose
@@ -340,8 +376,8 @@ static int fresh_glibc_mapping(const void *ptr)
  * tracks what was written) gets every byte cleared. */
 static int allocator_is_known(void)
 {
-    return allocator_is_glibc
-        || ((other_good_size || other_nallocx) && !__atomic_load_n(&allocator_maps_other_memory, __ATOMIC_RELAXED));
+    return ksm_runtime.allocator_is_glibc ||
+           ((other_good_size || other_nallocx) && !__atomic_load_n(&allocator_maps_other_memory, __ATOMIC_RELAXED));
 }
 
 static void clear_unless_fresh(unsigned char *from, unsigned char *to, uintptr_t fresh_from, uintptr_t fresh_to)
@@ -369,7 +405,8 @@ static void *glibc_zeroed_block(size_t total)
     unsigned char *ptr = from_heap ? ksm_glibc_reused_block(total) : NULL;
     if (!ptr) {
         break_before = (uintptr_t)sbrk(0);
-        if (!(from_heap && (ptr = ksm_glibc_cut_block(total))) && !(ptr = memaligned_block(total, page_size)))
+        if (!(from_heap && (ptr = ksm_glibc_cut_block(total))) &&
+            !(ptr = memaligned_block(total, ksm_runtime.page_size)))
             return NULL;
     }
     if (!fresh_glibc_mapping(ptr))
@@ -384,19 +421,19 @@ static void *glibc_zeroed_block(size_t total)
  * threads, only the pages that were used are cleared (zeroing.c). */
 static void *zeroed_block(size_t count, size_t size, size_t total)
 {
-    if (!config.align)
+    if (!ksm_runtime.config.align)
         return real_calloc(count, size);
     if (ksm_jemalloc_found())
         return ksm_jemalloc_zalloc_aligned(total);
-    if (allocator_is_glibc && ksm_glibc_single_threaded())
+    if (ksm_runtime.allocator_is_glibc && ksm_glibc_single_threaded())
         return glibc_zeroed_block(total);
-    void *ptr = aligned_block(total, page_size);
+    void *ptr = aligned_block(total, ksm_runtime.page_size);
     if (!ptr)
         return NULL;
     if (fresh_glibc_mapping(ptr))
         return ptr;
     if (allocator_is_known())
-        ksm_clear_block(ptr, total, page_size);
+        ksm_clear_block(ptr, total, ksm_runtime.page_size);
     else
         memset(ptr, 0, total);
     return ptr;
@@ -408,7 +445,9 @@ static void *zeroed_block(size_t count, size_t size, size_t total)
 
 SLOW_PATH static void *allocate_large_zeroed(size_t count, size_t size, size_t total)
 {
-    void *ptr = config.align && total <= ZEROED_FROM_CACHE_PAGES * page_size ? cached_block(total) : NULL;
+    void *ptr = ksm_runtime.config.align && total <= ZEROED_FROM_CACHE_PAGES * ksm_runtime.page_size
+                    ? cached_block(total)
+                    : NULL;
     if (ptr)
         return memset(ptr, 0, total);
     int saved_errno = errno;
@@ -435,7 +474,7 @@ static int realloc_loses_alignment;
  * (the old block intact) when there is no memory for it. */
 static void *move_to_aligned(void *old, size_t old_size, size_t size)
 {
-    void *ptr = aligned_block(size, page_size);
+    void *ptr = aligned_block(size, ksm_runtime.page_size);
     if (!ptr)
         return NULL;
     memcpy(ptr, old, old_size < size ? old_size : size);
@@ -450,7 +489,7 @@ static void *move_to_aligned(void *old, size_t old_size, size_t size)
 static void *realloc_keeping_alignment(void *old, size_t size)
 {
     size_t old_size = real_malloc_usable_size(old);
-    if (!is_page_aligned(old) || (realloc_loses_alignment && size > old_size && !allocator_is_glibc))
+    if (!is_page_aligned(old) || (realloc_loses_alignment && size > old_size && !ksm_runtime.allocator_is_glibc))
         return move_to_aligned(old, old_size, size);
     void *ptr = real_realloc(old, size);
     if (ptr && !is_page_aligned(ptr)) {
@@ -465,12 +504,10 @@ SLOW_PATH static void *reallocate_large(void *old, size_t size)
 {
     int saved_errno = errno;
     void *ptr;
-    if (!config.align)
+    if (!ksm_runtime.config.align)
         ptr = real_realloc(old, size);
-    else if (ksm_jemalloc_found())
-        ptr = ksm_jemalloc_realloc_aligned(old, size);
     else
-        ptr = realloc_keeping_alignment(old, size);
+        ptr = backend->realloc_aligned(old, size);
     if (!ptr) {
         errno = ENOMEM;
         return NULL;
@@ -569,7 +606,7 @@ EXPORT void *reallocarray(void *old, size_t count, size_t size)
 /* What free does with a block the cache does not keep (or gives back later). */
 static void free_to_allocator(void *ptr)
 {
-    if (allocator_is_glibc && ptr)
+    if (ksm_runtime.allocator_is_glibc && ptr)
         ksm_glibc_before_free(ptr);
     real_free(ptr);
 }
@@ -579,7 +616,7 @@ SLOW_PATH static void free_slow(void *ptr)
     if (in_bootstrap_pool(ptr) || NEEDS_POOL())
         return;
     ksm_padding_forget(ptr);
-    if (ptr && caching && is_page_aligned(ptr) && ksm_cache_keep(ptr, real_malloc_usable_size(ptr)))
+    if (ptr && ksm_runtime.caching && is_page_aligned(ptr) && ksm_cache_keep(ptr, real_malloc_usable_size(ptr)))
         return;
     free_to_allocator(ptr);
 }
@@ -601,10 +638,7 @@ EXPORT size_t malloc_usable_size(void *ptr)
     return real_malloc_usable_size(ptr);
 }
 
-static int valid_posix_alignment(size_t align)
-{
-    return align >= sizeof(void *) && (align & (align - 1)) == 0;
-}
+static int valid_posix_alignment(size_t align) { return align >= sizeof(void *) && (align & (align - 1)) == 0; }
 
 EXPORT int posix_memalign(void **out, size_t align, size_t size)
 {
@@ -650,29 +684,31 @@ EXPORT void *valloc(size_t size)
         return NULL;
     if (size < threshold_now() || !real_valloc)
         return real_valloc ? real_valloc(size) : (errno = ENOMEM, NULL);
-    return allocate_large(size, page_size);
+    return allocate_large(size, ksm_runtime.page_size);
 }
 
 EXPORT void *pvalloc(size_t size)
 {
     if (NEEDS_POOL())
         return NULL;
-    if (size < threshold_now() || !real_pvalloc || size > SIZE_MAX - page_size)
+    if (size < threshold_now() || !real_pvalloc || size > SIZE_MAX - ksm_runtime.page_size)
         return real_pvalloc ? real_pvalloc(size) : (errno = ENOMEM, NULL);
-    return allocate_large((size + page_size - 1) & ~(page_size - 1), page_size);
+    return allocate_large((size + ksm_runtime.page_size - 1) & ~(ksm_runtime.page_size - 1), ksm_runtime.page_size);
 }
 
+/* Before the real functions are known (jemalloc maps memory from its own constructor, and
+ * dlsym could deadlock then), the system calls themselves serve. */
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
     mmap_fn real = __atomic_load_n(&real_mmap, __ATOMIC_ACQUIRE);
-    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags,
+    return mark_mapping((real ? real : ksm_sys_mmap)(addr, len, prot, flags, fd, off), len, flags,
                         __builtin_return_address(0));
 }
 
 EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
     mmap_fn real = __atomic_load_n(&real_mmap64, __ATOMIC_ACQUIRE);
-    return mark_mapping((real ? real : mmap_syscall)(addr, len, prot, flags, fd, off), len, flags,
+    return mark_mapping((real ? real : ksm_sys_mmap)(addr, len, prot, flags, fd, off), len, flags,
                         __builtin_return_address(0));
 }
 
@@ -687,15 +723,15 @@ EXPORT void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
     }
     mremap_fn real = __atomic_load_n(&real_mremap, __ATOMIC_ACQUIRE);
     if (!real)
-        return (void *)syscall(SYS_mremap, old, old_len, new_len, flags, new_addr);
+        return ksm_sys_mremap(old, old_len, new_len, flags, new_addr);
     return real(old, old_len, new_len, flags, new_addr);
 }
 
 EXPORT int munmap(void *addr, size_t len)
 {
     munmap_fn real = __atomic_load_n(&real_munmap, __ATOMIC_ACQUIRE);
-    int result = real ? real(addr, len) : (int)syscall(SYS_munmap, addr, len);
-    if (result == 0 && config.threshold && len >= config.threshold)
+    int result = real ? real(addr, len) : ksm_sys_munmap(addr, len);
+    if (result == 0 && ksm_runtime.config.threshold && len >= ksm_runtime.config.threshold)
         ksm_stat_add(KSM_STAT_unmapped_bytes, len);
     return result;
 }
@@ -707,7 +743,7 @@ EXPORT int munmap(void *addr, size_t len)
 EXPORT int madvise(void *addr, size_t len, int advice)
 {
     madvise_fn real = __atomic_load_n(&real_madvise, __ATOMIC_ACQUIRE);
-    int result = real ? real(addr, len, advice) : (int)syscall(SYS_madvise, addr, len, advice);
+    int result = real ? real(addr, len, advice) : ksm_sys_madvise(addr, len, advice);
     if (advice == MADV_MERGEABLE) {
         ksm_stats_publish_pending(); /* keeps errno */
         ksm_stat_add(KSM_STAT_program_madvise_mergeable, 1);
@@ -777,13 +813,13 @@ static int malloc_is_glibc(void)
 
 static void choose_marking(void)
 {
-    if (config.strategy == KSM_STRATEGY_MADVISE || config.strategy == KSM_STRATEGY_OBSERVE)
+    if (ksm_runtime.config.strategy == KSM_STRATEGY_MADVISE || ksm_runtime.config.strategy == KSM_STRATEGY_OBSERVE)
         return;
     if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0) {
-        marking_by_prctl = 1;
+        ksm_runtime.by_prctl = 1;
         return;
     }
-    if (config.verbose) {
+    if (ksm_runtime.config.verbose) {
         char text[160];
         snprintf(text, sizeof text, "prctl(PR_SET_MEMORY_MERGE) refused (%s); marking with madvise instead",
                  strerror(errno));
@@ -795,9 +831,10 @@ static void say_configuration(void)
 {
     char text[256];
     snprintf(text, sizeof text, "pid %d: strategy %s, threshold %zu bytes, %s", (int)getpid(),
-             config.strategy == KSM_STRATEGY_OBSERVE ? "observe" : marking_by_prctl ? "prctl" : "madvise",
-             config.threshold,
-             config.align ? "large blocks page-aligned" : "no alignment");
+             ksm_runtime.config.strategy == KSM_STRATEGY_OBSERVE ? "observe"
+             : ksm_runtime.by_prctl                              ? "prctl"
+                                                                 : "madvise",
+             ksm_runtime.config.threshold, ksm_runtime.config.align ? "large blocks page-aligned" : "no alignment");
     ksm_say(text);
 }
 
@@ -822,51 +859,52 @@ static int another_copy_comes_first(void)
 __attribute__((constructor)) static void ksmpreload_start(void)
 {
     int saved_errno = errno;
-    page_size = getauxval(AT_PAGESZ) ? getauxval(AT_PAGESZ) : 4096;
+    ksm_runtime.page_size = getauxval(AT_PAGESZ) ? getauxval(AT_PAGESZ) : 4096;
     resolve_real_functions();
     if (another_copy_comes_first()) {
         __atomic_store_n(&large_threshold, SIZE_MAX, __ATOMIC_RELEASE);
         errno = saved_errno;
         return;
     }
-    page_offset_mask = page_size - 1;
-    ksm_padding_start(page_size);
-    ksm_config_read(&config, page_size);
+    page_offset_mask = ksm_runtime.page_size - 1;
+    ksm_padding_start(ksm_runtime.page_size);
+    ksm_config_read(&ksm_runtime.config, ksm_runtime.page_size);
     choose_marking();
-    allocator_is_glibc = malloc_is_glibc();
-    struct ksm_marking marking = {.page_size = page_size, .by_prctl = marking_by_prctl,
-                                  .glibc_chunks = allocator_is_glibc, .main_heap_start = read_heap_start(),
-                                  .vma_budget = read_max_map_count() / 4};
+    ksm_runtime.allocator_is_glibc = malloc_is_glibc();
+    struct ksm_marking marking = {.main_heap_start = read_heap_start(), .vma_budget = read_max_map_count() / 4};
     ksm_marking_start(&marking);
     struct ksm_glibc_calls glibc = {real_malloc, real_realloc, real_free, real_malloc_usable_size};
-    ksm_glibc_start(page_size, ksm_glibc_thresholds_fixed(), config.align && config.cache, &glibc);
-    ksm_jemalloc_start((void *)real_malloc, page_size, config.threshold, marking_by_prctl, config.jemalloc_hooks);
-    if (!allocator_is_glibc && !ksm_jemalloc_found())
-        find_other_size_classes();
+    ksm_glibc_start(ksm_glibc_thresholds_fixed(), ksm_runtime.config.align && ksm_runtime.config.cache, &glibc);
+    ksm_jemalloc_start((void *)real_malloc, ksm_runtime.config.threshold, ksm_runtime.config.jemalloc_hooks);
+    backend = choose_backend();
     /* Not under another allocator (valgrind's, a sanitizer's): a block kept here would hide
      * its free from the tool that checks the program's memory. */
-    if (config.align && config.cache && (allocator_is_glibc || ksm_jemalloc_found() || other_good_size || other_nallocx)) {
-        struct ksm_cache_calls cache_calls = {free_to_allocator, allocator_is_glibc ? ksm_glibc_pins_free_memory : NULL};
-        ksm_cache_start(config.threshold, &cache_calls);
-        caching = 1;
+    if (ksm_runtime.config.align && ksm_runtime.config.cache &&
+        (ksm_runtime.allocator_is_glibc || ksm_jemalloc_found() || other_good_size || other_nallocx)) {
+        struct ksm_cache_calls cache_calls = {free_to_allocator,
+                                              ksm_runtime.allocator_is_glibc ? ksm_glibc_pins_free_memory : NULL};
+        ksm_cache_start(ksm_runtime.config.threshold, &cache_calls);
+        ksm_runtime.caching = 1;
     }
     if (other_nallocx && getenv("TCMALLOC_MEMFS_MALLOC_PATH")) /* its file may be mapped already */
         allocator_maps_other_memory = 1;
 
     ksm_stat_set(KSM_STAT_pid, (uint64_t)getpid());
-    ksm_stat_set(KSM_STAT_strategy, config.strategy == KSM_STRATEGY_OBSERVE ? 3 : marking_by_prctl ? 1 : 2);
-    ksm_stat_set(KSM_STAT_threshold, config.threshold);
-    ksm_stat_set(KSM_STAT_align, (uint64_t)config.align);
-    ksm_stat_set(KSM_STAT_page_size, page_size);
+    ksm_stat_set(KSM_STAT_strategy, ksm_runtime.config.strategy == KSM_STRATEGY_OBSERVE ? 3
+                                    : ksm_runtime.by_prctl                              ? 1
+                                                                                        : 2);
+    ksm_stat_set(KSM_STAT_threshold, ksm_runtime.config.threshold);
+    ksm_stat_set(KSM_STAT_align, (uint64_t)ksm_runtime.config.align);
+    ksm_stat_set(KSM_STAT_page_size, ksm_runtime.page_size);
     char dir[256];
-    if (!config.stats_dir)
+    if (!ksm_runtime.config.stats_dir)
         default_stats_dir(dir, sizeof dir);
-    ksm_stats_publish(config.stats_dir ? config.stats_dir : dir, config.verbose);
+    ksm_stats_publish(ksm_runtime.config.stats_dir ? ksm_runtime.config.stats_dir : dir, ksm_runtime.config.verbose);
     pthread_atfork(NULL, NULL, after_fork_in_child);
-    if (config.verbose)
+    if (ksm_runtime.config.verbose)
         say_configuration();
-    __atomic_store_n(&large_threshold, config.threshold, __ATOMIC_RELEASE);
-    ksm_mark_existing_mappings(config.threshold);
+    __atomic_store_n(&large_threshold, ksm_runtime.config.threshold, __ATOMIC_RELEASE);
+    ksm_mark_existing_mappings(ksm_runtime.config.threshold);
     errno = saved_errno;
 }
 

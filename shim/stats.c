@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "stats.h"
 #include "config.h"
+#include "sys.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -13,7 +14,6 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 static const char slot_names[] =
@@ -30,9 +30,9 @@ struct region_record {
     uint64_t start, length, kind, caller;
 };
 struct ksm_region_table {
-    char magic[8];     /* "KSMREGN1" */
+    char magic[8]; /* "KSMREGN1" */
     uint64_t capacity;
-    uint64_t written;  /* records ever written; the last `capacity` are kept, a ring */
+    uint64_t written; /* records ever written; the last `capacity` are kept, a ring */
     struct region_record records[KSM_REGION_CAPACITY];
 };
 #define FILE_BYTES (REGIONS_OFFSET + sizeof(struct ksm_region_table))
@@ -49,10 +49,10 @@ struct ksm_stats_home *ksm_stats_home = &private_home;
 /* Made with the file, marked MADV_WIPEONFORK: in a fork child all of it reads 0. */
 static struct wiped_on_fork {
     struct ksm_stats_home home;
-    int taking_over;    /* in a fork child: set by the thread that takes the counters over */
-    dev_t file_dev;     /* the file this process created; 0 before */
+    int taking_over; /* in a fork child: set by the thread that takes the counters over */
+    dev_t file_dev;  /* the file this process created; 0 before */
     ino_t file_ino;
-} *wiped;
+} * wiped;
 
 /* Only the records written: the table is mostly untouched (zero) pages. */
 static void copy_regions(struct ksm_region_table *to, const struct ksm_region_table *from)
@@ -87,15 +87,15 @@ static int publish_pending;
 /* Raw system calls: our own mmap wrapper has nothing to do with these mappings. */
 static void *raw_mmap(size_t size, int flags, int fd)
 {
-    long p = syscall(SYS_mmap, NULL, size, PROT_READ | PROT_WRITE, flags, fd, 0);
-    return p < 0 && p > -4096 ? NULL : (void *)p;
+    void *p = ksm_sys_mmap(NULL, size, PROT_READ | PROT_WRITE, flags, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
 }
 
 static struct wiped_on_fork *map_wiped_page(void)
 {
     void *page = raw_mmap(sizeof *wiped, MAP_PRIVATE | MAP_ANONYMOUS, -1);
-    if (page && syscall(SYS_madvise, page, sizeof *wiped, MADV_WIPEONFORK) != 0) {
-        syscall(SYS_munmap, page, sizeof *wiped);
+    if (page && ksm_sys_madvise(page, sizeof *wiped, MADV_WIPEONFORK) != 0) {
+        ksm_sys_munmap(page, sizeof *wiped);
         page = NULL;
     }
     return page;
@@ -132,8 +132,8 @@ static int open_stats_dir(int make_last)
 {
     struct stat st;
     int fd = stats_dir[0] == '/' ? open_dir_nofollow(stats_dir, make_last) : -1;
-    if (fd >= 0 && (fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != geteuid() ||
-                    (st.st_mode & (S_IWGRP | S_IWOTH)))) {
+    if (fd >= 0 &&
+        (fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH)))) {
         close(fd);
         fd = -1;
     }
@@ -177,10 +177,7 @@ static char *create_file(int dir_fd, const char *name)
     return map;
 }
 
-static void file_name(char *name, size_t size)
-{
-    snprintf(name, size, "%d.stats", (int)getpid());
-}
+static void file_name(char *name, size_t size) { snprintf(name, size, "%d.stats", (int)getpid()); }
 
 /* The current counters and records go into the new file, which takes over from them. */
 static void start_file(char *map)
@@ -220,8 +217,10 @@ static void say_refused(const char *dir)
 {
     char shown[4 * 96 + 1], text[512];
     ksm_escape(shown, sizeof shown, dir, 96);
-    snprintf(text, sizeof text, "counters not published: '%s' is not an absolute path, without symlinks, "
-             "to a directory of uid %u that only it can write", shown, (unsigned)geteuid());
+    snprintf(text, sizeof text,
+             "counters not published: '%s' is not an absolute path, without symlinks, "
+             "to a directory of uid %u that only it can write",
+             shown, (unsigned)geteuid());
     ksm_say(text);
 }
 
@@ -249,8 +248,8 @@ void ksm_stats_publish(const char *dir, int verbose)
 /* Gauges describe live blocks, which a child inherits with the memory: they are kept. */
 static int is_gauge(int slot)
 {
-    return slot == KSM_STAT_padding_bytes || slot == KSM_STAT_padded_blocks || slot == KSM_STAT_padding_table_bytes
-        || slot == KSM_STAT_cached_blocks || slot == KSM_STAT_cached_bytes;
+    return slot == KSM_STAT_padding_bytes || slot == KSM_STAT_padded_blocks || slot == KSM_STAT_padding_table_bytes ||
+           slot == KSM_STAT_cached_blocks || slot == KSM_STAT_cached_bytes;
 }
 
 /* A fork child's first write: counters of its own, from zero but for the configuration
@@ -261,7 +260,7 @@ static void take_over_counters(void)
     if (stats_map) {
         memcpy(private_slots, stats_map + HEADER_BYTES, KSM_STAT_COUNT * sizeof(uint64_t));
         copy_regions(&private_regions, (const struct ksm_region_table *)(stats_map + REGIONS_OFFSET));
-        syscall(SYS_munmap, stats_map, FILE_BYTES);
+        ksm_sys_munmap(stats_map, FILE_BYTES);
         stats_map = NULL;
     }
     for (int slot = KSM_STAT_heap_regions; slot < KSM_STAT_COUNT; slot++)
@@ -287,7 +286,8 @@ uint64_t *ksm_stats_in_fork_child(void)
 void ksm_stats_publish_pending(void)
 {
     ksm_stats_slots(); /* a fork child takes its counters over first */
-    if (__atomic_load_n(&publish_pending, __ATOMIC_ACQUIRE) && __atomic_exchange_n(&publish_pending, 0, __ATOMIC_ACQ_REL))
+    if (__atomic_load_n(&publish_pending, __ATOMIC_ACQUIRE) &&
+        __atomic_exchange_n(&publish_pending, 0, __ATOMIC_ACQ_REL))
         publish();
 }
 

@@ -6,47 +6,47 @@
 
 #include <stdint.h>
 
-#define KSM_STAT_SLOTS(X)                                                          \
-    X(pid)                 /* process that writes this file */                     \
-    X(strategy)            /* 1 prctl, 2 madvise */                                \
-    X(threshold)           /* bytes: allocations and mappings this large are handled */ \
-    X(align)               /* 1 when large heap blocks are page-aligned */         \
-    X(page_size)                                                                   \
-    X(heap_regions)        /* large heap blocks made mergeable (cumulative) */     \
-    X(heap_bytes)                                                                  \
-    X(mmap_regions)        /* large anonymous private mappings made mergeable */   \
-    X(mmap_bytes)                                                                  \
-    X(padding_bytes)       /* gauge: usable bytes that alignment adds to live blocks */ \
-    X(realloc_copies)      /* reallocs the shim moved to a page-aligned block */      \
-    X(madvise_calls)                                                               \
-    X(madvise_einval)      /* failures by errno: never shown to the program */     \
-    X(madvise_enomem)                                                              \
-    X(madvise_eagain)                                                              \
-    X(madvise_other)                                                               \
-    X(vma_budget_skips)    /* blocks left unmarked to keep the VMA count bounded */ \
-    X(unmapped_bytes)      /* bytes given back by munmap calls at or above the threshold */ \
-    X(program_madvise_mergeable) /* madvise(MADV_MERGEABLE) calls the program made itself */ \
-    X(program_madvise_einval)    /* ... that failed with EINVAL (an address not page-aligned) */ \
-    X(program_madvise_failed)    /* ... that failed otherwise */ \
-    X(program_madvise_unmergeable) /* madvise(MADV_UNMERGEABLE) calls of the program that succeeded */ \
-    X(program_unmerged_bytes)    /* ... and the bytes they unmarked */ \
-    X(hook_arenas)         /* jemalloc arenas given the counting extent hooks (KSMPRELOAD_JEMALLOC_HOOKS=1) */ \
-    X(hook_extents)        /* extents at or above the threshold that jemalloc allocated through them */ \
-    X(hook_bytes)                                                                  \
-    X(hook_unseen_extents) /* of those, extents the mmap wrapper had not seen */  \
-    X(hook_unseen_bytes)                                                           \
-    X(hook_recommits)      /* commits of decommitted ranges in such extents, marked again */ \
-    X(padded_blocks)       /* gauge: live blocks whose alignment costs padding */ \
-    X(padding_table_bytes) /* gauge: memory of the table that keeps their padding */ \
-    X(cached_blocks)       /* gauge: freed aligned blocks kept for reuse (block_cache.c) */ \
-    X(cached_bytes)        /* gauge: their usable bytes */ \
+#define KSM_STAT_SLOTS(X)                                                                                              \
+    X(pid)       /* process that writes this file */                                                                   \
+    X(strategy)  /* 1 prctl, 2 madvise */                                                                              \
+    X(threshold) /* bytes: allocations and mappings this large are handled */                                          \
+    X(align)     /* 1 when large heap blocks are page-aligned */                                                       \
+    X(page_size)                                                                                                       \
+    X(heap_regions) /* large heap blocks made mergeable (cumulative) */                                                \
+    X(heap_bytes)                                                                                                      \
+    X(mmap_regions) /* large anonymous private mappings made mergeable */                                              \
+    X(mmap_bytes)                                                                                                      \
+    X(padding_bytes)  /* gauge: usable bytes that alignment adds to live blocks */                                     \
+    X(realloc_copies) /* reallocs the shim moved to a page-aligned block */                                            \
+    X(madvise_calls)                                                                                                   \
+    X(madvise_einval) /* failures by errno: never shown to the program */                                              \
+    X(madvise_enomem)                                                                                                  \
+    X(madvise_eagain)                                                                                                  \
+    X(madvise_other)                                                                                                   \
+    X(vma_budget_skips)            /* blocks left unmarked to keep the VMA count bounded */                            \
+    X(unmapped_bytes)              /* bytes given back by munmap calls at or above the threshold */                    \
+    X(program_madvise_mergeable)   /* madvise(MADV_MERGEABLE) calls the program made itself */                         \
+    X(program_madvise_einval)      /* ... that failed with EINVAL (an address not page-aligned) */                     \
+    X(program_madvise_failed)      /* ... that failed otherwise */                                                     \
+    X(program_madvise_unmergeable) /* madvise(MADV_UNMERGEABLE) calls of the program that succeeded */                 \
+    X(program_unmerged_bytes)      /* ... and the bytes they unmarked */                                               \
+    X(hook_arenas)                 /* jemalloc arenas given the counting extent hooks (KSMPRELOAD_JEMALLOC_HOOKS=1) */ \
+    X(hook_extents)                /* extents at or above the threshold that jemalloc allocated through them */        \
+    X(hook_bytes)                                                                                                      \
+    X(hook_unseen_extents) /* of those, extents the mmap wrapper had not seen */                                       \
+    X(hook_unseen_bytes)                                                                                               \
+    X(hook_recommits)      /* commits of decommitted ranges in such extents, marked again */                           \
+    X(padded_blocks)       /* gauge: live blocks whose alignment costs padding */                                      \
+    X(padding_table_bytes) /* gauge: memory of the table that keeps their padding */                                   \
+    X(cached_blocks)       /* gauge: freed aligned blocks kept for reuse (block_cache.c) */                            \
+    X(cached_bytes)        /* gauge: their usable bytes */                                                             \
     X(cache_hits)          /* blocks the cache handed out again (cumulative) */
 
 enum ksm_stat_slot {
 #define KSM_STAT_ENUM(name) KSM_STAT_##name,
     KSM_STAT_SLOTS(KSM_STAT_ENUM)
 #undef KSM_STAT_ENUM
-    KSM_STAT_COUNT
+        KSM_STAT_COUNT
 };
 
 /* Where counters are written: private memory, or the slots and records of the mapped
@@ -93,10 +93,10 @@ static inline void ksm_stat_set(enum ksm_stat_slot slot, uint64_t value)
  * file keeps the last KSM_REGION_CAPACITY records after the slot names
  * (docs/COUNTERS.md); a record may outlive its region. */
 enum ksm_region_kind {
-    KSM_REGION_MAPPING = 1,   /* an mmap the wrapper saw; caller: the code that called mmap */
-    KSM_REGION_AT_START,      /* an anonymous mapping made before the shim started */
-    KSM_REGION_GLIBC_CHUNK,   /* a glibc chunk with a mapping of its own (large malloc) */
-    KSM_REGION_GLIBC_ARENA,   /* a glibc thread arena's heap (64 MiB, or as glibc's tunables size it) */
+    KSM_REGION_MAPPING = 1,    /* an mmap the wrapper saw; caller: the code that called mmap */
+    KSM_REGION_AT_START,       /* an anonymous mapping made before the shim started */
+    KSM_REGION_GLIBC_CHUNK,    /* a glibc chunk with a mapping of its own (large malloc) */
+    KSM_REGION_GLIBC_ARENA,    /* a glibc thread arena's heap (64 MiB, or as glibc's tunables size it) */
     KSM_REGION_JEMALLOC_EXTENT /* an extent jemalloc's hooks saw and the mmap wrapper did not */
 };
 #define KSM_REGION_CAPACITY 4096

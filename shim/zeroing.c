@@ -12,8 +12,8 @@
 
 #define PAGEMAP_PRESENT (1ull << 63)
 #define PAGEMAP_SWAPPED (1ull << 62)
-#define ENTRIES 512                /* pagemap words read at once: 4 KiB on the stack */
-#define WORTH_A_LOOK (1 << 20)     /* smaller blocks are cleared outright: three system calls cost more */
+#define ENTRIES 512            /* pagemap words read at once: 4 KiB on the stack */
+#define WORTH_A_LOOK (1 << 20) /* smaller blocks are cleared outright: three system calls cost more */
 
 static int all_zero(const unsigned char *bytes, size_t length)
 {

@@ -23,7 +23,6 @@
 
 static pthread_barrier_t freed, leave;
 
-
 /* A few rounds of a loop first: a thread keeps blocks only once its requests show it reuses them. */
 static void make_and_free(int count, size_t size)
 {
@@ -133,12 +132,12 @@ static int pin_free_memory(void)
 static int empty_while_serving(void)
 {
     static char *small[SMALL_BLOCKS];
-    make_and_free(0, 12 * 1024); /* the thread keeps blocks */
+    make_and_free(0, 12 * 1024);             /* the thread keeps blocks */
     memset(malloc(12 * 1024), 1, 12 * 1024); /* the block it kept, taken back and held */
     for (int i = 0; i < SMALL_BLOCKS; i++)
         memset(small[i] = malloc(1000), 1, 1000);
     free(memset(malloc(12 * 1024), 1, 12 * 1024)); /* the one kept block, above the small ones */
-    for (int i = 0; i < 31; i++) /* requests it cannot serve, held */
+    for (int i = 0; i < 31; i++)                   /* requests it cannot serve, held */
         if (!malloc(20 * 1024))
             return 2;
     for (int i = 0; i < SMALL_BLOCKS; i++)

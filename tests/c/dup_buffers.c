@@ -19,7 +19,9 @@ static void fill(unsigned char *buffer, size_t size, uint64_t seed)
 {
     uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t i = 0; i < size; i++) {
-        state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
         buffer[i] = (unsigned char)state;
     }
 }

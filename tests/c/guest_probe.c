@@ -87,7 +87,6 @@ static int probe_reused(size_t size)
     return 0;
 }
 
-
 static const size_t sizes[] = {8192, 10000, 12288, 20000, 65536, 100000, 300000, 1 << 20, 5000000};
 #define SIZES (sizeof sizes / sizeof sizes[0])
 
@@ -243,6 +242,7 @@ int main(int argc, char **argv)
         return probe_forkfree();
     if (argc >= 3 && strcmp(argv[1], "aligned0") == 0)
         return probe_aligned0(strtoul(argv[2], NULL, 10));
-    fprintf(stderr, "usage: guest_probe calloc MIB | reused SIZE | padding | arena | aligned0 SIZE | forkfree | churn SIZE N | refill | longpath DIR\n");
+    fprintf(stderr, "usage: guest_probe calloc MIB | reused SIZE | padding | arena | aligned0 SIZE | forkfree | churn "
+                    "SIZE N | refill | longpath DIR\n");
     return 2;
 }

@@ -77,10 +77,17 @@ static void *allocate(unsigned *state, size_t size, int *zeroed, size_t *alignme
     *zeroed = 0;
     *alignment = size < 16 ? 8 : 16; /* tcmalloc gives blocks under 16 bytes 8-byte alignment */
     switch (rand_r(state) % 5) {
-    case 0: *zeroed = 1; return calloc(1, size);
-    case 1: *alignment = 4096; return posix_memalign(&block, 4096, size) ? NULL : block;
-    case 2: *alignment = 64; return aligned_alloc(64, (size + 63) & ~(size_t)63);
-    default: return malloc(size);
+    case 0:
+        *zeroed = 1;
+        return calloc(1, size);
+    case 1:
+        *alignment = 4096;
+        return posix_memalign(&block, 4096, size) ? NULL : block;
+    case 2:
+        *alignment = 64;
+        return aligned_alloc(64, (size + 63) & ~(size_t)63);
+    default:
+        return malloc(size);
     }
 }
 
@@ -187,8 +194,8 @@ static int huge(void)
     int memalign_error = posix_memalign(&block, 4096, size);
     void *from_aligned_alloc = aligned_alloc(4096, size & ~(size_t)4095);
     void *from_calloc = calloc(2, size / 2 - 10);
-    printf("malloc %s posix_memalign %d aligned_alloc %s calloc %s\n", from_malloc ? "block" : "null",
-           memalign_error, from_aligned_alloc ? "block" : "null", from_calloc ? "block" : "null");
+    printf("malloc %s posix_memalign %d aligned_alloc %s calloc %s\n", from_malloc ? "block" : "null", memalign_error,
+           from_aligned_alloc ? "block" : "null", from_calloc ? "block" : "null");
     return 0;
 }
 

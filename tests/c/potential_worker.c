@@ -15,7 +15,9 @@ static void fill(unsigned char *to, size_t bytes, uint64_t seed)
 {
     uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t at = 0; at < bytes; at += sizeof state) {
-        state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
         memcpy(to + at, &state, sizeof state);
     }
 }
@@ -35,7 +37,7 @@ int main(int argc, char **argv)
         perror("mmap");
         return 1;
     }
-    madvise(data, bytes, MADV_NOHUGEPAGE);   /* also keeps it apart from neighbouring VMAs */
+    madvise(data, bytes, MADV_NOHUGEPAGE); /* also keeps it apart from neighbouring VMAs */
     if (argc > 6 && atoi(argv[6]) == 1 && madvise(data, bytes, MADV_MERGEABLE) != 0)
         perror("madvise(MADV_MERGEABLE)");
     fill(data, shared, 1);

@@ -22,14 +22,14 @@ static size_t threshold = 16384;
 static size_t page;
 static int expect_aligned = 1;
 
-#define EXPECT(condition, ...)                                  \
-    do {                                                        \
-        if (!(condition)) {                                     \
-            printf("FAIL %s: ", check_name);                    \
-            printf(__VA_ARGS__);                                \
-            printf(" (%s:%d)\n", __FILE__, __LINE__);           \
-            exit(1);                                            \
-        }                                                       \
+#define EXPECT(condition, ...)                                                                                         \
+    do {                                                                                                               \
+        if (!(condition)) {                                                                                            \
+            printf("FAIL %s: ", check_name);                                                                           \
+            printf(__VA_ARGS__);                                                                                       \
+            printf(" (%s:%d)\n", __FILE__, __LINE__);                                                                  \
+            exit(1);                                                                                                   \
+        }                                                                                                              \
     } while (0)
 
 static int aligned(const void *ptr) { return !expect_aligned || ((uintptr_t)ptr % page) == 0; }
@@ -105,10 +105,7 @@ static void check_realloc(void)
     free(block);
 }
 
-static void expect_errno_kept(const char *what)
-{
-    EXPECT(errno == 4242, "%s changed errno to %d", what, errno);
-}
+static void expect_errno_kept(const char *what) { EXPECT(errno == 4242, "%s changed errno to %d", what, errno); }
 
 static void check_errno(void)
 {
@@ -116,17 +113,31 @@ static void check_errno(void)
     for (int i = 0; i < 3; i++) {
         size_t size = sizes[i];
         void *ptr;
-        errno = 4242; ptr = malloc(size); expect_errno_kept("malloc");
-        errno = 4242; ptr = realloc(ptr, size * 2); expect_errno_kept("realloc");
-        errno = 4242; free(ptr); expect_errno_kept("free");
-        errno = 4242; ptr = calloc(size, 1); expect_errno_kept("calloc");
-        errno = 4242; free(ptr); expect_errno_kept("free");
-        errno = 4242; EXPECT(posix_memalign(&ptr, 128, size) == 0, "posix_memalign"); expect_errno_kept("posix_memalign");
+        errno = 4242;
+        ptr = malloc(size);
+        expect_errno_kept("malloc");
+        errno = 4242;
+        ptr = realloc(ptr, size * 2);
+        expect_errno_kept("realloc");
+        errno = 4242;
+        free(ptr);
+        expect_errno_kept("free");
+        errno = 4242;
+        ptr = calloc(size, 1);
+        expect_errno_kept("calloc");
+        errno = 4242;
+        free(ptr);
+        expect_errno_kept("free");
+        errno = 4242;
+        EXPECT(posix_memalign(&ptr, 128, size) == 0, "posix_memalign");
+        expect_errno_kept("posix_memalign");
         free(ptr);
         errno = 4242;
         ptr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         expect_errno_kept("mmap");
-        errno = 4242; munmap(ptr, size); expect_errno_kept("munmap");
+        errno = 4242;
+        munmap(ptr, size);
+        expect_errno_kept("munmap");
     }
 }
 
@@ -244,13 +255,20 @@ int main(int argc, char **argv)
     check_name = argc > 1 ? argv[1] : "";
     if (argc > 2)
         threshold = strtoull(argv[2], NULL, 10);
-    if (!strcmp(check_name, "alignment")) check_alignment();
-    else if (!strcmp(check_name, "realloc")) check_realloc();
-    else if (!strcmp(check_name, "errno")) check_errno();
-    else if (!strcmp(check_name, "enomem")) check_enomem();
-    else if (!strcmp(check_name, "threads")) check_threads();
-    else if (!strcmp(check_name, "fork")) check_fork();
-    else if (!strcmp(check_name, "exec")) check_exec(argv[0]);
+    if (!strcmp(check_name, "alignment"))
+        check_alignment();
+    else if (!strcmp(check_name, "realloc"))
+        check_realloc();
+    else if (!strcmp(check_name, "errno"))
+        check_errno();
+    else if (!strcmp(check_name, "enomem"))
+        check_enomem();
+    else if (!strcmp(check_name, "threads"))
+        check_threads();
+    else if (!strcmp(check_name, "fork"))
+        check_fork();
+    else if (!strcmp(check_name, "exec"))
+        check_exec(argv[0]);
     else {
         printf("unknown check '%s'\n", check_name);
         return 2;

@@ -36,13 +36,15 @@ static void note_maps(void)
 
 static size_t next_size(uint64_t *state)
 {
-    *state ^= *state << 13; *state ^= *state >> 7; *state ^= *state << 17;
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
     unsigned pick = (unsigned)(*state % 100);
     if (pick < 70)
-        return 16 + (*state >> 8) % 4000;              /* small */
+        return 16 + (*state >> 8) % 4000; /* small */
     if (pick < 95)
-        return 8192 + (*state >> 8) % (120 << 10);     /* large, below glibc's mmap threshold */
-    return (128 << 10) + (*state >> 8) % (4 << 20);    /* large, mapped by glibc */
+        return 8192 + (*state >> 8) % (120 << 10);  /* large, below glibc's mmap threshold */
+    return (128 << 10) + (*state >> 8) % (4 << 20); /* large, mapped by glibc */
 }
 
 static void *churn(void *arg)

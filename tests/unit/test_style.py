@@ -3,6 +3,7 @@
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -28,3 +29,25 @@ def test_python_passes_lint():
 def test_python_is_formatted():
     result = ruff("format", "--no-cache", "--check")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def c_sources():
+    listed = subprocess.run(
+        ["git", "ls-files", "shim/*.c", "shim/*.h", "python/*.c", "tests/c/*.c", "tests/c/*.h"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert listed, "no C sources found: not a git checkout?"
+    return listed
+
+
+def test_c_is_formatted():
+    """clang-format (Debian's clang-format 14, .clang-format at the root): `clang-format -i FILE` mends it."""
+    if not shutil.which("clang-format") and os.environ.get("CI") != "true":
+        pytest.skip("clang-format is not installed (apt-get install clang-format)")
+    result = subprocess.run(
+        ["clang-format", "--dry-run", "--Werror", *c_sources()], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

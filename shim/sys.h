@@ -1,0 +1,29 @@
+/* The raw system calls of the shim, in one place. They bypass the libc symbols, which the
+ * shim wraps (mmap, munmap, madvise, mremap) or which the program may have wrapped itself:
+ * the shim's own bookkeeping must not come back through its wrappers. */
+#ifndef KSMPRELOAD_SYS_H
+#define KSMPRELOAD_SYS_H
+
+#include <stddef.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+static inline void *ksm_sys_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+}
+
+static inline int ksm_sys_munmap(void *addr, size_t len) { return (int)syscall(SYS_munmap, addr, len); }
+
+static inline int ksm_sys_madvise(void *addr, size_t len, int advice)
+{
+    return (int)syscall(SYS_madvise, addr, len, advice);
+}
+
+static inline void *ksm_sys_mremap(void *old, size_t old_len, size_t new_len, int flags, void *new_addr)
+{
+    return (void *)syscall(SYS_mremap, old, old_len, new_len, flags, new_addr);
+}
+
+#endif
