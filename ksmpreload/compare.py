@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from . import kernel, scanning
 from .errors import KsmError
 from .measurement import Measurement, follow, measure
-from .processes import ksm_wrap_command, process_tree, stop_tree
+from .processes import ksm_wrap_command, process_tree, spawn, stop_tree
 
 LIBRARIES = "/usr/lib/x86_64-linux-gnu"
 # allocator name: (library preloaded for it, the Debian package that installs it)
@@ -144,7 +144,7 @@ def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready
     argv, env = arm_command(command, allocator, strategy)
     started = time.monotonic()
     output = subprocess.DEVNULL if wait_ready is None else subprocess.PIPE
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output, text=True, cwd=cwd)
+    proc = spawn(argv, env=env, stdin=subprocess.DEVNULL, stdout=output, text=True, cwd=cwd)
     try:
         pids = wait_until_loaded(proc, result, warmup, wait_ready)
         if pids is None:

@@ -1,11 +1,14 @@
 """The one place where an error becomes what the user sees: '<program>: <what is wrong>' on
 stderr, one line, and its exit code (run_cli, used by both console scripts)."""
 
+import signal
 import sys
 
 import click
 
-from .errors import EXIT_INTERRUPTED, KsmError
+from .errors import EXIT_INTERRUPTED, KsmError, Terminated
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _one_line(error):
@@ -18,8 +21,18 @@ def _one_line(error):
     return message
 
 
+def _terminate(signal_number, frame):
+    for ending in ENDING_SIGNALS:  # once: a second signal must not interrupt the cleanup
+        signal.signal(ending, signal.SIG_IGN)
+    raise Terminated(signal_number)
+
+
 def run_cli(command, prog_name):
-    """Run a click command; any error becomes '<prog_name>: <what is wrong>' and its exit code."""
+    """Run a click command; any error becomes '<prog_name>: <what is wrong>' and its exit code.
+    SIGTERM and SIGHUP unwind the stack as Ctrl-C does, then exit 128 + the signal."""
+    for ending in ENDING_SIGNALS:
+        if signal.getsignal(ending) is signal.SIG_DFL:  # one the caller ignores stays ignored
+            signal.signal(ending, _terminate)
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except (KsmError, click.ClickException) as error:
@@ -27,4 +40,6 @@ def run_cli(command, prog_name):
         sys.exit(error.exit_code)
     except (click.Abort, KeyboardInterrupt):
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated as ended:
+        sys.exit(ended.exit_code)
     sys.exit(0)

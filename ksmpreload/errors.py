@@ -17,6 +17,15 @@ class KsmError(Exception):
         self.exit_code = exit_code
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (edge.run_cli turns them into this): like Ctrl-C, it unwinds
+    the stack, so that every knob changed is put back and every process started is stopped."""
+
+    def __init__(self, signal_number):
+        super().__init__(f"signal {signal_number}")
+        self.exit_code = 128 + signal_number
+
+
 class NeedsRoot(KsmError):
     def __init__(self, what):
         super().__init__(f"{what} needs root (run it with sudo)", EXIT_FAILURE)

@@ -64,6 +64,7 @@ class Measurement:
     potential_bytes: int = None
     nonzero_potential_bytes: int = None
     zero_bytes: int = None
+    vanished: list = field(default_factory=list)  # pids given that had ended when measured
 
 
 def mergeable(pids):
@@ -102,7 +103,10 @@ def _settle_through_chain_prunes(sample, started, timeout):
         if left <= 0:
             return False
         settled = scanning.wait_until_settled(sample, timeout=left, poll=SAMPLE_SECONDS)
-        time.sleep(1.5 * prune_seconds)
+        left = timeout - (time.monotonic() - started)
+        if left <= 0:
+            return False
+        time.sleep(min(1.5 * prune_seconds, left))
         if sample() == settled:
             return time.monotonic() - started < timeout
 
@@ -116,6 +120,7 @@ def seconds_to_share(samples, share=0.9):
 def measure(pids, result, data_by_pid=None, with_potential=False):
     """Fills `result` (a Measurement) with each process of `pids` and the set's totals."""
     savings = saving.savings(pids)
+    result.vanished = [pid for pid in pids if pid not in savings]
     result.per_process = [_process(one, (data_by_pid or {}).get(one.pid)) for one in savings.values()]
     rows = result.per_process
     result.processes = len(rows)

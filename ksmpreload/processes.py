@@ -2,6 +2,7 @@
 ksm-wrap's command line, a process and its descendants, their merged pages and resident
 memory, stopping them, and worker processes that say when their data is ready."""
 
+import ctypes
 import json
 import os
 import signal
@@ -73,26 +74,57 @@ def stop_parent_first(proc, grace=15):
     proc.wait()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent():
+    """SIGTERM to this process when the one that started it ends (prctl PR_SET_PDEATHSIG), so
+    that a killed `ksmpreload compare` leaves no workload behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getppid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def start_workers(commands):
     """Starts every command, then waits for each one's JSON line (kept as `proc.report`): the
-    workers hold their data until their stdin closes."""
+    workers hold their data until their stdin closes. Stopped (SIGTERM) if anything goes wrong
+    meanwhile, Ctrl-C included."""
     # cwd "/": started in a source checkout, `-m ksmpreload...` would import the unbuilt package there.
-    workers = [
-        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
-        for command in commands
-    ]
-    for proc in workers:
-        line = proc.stdout.readline()
-        if not line:
-            stop_workers(workers)
-            raise KsmError(f"a worker ({' '.join(proc.args[:4])} ...) exited before it was ready")
-        proc.report = json.loads(line)
+    workers = []
+    try:
+        for command in commands:
+            workers.append(spawn(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/"))
+        for proc in workers:
+            line = proc.stdout.readline()
+            if not line:
+                raise KsmError(f"a worker ({' '.join(proc.args[:4])} ...) exited before it was ready")
+            proc.report = json.loads(line)
+    except BaseException:
+        stop_workers(workers, terminate=True)
+        raise
     return workers
 
 
-def stop_workers(workers):
+def stop_workers(workers, terminate=False):
+    """Close their stdin (they end once they read its end), or SIGTERM them; reap them."""
     for proc in workers:
         if proc.stdin and not proc.stdin.closed:
             proc.stdin.close()
+        if terminate:
+            proc.terminate()
     for proc in workers:
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def spawn(command, **options):
+    """subprocess.Popen(command), with a program that cannot be run as a KsmError."""
+    try:
+        return subprocess.Popen(command, **options)
+    except OSError as error:
+        raise KsmError(f"cannot run {command[0]}: {error.strerror} (is it installed?)") from None

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .errors import KsmError
+
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 TEXT_COLUMN_WIDTH = 40  # text cells longer than this are cut with '…'
 PIPE_WIDTH = 160  # columns when stdout is not a terminal (rich would use 80) and no $COLUMNS
@@ -83,6 +85,30 @@ def markdown_table(columns, rows, title=None):
     return "\n".join(lines)
 
 
+def check_output_path(ctx, param, path):
+    """A click callback for an output file option: the file can be created where it is named,
+    before a long run starts (a file named in a missing or read-only directory fails now)."""
+    if path is None:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise click.BadParameter(f"{path} is a directory")
+    if not os.path.isdir(directory):
+        raise click.BadParameter(f"no directory {directory}")
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise click.BadParameter(f"{path} cannot be written")
+    return path
+
+
+def write_output(path, write):
+    """write(file) into `path`; a failure (a full disk) as one line naming the file."""
+    try:
+        with open(path, "w") as f:
+            write(f)
+    except OSError as error:
+        raise KsmError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def plot_lines(path, series, title, xlabel, ylabel, styles=None):
     """A PNG at `path` with one line per entry of `series` ({label: [(x, y), ...]}), drawn
     with styles[label] (matplotlib keywords such as color, linestyle) where given."""
@@ -100,5 +126,9 @@ def plot_lines(path, series, title, xlabel, ylabel, styles=None):
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
-    pyplot.close(figure)
+    try:
+        figure.savefig(path)
+    except OSError as error:
+        raise KsmError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        pyplot.close(figure)

@@ -13,9 +13,12 @@
   shimstats.memory_cost_bytes) - rmap items x RMAP_ITEM_BYTES (what the kernel charges in
   general_profit).
 
-Pages that a fork shares are not KSM savings and count nowhere here: they were never
-duplicated. A page that a process maps twice (two of its own mappings of one KSM page)
-counts as two mappings.
+A page that a process maps twice (two of its own mappings of one KSM page) counts as two
+mappings. A child that a fork gave mappings of KSM pages is credited for them from the first
+read, while ksm_merging_pages and pages_sharing count them only once ksmd has scanned the
+child: until then its share is above its merged pages, and the shares add up to more than the
+machine's figure. The machine's figure is ksmd's: with run 0 it stays as of its last scan,
+processes that have ended included (docs/SAVINGS.md).
 """
 
 from dataclasses import dataclass

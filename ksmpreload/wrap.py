@@ -182,6 +182,12 @@ def merge_without_preload(program, target):
     "--enable-ksm", is_flag=True, help="Turn KSM on (root) with a scan rate suited to this machine if it is off."
 )
 @click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No warning that KSM is not running (for a tool that turns it on once the program has loaded).",
+)
+@click.option(
     "-v",
     "--verbose",
     is_flag=True,
@@ -189,7 +195,7 @@ def merge_without_preload(program, target):
     help="The shim says what it chose, on stderr. [default: $KSMPRELOAD_VERBOSE (1 or 0), else quiet]",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def cli(strategy, threshold, align, enable_ksm, verbose, command):
+def cli(strategy, threshold, align, enable_ksm, quiet, verbose, command):
     """Run COMMAND with Kernel Samepage Merging working on its memory.
 
     Settings already in the environment (KSMPRELOAD_STRATEGY, _THRESHOLD, _ALIGN, _VERBOSE) are
@@ -209,7 +215,7 @@ def cli(strategy, threshold, align, enable_ksm, verbose, command):
     env = dict(os.environ) if preload_ignored else shim_environment(os.environ, strategy, threshold, align, verbose)
     if enable_ksm:
         turn_ksm_on()
-    else:
+    elif not quiet:
         warn_if_ksm_idle()
     if preload_ignored:
         merge_without_preload(program, target)

@@ -6,7 +6,8 @@ from rich.progress import Progress
 from .. import compare as comparing
 from .. import kernel, render
 from ..workloads.runner import WORKLOADS
-from .workload_view import MEASURED_COLUMNS, measured_cells, workload_options
+from ..workloads.runner import check_options
+from .workload_view import MEASURED_COLUMNS, measured_cells, refuse_without_workload, vanished_lines, workload_options
 
 MIB = 1024 * 1024
 COLUMNS = [
@@ -148,6 +149,7 @@ def plot(results, path, title):
 @click.option(
     "--markdown",
     type=click.Path(dir_okay=False, writable=True),
+    callback=render.check_output_path,
     metavar="FILE",
     help="Also write the table as Markdown to FILE.",
 )
@@ -155,6 +157,7 @@ def plot(results, path, title):
     "--plot",
     "plot_path",
     type=click.Path(dir_okay=False, writable=True),
+    callback=render.check_output_path,
     metavar="FILE.png",
     help="Also plot MiB saved over time per arm to FILE.png.",
 )
@@ -200,9 +203,11 @@ def compare(
     """
     if bool(workload) == bool(command):
         raise click.UsageError("give either COMMAND or --workload NAME")
+    refuse_without_workload(workload, "size", "processes", "method")
     cwd = None
     if workload:
         # from "/": started in a source checkout, -m would import the unbuilt package there
+        check_options(workload, size, processes, method)
         command, wait_ready, cwd = comparing.workload_command(workload, size, processes, method), True, "/"
         label = f"--workload {workload} --size {size}"
     else:
@@ -223,15 +228,17 @@ def compare(
             wait_ready=load_timeout if wait_ready else None,
             cwd=cwd,
         )
-    if markdown:
-        with open(markdown, "w") as f:
-            f.write(render.markdown_table(COLUMNS, rows(results), f"ksmpreload compare: {label}") + "\n")
-    if plot_path:
-        plot(results, plot_path, label)
     if as_json:
         render.print_json(results)
     else:
         render.print_rich(render.table(COLUMNS, rows(results), title=f"ksmpreload compare: {label}"))
+    if markdown:
+        table = render.markdown_table(COLUMNS, rows(results), f"ksmpreload compare: {label}")
+        render.write_output(markdown, lambda f: f.write(table + "\n"))
+    if plot_path:
+        plot(results, plot_path, label)
     failed = [f"{arm['allocator']}, {arm['strategy']}" for arm in results if arm["failure"]]
-    if failed:
-        raise click.ClickException(f"not measured: {'; '.join(failed)} (see the table)")
+    problems = [f"not measured: {'; '.join(failed)} (see the table)"] if failed else []
+    problems += vanished_lines(results)
+    if problems:
+        raise click.ClickException("; ".join(problems))

@@ -10,8 +10,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from .. import kernel, saving, scanning
 from ..errors import KsmError, NeedsRoot
 from ..processes import ksm_wrap_command, start_workers, stop_workers
-from ..render import console, human_bytes, print_json, print_rich, table
-from ..workloads.runner import WORKLOADS, run
+from ..render import check_output_path, console, human_bytes, print_json, print_rich, table, write_output
+from ..workloads.runner import WORKLOADS, check_options, run
 from . import workload_view
 from .workload_view import workload_options
 
@@ -51,13 +51,15 @@ def watch_merging(workers, timeout, quiet):
     return total
 
 
-def saved_bytes(workers, merged):
+def saved_bytes(workers, stats):
     """(bytes saved, whether it is an estimate): the workers' fair shares (saving.py) as root;
-    without root (no page frames), n merged copies of a page leave one."""
+    without root (no page frames), the estimate from their ksm_stat."""
     try:
         return round(saving.saved_pages([proc.pid for proc in workers]) * kernel.page_size()), False
     except NeedsRoot:
-        return merged * (len(workers) - 1) // len(workers) * kernel.page_size(), True
+        knobs = kernel.read_knobs()
+        pages = sum(saving.estimated_saved_pages(stat, knobs) for stat in stats)
+        return round(pages * kernel.page_size()), True
 
 
 def summary(workers, total_pages, seconds):
@@ -72,7 +74,7 @@ def summary(workers, total_pages, seconds):
         for proc, stat in zip(workers, stats)
     ]
     merged = sum(row["merging_pages"] for row in rows)
-    saved, estimated = saved_bytes(workers, merged)
+    saved, estimated = saved_bytes(workers, stats)
     return {
         "workers": rows,
         "held_bytes": total_pages * kernel.page_size(),
@@ -110,6 +112,7 @@ def run_demo(workers_count, mib, timeout, as_json):
 
 
 def run_workload(name, size, strategy, processes, method, as_json, markdown_path):
+    check_options(name, size, processes, method)
     if os.geteuid() != 0:
         raise NeedsRoot("running a workload (it sets the KSM knobs and reads page frames)")
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), transient=True, disable=as_json) as progress:
@@ -123,10 +126,12 @@ def run_workload(name, size, strategy, processes, method, as_json, markdown_path
             on_run=lambda label: progress.update(task, description=f"{name}: {label}: loading"),
             on_sample=lambda pages: progress.update(task, description=f"{name}: {pages:,} pages merged"),
         )
-    if markdown_path:
-        with open(markdown_path, "w") as f:
-            f.write(workload_view.markdown(report))
     print_json(report) if as_json else workload_view.show(report)
+    if markdown_path:
+        write_output(markdown_path, lambda f: f.write(workload_view.markdown(report)))
+    problems = workload_view.vanished_lines(report["runs"])
+    if problems:
+        raise KsmError("; ".join(problems))
 
 
 @click.command()
@@ -150,6 +155,7 @@ def run_workload(name, size, strategy, processes, method, as_json, markdown_path
     "--markdown",
     "markdown_path",
     type=click.Path(dir_okay=False, writable=True),
+    callback=check_output_path,
     metavar="FILE",
     help="Workload: also write the table as Markdown to FILE.",
 )
@@ -167,6 +173,11 @@ def demo(workers, mib, timeout, workload, size, strategy, processes, method, mar
     \b
     [WORKLOADS]
     """
+    if workload:
+        for name in ("workers", "mib", "timeout"):
+            if workload_view.given(name):
+                raise click.UsageError(f"{workload_view.flag(name)} is for the demo's own workers, not with --workload")
+    workload_view.refuse_without_workload(workload, "size", "strategy", "processes", "method", "markdown_path")
     kernel.require_ksm()
     if workload:
         run_workload(workload, size, strategy, processes, method, as_json, markdown_path)

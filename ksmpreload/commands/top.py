@@ -77,6 +77,8 @@ def snapshot(sort, name_filter):
     notes = []
     rows = sorted(process_rows(name_filter, notes), key=lambda row: row[key], reverse=largest_first)
     knobs = kernel.read_knobs()
+    if knobs.get("run") != 1 and knobs.get("pages_sharing"):
+        notes.append("ksmd is not running: pages_sharing, and the saving from it, are as of its last scan")
     totals = {
         name: sum(row[name] for row in rows) for name in ("merged", "zero", "saved", "padding", "net_saved", "profit")
     }

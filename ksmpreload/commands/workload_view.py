@@ -45,6 +45,36 @@ def measured_cells(result):
     ]
 
 
+def given(name):
+    """The option `name` was given on the command line (or by its environment variable)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def flag(name):
+    """The option's first flag, as a user types it (--markdown for markdown_path)."""
+    return next(param.opts[0] for param in click.get_current_context().command.params if param.name == name)
+
+
+def refuse_without_workload(workload, *names):
+    """A usage error for options of a workload given without --workload."""
+    if workload:
+        return
+    stray = [flag(name) for name in names if given(name)]
+    if stray:
+        raise click.UsageError(f"{', '.join(stray)} only with --workload")
+
+
+def vanished_lines(results):
+    """What to say of runs or arms measured after some of their processes had ended."""
+    return [
+        f"{result.get('label') or result['allocator'] + ', ' + result['strategy']}: "
+        f"{len(result['vanished'])} of its processes ended before they were measured"
+        for result in results
+        if result.get("vanished")
+    ]
+
+
 def workload_options(command):
     """--size, --processes and --method, for the commands that take --workload."""
     options = [

@@ -42,6 +42,11 @@ class Run:
     details: dict = field(default_factory=dict)
 
 
+def counted(count, noun):
+    """'1 server', '3 servers'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def rate(operations, started, unit, now):
     """Load seconds and operations per second since `started`."""
     seconds = now - started

@@ -8,7 +8,8 @@ import random
 import time
 
 from .. import kernel
-from . import Loaded, Run, rate
+from ..errors import KsmError
+from . import Loaded, Run, counted, rate
 from .data import aligned_value_pages, items, page_multiples, value_sizes
 from .servers import free_port, require_module, start_server, stop
 
@@ -47,6 +48,15 @@ def start(strategy, options, workdir):
 
 
 def load(client, pairs):
+    """Sets the pairs in batches; KsmError when the server stops answering."""
+    exceptions = require_module("pymemcache.exceptions", "pymemcache")
+    try:
+        _load(client, pairs)
+    except (exceptions.MemcacheError, OSError) as error:
+        raise KsmError(f"memcached on {client.server} stopped answering while loading: {error}") from None
+
+
+def _load(client, pairs):
     batch, pending = {}, 0
     for key, data in pairs:
         batch[key] = data
@@ -77,7 +87,7 @@ def servers(sizes, processes, strategy, options, order, workdir):
 
 
 def run(sizes, processes, strategy, options, order, workdir, values="mixed"):
-    label = f"{processes} servers, {' '.join(options) or 'default options'}, {order} order"
+    label = f"{counted(processes, 'server')}, {' '.join(options) or 'default options'}, {order} order"
     return Run(
         label,
         lambda: servers(sizes, processes, strategy, options, order, workdir),

@@ -33,8 +33,8 @@ import psutil
 
 from .. import kernel
 from ..errors import KsmError
-from ..processes import process_tree, stop_parent_first
-from . import Loaded, Run
+from ..processes import process_tree, spawn, stop_parent_first
+from . import Loaded, Run, counted
 from .servers import free_port, require_module, wrapped
 
 DESCRIPTION = "a gunicorn master with an index of Python objects and N forked workers, under request load"
@@ -76,7 +76,7 @@ def drive(port, seconds, connections=CONNECTIONS):
                 connection.request("GET", f"/items?{number}-{request}")
                 connection.getresponse().read()
                 connection.close()
-            except OSError as error:
+            except (OSError, http.client.HTTPException) as error:
                 errors.append(str(error))
                 continue
             latencies.append(time.monotonic() - began)
@@ -123,8 +123,8 @@ def server(objects, workers, strategy, drive_seconds, workdir):
     env = {**os.environ, "KSMPRELOAD_PREFORK_OBJECTS": str(objects), "KSMPRELOAD_PREFORK_READY": ready_dir}
     port = free_port()
     with open(os.path.join(workdir, f"gunicorn-{port}.log"), "w") as log:
-        proc = subprocess.Popen(wrapped(gunicorn_command(port, workers), strategy), env=env, cwd="/",
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)  # fmt: skip
+        proc = spawn(wrapped(gunicorn_command(port, workers), strategy), env=env, cwd="/",
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)  # fmt: skip
     try:
         data_by_pid = wait_until_ready(proc, ready_dir, workers)
         pids = list(data_by_pid)
@@ -145,7 +145,7 @@ def runs(settings, strategy, processes, method, workdir):
     workers = processes or 4
     return [
         Run(
-            f"1 master + {workers} workers, {settings['index_objects']:,} objects",
+            f"1 master + {counted(workers, 'worker')}, {settings['index_objects']:,} objects",
             lambda: server(settings["index_objects"], workers, strategy, settings["drive_seconds"], workdir),
             details={"workers": workers, "objects": settings["index_objects"]},
         )

@@ -7,8 +7,9 @@ import os
 import sys
 import tempfile
 
+from ..errors import KsmError
 from ..processes import start_workers, stop_workers
-from . import Loaded, Run
+from . import Loaded, Run, counted
 from .servers import require_module, wrapped
 
 DESCRIPTION = "N python3 workers that load the same torch.save'd weights into their own model"
@@ -45,7 +46,10 @@ def workers(layers, width, processes, strategy):
     with tempfile.TemporaryDirectory(prefix="ksmpreload-pytorch.") as workdir:
         weights = os.path.join(workdir, "weights.pt")
         torch.manual_seed(0)
-        torch.save(build_model(layers, width).state_dict(), weights)
+        try:
+            torch.save(build_model(layers, width).state_dict(), weights)
+        except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+            raise KsmError(f"cannot save the model's weights to {weights}: {error}") from None
         command = wrapped([sys.executable, "-m", __name__, weights, str(layers), str(width)], strategy)
         started = start_workers([command] * processes)
         try:
@@ -58,7 +62,7 @@ def runs(settings, strategy, processes, method, workdir):
     layers, width, processes = settings["torch_layers"], settings["torch_width"], processes or 3
     return [
         Run(
-            f"{processes} workers, {layers} x Linear({width}, {width})",
+            f"{counted(processes, 'worker')}, {layers} x Linear({width}, {width})",
             lambda: workers(layers, width, processes, strategy),
             expected_saved_bytes=model_bytes(layers, width) * (processes - 1),
         )

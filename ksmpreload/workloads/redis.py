@@ -5,7 +5,8 @@ import contextlib
 import time
 
 from .. import kernel
-from . import Loaded, Run, rate
+from ..errors import KsmError
+from . import Loaded, Run, counted, rate
 from .data import aligned_value_pages, items, value, value_sizes
 from .servers import free_port, require_module, start_server, stop
 
@@ -29,6 +30,16 @@ def start(strategy, workdir):
 
 
 def load(client, pairs):
+    """Sets the pairs in pipelined batches; KsmError when the server stops answering."""
+    redis = require_module("redis")
+    try:
+        _load(client, pairs)
+    except (redis.exceptions.RedisError, OSError) as error:
+        port = client.connection_pool.connection_kwargs.get("port")
+        raise KsmError(f"redis-server on port {port} stopped answering while loading: {error}") from None
+
+
+def _load(client, pairs):
     pipe = client.pipeline(transaction=False)
     pending = 0
     for key, data in pairs:
@@ -77,7 +88,7 @@ def runs(settings, strategy, processes, method, workdir):
     sizes, processes, page = value_sizes(settings["value_bytes"]), processes or 3, kernel.page_size()
     return [
         Run(
-            f"{processes} servers, same values",
+            f"{counted(processes, 'server')}, same values",
             lambda: same_values(sizes, processes, strategy, workdir),
             expected_saved_bytes=aligned_value_pages(sizes) * (processes - 1) * page,
             details={"value_count": len(sizes)},

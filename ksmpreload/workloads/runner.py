@@ -19,13 +19,13 @@ memcached, stress-ng; redis-py, pymemcache, torch or gunicorn for their workload
 
 import json
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 from .. import kernel, scanning
-from ..errors import KsmError
+from ..errors import EXIT_USAGE, KsmError
+from .. import processes as processes_module
 from ..measurement import Measurement, follow, measure
 from . import SIZES, memcached, prefork, pytorch, redis, stress_ng
 
@@ -52,11 +52,22 @@ class RunResult(Measurement):
     details: dict = field(default_factory=dict)
 
 
-def workload_runs(name, size, strategy, processes, method, workdir):
+def check_options(name, size="small", processes=None, method=None):
+    """KsmError (usage) for options the workload cannot take, before anything starts."""
     if name not in WORKLOADS:
-        raise KsmError(f"unknown workload {name} (known: {', '.join(WORKLOADS)})", 2)
+        raise KsmError(f"unknown workload {name} (known: {', '.join(WORKLOADS)})", EXIT_USAGE)
     if size not in SIZES:
-        raise KsmError(f"unknown size {size} (known: {', '.join(SIZES)})", 2)
+        raise KsmError(f"unknown size {size} (known: {', '.join(SIZES)})", EXIT_USAGE)
+    if method and name != "stress-ng":
+        raise KsmError(f"--method is for the stress-ng workload, not {name}", EXIT_USAGE)
+    if processes and name == "stress-ng":
+        raise KsmError(
+            f"the stress-ng workload runs {stress_ng.WORKERS} workers: --processes does not apply", EXIT_USAGE
+        )
+
+
+def workload_runs(name, size, strategy, processes, method, workdir):
+    check_options(name, size, processes, method)
     return WORKLOADS[name][1](SIZES[size], strategy, processes, method, workdir)
 
 
@@ -101,9 +112,11 @@ def measure_run(spec, loaded, timeout, on_sample=None):
 
 
 def serve(name, size="small", strategy="none", processes=None, method=None):
-    """Start and load the workload's first run, print the ready line and hold it until SIGTERM
-    or SIGINT. strategy none: its processes inherit the ksm-wrap this was started under."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    """Start and load the workload's first run, print the ready line and hold it until SIGTERM,
+    SIGHUP or SIGINT (edge.run_cli unwinds the stack on each, which stops the processes), or
+    until the process that started it ends. strategy none: its processes inherit the ksm-wrap
+    this was started under."""
+    processes_module.end_with_parent()
     with tempfile.TemporaryDirectory(prefix=f"ksmpreload-{name}.") as workdir:
         spec = workload_runs(name, size, strategy, processes, method, workdir)[0]
         with spec.load() as loaded:

@@ -8,13 +8,15 @@ import subprocess
 import time
 
 from ..errors import KsmError
-from ..processes import ksm_wrap_command, stop_tree
+from ..processes import ksm_wrap_command, spawn, stop_tree
 
 STRATEGIES = ("auto", "prctl", "madvise", "none")
 
 
 def wrapped(command, strategy):
-    return list(command) if strategy == "none" else [*ksm_wrap_command(), "--strategy", strategy, *command]
+    """The command under ksm-wrap with `strategy`, or as it is for none. --quiet: KSM may be off
+    while the workload loads; the runner turns it on to measure."""
+    return list(command) if strategy == "none" else [*ksm_wrap_command(), "--quiet", "--strategy", strategy, *command]
 
 
 def free_port():
@@ -27,15 +29,18 @@ def start_server(command, strategy, port, workdir, timeout=30.0):
     """The server behind ksm-wrap (or not), once it accepts connections on `port`."""
     log_path = os.path.join(workdir, f"{os.path.basename(command[0])}-{port}.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(wrapped(command, strategy), stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd="/")
+        proc = spawn(wrapped(command, strategy), stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd="/")
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
             return proc
         if proc.poll() is not None or time.monotonic() > deadline:
+            ended = proc.poll()
             stop([proc])
             with open(log_path) as log:
-                raise KsmError(f"{command[0]} did not start on port {port}: {log.read()[-500:]}")
+                said = " ".join(log.read()[-500:].split()) or "nothing in its log"
+            how = f"exited with {ended}" if ended is not None else f"not listening after {timeout:.0f} s"
+            raise KsmError(f"{command[0]} did not start on port {port} ({how}): {said}")
         time.sleep(0.05)
 
 

@@ -10,7 +10,7 @@ import time
 import psutil
 
 from ..errors import KsmError
-from ..processes import process_tree, stop_parent_first
+from ..processes import process_tree, spawn, stop_parent_first
 from . import Loaded, Run
 from .servers import wrapped
 
@@ -54,7 +54,7 @@ def command(method, vm_bytes):
 
 @contextlib.contextmanager
 def filled(method, vm_bytes, strategy, timeout):
-    proc = subprocess.Popen(wrapped(command(method, vm_bytes), strategy), stdin=subprocess.DEVNULL, cwd="/")
+    proc = spawn(wrapped(command(method, vm_bytes), strategy), stdin=subprocess.DEVNULL, cwd="/")
     try:
         # stress-ng divides --vm-bytes among the workers
         yield Loaded(wait_until_filled(proc.pid, vm_bytes // WORKERS, WORKERS, timeout))
