@@ -112,7 +112,6 @@ def run_demo(workers_count, mib, timeout, as_json):
 
 
 def run_workload(name, size, strategy, processes, method, as_json, markdown_path):
-    check_options(name, size, processes, method)
     if os.geteuid() != 0:
         raise NeedsRoot("running a workload (it sets the KSM knobs and reads page frames)")
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), transient=True, disable=as_json) as progress:
@@ -178,6 +177,8 @@ def demo(workers, mib, timeout, workload, size, strategy, processes, method, mar
             if workload_view.given(name):
                 raise click.UsageError(f"{workload_view.flag(name)} is for the demo's own workers, not with --workload")
     workload_view.refuse_without_workload(workload, "size", "strategy", "processes", "method", "markdown_path")
+    if workload:
+        check_options(workload, size, processes, method)
     kernel.require_ksm()
     if workload:
         run_workload(workload, size, strategy, processes, method, as_json, markdown_path)

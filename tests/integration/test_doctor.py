@@ -201,7 +201,7 @@ def test_potential_of_two_redis_servers_is_what_ksm_then_merges():
             pids = [proc.pid for proc, _ in servers]
             before = doctor(*pids)["potential"]
             kernel.write_knob("run", 1)
-            scanning.wait_until_settled(lambda: sum(ksm_pages(pid) for pid in pids))
+            scanning.wait_until_settled(scanning.ignoring_flutter(lambda: sum(ksm_pages(pid) for pid in pids)))
             merged = potential(pids).merged_pages * kernel.page_size()
         finally:
             for proc, client in servers:

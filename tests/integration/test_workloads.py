@@ -4,11 +4,15 @@ it should under ksm-wrap, and nothing without it."""
 import importlib.util
 import json
 import shutil
+import signal
 import subprocess
+import time
 
+import psutil
 import pytest
 
 from conftest import require, require_root_ksm
+from ksmpreload import kernel
 from ksmpreload.workloads import SIZES, data, memcached, pytorch, runner
 
 
@@ -139,3 +143,22 @@ def test_compare_serves_a_workload_and_demo_shows_one(tmp_path):
     (run,) = json.loads(done.stdout)["runs"]
     assert run["label"] == "--vm-method zero-one" and run["saved_bytes"] >= 0.9 * SIZES["small"]["vm_bytes"]
     assert f"| --vm-method zero-one | 5 | {run['data_bytes'] / 2**20:,.1f} |" in markdown.read_text()
+
+
+def test_sigterm_while_merging_stops_the_workload_and_puts_the_knobs_back():
+    """As Ctrl-C does: a service manager's SIGTERM must not leave servers or a fast scan rate."""
+    require_program("stress-ng")
+    knobs = ("run", "pages_to_scan", "sleep_millisecs", "smart_scan")
+    before = {name: kernel.read_knob(name) for name in knobs}
+    command = ["ksmpreload", "demo", "--workload", "stress-ng", "--method", "zero-one", "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, started = time.monotonic() + 60, []
+    while time.monotonic() < deadline and not (started and kernel.read_knob("run") == 1):
+        started = [child for child in psutil.Process(proc.pid).children(recursive=True) if "stress-ng" in child.name()]
+        time.sleep(0.1)
+    assert started and kernel.read_knob("run") == 1, "the workload never reached its merging"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and err == "" and out == "", (proc.returncode, err)
+    assert not [child for child in started if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+    assert {name: kernel.read_knob(name) for name in knobs} == before

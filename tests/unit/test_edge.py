@@ -1,6 +1,10 @@
 """The one edge where errors become what the user sees (ksmpreload/edge.py): a line on stderr
 naming the program, and the exit code the error carries. No root, no KSM."""
 
+import os
+import signal
+import time
+
 import click
 import pytest
 
@@ -63,3 +67,27 @@ def test_ctrl_c_exits_130_quietly(capsys):
         run_cli(command_raising(KeyboardInterrupt()), "tool")
     assert leaving.value.code == EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == ""
+
+
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_unwind_the_stack_and_exit_128_plus_the_signal(capsys, ending):
+    """Like Ctrl-C: a `finally` (the knobs put back, the servers stopped) runs before the exit."""
+    cleaned = []
+
+    @click.command()
+    def command():
+        try:
+            os.kill(os.getpid(), ending)
+            time.sleep(5)  # the handler raises here
+        finally:
+            cleaned.append(True)
+
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            run_cli(command, "tool")
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    assert leaving.value.code == 128 + ending and cleaned == [True]
+    assert capsys.readouterr().err == ""

@@ -13,6 +13,13 @@ import pytest
         (["compare"], "give either COMMAND or --workload NAME"),
         (["compare", "--workload", "nginx"], "'nginx' is not one of"),
         (["demo", "--workload", "redis", "--size", "huge"], "'huge' is not one of"),
+        (["demo", "--workload", "redis", "--workers", "3"], "--workers is for the demo's own workers"),
+        (["demo", "--size", "full"], "--size only with --workload"),
+        (["compare", "--processes", "2", "--", "true"], "--processes only with --workload"),
+        (["demo", "--workload", "stress-ng", "--processes", "3"], "--processes does not apply"),
+        (["demo", "--workload", "redis", "--method", "flip"], "--method is for the stress-ng workload"),
+        (["demo", "--workload", "redis", "--markdown", "/nonexistent/x.md"], "no directory /nonexistent"),
+        (["compare", "--plot", "/", "--", "true"], "'/' is a directory"),
     ],
 )
 def test_compare_and_demo_reject_bad_workload_options(arguments, says):
