@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import attribution, binary, kernel
 from .errors import NeedsRoot
+from .sizes import MIB
 
-MIB = 1024 * 1024
 SLOW_SCAN_SECONDS = kernel.FULL_SCAN_TARGET_SECONDS  # a full scan slower than this is a finding
 NOT_SCANNED_SHARE = 0.5  # a process whose mergeable pages KSM has seen less than this share of
 VOLATILE_SHARE = 0.2  # pages_volatile above this share of the pages KSM tracks

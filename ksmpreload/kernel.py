@@ -453,3 +453,35 @@ def can_hold_ksm_pages(region):
     copied-on-write pages of private file mappings (a library's .data, relro). Shared
     mappings and the kernel's own ones never hold KSM pages."""
     return region["perms"][3] == "p" and region["path"] not in SPECIAL_MAPPINGS
+
+
+def walk_ksm_regions(pid, visit, with_mem=False, after_maps=None):
+    """The one page walker of sharing.py and potential.py: for each VMA of `pid` that can hold
+    KSM pages, visit(region, first_page, end_page, pagemap_fd, mem_fd) (mem_fd: /proc/<pid>/mem
+    with with_mem, else None); after_maps() once the VMAs are read. Returns the process's comm,
+    or None when it is gone (also when it ends half-way); NeedsRoot for another user's process."""
+    try:
+        regions, comm = process_maps(pid), read_proc(pid, "comm")
+    except PermissionError as error:
+        raise needs_root(error) from None
+    if after_maps:
+        after_maps()
+    if regions is None or comm is None:
+        return None
+    fds = [open_process_file(pid, "pagemap")]
+    try:
+        if with_mem and fds[0] is not None:
+            fds.append(open_process_file(pid, "mem"))
+        if None in fds:
+            return None
+        mem_fd = fds[1] if with_mem else None
+        page = page_size()
+        for region in filter(can_hold_ksm_pages, regions):
+            visit(region, region["start"] // page, region["end"] // page, fds[0], mem_fd)
+    except ProcessLookupError:
+        return None
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+    return comm.strip()

@@ -54,8 +54,8 @@ from typing import Optional
 from . import kernel, native
 from .sharing import KEEP_MASK, KEEP_VALUE
 from .timing import StepClock
+from .sizes import MIB
 
-MIB = 1 << 20
 FRAME_FIELDS = ("ksm_pages", "zero_frame_pages", "unmerged_pages")  # known with PFNs only
 
 
@@ -149,41 +149,21 @@ class PotentialReport:
 def _read_process(pid, pages, region_offsets, clock):
     """Read and hash pid's pages into pages, appending where each region starts in it to
     region_offsets; returns its ProcessPotential, or None if it is gone."""
-    try:
-        regions, comm = kernel.process_maps(pid), kernel.read_proc(pid, "comm")
-    except PermissionError as error:
-        raise kernel.needs_root(error) from None
-    clock.step("maps")
-    if regions is None or comm is None:
+    unreadable, found = pages.unreadable[0], []
+
+    def visit(region, first, end, pagemap_fd, mem_fd):
+        start = pages.size
+        pages.read_pagemap(pagemap_fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
+        clock.step("pagemap")
+        pages.read_hash(mem_fd, start)
+        clock.step("read")
+        found.append(RegionPotential(**region))
+        region_offsets.append(start)
+
+    comm = kernel.walk_ksm_regions(pid, visit, with_mem=True, after_maps=lambda: clock.step("maps"))
+    if comm is None:
         return None
-    pagemap_fd = kernel.open_process_file(pid, "pagemap")
-    mem_fd = kernel.open_process_file(pid, "mem") if pagemap_fd is not None else None
-    page, unreadable = kernel.page_size(), pages.unreadable[0]
-    process = ProcessPotential(pid=pid, comm=comm.strip())
-    try:
-        if mem_fd is None:
-            return None
-        for region in filter(kernel.can_hold_ksm_pages, regions):
-            start = pages.size
-            pages.read_pagemap(
-                pagemap_fd,
-                region["start"] // page,
-                region["end"] // page,
-                KEEP_MASK,
-                KEEP_VALUE,
-                kernel.PAGEMAP_PFN_MASK,
-            )
-            clock.step("pagemap")
-            pages.read_hash(mem_fd, start)
-            clock.step("read")
-            process.regions.append(RegionPotential(**region))
-            region_offsets.append(start)
-    except ProcessLookupError:
-        return None
-    finally:
-        for fd in (pagemap_fd, mem_fd):
-            if fd is not None:
-                os.close(fd)
+    process = ProcessPotential(pid=pid, comm=comm, regions=found)
     process.unreadable_pages = pages.unreadable[0] - unreadable
     return process
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import click
 from rich.columns import Columns
@@ -47,6 +48,17 @@ def human_bytes(count):
 def note_lines(notes):
     """'note: ...' lines, one per note, to follow a command's output."""
     return [Text(f"note: {note}", no_wrap=True, overflow="ignore") for note in notes]  # one line each, for grep
+
+
+def refresh_live(make_view, seconds):
+    """The one live loop of status and top: make_view() redrawn in place every `seconds`
+    until Ctrl-C (which the caller or the edge handles)."""
+    from rich.live import Live
+
+    with Live(make_view(), console=console(), auto_refresh=False) as live:
+        while True:
+            time.sleep(seconds)
+            live.update(make_view(), refresh=True)
 
 
 def key_value_lines(pairs):

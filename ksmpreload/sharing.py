@@ -97,27 +97,16 @@ class SharingReport:
 def _read_process(pid, pfns, region_offsets):
     """Append pid's PFNs to pfns and where each region's start in pfns to region_offsets;
     returns its ProcessSharing, or None if it is gone."""
-    regions = kernel.process_maps(pid)
-    comm = kernel.read_proc(pid, "comm")
-    if regions is None or comm is None:
-        return None
-    fd = kernel.open_process_file(pid, "pagemap")
-    if fd is None:
-        return None
-    page = kernel.page_size()
-    process = ProcessSharing(pid=pid, comm=comm.strip())
-    try:
-        for region in filter(kernel.can_hold_ksm_pages, regions):
-            first, end = region["start"] // page, region["end"] // page
-            offset = pfns.size
-            pfns.read_pagemap(fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
-            process.regions.append(RegionSharing(**region, anon_pages=pfns.size - offset))
-            region_offsets.append(offset)
-    except ProcessLookupError:
-        return None
-    finally:
-        os.close(fd)
-    return process
+    found = []
+
+    def visit(region, first, end, pagemap_fd, mem_fd):
+        offset = pfns.size
+        pfns.read_pagemap(pagemap_fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
+        found.append(RegionSharing(**region, anon_pages=pfns.size - offset))
+        region_offsets.append(offset)
+
+    comm = kernel.walk_ksm_regions(pid, visit)
+    return None if comm is None else ProcessSharing(pid=pid, comm=comm, regions=found)
 
 
 def sharing(pids, timings=None, pagemap_scan="auto"):

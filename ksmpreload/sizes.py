@@ -6,6 +6,8 @@ import re
 
 import click
 
+MIB = 1 << 20  # the one MiB of every figure the tool prints
+
 _SIZE = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)([kKmMgGtT]?)(iB|i|B|b)?")
 _SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 

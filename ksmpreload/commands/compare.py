@@ -8,8 +8,8 @@ from .. import kernel, render
 from ..workloads.runner import WORKLOADS
 from ..workloads.runner import check_options
 from .workload_view import MEASURED_COLUMNS, measured_cells, refuse_without_workload, vanished_lines, workload_options
+from ..sizes import MIB
 
-MIB = 1024 * 1024
 COLUMNS = [
     ("allocator", "left"),
     ("strategy", "left"),

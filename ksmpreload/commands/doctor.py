@@ -14,8 +14,8 @@ from rich.text import Text
 from .. import attribution, diagnosis, kernel, render, scanning
 from ..errors import EXIT_NOT_FOUND, KsmError
 from ..processes import ksm_wrap_command, merged_pages, process_tree
+from ..sizes import MIB
 
-MIB = 1024 * 1024
 START_SECONDS = 1.0  # a started command gets this long to allocate before the wait for merging
 
 

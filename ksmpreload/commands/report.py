@@ -5,8 +5,7 @@ from rich.console import Group
 from rich.text import Text
 
 from .. import attribution, kernel, render
-
-MIB = 1024 * 1024
+from ..sizes import MIB
 
 
 def mib(count_bytes):

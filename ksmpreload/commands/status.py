@@ -5,12 +5,11 @@ import time
 
 import click
 from rich.console import Group
-from rich.live import Live
 from rich.text import Text
 
 from .. import kernel, render
+from ..sizes import MIB
 
-MIB = 1024 * 1024
 NOT_SHOWN = "-"  # a ksm_stat field this kernel does not have
 
 PROCESS_COLUMNS = (  # (header, justify, ksm_stat field or key of the process entry)
@@ -83,11 +82,7 @@ def show(snap, as_json, json_lines=False):
 
 def watch_live(seconds):
     """Redraw in place on a terminal until Ctrl-C."""
-    view = status_view(snapshot(), compact=True)
-    with Live(view, console=render.console(), auto_refresh=False) as live:
-        while True:
-            time.sleep(seconds)
-            live.update(status_view(snapshot(), compact=True), refresh=True)
+    render.refresh_live(lambda: status_view(snapshot(), compact=True), seconds)
 
 
 def watch_stream(seconds, as_json):

@@ -1,16 +1,14 @@
 """`ksmpreload top`: a live view of the processes KSM saves memory for, biggest first."""
 
 import sys
-import time
 
 import click
 from rich.console import Group
-from rich.live import Live
 from rich.text import Text
 
 from .. import kernel, render, saving, shimstats
+from ..sizes import MIB
 
-MIB = 1024 * 1024
 SORT_KEYS = {  # --sort choice -> (row key, largest first)
     "saved": ("net_saved", True),
     "merged": ("merged", True),
@@ -168,9 +166,6 @@ def top(sort, name_filter, interval, limit, as_json):
         render.print_rich(view(snapshot(sort, name_filter), limit))
         return
     try:
-        with Live(view(snapshot(sort, name_filter), limit), console=render.console(), auto_refresh=False) as live:
-            while True:
-                time.sleep(interval)
-                live.update(view(snapshot(sort, name_filter), limit), refresh=True)
+        render.refresh_live(lambda: view(snapshot(sort, name_filter), limit), interval)
     except KeyboardInterrupt:
         pass

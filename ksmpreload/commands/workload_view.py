@@ -7,8 +7,8 @@ import click
 from .. import render
 from ..workloads import SIZES
 from ..workloads.runner import METHODS
+from ..sizes import MIB
 
-MIB = 1 << 20
 MEASURED_COLUMNS = [
     ("saved MiB", "right"),
     ("% of RSS", "right"),

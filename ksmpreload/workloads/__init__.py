@@ -12,8 +12,8 @@ compare --workload NAME` (`python -m ksmpreload.workloads serve NAME`).
 """
 
 from dataclasses import dataclass, field
+from ..sizes import MIB
 
-MIB = 1 << 20
 
 # small: tens of MiB per process (the tests); full: hundreds of MiB per process.
 SIZES = {
