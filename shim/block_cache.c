@@ -8,12 +8,18 @@
  *
  * Each thread has its own slots, touched by that thread alone: no lock, no atomic. A thread
  * takes its byte allotment from the process's bound when it first keeps a block, and gives the
- * allotment and its blocks back when it exits. A block lives in one cache at a time; a word
+ * allotment and its blocks back when it exits, through a pthread key's destructor (the key is
+ * taken once, by the constructor). Not __cxa_thread_atexit_impl, which C++ thread_local uses:
+ * it takes the loader's lock, and a thread that a dlopen'ed library's constructor started and
+ * joined hung in free. A free in a later destructor of the exiting thread opens the cache
+ * again, and glibc calls the key's destructor again (up to PTHREAD_DESTRUCTOR_ITERATIONS
+ * rounds): only a cache first opened in the last round keeps its blocks. A block lives in one cache at a time; a word
  * inside it holds a secret of the shim's, mixed with its address, while it is kept, so that a
  * second free of it, on any thread, is seen (the program's allocator would have seen it too). */
 #define _GNU_SOURCE
 #include "block_cache.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,12 +65,7 @@ static struct ksm_cache_calls calls;
 static int started;
 static size_t allotted; /* bytes of the process's bound that threads hold */
 static uint64_t secret;
-
-/* glibc's registration of a thread's destructors (C++ thread_local uses it): takes no pthread
- * key from the program, and runs before the program's own key destructors, whose frees then
- * pass straight to the allocator. */
-extern int __cxa_thread_atexit_impl(void (*destructor)(void *), void *arg, void *dso) __attribute__((weak));
-extern void *__dso_handle;
+static pthread_key_t exit_key; /* its destructor gives a thread's blocks back */
 
 static uint64_t mark_of(const void *block) { return secret ^ (uint64_t)(uintptr_t)block; }
 
@@ -139,22 +140,22 @@ static void give_back_allotment(void) { __atomic_fetch_sub(&allotted, KSM_CACHE_
 static void close_at_thread_exit(void *arg)
 {
     struct thread_cache *cache = arg;
-    cache->state = CLOSED;
+    cache->state = UNOPENED; /* a later destructor's free may open it again: this runs again */
     while (cache->count)
         release_slot(cache, cache->count - 1);
     publish(cache, 1);
     give_back_allotment();
 }
 
-/* The thread's allotment, and its exit handler; CLOSED for good when either is missing. */
+/* The thread's allotment, and its exit handler (pthread_setspecific takes no lock, and no
+ * memory for a key among the first 32); CLOSED for good when either is missing. */
 static int open_cache(struct thread_cache *cache)
 {
     cache->state = CLOSED;
     if (!started)
         return 0;
     size_t before = __atomic_fetch_add(&allotted, KSM_CACHE_THREAD_BYTES, __ATOMIC_RELAXED);
-    if (before + KSM_CACHE_THREAD_BYTES > KSM_CACHE_PROCESS_BYTES ||
-        __cxa_thread_atexit_impl(close_at_thread_exit, cache, &__dso_handle) != 0) {
+    if (before + KSM_CACHE_THREAD_BYTES > KSM_CACHE_PROCESS_BYTES || pthread_setspecific(exit_key, cache) != 0) {
         give_back_allotment();
         return 0;
     }
@@ -267,7 +268,7 @@ static uint64_t random_secret(void)
 
 void ksm_cache_start(size_t threshold, const struct ksm_cache_calls *chosen_calls)
 {
-    if (!__cxa_thread_atexit_impl)
+    if (pthread_key_create(&exit_key, close_at_thread_exit) != 0)
         return; /* no way to give a thread's blocks back when it exits: no cache */
     min_block = threshold > 2 * sizeof(uint64_t) ? threshold : 2 * sizeof(uint64_t);
     calls = *chosen_calls;

@@ -358,3 +358,16 @@ def test_second_copy_of_the_shim_stays_inert(c_programs, shim, shim_env, tmp_pat
     # A block's padding depends on where glibc's heap places it (the part of a page behind
     # a block cut to alignment stays in it), which the second copy shifts a little.
     assert abs(counts["twice"]["padding_bytes"] - counts["once"]["padding_bytes"]) < counts["once"]["padding_bytes"] / 4
+
+
+def test_cache_opened_by_a_thread_that_a_dlopen_constructor_joins(c_programs, shim_env):
+    """The cache's thread-exit handler must not wait for the loader's lock, which dlopen holds
+    while the library's constructor joins a thread that keeps blocks (this once hung)."""
+    done = subprocess.run(
+        [c_programs("thread_in_ctor_main"), c_programs("libthread_in_ctor_lib.so")],
+        env=shim_env(threshold=THRESHOLD, cache=1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout == "loaded\n", (done.returncode, done.stderr)
