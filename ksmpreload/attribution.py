@@ -12,11 +12,18 @@ record, or a layout glibc makes (a thread stack above its guard page, an arena h
 64 MiB boundary before its reserve). Anything else is "unlabelled".
 """
 
+from __future__ import annotations
+
 import bisect
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import kernel, saving, shimstats
 from .errors import NeedsRoot, NoSuchProcess
+
+if TYPE_CHECKING:
+    from .sharing import SharingReport
 
 GLIBC_HEAP_MAX = 64 << 20  # a glibc thread arena's heap: this size, aligned to it
 GUARD_MAX = 1 << 20  # thread stack guards are a page to some KiB
@@ -42,7 +49,7 @@ def _adjacent_reserve(region, neighbour):
 class Records:
     """The shim's region records of one process, looked up by address."""
 
-    def __init__(self, records, regions):
+    def __init__(self, records: list[dict], regions: list[dict]) -> None:
         self.records = sorted(records, key=lambda record: record["start"])
         self.starts = [record["start"] for record in self.records]
         self.ends_so_far = []  # the highest end among records[:i + 1]: where a backward walk can stop
@@ -52,7 +59,7 @@ class Records:
             (r["start"], r["end"], os.path.basename(r["path"])) for r in regions if r["path"].startswith("/")
         )
 
-    def covering(self, start, end):
+    def covering(self, start: int, end: int) -> dict | None:
         """The record that covers most of [start, end), or None."""
         best, best_overlap = None, 0
         index = bisect.bisect_left(self.starts, end) - 1
@@ -64,7 +71,7 @@ class Records:
             index -= 1
         return best
 
-    def object_at(self, address):
+    def object_at(self, address: int) -> str | None:
         """The file mapped at `address` (a library, the program), or None."""
         index = bisect.bisect_right(self.objects, (address, float("inf"), "")) - 1
         if index >= 0 and self.objects[index][0] <= address < self.objects[index][1]:
@@ -79,7 +86,7 @@ def _record_label(record, records):
     return record["kind"]
 
 
-def region_label(index, regions, records):
+def region_label(index: int, regions: list[dict], records: Records) -> tuple[str, str]:
     """(label, source) of regions[index]: what made it, and where that is known from: "file",
     "kernel" (its name for the VMA), "shim" (a region record), "layout" (glibc's) or "none"."""
     region = regions[index]
@@ -125,7 +132,7 @@ def _region_entry(region, label, source):
     }
 
 
-def process_attribution(pid, stats_dir=None, notes=None):
+def process_attribution(pid: int, stats_dir: str | None = None, notes: list[str] | None = None) -> dict | None:
     """One process: its ksm_stat, the shim's counters, merged and net saved bytes, and its
     regions (those with anonymous memory) labelled. None when the process is gone; NeedsRoot
     when it is another user's. A counters file that does not parse is left out, with a line
@@ -163,7 +170,7 @@ def process_attribution(pid, stats_dir=None, notes=None):
     }
 
 
-def by_label(process):
+def by_label(process: dict) -> dict[str, dict[str, int]]:
     """{label: {regions, anonymous_kib, ksm_kib}} over one process's regions, most KSM first."""
     totals = {}
     for region in process["regions"]:
@@ -175,7 +182,7 @@ def by_label(process):
     return dict(sorted(totals.items(), key=lambda item: (-item[1]["ksm_kib"], -item[1]["anonymous_kib"])))
 
 
-def unmerged_regions(processes, limit=10):
+def unmerged_regions(processes: list[dict], limit: int = 10) -> list[tuple[int, str, dict, int]]:
     """The biggest regions that are mergeable but hold little merged: (pid, comm, region, KiB not merged)."""
     found = [
         (process["pid"], process["comm"], region, region["anonymous_kib"] - region["ksm_kib"])
@@ -187,7 +194,7 @@ def unmerged_regions(processes, limit=10):
     return sorted(found, key=lambda entry: -entry[3])[:limit]
 
 
-def set_savings(processes, report=None):
+def set_savings(processes: list[dict], report: SharingReport | None = None) -> None:
     """Each process's saved and net saved bytes (saving.py): its fair share from `report` (a
     SharingReport), or without one the estimate from ksm_stat."""
     page, knobs = kernel.page_size(), kernel.read_knobs()
@@ -204,7 +211,7 @@ def set_savings(processes, report=None):
         )
 
 
-def attach_sharing(processes, report):
+def attach_sharing(processes: list[dict], report: SharingReport) -> None:
     """Adds each region's KSM pages shared with another process of the set, and those mapped
     again only within its process, from a SharingReport (read a moment after smaps: a VMA
     that changed in between counts where its start now lies)."""
@@ -221,7 +228,7 @@ def attach_sharing(processes, report):
                 regions[index]["within_pages"] += found.ksm_within
 
 
-def attribution(pids=None, stats_dir=None, with_sharing=True):
+def attribution(pids: list[int] | None = None, stats_dir: str | None = None, with_sharing: bool = True) -> dict:
     """The whole report: processes (all KSM users when `pids` is None), the sharing matrix
     (None without root, with a note), and the biggest mergeable regions left unmerged."""
     from .sharing import sharing
@@ -256,7 +263,7 @@ def attribution(pids=None, stats_dir=None, with_sharing=True):
     return result
 
 
-def require_read(pids, processes):
+def require_read(pids: Iterable[int], processes: list[dict]) -> None:
     """NoSuchProcess naming those of `pids` (which the user named) that ended before they were read."""
     read = {process["pid"] for process in processes}
     ended = [pid for pid in pids if pid not in read]

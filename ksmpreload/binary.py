@@ -1,8 +1,11 @@
 """What a program file allows: LD_PRELOAD needs a dynamically linked ELF that the
 loader does not run in secure mode (setuid, setgid, file capabilities)."""
 
+from __future__ import annotations
+
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
@@ -17,7 +20,7 @@ class Binary:
     secure_reason: str = ""
 
     @property
-    def preload_ignored_because(self):
+    def preload_ignored_because(self) -> str:
         """Why LD_PRELOAD cannot act on this program, or '' when it can."""
         if self.static:
             return "is statically linked"
@@ -49,7 +52,7 @@ def _has_file_capabilities(path):
         return False
 
 
-def inspect(path):
+def inspect(path: str) -> Binary:
     """A Binary for `path`; scripts and other non-ELF files are `is_elf=False`."""
     try:
         static = not _has_interpreter(path)
@@ -94,7 +97,7 @@ def _needed_libraries(elf):
     return [tag.needed for tag in dynamic.iter_tags() if tag.entry.d_tag == "DT_NEEDED"]
 
 
-def allocators(path, loaded_libraries=()):
+def allocators(path: str, loaded_libraries: Iterable[str] = ()) -> tuple[list[str], str]:
     """The allocators other than glibc's that `path` links or carries (names for people), and
     the runtime that maps memory with raw system calls, if any: (allocators, runtime or '')."""
     try:

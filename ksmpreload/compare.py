@@ -15,13 +15,17 @@ workload of the package speaks this (`python -m ksmpreload.workloads serve NAME`
 `ksmpreload compare --workload NAME` runs).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import IO
 
 from . import kernel, scanning
 from .errors import KsmError
@@ -47,20 +51,20 @@ UNMERGE_TIMEOUT = 60
 
 @dataclass
 class ArmResult(Measurement):
-    allocator: str = None
-    strategy: str = None
-    allocator_loaded: int = None  # measured processes that map the preloaded allocator
-    throughput: float = None
-    throughput_unit: str = None
-    exit_code: int = None  # when the command ended before it was measured
-    failure: str = None  # why the arm was not measured
+    allocator: str | None = None
+    strategy: str | None = None
+    allocator_loaded: int | None = None  # measured processes that map the preloaded allocator
+    throughput: float | None = None
+    throughput_unit: str | None = None
+    exit_code: int | None = None  # when the command ended before it was measured
+    failure: str | None = None  # why the arm was not measured
 
 
 class ReadyLine:
     """Reads the command's stdout to its end (so that it never blocks on a full pipe) and keeps
     the first line that is a JSON object with "ready" in it."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: IO[str]) -> None:
         self.message, self.event = None, threading.Event()
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
@@ -76,7 +80,7 @@ class ReadyLine:
                     self.event.set()
         self.event.set()  # the stream ended: no ready line will come
 
-    def wait(self, proc, timeout):
+    def wait(self, proc: subprocess.Popen[str], timeout: float) -> dict | None:
         """The ready message; None if the command ended or `timeout` passed first."""
         deadline = time.monotonic() + timeout
         while not self.event.wait(0.2):
@@ -85,7 +89,7 @@ class ReadyLine:
         return self.message
 
 
-def arm_command(command, allocator, strategy):
+def arm_command(command: list[str], allocator: str, strategy: str) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of one arm."""
     env = dict(os.environ)
     library = ALLOCATORS[allocator][0]
@@ -97,7 +101,7 @@ def arm_command(command, allocator, strategy):
     return [*ksm_wrap_command(), *options, *command], env
 
 
-def unmerge_all():
+def unmerge_all() -> None:
     """run=2 unmerges every KSM page on the machine; wait until none is left."""
     kernel.write_knob("run", 2)
     deadline = time.monotonic() + UNMERGE_TIMEOUT
@@ -105,20 +109,22 @@ def unmerge_all():
         time.sleep(0.1)
 
 
-def workload_command(name, size, processes=None, method=None):
+def workload_command(name: str, size: str, processes: int | None = None, method: str | None = None) -> list[str]:
     """The command that serves a workload of the package for `compare --wait-ready`."""
     command = [sys.executable, "-m", "ksmpreload.workloads", "serve", name, "--size", size]
     command += ["--processes", str(processes)] if processes else []
     return command + (["--method", method] if method else [])
 
 
-def processes_mapping(pids, library):
+def processes_mapping(pids: list[int], library: str) -> int:
     """How many of the processes map `library` (a statically linked program ignores a preload)."""
     path = os.path.realpath(library)
     return sum(1 for pid in pids if path in (kernel.read_proc(pid, "maps") or ""))
 
 
-def wait_until_loaded(proc, result, warmup, wait_ready):
+def wait_until_loaded(
+    proc: subprocess.Popen[str], result: ArmResult, warmup: float, wait_ready: float | None
+) -> Callable[[], list[int]] | None:
     """The processes to measure (a function giving their pids) once the command has loaded its
     data: after `warmup` seconds, or, with wait_ready, once it printed its ready line (waiting at
     most `wait_ready` seconds). None, with the reason in `result`, if it did not get there."""
@@ -139,7 +145,16 @@ def wait_until_loaded(proc, result, warmup, wait_ready):
     return (lambda: listed) if listed else (lambda: process_tree(proc.pid))
 
 
-def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready=None, cwd=None):
+def run_arm(
+    command: list[str],
+    allocator: str,
+    strategy: str,
+    timeout: float,
+    warmup: float,
+    on_sample: Callable[[ArmResult, int], None],
+    wait_ready: float | None = None,
+    cwd: str | None = None,
+) -> ArmResult:
     result = ArmResult(allocator=allocator, strategy=strategy)
     argv, env = arm_command(command, allocator, strategy)
     started = time.monotonic()
@@ -163,16 +178,16 @@ def run_arm(command, allocator, strategy, timeout, warmup, on_sample, wait_ready
 
 
 def compare(
-    command,
-    allocators,
-    strategies,
-    timeout=120,
-    warmup=1.0,
-    on_arm=None,
-    on_sample=None,
-    wait_ready=None,
-    cwd=None,
-):
+    command: list[str],
+    allocators: list[str],
+    strategies: list[str],
+    timeout: float = 120,
+    warmup: float = 1.0,
+    on_arm: Callable[[str, str], None] | None = None,
+    on_sample: Callable[[ArmResult, int], None] | None = None,
+    wait_ready: float | None = None,
+    cwd: str | None = None,
+) -> list[dict]:
     """Runs every allocator × strategy arm in turn; returns their ArmResults as dicts.
     wait_ready: seconds to wait for the command's ready line (None: wait `warmup` seconds)."""
     kernel.require_ksm()

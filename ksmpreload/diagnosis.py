@@ -7,12 +7,19 @@ memory sits, how much of it KSM can and did merge). Findings are ordered by what
 facts that cost nothing go to notes.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from . import attribution, binary, kernel
 from .errors import NeedsRoot
 from .sizes import MIB
+
+if TYPE_CHECKING:
+    from .potential import PotentialReport
 
 SLOW_SCAN_SECONDS = kernel.FULL_SCAN_TARGET_SECONDS  # a full scan slower than this is a finding
 NOT_SCANNED_SHARE = 0.5  # a process whose mergeable pages KSM has seen less than this share of
@@ -43,7 +50,7 @@ def _mib(count):
 # ---- the system -----------------------------------------------------------------------------
 
 
-def ksm_off_finding(knobs, waiting_bytes):
+def ksm_off_finding(knobs: dict, waiting_bytes: int) -> Finding | None:
     if knobs.get("run") == 1:
         return None
     return Finding(
@@ -56,7 +63,7 @@ def ksm_off_finding(knobs, waiting_bytes):
     )
 
 
-def slow_scan_finding(knobs, scan_bytes):
+def slow_scan_finding(knobs: dict, scan_bytes: int) -> Finding | None:
     pages, sleep_ms = knobs.get("pages_to_scan", 100), knobs.get("sleep_millisecs", 20)
     seconds = kernel.full_scan_seconds(scan_bytes, pages, sleep_ms)
     if seconds <= SLOW_SCAN_SECONDS:
@@ -78,7 +85,7 @@ def slow_scan_finding(knobs, scan_bytes):
     )
 
 
-def smart_scan_finding(knobs, unmerged_bytes):
+def smart_scan_finding(knobs: dict, unmerged_bytes: int) -> Finding | None:
     if knobs.get("smart_scan") != 1 or unmerged_bytes <= 0:
         return None
     return Finding(
@@ -92,7 +99,7 @@ def smart_scan_finding(knobs, unmerged_bytes):
     )
 
 
-def chain_finding(knobs):
+def chain_finding(knobs: dict) -> Finding | None:
     shared, sharing, limit = knobs.get("pages_shared", 0), knobs.get("pages_sharing", 0), knobs.get("max_page_sharing")
     if not shared or not limit or sharing / shared < 0.9 * limit:
         return None
@@ -107,7 +114,7 @@ def chain_finding(knobs):
     )
 
 
-def system_findings(knobs, scan_bytes, unmerged_bytes, waiting_bytes):
+def system_findings(knobs: dict, scan_bytes: int, unmerged_bytes: int, waiting_bytes: int) -> list[Finding]:
     """waiting_bytes: what could merge and has not (the potential), else all the processes' memory."""
     found = [
         ksm_off_finding(knobs, waiting_bytes),
@@ -118,7 +125,7 @@ def system_findings(knobs, scan_bytes, unmerged_bytes, waiting_bytes):
     return [finding for finding in found if finding]
 
 
-def system_notes(knobs):
+def system_notes(knobs: dict) -> list[str]:
     notes = [MYTH_NOTE]
     features = kernel.kernel_features()
     missing = [name for name, present in features.items() if not present]
@@ -140,7 +147,7 @@ def system_notes(knobs):
 # ---- a program's file -----------------------------------------------------------------------
 
 
-def binary_findings(path, pid=0, loaded_libraries=()):
+def binary_findings(path: str, pid: int = 0, loaded_libraries: Iterable[str] = ()) -> list[Finding]:
     found = []
     program = binary.inspect(path)
     if program.is_elf and program.preload_ignored_because:
@@ -196,7 +203,7 @@ def _loaded_libraries(process):
     return sorted({region["path"] for region in process["regions"] if region["path"].startswith("/")})
 
 
-def unmarked_finding(process):
+def unmarked_finding(process: dict) -> Finding | None:
     unmarked = [
         r for r in process["regions"] if not r["mergeable"] and r["anonymous_kib"] and not r["path"].startswith("/")
     ]
@@ -240,7 +247,7 @@ def unmarked_finding(process):
     )
 
 
-def not_scanned_finding(process, knobs):
+def not_scanned_finding(process: dict, knobs: dict) -> Finding | None:
     mergeable_pages = _mergeable_bytes(process) // kernel.page_size()
     seen = process["ksm_stat"].get("ksm_rmap_items", 0) + process["ksm_stat"].get("ksm_merging_pages", 0)
     if knobs.get("run") != 1 or mergeable_pages < 256 or seen >= NOT_SCANNED_SHARE * mergeable_pages:
@@ -257,7 +264,7 @@ def not_scanned_finding(process, knobs):
     )
 
 
-def volatile_finding(knobs):
+def volatile_finding(knobs: dict) -> Finding | None:
     if knobs.get("run") != 1:
         return None  # the counters keep their last values while ksmd is stopped
     tracked = sum(knobs.get(name, 0) for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
@@ -275,7 +282,7 @@ def volatile_finding(knobs):
     )
 
 
-def padding_finding(process):
+def padding_finding(process: dict) -> Finding | None:
     padding = process["padding_bytes"]
     if padding < MIB or padding < 0.1 * max(process["merged_bytes"], 1):
         return None
@@ -290,7 +297,7 @@ def padding_finding(process):
     )
 
 
-def own_madvise_finding(process):
+def own_madvise_finding(process: dict) -> Finding | None:
     shim = process["shim"] or {}
     einval, failed = shim.get("program_madvise_einval", 0), shim.get("program_madvise_failed", 0)
     if not einval and not failed:
@@ -318,7 +325,7 @@ def own_madvise_finding(process):
     )
 
 
-def huge_pages_finding(process):
+def huge_pages_finding(process: dict) -> Finding | None:
     huge_kib = sum(region.get("anon_huge_kib", 0) for region in process["regions"] if region["mergeable"])
     if huge_kib * 1024 < MIB:
         return None
@@ -334,7 +341,7 @@ def huge_pages_finding(process):
     )
 
 
-def process_findings(process, knobs, programs_seen):
+def process_findings(process: dict, knobs: dict, programs_seen: set[str]) -> list[Finding]:
     """The process's findings, and its program file's unless `programs_seen` has it already."""
     found = [
         unmarked_finding(process),
@@ -359,7 +366,7 @@ def _ksm_merged_pages(report):
     return sum(process.ksm_merging_pages or 0 for process in report.processes.values())
 
 
-def no_duplicates_finding(report):
+def no_duplicates_finding(report: PotentialReport) -> Finding | None:
     """Little to gain and nothing merged by KSM (pages shared since a fork count as merged and
     are duplicates in the potential, so what is left to gain is what counts)."""
     totals = report.totals
@@ -391,7 +398,7 @@ def _labels_by_range(processes):
     return {(region["start"], region["end"]): region["label"] for p in processes for region in p["regions"]}
 
 
-def unmerged_duplicates_finding(report, processes):
+def unmerged_duplicates_finding(report: PotentialReport, processes: list[dict]) -> Finding | None:
     if report.merged_pages is None:
         return None
     unmerged = (report.potential_pages - report.merged_pages) * report.page_size
@@ -432,7 +439,7 @@ def unmerged_duplicates_finding(report, processes):
     )
 
 
-def potential_summary(pids, processes, notes):
+def potential_summary(pids: list[int], processes: list[dict], notes: list[str]) -> tuple[list[Finding], dict | None]:
     """(findings, summary) from the duplicate potential of `pids`; a note when it cannot be read."""
     from .potential import potential  # the compiled helper: imported when needed, not with the CLI
 
@@ -454,7 +461,7 @@ def potential_summary(pids, processes, notes):
 # ---- all together ---------------------------------------------------------------------------
 
 
-def diagnose(pids=(), program=None):
+def diagnose(pids: Sequence[int] = (), program: str | None = None) -> dict:
     """Findings for the system, the processes `pids` and the file `program` (for `doctor --`).
     A process that has ended is left out; NeedsRoot for another user's."""
     kernel.require_ksm()

@@ -1,8 +1,11 @@
 """The one place where an error becomes what the user sees: '<program>: <what is wrong>' on
 stderr, one line, and its exit code (run_cli, used by both console scripts)."""
 
+from __future__ import annotations
+
 import signal
 import sys
+from typing import NoReturn
 
 import click
 
@@ -27,7 +30,7 @@ def _terminate(signal_number, frame):
     raise Terminated(signal_number)
 
 
-def run_cli(command, prog_name):
+def run_cli(command: click.Command, prog_name: str) -> NoReturn:
     """Run a click command; any error becomes '<prog_name>: <what is wrong>' and its exit code.
     SIGTERM and SIGHUP unwind the stack as Ctrl-C does, then exit 128 + the signal."""
     for ending in ENDING_SIGNALS:

@@ -1,6 +1,8 @@
 """The console scripts. The CLI's imports (click, rich, psutil) take a moment: a Ctrl-C in it
 ends quietly with 130, as one while the command runs does (errors.run_cli)."""
 
+from __future__ import annotations
+
 import importlib
 import sys
 
@@ -27,9 +29,9 @@ def _run(module):
     main()
 
 
-def ksmpreload():
+def ksmpreload() -> None:
     _run("ksmpreload.cli")
 
 
-def ksm_wrap():
+def ksm_wrap() -> None:
     _run("ksmpreload.wrap")

@@ -3,11 +3,14 @@
 Nothing else in ksmpreload opens /sys/kernel/mm/ksm or /proc/<pid>/ksm_stat directly.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import platform
 import re
 from collections import namedtuple
+from collections.abc import Callable, Iterable
 
 from .errors import KsmError, NeedsRoot, NoSuchProcess
 
@@ -43,20 +46,20 @@ KERNEL_FEATURES = (
 # ---- the running kernel ---------------------------------------------------------------------
 
 
-def ksm_available():
+def ksm_available() -> bool:
     return os.path.isdir(KSM_DIR)
 
 
-def require_ksm():
+def require_ksm() -> None:
     if not ksm_available():
         raise KsmError(f"this kernel has no KSM ({KSM_DIR} is missing: built without CONFIG_KSM)")
 
 
-def page_size():
+def page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def kernel_version(release=None):
+def kernel_version(release: str | None = None) -> tuple[int, int]:
     """(major, minor) of `release` (default: the running kernel), e.g. '6.18.44-fc' -> (6, 18)."""
     release = release or platform.release()
     match = re.match(r"(\d+)\.(\d+)", release)
@@ -65,18 +68,18 @@ def kernel_version(release=None):
     return int(match.group(1)), int(match.group(2))
 
 
-def kernel_features(version=None):
+def kernel_features(version: tuple[int, int] | None = None) -> dict[str, bool]:
     """{feature name: present} for `version` (default: the running kernel), from KERNEL_FEATURES."""
     version = version or kernel_version()
     return {feature.name: version >= feature.since for feature in KERNEL_FEATURES}
 
 
-def prctl_merge_supported(version=None):
+def prctl_merge_supported(version: tuple[int, int] | None = None) -> bool:
     """prctl(PR_SET_MEMORY_MERGE) exists (Linux 6.4+)."""
     return kernel_features(version)["prctl_merge"]
 
 
-def mem_total_bytes():
+def mem_total_bytes() -> int:
     with open(os.path.join(PROC_DIR, "meminfo")) as f:
         for line in f:
             if line.startswith("MemTotal:"):
@@ -84,7 +87,7 @@ def mem_total_bytes():
     raise KsmError("no MemTotal line in /proc/meminfo")
 
 
-def vmstat():
+def vmstat() -> dict[str, int]:
     """/proc/vmstat as {name: count} (cow_ksm: copy-on-write faults on KSM pages, 6.4+)."""
     with open(os.path.join(PROC_DIR, "vmstat")) as f:
         return {name: int(count) for name, count in (line.split() for line in f if len(line.split()) == 2)}
@@ -95,7 +98,7 @@ def vmstat():
 INTEGER = re.compile(r"-?[0-9]{1,20}")  # what the kernel prints for a 64-bit number
 
 
-def parse_value(text):
+def parse_value(text: str) -> int | bool | str:
     """One value from sysfs or procfs: '[a] b' -> 'a' (the selected choice), '-12' -> -12,
     'yes'/'no' -> True/False; any other text (a number too long for 64 bits too) is kept as
     a string."""
@@ -111,11 +114,11 @@ def parse_value(text):
 # ---- /sys/kernel/mm/ksm ---------------------------------------------------------------------
 
 
-def knob_path(name, ksm_dir=None):
+def knob_path(name: str, ksm_dir: str | None = None) -> str:
     return os.path.join(ksm_dir or KSM_DIR, name)
 
 
-def read_knob(name, ksm_dir=None):
+def read_knob(name: str, ksm_dir: str | None = None) -> int | bool | str | None:
     """The parsed value of one file under /sys/kernel/mm/ksm, or None if this kernel lacks it."""
     try:
         with open(knob_path(name, ksm_dir)) as f:
@@ -124,13 +127,13 @@ def read_knob(name, ksm_dir=None):
         return None
 
 
-def read_knobs(ksm_dir=None):
+def read_knobs(ksm_dir: str | None = None) -> dict:
     """Every file under /sys/kernel/mm/ksm: ints as int, advisor_mode as the selected word."""
     ksm_dir = ksm_dir or KSM_DIR
     return {name: read_knob(name, ksm_dir) for name in sorted(os.listdir(ksm_dir))}
 
 
-def write_knob(name, value):
+def write_knob(name: str, value: int | str) -> int | bool | str:
     """Write one KSM knob and return its previous value. Raises NeedsRoot, or KsmError with
     the reason in one line when the kernel refuses."""
     if os.geteuid() != 0:
@@ -147,7 +150,7 @@ def write_knob(name, value):
     return previous
 
 
-def explain_write_error(name, value, error):
+def explain_write_error(name: str, value: int | str, error: OSError) -> str:
     """One line saying why the kernel refused `value` for knob `name`, and the fix if known."""
     advisor = read_knob("advisor_mode")
     if error.errno == errno.EINVAL and name == "pages_to_scan" and advisor not in (None, "none"):
@@ -162,17 +165,17 @@ def explain_write_error(name, value, error):
     return f"cannot write {value} to {knob_path(name)}: {error.strerror}"
 
 
-def pages_saved(knobs):
+def pages_saved(knobs: dict) -> int:
     """Pages KSM saves: pages_sharing + ksm_zero_pages (the latter exists from Linux 6.6)."""
     return knobs.get("pages_sharing", 0) + knobs.get("ksm_zero_pages", 0)
 
 
-def full_scan_seconds(mem_total_bytes, pages_to_scan, sleep_ms):
+def full_scan_seconds(mem_total_bytes: int, pages_to_scan: int, sleep_ms: int) -> float:
     """Seconds ksmd needs for one pass over `mem_total_bytes` of memory, ignoring scan time."""
     return mem_total_bytes / page_size() / pages_to_scan * sleep_ms / 1000
 
 
-def suggested_pages_to_scan(mem_total_bytes, sleep_ms=20):
+def suggested_pages_to_scan(mem_total_bytes: int, sleep_ms: int = 20) -> int:
     """A pages_to_scan with which one full scan of all RAM takes about a minute.
 
     ksmd wakes every `sleep_ms` ms and scans `pages_to_scan` pages, so a pass over R pages
@@ -201,7 +204,7 @@ KSM_STAT_TYPES = {
 }
 
 
-def parse_ksm_stat(text):
+def parse_ksm_stat(text: str) -> dict:
     """/proc/<pid>/ksm_stat as a dict. Takes 'key value' lines and, from about 6.14,
     'key: yes|no' lines; numbers become int, yes/no bool; unknown fields are kept. A line
     that is not 'key value', or gives a known field (KSM_STAT_TYPES) a value of another
@@ -217,7 +220,7 @@ def parse_ksm_stat(text):
     return fields
 
 
-def read_proc(pid, name):
+def read_proc(pid: int, name: str) -> str | None:
     """Text of /proc/<pid>/<name>, or None if the process (or the file) is gone.
     PermissionError passes through: the caller decides what an unreadable process means."""
     try:
@@ -227,7 +230,7 @@ def read_proc(pid, name):
         return None
 
 
-def process_maps_text(pid):
+def process_maps_text(pid: int) -> str | None:
     """/proc/<pid>/maps as text (paths with their bytes kept, surrogateescape), or None when it
     cannot be read."""
     try:
@@ -237,7 +240,7 @@ def process_maps_text(pid):
         return None
 
 
-def transparent_huge_pages_mode():
+def transparent_huge_pages_mode() -> str:
     """The chosen transparent huge page mode (always, madvise, never), or "" when unknown."""
     try:
         with open(THP_ENABLED) as f:
@@ -247,27 +250,27 @@ def transparent_huge_pages_mode():
     return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
 
 
-def executable_path(pid):
+def executable_path(pid: int) -> str:
     return os.path.join(PROC_DIR, str(pid), "exe")
 
 
-def process_exists(pid):
+def process_exists(pid: int) -> bool:
     return os.path.exists(os.path.join(PROC_DIR, str(pid)))
 
 
-def require_processes(pids):
+def require_processes(pids: Iterable[int]) -> None:
     """NoSuchProcess naming those of `pids` (which the user named) that do not exist."""
     gone = [pid for pid in pids if not process_exists(pid)]
     if gone:
         raise NoSuchProcess(gone)
 
 
-def needs_root(error):
+def needs_root(error: PermissionError) -> NeedsRoot:
     """NeedsRoot for a PermissionError on a /proc/<pid> file (another user's process)."""
     return NeedsRoot(f"reading {error.filename} of another user's process")
 
 
-def open_process_file(pid, name):
+def open_process_file(pid: int, name: str) -> int | None:
     """A read-only fd of /proc/<pid>/<name>, or None if the process is gone; NeedsRoot for
     another user's process."""
     try:
@@ -278,7 +281,7 @@ def open_process_file(pid, name):
         raise needs_root(error) from None
 
 
-def open_page_flags_file(path):
+def open_page_flags_file(path: str) -> int:
     """A read-only fd of /proc/kpageflags or /proc/kpagecount, which only root may read."""
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -288,21 +291,21 @@ def open_page_flags_file(path):
         raise KsmError(f"{path} is missing (kernel built without CONFIG_PROC_PAGE_MONITOR)") from None
 
 
-def process_ksm_stat(pid):
+def process_ksm_stat(pid: int) -> dict | None:
     """Parsed /proc/<pid>/ksm_stat, or None when the process is gone or the file missing.
     A kernel thread or zombie has an empty file: {}."""
     text = read_proc(pid, "ksm_stat")
     return None if text is None else parse_ksm_stat(text)
 
 
-def uses_ksm(stat):
+def uses_ksm(stat: dict) -> bool:
     """Whether a parsed ksm_stat shows the process involved with KSM in any way."""
     counters = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages")
     flags = ("ksm_merge_any", "ksm_mergeable")
     return any(stat.get(name, 0) > 0 for name in counters) or any(stat.get(f) for f in flags)
 
 
-def short_cmdline(raw, comm, limit=80):
+def short_cmdline(raw: str, comm: str, limit: int = 80) -> str:
     """A NUL-separated /proc/<pid>/cmdline as one line of at most `limit` characters, the
     program without its directory ('/usr/bin/redis-server x' -> 'redis-server x')."""
     args = raw.rstrip("\0").split("\0")
@@ -311,11 +314,11 @@ def short_cmdline(raw, comm, limit=80):
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def pids():
+def pids() -> list[int]:
     return sorted(int(entry) for entry in os.listdir(PROC_DIR) if entry.isascii() and entry.isdigit())
 
 
-def ksm_process(pid):
+def ksm_process(pid: int) -> dict | None:
     """{pid, comm, cmdline, ksm_stat fields...} if `pid` uses KSM; None if it does not or has
     vanished meanwhile. PermissionError when it cannot be read (another user's process)."""
     stat = process_ksm_stat(pid)
@@ -328,7 +331,7 @@ def ksm_process(pid):
     return {"pid": pid, "comm": comm, "cmdline": short_cmdline(cmdline, comm), **stat}
 
 
-def ksm_processes_and_unreadable():
+def ksm_processes_and_unreadable() -> tuple[list[dict], int]:
     """(every process whose ksm_stat shows KSM involvement, by pid; how many processes could
     not be read: other users', without root)."""
     found, unreadable = [], 0
@@ -343,12 +346,12 @@ def ksm_processes_and_unreadable():
     return found, unreadable
 
 
-def ksm_processes():
+def ksm_processes() -> list[dict]:
     """Every process whose ksm_stat shows KSM involvement that can be read, by pid."""
     return ksm_processes_and_unreadable()[0]
 
 
-def unreadable_notes(count):
+def unreadable_notes(count: int) -> list[str]:
     """What a command notes about `count` processes it could not read ([] for none)."""
     return (
         [f"{count} other users' processes were not read: reading their /proc/PID/ksm_stat needs root"] if count else []
@@ -384,7 +387,7 @@ def _add_smaps_line(region, line):
     return region
 
 
-def parse_smaps(text):
+def parse_smaps(text: str) -> list[dict]:
     """One dict per VMA of a /proc/<pid>/smaps text: start, end, perms, path ('' for anonymous),
     every 'Name: N kB' field in KiB under its name, and mergeable (VmFlags has 'mg').
     Other lines are skipped, and so are those after a header that could not be read."""
@@ -399,18 +402,18 @@ def parse_smaps(text):
     return regions
 
 
-def process_regions(pid):
+def process_regions(pid: int) -> list[dict] | None:
     """parse_smaps of a live process, or None when it is gone."""
     text = read_proc(pid, "smaps")
     return None if text is None else parse_smaps(text)
 
 
-def is_anonymous_vma(region):
+def is_anonymous_vma(region: dict) -> bool:
     """No file behind it: what allocators map (the brk heap included), not a library's data."""
     return region["path"] in ("", "[heap]")
 
 
-def mergeable_coverage(regions):
+def mergeable_coverage(regions: Iterable[dict]) -> tuple[int, int]:
     """(KiB in anonymous VMAs flagged mergeable, KiB in the other anonymous VMAs)."""
     anonymous = [r for r in regions if is_anonymous_vma(r)]
     marked = sum(r.get("Anonymous", 0) for r in anonymous if r["mergeable"])
@@ -433,11 +436,11 @@ KPF_ZERO_PAGE = 24  # kpageflags bit: the zero page (or the huge zero page)
 SPECIAL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 
 
-def pagemap_path(pid):
+def pagemap_path(pid: int) -> str:
     return os.path.join(PROC_DIR, str(pid), "pagemap")
 
 
-def process_maps(pid):
+def process_maps(pid: int) -> list[dict] | None:
     """The VMAs of /proc/<pid>/maps (start, end, perms, path), or None when the process is gone.
     maps lines are smaps' header lines, so parse_smaps reads them (no page-table walk)."""
     text = read_proc(pid, "maps")
@@ -448,14 +451,19 @@ def process_maps(pid):
     )
 
 
-def can_hold_ksm_pages(region):
+def can_hold_ksm_pages(region: dict) -> bool:
     """KSM merges anonymous pages of private VMAs only: private anonymous memory and the
     copied-on-write pages of private file mappings (a library's .data, relro). Shared
     mappings and the kernel's own ones never hold KSM pages."""
     return region["perms"][3] == "p" and region["path"] not in SPECIAL_MAPPINGS
 
 
-def walk_ksm_regions(pid, visit, with_mem=False, after_maps=None):
+def walk_ksm_regions(
+    pid: int,
+    visit: Callable[[dict, int, int, int, int | None], None],
+    with_mem: bool = False,
+    after_maps: Callable[[], None] | None = None,
+) -> str | None:
     """The one page walker of sharing.py and potential.py: for each VMA of `pid` that can hold
     KSM pages, visit(region, first_page, end_page, pagemap_fd, mem_fd) (mem_fd: /proc/<pid>/mem
     with with_mem, else None); after_maps() once the VMAs are read. Returns the process's comm,

@@ -18,7 +18,10 @@ measure() then reads each process and the set:
 Page frames are read, so this needs root.
 """
 
+from __future__ import annotations
+
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import psutil
@@ -41,7 +44,7 @@ class ProcessMeasurement:
     padding_bytes: int
     net_saved_bytes: int
     shim: bool
-    data_bytes: int = None  # what the workload says it loaded into this process
+    data_bytes: int | None = None  # what the workload says it loaded into this process
 
 
 @dataclass
@@ -55,24 +58,30 @@ class Measurement:
     padding_bytes: int = 0
     net_saved_bytes: int = 0
     rmap_items: int = 0
-    seconds_to_90: float = None
-    settle_seconds: float = None
+    seconds_to_90: float | None = None
+    settle_seconds: float | None = None
     settled: bool = False  # merging settled before the timeout
     mergeable: bool = False  # some of the set's memory is marked mergeable
     samples: list = field(default_factory=list)  # [seconds, merged pages, pages saved]
     per_process: list = field(default_factory=list)  # ProcessMeasurement
-    potential_bytes: int = None
-    nonzero_potential_bytes: int = None
-    zero_bytes: int = None
+    potential_bytes: int | None = None
+    nonzero_potential_bytes: int | None = None
+    zero_bytes: int | None = None
     vanished: list = field(default_factory=list)  # pids given that had ended when measured
 
 
-def mergeable(pids):
+def mergeable(pids: Iterable[int]) -> bool:
     """Some of the processes' memory sits in VMAs marked mergeable (smaps VmFlags mg)."""
     return any(kernel.mergeable_coverage(kernel.process_regions(pid) or [])[0] for pid in pids)
 
 
-def follow(pids, started, timeout, result, on_sample=None):
+def follow(
+    pids: Callable[[], list[int]],
+    started: float,
+    timeout: float,
+    result: Measurement,
+    on_sample: Callable[[int], None] | None = None,
+) -> None:
     """Samples pids() into result.samples (times from `started`, a monotonic time) until the
     merged pages settle or `timeout` seconds from `started` have passed."""
 
@@ -111,13 +120,15 @@ def _settle_through_chain_prunes(sample, started, timeout):
             return time.monotonic() - started < timeout
 
 
-def seconds_to_share(samples, share=0.9):
+def seconds_to_share(samples: list[list[float]], share: float = 0.9) -> float | None:
     """Seconds until the saving first reached `share` of its last value; None if nothing was saved."""
     final = samples[-1][2] if samples else 0
     return next((seconds for seconds, _, saved in samples if final and saved >= share * final), None)
 
 
-def measure(pids, result, data_by_pid=None, with_potential=False):
+def measure(
+    pids: list[int], result: Measurement, data_by_pid: dict[int, int] | None = None, with_potential: bool = False
+) -> Measurement:
     """Fills `result` (a Measurement) with each process of `pids` and the set's totals."""
     savings = saving.savings(pids)
     result.vanished = [pid for pid in pids if pid not in savings]

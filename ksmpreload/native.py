@@ -1,9 +1,15 @@
 """The compiled helper (python/native.c, built by cffi) with Python errors."""
 
+from __future__ import annotations
+
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from ._native import ffi, lib
+
+if TYPE_CHECKING:
+    from cffi import FFI
 
 
 def _check(result):
@@ -12,13 +18,13 @@ def _check(result):
     return result
 
 
-def set_memory_merge(enable=True):
+def set_memory_merge(enable: bool = True) -> None:
     """prctl(PR_SET_MEMORY_MERGE): every compatible mapping of this process (and, on Linux
     6.7+, of what it execs) becomes mergeable. OSError(EINVAL) where the kernel lacks it."""
     _check(lib.ksm_prctl_set_merge(1 if enable else 0))
 
 
-def memory_merge_enabled():
+def memory_merge_enabled() -> bool:
     return bool(_check(lib.ksm_prctl_get_merge()))
 
 
@@ -33,7 +39,7 @@ TOTAL_FIELDS = ("distinct", "mapped", "shared", "within_only", "outside", "lone"
 assert len(PROC_FIELDS) == lib.KSM_PROC_FIELDS and len(TOTAL_FIELDS) == lib.KSM_TOTAL_FIELDS
 
 
-def u64_array(count):
+def u64_array(count: int) -> FFI.CData:
     return ffi.new("uint64_t[]", max(count, 1))
 
 
@@ -55,7 +61,7 @@ class PfnArray:
 
     SPARSE_ONE_IN = 16
 
-    def __init__(self, capacity=1 << 16, scan="auto", with_pages=False):
+    def __init__(self, capacity: int = 1 << 16, scan: str = "auto", with_pages: bool = False) -> None:
         self.data, self.capacity, self.size = u64_array(capacity), capacity, 0
         self.pages = u64_array(capacity) if with_pages else ffi.NULL  # page index of each PFN
         self.scan = scan
@@ -72,7 +78,7 @@ class PfnArray:
             self.pages = _grown(self.pages, self.size, capacity)
         self.capacity = capacity
 
-    def read_pagemap(self, fd, first, end, keep_mask, keep_value, pfn_mask):
+    def read_pagemap(self, fd: int, first: int, end: int, keep_mask: int, keep_value: int, pfn_mask: int) -> None:
         """Append the PFNs of pages [first, end) whose pagemap entry matches: (entry &
         keep_mask) == keep_value, PFN = entry & pfn_mask (ksm_pagemap_read)."""
         page, sparse = first, self.scan == "always"
@@ -97,19 +103,19 @@ class PfnArray:
             page = self._next[0]
 
 
-def sort_pfns(pfns, count):
+def sort_pfns(pfns: FFI.CData, count: int) -> FFI.CData:
     """keys[i] = pfn << 32 | position, ascending by PFN (ksm_sort_pfns)."""
     keys, tmp = u64_array(count), u64_array(count)
     _check(lib.ksm_sort_pfns(pfns, count, keys, tmp))
     return keys
 
 
-def distinct_pfns(keys, count):
+def distinct_pfns(keys: FFI.CData, count: int) -> tuple[FFI.CData, int]:
     out = u64_array(count)
     return out, lib.ksm_distinct_pfns(keys, count, out)
 
 
-def read_pfn_words(fd, pfns, count, max_gap=None):
+def read_pfn_words(fd: int, pfns: FFI.CData, count: int, max_gap: int | None = None) -> FFI.CData:
     """The word of each of `count` ascending distinct PFNs in a file indexed by PFN, reading
     through gaps of at most max_gap (default PFN_READ_GAP) words."""
     max_gap = PFN_READ_GAP if max_gap is None else max_gap
@@ -118,12 +124,14 @@ def read_pfn_words(fd, pfns, count, max_gap=None):
     return out
 
 
-def select_pfns(pfns, words, count, mask):
+def select_pfns(pfns: FFI.CData, words: FFI.CData, count: int, mask: int) -> tuple[FFI.CData, int]:
     out = u64_array(count)
     return out, lib.ksm_select_pfns(pfns, words, count, mask, out)
 
 
-def attribute(keys, count, offsets, ksm_pfns, mapcounts, nksm):
+def attribute(
+    keys: FFI.CData, count: int, offsets: list[int], ksm_pfns: FFI.CData, mapcounts: FFI.CData, nksm: int
+) -> tuple[FFI.CData, list[dict], dict[tuple[int, int], int], dict]:
     """Who maps which KSM page (ksm_attribute). offsets: n + 1 positions bounding each
     process's PFNs. Returns (entry kinds, per-process dicts, {(a, b): pages} by process
     index, totals dict)."""
@@ -159,7 +167,7 @@ def _fair_in_pages(fields):
     return fields
 
 
-def count_kinds(kinds, offsets):
+def count_kinds(kinds: FFI.CData, offsets: list[int]) -> list[tuple[int, int, int]]:
     """Per range [offsets[r], offsets[r+1]): (KSM pages, shared with another process of the
     set, shared within the process only)."""
     ranges = len(offsets) - 1
@@ -193,7 +201,7 @@ CONTENT_FIELDS = (
 assert len(KIND_FIELDS) == lib.KSM_KIND_BITS and len(CONTENT_FIELDS) == lib.KSM_CONTENT_FIELDS
 
 
-def hash_page(data):
+def hash_page(data: bytes | bytearray | memoryview) -> int:
     """ksm_hash_page of a bytes-like page: XXH64 (seed 0), 0 for all zero bytes."""
     return lib.ksm_hash_page(ffi.from_buffer(data), len(data))
 
@@ -203,7 +211,7 @@ class PageHashes:
     hash (hashes) of each, in arrays that grow. Pagemap finds the pages (PfnArray), then
     read_hash reads and hashes them."""
 
-    def __init__(self, scan="auto", chunk_pages=None):
+    def __init__(self, scan: str = "auto", chunk_pages: int | None = None) -> None:
         self.frames = PfnArray(scan=scan, with_pages=True)
         self.hashes = u64_array(self.frames.capacity)
         self.chunk_pages = chunk_pages or READ_CHUNK_PAGES
@@ -212,20 +220,20 @@ class PageHashes:
         self.seconds = ffi.new("double[2]")  # reading, hashing
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self.frames.size
 
-    def truncate(self, size):
+    def truncate(self, size: int) -> None:
         self.frames.size = size
 
-    def read_pagemap(self, fd, first, end, keep_mask, keep_value, pfn_mask):
+    def read_pagemap(self, fd: int, first: int, end: int, keep_mask: int, keep_value: int, pfn_mask: int) -> None:
         """Append the pages [first, end) that pagemap shows as wanted (PfnArray.read_pagemap)."""
         start = self.frames.size
         self.frames.read_pagemap(fd, first, end, keep_mask, keep_value, pfn_mask)
         if len(self.hashes) < self.frames.capacity:
             self.hashes = _grown(self.hashes, start, self.frames.capacity)
 
-    def read_hash(self, mem_fd, start):
+    def read_hash(self, mem_fd: int, start: int) -> None:
         """Read and hash the pages from position `start` on (ksm_read_hash_pages); those that
         cannot be read are dropped. ProcessLookupError when the process is gone."""
         frames = self.frames
@@ -246,14 +254,16 @@ class PageHashes:
         frames.size = start + kept
 
 
-def sort_hashes(hashes, count):
+def sort_hashes(hashes: FFI.CData, count: int) -> FFI.CData:
     """keys[i] = top 32 bits of hashes[i] << 32 | i, sorted by those bits (ksm_sort_hashes)."""
     keys, tmp = u64_array(count), u64_array(count)
     _check(lib.ksm_sort_hashes(hashes, count, keys, tmp))
     return keys
 
 
-def group_contents(keys, count, hashes, offsets):
+def group_contents(
+    keys: FFI.CData, count: int, hashes: FFI.CData, offsets: list[int]
+) -> tuple[FFI.CData, dict[str, int]]:
     """Pages grouped by content (ksm_group_contents). offsets: n + 1 positions bounding each
     process's pages. Returns (kinds: a bit per KIND_FIELDS per page, CONTENT_FIELDS totals)."""
     kinds = ffi.new("uint8_t[]", max(count, 1))
@@ -262,13 +272,13 @@ def group_contents(keys, count, hashes, offsets):
     return kinds, dict(zip(CONTENT_FIELDS, totals[0 : len(CONTENT_FIELDS)]))
 
 
-def mark_frames(keys, count, flags, ksm_mask, zero_mask, kinds):
+def mark_frames(keys: FFI.CData, count: int, flags: FFI.CData, ksm_mask: int, zero_mask: int, kinds: FFI.CData) -> None:
     """Add to kinds what backs each page (ksm_mark_frames): keys from sort_pfns, flags the
     kpageflags word of each distinct PFN."""
     lib.ksm_mark_frames(keys, count, flags, ksm_mask, zero_mask, kinds)
 
 
-def count_kind_bits(kinds, offsets):
+def count_kind_bits(kinds: FFI.CData, offsets: list[int]) -> list[dict[str, int]]:
     """Per range [offsets[r], offsets[r+1]): {KIND_FIELDS name: pages with that bit}."""
     ranges, width = len(offsets) - 1, len(KIND_FIELDS)
     out = u64_array(ranges * width)

@@ -47,7 +47,10 @@ read once (about 2.5 GiB/s on 2 vCPUs: docs/BENCHMARKS.md, "Duplicate potential 
 and the arrays take about 60 bytes per page at their peak.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -105,25 +108,25 @@ class PotentialReport:
     merged_pages: Optional[int]  # None without PFNs (not root)
 
     @property
-    def potential_pages(self):
+    def potential_pages(self) -> int:
         return self.potential_pages_use_zero_pages if self.use_zero_pages else self.potential_pages_no_zero_pages
 
     @property
-    def potential_mib(self):
+    def potential_mib(self) -> float:
         return self.potential_pages * self.page_size / MIB
 
     @property
-    def merged_mib(self):
+    def merged_mib(self) -> float | None:
         return None if self.merged_pages is None else self.merged_pages * self.page_size / MIB
 
     @property
-    def efficiency(self):
+    def efficiency(self) -> float | None:
         """merged_pages / potential_pages; None when unknown or nothing could merge."""
         if self.merged_pages is None or not self.potential_pages:
             return None
         return self.merged_pages / self.potential_pages
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         fields = {
             name: getattr(self, name)
             for name in (
@@ -202,7 +205,12 @@ def _fill_counts(targets, offsets, kinds, frames_known):
             setattr(target, name, value if frames_known or name not in FRAME_FIELDS else None)
 
 
-def potential(pids, timings=None, pagemap_scan="auto", chunk_pages=None):
+def potential(
+    pids: Iterable[int],
+    timings: dict[str, float] | None = None,
+    pagemap_scan: str = "auto",
+    chunk_pages: int | None = None,
+) -> PotentialReport:
     """A PotentialReport of how much of the processes `pids` could merge and has (see the
     module docstring). A dict `timings` gets the seconds of each step (maps, pagemap, read,
     hash, ksm_stat, sort, group, frames, count); pagemap_scan as for sharing.sharing; chunk_pages:

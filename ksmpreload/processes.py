@@ -2,12 +2,16 @@
 ksm-wrap's command line, a process and its descendants, their merged pages and resident
 memory, stopping them, and worker processes that say when their data is ready."""
 
+from __future__ import annotations
+
 import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 import psutil
 
@@ -15,14 +19,14 @@ from . import kernel
 from .errors import KsmError
 
 
-def ksm_wrap_command():
+def ksm_wrap_command() -> list[str]:
     """How to run ksm-wrap from Python: the installed script beside this interpreter, else
     `python -m` (which, run from a source checkout, would import the unbuilt package there)."""
     script = os.path.join(os.path.dirname(sys.executable), "ksm-wrap")
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "ksmpreload.wrap"]
 
 
-def process_tree(pid):
+def process_tree(pid: int) -> list[int]:
     """pid and its descendants; [] when it is gone."""
     try:
         parent = psutil.Process(pid)
@@ -31,18 +35,18 @@ def process_tree(pid):
         return []
 
 
-def merged_pages(pids):
+def merged_pages(pids: Iterable[int]) -> int:
     return sum((kernel.process_ksm_stat(pid) or {}).get("ksm_merging_pages", 0) for pid in pids)
 
 
-def resident_bytes(pid):
+def resident_bytes(pid: int) -> int:
     try:
         return psutil.Process(pid).memory_info().rss
     except psutil.NoSuchProcess:
         return 0
 
 
-def stop_tree(proc):
+def stop_tree(proc: subprocess.Popen) -> None:
     """SIGTERM to the process and its descendants, the youngest first; SIGKILL after 15 s."""
     for pid in reversed(process_tree(proc.pid)):
         try:
@@ -56,7 +60,7 @@ def stop_tree(proc):
         proc.wait()
 
 
-def stop_parent_first(proc, grace=15):
+def stop_parent_first(proc: subprocess.Popen, grace: float = 15) -> None:
     """SIGTERM to the process alone, for a parent that stops its own children (a prefork master,
     stress-ng: a child killed on its own would be replaced by a new one that outlives the run);
     after `grace` seconds SIGKILL to the tree, the parent first."""
@@ -77,7 +81,7 @@ def stop_parent_first(proc, grace=15):
 PR_SET_PDEATHSIG = 1
 
 
-def end_with_parent():
+def end_with_parent() -> None:
     """SIGTERM to this process when the one that started it ends (prctl PR_SET_PDEATHSIG), so
     that a killed `ksmpreload compare` leaves no workload behind."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -87,7 +91,7 @@ def end_with_parent():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def start_workers(commands):
+def start_workers(commands: Iterable[list[str]]) -> list[subprocess.Popen[str]]:
     """Starts every command, then waits for each one's JSON line (kept as `proc.report`): the
     workers hold their data until their stdin closes. Stopped (SIGTERM) if anything goes wrong
     meanwhile, Ctrl-C included."""
@@ -107,7 +111,7 @@ def start_workers(commands):
     return workers
 
 
-def stop_workers(workers, terminate=False):
+def stop_workers(workers: list[subprocess.Popen], terminate: bool = False) -> None:
     """Close their stdin (they end once they read its end), or SIGTERM them; reap them."""
     for proc in workers:
         if proc.stdin and not proc.stdin.closed:
@@ -122,7 +126,7 @@ def stop_workers(workers, terminate=False):
             proc.wait()
 
 
-def spawn(command, **options):
+def spawn(command: list[str], **options: Any) -> subprocess.Popen:
     """subprocess.Popen(command), with a program that cannot be run as a KsmError."""
     try:
         return subprocess.Popen(command, **options)

@@ -1,12 +1,16 @@
 """Output shared by the commands: one renderer per format (JSON; text and tables with rich)."""
 
+from __future__ import annotations
+
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn, TextIO
 
 import click
 from rich.columns import Columns
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -17,12 +21,12 @@ TEXT_COLUMN_WIDTH = 40  # text cells longer than this are cut with '…'
 PIPE_WIDTH = 160  # columns when stdout is not a terminal (rich would use 80) and no $COLUMNS
 
 
-def print_json(obj, compact=False):
+def print_json(obj: object, compact: bool = False) -> None:
     """`obj` as JSON on stdout: indented, or on one line (for one object per line streams)."""
     click.echo(json.dumps(obj, indent=None if compact else 2))
 
 
-def console():
+def console() -> Console:
     """A rich console on the current stdout, wide enough for a table row per line in a pipe."""
     result = Console(highlight=False)
     if not result.is_terminal and "COLUMNS" not in os.environ:
@@ -30,11 +34,11 @@ def console():
     return result
 
 
-def print_rich(renderable):
+def print_rich(renderable: RenderableType) -> None:
     console().print(renderable, crop=False)  # a note longer than the width stays whole (note_lines)
 
 
-def human_bytes(count):
+def human_bytes(count: int) -> str:
     """1536 -> '1.5 KiB'; negative counts keep their sign."""
     size = float(abs(count))
     for unit in UNITS:
@@ -45,12 +49,12 @@ def human_bytes(count):
     return f"{sign}{int(size)} B" if unit == "B" else f"{sign}{size:.1f} {unit}"
 
 
-def note_lines(notes):
+def note_lines(notes: Iterable[str]) -> list[Text]:
     """'note: ...' lines, one per note, to follow a command's output."""
     return [Text(f"note: {note}", no_wrap=True, overflow="ignore") for note in notes]  # one line each, for grep
 
 
-def refresh_live(make_view, seconds):
+def refresh_live(make_view: Callable[[], RenderableType], seconds: float) -> NoReturn:
     """The one live loop of status and top: make_view() redrawn in place every `seconds`
     until Ctrl-C (which the caller or the edge handles)."""
     from rich.live import Live
@@ -61,17 +65,17 @@ def refresh_live(make_view, seconds):
             live.update(make_view(), refresh=True)
 
 
-def key_value_lines(pairs):
+def key_value_lines(pairs: Iterable[tuple[str, object]]) -> Text:
     """'name: value' lines, one per pair, as the kernel documentation lists KSM counters."""
     return Text("\n".join(f"{name}: {value}" for name, value in pairs))
 
 
-def key_value_columns(pairs):
+def key_value_columns(pairs: Iterable[tuple[str, object]]) -> Columns:
     """The same 'name: value' items laid out in columns, to fit a terminal's height."""
     return Columns([Text(f"{name}: {value}") for name, value in pairs], column_first=True, padding=(0, 3))
 
 
-def table(columns, rows, title=None):
+def table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[object]], title: str | None = None) -> Table:
     """A rich table, one line per row. `columns` are (header, justify) pairs; cells are
     shown as plain text. Left-justified (text) cells longer than TEXT_COLUMN_WIDTH, or too
     long for the terminal, are cut with '…'; numbers are never cut, headers wrap."""
@@ -87,7 +91,9 @@ def table(columns, rows, title=None):
     return result
 
 
-def markdown_table(columns, rows, title=None):
+def markdown_table(
+    columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[object]], title: str | None = None
+) -> str:
     """The same table as GitHub-flavoured Markdown: a '### title' line, then a pipe table."""
     align = {"left": ":---", "right": "---:", "center": ":---:"}
     lines = [f"### {title}", ""] if title else []
@@ -97,7 +103,7 @@ def markdown_table(columns, rows, title=None):
     return "\n".join(lines)
 
 
-def check_output_path(ctx, param, path):
+def check_output_path(ctx: click.Context, param: click.Parameter, path: str | None) -> str | None:
     """A click callback for an output file option: the file can be created where it is named,
     before a long run starts (a file named in a missing or read-only directory fails now)."""
     if path is None:
@@ -112,7 +118,7 @@ def check_output_path(ctx, param, path):
     return path
 
 
-def write_output(path, write):
+def write_output(path: str, write: Callable[[TextIO], object]) -> None:
     """write(file) into `path`; a failure (a full disk) as one line naming the file."""
     try:
         with open(path, "w") as f:
@@ -121,7 +127,14 @@ def write_output(path, write):
         raise KsmError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def plot_lines(path, series, title, xlabel, ylabel, styles=None):
+def plot_lines(
+    path: str,
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    styles: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """A PNG at `path` with one line per entry of `series` ({label: [(x, y), ...]}), drawn
     with styles[label] (matplotlib keywords such as color, linestyle) where given."""
     import matplotlib

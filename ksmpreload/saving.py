@@ -21,6 +21,9 @@ machine's figure. The machine's figure is ksmd's: with run 0 it stays as of its 
 processes that have ended included (docs/SAVINGS.md).
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import kernel, shimstats
@@ -37,19 +40,19 @@ class Saving:
     shim: bool = False  # the shim's counters file was found
 
     @property
-    def saved_bytes(self):
+    def saved_bytes(self) -> int:
         return round(self.saved_pages * kernel.page_size())
 
     @property
-    def net_saved_bytes(self):
+    def net_saved_bytes(self) -> int:
         return net_saved_bytes(self.saved_bytes, self.padding_bytes, self.rmap_items)
 
 
-def net_saved_bytes(saved_bytes, padding_bytes, rmap_items):
+def net_saved_bytes(saved_bytes: int, padding_bytes: int, rmap_items: int) -> int:
     return saved_bytes - padding_bytes - rmap_items * kernel.RMAP_ITEM_BYTES
 
 
-def savings(pids):
+def savings(pids: Iterable[int]) -> dict[int, Saving]:
     """{pid: Saving} of the processes still there (root: page frame numbers)."""
     from .sharing import sharing  # the compiled helper: imported when needed, not with the CLI
 
@@ -71,13 +74,13 @@ def savings(pids):
     return result
 
 
-def estimated_saved_pages(stat, knobs):
+def estimated_saved_pages(stat: dict, knobs: dict) -> float:
     """A process's saving from its ksm_stat and the machine's counters, without page frames."""
     sharing, shared = knobs.get("pages_sharing") or 0, knobs.get("pages_shared") or 0
     per_mapping = sharing / (sharing + shared) if sharing + shared else 0.0
     return stat.get("ksm_merging_pages", 0) * per_mapping + stat.get("ksm_zero_pages", 0)
 
 
-def saved_pages(pids):
+def saved_pages(pids: Iterable[int]) -> float:
     """The set's saving in pages: the sum of its members' fair shares."""
     return sum(saving.saved_pages for saving in savings(pids).values())

@@ -1,8 +1,11 @@
 """Running KSM for a measurement: a fast scan rate for a while, every knob put back after,
 and waiting for ksmd to pass over memory a given number of times."""
 
+from __future__ import annotations
+
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 
 from . import kernel
 from .errors import KsmError
@@ -13,7 +16,7 @@ SAVED_KNOBS = ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan
 
 
 @contextlib.contextmanager
-def fast_scanning(pages_to_scan=FAST_PAGES_TO_SCAN, sleep_ms=FAST_SLEEP_MS):
+def fast_scanning(pages_to_scan: int = FAST_PAGES_TO_SCAN, sleep_ms: int = FAST_SLEEP_MS) -> Iterator[None]:
     """KSM on at a fast rate, smart_scan off, inside the block; SAVED_KNOBS (and advisor_mode,
     which must be none to set the rate) are restored after, whatever the block changed."""
     kernel.require_ksm()
@@ -38,11 +41,13 @@ def fast_scanning(pages_to_scan=FAST_PAGES_TO_SCAN, sleep_ms=FAST_SLEEP_MS):
             kernel.write_knob("advisor_mode", advisor)
 
 
-def full_scans():
+def full_scans() -> int:
     return kernel.read_knob("full_scans")
 
 
-def wait_full_scans(count, timeout=120.0, on_progress=None, poll=0.1):
+def wait_full_scans(
+    count: int, timeout: float = 120.0, on_progress: Callable[[int, int], None] | None = None, poll: float = 0.1
+) -> None:
     """Wait until ksmd has finished `count` more full scans; on_progress(done, count) each poll."""
     start = full_scans()
     deadline = time.monotonic() + timeout
@@ -64,7 +69,14 @@ def wait_full_scans(count, timeout=120.0, on_progress=None, poll=0.1):
 SETTLE_SCANS = 9
 
 
-def wait_until_settled(merged_now, min_scans=3, steady_scans=SETTLE_SCANS, timeout=120.0, on_progress=None, poll=0.2):
+def wait_until_settled(
+    merged_now: Callable[[], int],
+    min_scans: int = 3,
+    steady_scans: int = SETTLE_SCANS,
+    timeout: float = 120.0,
+    on_progress: Callable[[int], None] | None = None,
+    poll: float = 0.2,
+) -> int | None:
     """Wait until merging settles: at least `min_scans` full scans have passed and
     `merged_now()` has not changed for `steady_scans` full scans (or `timeout` passed).
     Pages need two scans with the same checksum before they merge, and smart_scan skips
@@ -85,7 +97,7 @@ def wait_until_settled(merged_now, min_scans=3, steady_scans=SETTLE_SCANS, timeo
     return last
 
 
-def ignoring_flutter(read, pages=64, fraction=0.005):
+def ignoring_flutter(read: Callable[[], int], pages: int = 64, fraction: float = 0.005) -> Callable[[], int]:
     """read(), except that a change of at most `pages` or `fraction` of the value last returned
     returns that value again: a few pages that a program's threads keep writing (memcached's
     clock and counters) merge and break again every scan, and the sum would never settle."""

@@ -25,7 +25,10 @@ between two reads are counted as they were when read. KSM zero pages (use_zero_p
 the zero page, which is no KSM page: they are not counted here (ksm_stat has ksm_zero_pages).
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from . import kernel, native
@@ -74,16 +77,16 @@ class SharingReport:
     missing: list  # pids that were gone
     page_size: int
 
-    def shared(self, pid_a, pid_b):
+    def shared(self, pid_a: int, pid_b: int) -> int:
         """Distinct KSM pages both processes map."""
         return self.pairs.get((pid_a, pid_b), self.pairs.get((pid_b, pid_a), 0))
 
     @property
-    def within_process(self):
+    def within_process(self) -> dict[int, int]:
         """pid -> distinct KSM pages shared only within that process."""
         return {pid: process.within_only for pid, process in self.processes.items()}
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {
             "page_size": self.page_size,
             "processes": [asdict(process) for process in self.processes.values()],
@@ -109,7 +112,7 @@ def _read_process(pid, pfns, region_offsets):
     return None if comm is None else ProcessSharing(pid=pid, comm=comm, regions=found)
 
 
-def sharing(pids, timings=None, pagemap_scan="auto"):
+def sharing(pids: Iterable[int], timings: dict[str, float] | None = None, pagemap_scan: str = "auto") -> SharingReport:
     """A SharingReport of the KSM pages the processes `pids` map (see the module docstring).
     A dict `timings` gets the seconds of each step; pagemap_scan ("auto", "never", "always")
     says when to read pagemap only where PAGEMAP_SCAN finds present pages (native.PfnArray).

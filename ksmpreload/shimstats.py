@@ -6,6 +6,8 @@ the magic "KSMPRLD1", a u64 slot count, the u64 slots, the slot names, NUL-separ
 A file is current only while its process still maps it; others are left-overs.
 """
 
+from __future__ import annotations
+
 import os
 import re
 import struct
@@ -30,13 +32,13 @@ SETTLE_SECONDS = 2  # a file younger than this may belong to a process about to 
 STRATEGIES = {1: "prctl", 2: "madvise", 3: "observe"}
 
 
-def default_stats_dir(euid=None):
+def default_stats_dir(euid: int | None = None) -> str:
     """Where the shim publishes when KSMPRELOAD_STATS_DIR is unset (same rule as shim.c)."""
     euid = os.geteuid() if euid is None else euid
     return "/run/ksmpreload" if euid == 0 else f"/tmp/ksmpreload-{euid}"
 
 
-def memory_cost_bytes(counters):
+def memory_cost_bytes(counters: dict | None) -> int:
     """What the shim costs a process in memory now, the one figure every net saving subtracts:
     the padding of its live aligned blocks, the table that keeps it, and the freed blocks its
     cache keeps for reuse (docs/COUNTERS.md). 0 without counters."""
@@ -45,7 +47,7 @@ def memory_cost_bytes(counters):
     return sum(counters.get(slot, 0) for slot in ("padding_bytes", "padding_table_bytes", "cached_bytes"))
 
 
-def stats_dir():
+def stats_dir() -> str:
     return os.environ.get("KSMPRELOAD_STATS_DIR") or default_stats_dir()
 
 
@@ -83,7 +85,7 @@ def _slots(data):
     return values, names, at
 
 
-def parse_stats(data):
+def parse_stats(data: bytes) -> dict:
     """{slot name: value} from the bytes of a counters file; ValueError if it is not one."""
     values, names, _ = _slots(data)
     stats = dict(zip(names, values))
@@ -91,7 +93,7 @@ def parse_stats(data):
     return stats
 
 
-def parse_regions(data):
+def parse_regions(data: bytes) -> list[dict]:
     """The region records of a counters file, oldest first: [{start, end, kind, caller}];
     ValueError if it is not one or its records are cut short. Files from shims without
     records give [], and so does a ring whose capacity is not written yet (the shim writes
@@ -146,14 +148,14 @@ def _parse_file(path, parse, problems, what="the counters file"):
     return None
 
 
-def read_process_stats(pid, directory=None, problems=None):
+def read_process_stats(pid: int, directory: str | None = None, problems: list[str] | None = None) -> dict | None:
     """The counters of a live process running the shim, or None. A current file that does
     not parse gives None and a line in `problems` (a list, if given)."""
     path = _current_path(pid, directory)
     return _parse_file(path, parse_stats, problems) if path else None
 
 
-def read_process_regions(pid, directory=None, problems=None):
+def read_process_regions(pid: int, directory: str | None = None, problems: list[str] | None = None) -> list[dict]:
     """The region records of a live process running the shim ([] without any); a current
     file whose records do not parse gives [] and a line in `problems`."""
     path = _current_path(pid, directory)
@@ -161,7 +163,9 @@ def read_process_regions(pid, directory=None, problems=None):
     return records or []
 
 
-def all_process_stats(directory=None, prune=True, problems=None):
+def all_process_stats(
+    directory: str | None = None, prune: bool = True, problems: list[str] | None = None
+) -> dict[int, dict]:
     """{pid: counters} of every live process that publishes; left-over files are removed
     (with prune). Current files that do not parse are skipped, each with a line in `problems`."""
     directory = _as_the_kernel_names_it(directory)
@@ -193,6 +197,6 @@ def _remove_left_over(path):
         pass
 
 
-def shim_loaded(pid):
+def shim_loaded(pid: int) -> bool:
     """libksmpreload.so is mapped in the process (it may not have published counters yet)."""
     return _maps_file(pid, "libksmpreload.so")

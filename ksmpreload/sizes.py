@@ -2,6 +2,8 @@
 1024), then i, iB, B or b, both optional: 65536, 64K, 2M, 64KiB. As the shim's strtoull allows,
 blanks and a '+' may come first; nothing may follow."""
 
+from __future__ import annotations
+
 import re
 
 import click
@@ -12,7 +14,7 @@ _SIZE = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)([kKmMgGtT]?)(iB|i|B|b)?")
 _SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 
 
-def parse_size(text):
+def parse_size(text: str) -> int:
     """Bytes in `text`; ValueError names what is wrong."""
     match = _SIZE.fullmatch(str(text))
     if not match:
@@ -20,7 +22,7 @@ def parse_size(text):
     return int(match.group(1)) << _SHIFT[match.group(2).lower()]
 
 
-def short_size(size):
+def short_size(size: int) -> str:
     """`size` in the largest of K, M, G, T that divides it: 4096 -> 4K, 1 << 40 -> 1T."""
     for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
         if size and size % (1 << shift) == 0:
@@ -33,10 +35,10 @@ class SizeParam(click.ParamType):
 
     name = "SIZE"
 
-    def __init__(self, minimum, maximum):
+    def __init__(self, minimum: int, maximum: int) -> None:
         self.minimum, self.maximum = minimum, maximum
 
-    def convert(self, value, param, ctx):
+    def convert(self, value: str | int, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
         try:

@@ -3,10 +3,14 @@
 The launcher execs the program itself: the pid stays the program's.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import shutil
 import sys
+from collections.abc import Mapping
+from typing import NoReturn
 
 import click
 
@@ -23,16 +27,16 @@ MAX_THRESHOLD = 1 << 40  # the shim's bound (shim/config.c read_threshold)
 NOT_IN_PRELOAD = " \t\n\v\f\r:$"
 
 
-def shown(text):
+def shown(text: str) -> str:
     """`text` with control and other unprintable characters escaped (\\x1b), for one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-def say(message):
+def say(message: str) -> None:
     click.echo(f"ksm-wrap: {message}", err=True)
 
 
-def find_program(name):
+def find_program(name: str) -> str:
     """The file `name` runs, as the shell would find it, or a KsmError with its exit code."""
     path = name if "/" in name else shutil.which(name)
     if not path or not os.path.exists(path):
@@ -42,7 +46,7 @@ def find_program(name):
     return path
 
 
-def is_shim(entry, shim):
+def is_shim(entry: str, shim: str) -> bool:
     """An LD_PRELOAD entry that is the shim: the same file, or any file called libksmpreload.so."""
     try:
         return os.path.samefile(entry, shim) or os.path.basename(entry) == SHIM_NAME
@@ -50,7 +54,7 @@ def is_shim(entry, shim):
         return False  # no such file: the loader skips it
 
 
-def preload_value(existing, shim):
+def preload_value(existing: str, shim: str) -> str:
     """The shim first, so its wrappers see every call and pass it to whatever allocator
     follows (a preloaded jemalloc included); what was already preloaded is kept as it is.
     Where that already names the shim (a nested ksm-wrap, a copy), nothing is added."""
@@ -65,7 +69,9 @@ def preload_value(existing, shim):
     return f"{shim} {existing}" if existing.strip() else shim
 
 
-def shim_environment(environ, strategy, threshold, align, verbose):
+def shim_environment(
+    environ: Mapping[str, str], strategy: str | None, threshold: int | None, align: bool | None, verbose: bool | None
+) -> dict[str, str]:
     """The environment with the shim preloaded; a setting left None keeps the environment's."""
     shim = os.path.abspath(shim_path())  # a bare name in LD_PRELOAD is searched elsewhere
     if not os.path.isfile(shim):
@@ -83,7 +89,7 @@ def shim_environment(environ, strategy, threshold, align, verbose):
     return env
 
 
-def execute(program, args, env):
+def execute(program: str, args: list[str], env: Mapping[str, str]) -> NoReturn:
     """execve, and as POSIX execvp does, a file the kernel cannot run (ENOEXEC: a script without
     a #! line) runs with /bin/sh, in the same environment."""
     try:
@@ -94,7 +100,7 @@ def execute(program, args, env):
     os.execve("/bin/sh", ["/bin/sh", program, *args[1:]], env)
 
 
-def turn_ksm_on():
+def turn_ksm_on() -> None:
     """Turn KSM on with a scan rate suited to this machine's memory; report what changed."""
     kernel.require_ksm()
     knobs = kernel.read_knobs()
@@ -111,21 +117,21 @@ def turn_ksm_on():
     say("changed " + ", ".join(changes))
 
 
-def warn_if_ksm_idle():
+def warn_if_ksm_idle() -> None:
     if not kernel.ksm_available():
         say("this kernel has no KSM: the program runs, but nothing will merge")
     elif kernel.read_knobs().get("run") != 1:
         say("KSM is not running (run != 1): nothing merges until it is; use --enable-ksm or 'ksmpreload ksm on'")
 
 
-def may_merge_for(target, euid):
+def may_merge_for(target: binary.Binary, euid: int) -> bool:
     """Whether ksm-wrap may make `target` mergeable through prctl, which it inherits across
     exec: not when exec gives it privileges the caller lacks (setuid, setgid, file
     capabilities), unless the caller is root: merging exposes its pages to timing by others."""
     return not target.secure_reason or euid == 0
 
 
-def merge_without_preload(program, target):
+def merge_without_preload(program: str, target: binary.Binary) -> None:
     """For static and secure programs: prctl here, kept across exec on Linux 6.7+ (no alignment)."""
     program, reason = shown(program), target.preload_ignored_because
     if not may_merge_for(target, os.geteuid()):
@@ -195,7 +201,15 @@ def merge_without_preload(program, target):
     help="The shim says what it chose, on stderr. [default: $KSMPRELOAD_VERBOSE (1 or 0), else quiet]",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def cli(strategy, threshold, align, enable_ksm, quiet, verbose, command):
+def cli(
+    strategy: str | None,
+    threshold: int | None,
+    align: bool | None,
+    enable_ksm: bool,
+    quiet: bool,
+    verbose: bool | None,
+    command: tuple[str, ...],
+) -> None:
     """Run COMMAND with Kernel Samepage Merging working on its memory.
 
     Settings already in the environment (KSMPRELOAD_STRATEGY, _THRESHOLD, _ALIGN, _VERBOSE) are
@@ -227,7 +241,7 @@ def cli(strategy, threshold, align, enable_ksm, quiet, verbose, command):
         raise KsmError(f"cannot execute {shown(program)}: {error.strerror}", CANNOT_EXECUTE)
 
 
-def main():
+def main() -> None:
     run_cli(cli, "ksm-wrap")
 
 

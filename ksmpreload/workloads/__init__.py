@@ -11,6 +11,8 @@ runner.py measures them (`ksmpreload demo --workload NAME`) and serves them to `
 compare --workload NAME` (`python -m ksmpreload.workloads serve NAME`).
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 from ..sizes import MIB
 
@@ -27,9 +29,9 @@ SIZES = {
 @dataclass
 class Loaded:
     data_by_pid: dict  # pid -> bytes of data the workload put into it
-    load_seconds: float = None
-    throughput: float = None  # operations per second while loading, when the workload has a rate
-    throughput_unit: str = None
+    load_seconds: float | None = None
+    throughput: float | None = None  # operations per second while loading, when the workload has a rate
+    throughput_unit: str | None = None
     details: dict = field(default_factory=dict)  # anything else the workload measured
     after_merge: object = None  # () -> dict of details, called once the run is measured
 
@@ -38,16 +40,16 @@ class Loaded:
 class Run:
     label: str
     load: object  # () -> context manager yielding Loaded
-    expected_saved_bytes: int = None  # what page-aligning should save, where the data tells
+    expected_saved_bytes: int | None = None  # what page-aligning should save, where the data tells
     details: dict = field(default_factory=dict)
 
 
-def counted(count, noun):
+def counted(count: int, noun: str) -> str:
     """'1 server', '3 servers'."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def rate(operations, started, unit, now):
+def rate(operations: int, started: float, unit: str, now: float) -> dict:
     """Load seconds and operations per second since `started`."""
     seconds = now - started
     return {"load_seconds": round(seconds, 2), "throughput": round(operations / seconds, 1), "throughput_unit": unit}

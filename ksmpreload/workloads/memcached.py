@@ -2,10 +2,14 @@
 (memcached-slabs) how the slab layout limits merging: two servers, the same data loaded in the
 same or another order, under several slab layouts."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import random
 import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from .. import kernel
 from ..errors import KsmError
@@ -13,17 +17,22 @@ from . import Loaded, Run, counted, rate
 from .data import aligned_value_pages, items, page_multiples, value_sizes
 from .servers import free_port, require_module, start_server, stop
 
+if TYPE_CHECKING:
+    import subprocess
+
+    from pymemcache.client.base import Client
+
 DESCRIPTION = "N memcached servers holding the same keys and values, loaded in the same order"
 SLABS_DESCRIPTION = "two memcached servers, the same data in the same or another order, under 8 slab layouts"
 LOAD_BATCH_BYTES = 8 << 20
 ITEM_HEADER = 48  # memcached 1.6's item header with CAS: slab class 1 holds it and -n bytes
 
 
-def page_multiple_slab_sizes():
+def page_multiple_slab_sizes() -> str:
     return "slab_sizes=" + "-".join(str(kernel.page_size() << i) for i in range(8))
 
 
-def slab_layouts():
+def slab_layouts() -> tuple[tuple[list[str], str, str], ...]:
     """(memcached options, load order of the other servers, value sizes) of memcached-slabs."""
     page = kernel.page_size()
     return (
@@ -38,7 +47,7 @@ def slab_layouts():
     )
 
 
-def start(strategy, options, workdir):
+def start(strategy: str, options: list[str], workdir: str) -> tuple[subprocess.Popen, Client]:
     client_module = require_module("pymemcache.client.base", "pymemcache")
     port = free_port()
     as_root = ["-u", "root"] if os.geteuid() == 0 else []  # memcached refuses root without -u
@@ -47,7 +56,7 @@ def start(strategy, options, workdir):
     return proc, client_module.Client(("127.0.0.1", port), timeout=120)
 
 
-def load(client, pairs):
+def load(client: Client, pairs: Iterable[tuple[bytes, bytes]]) -> None:
     """Sets the pairs in batches; KsmError when the server stops answering."""
     exceptions = require_module("pymemcache.exceptions", "pymemcache")
     try:
@@ -68,7 +77,9 @@ def _load(client, pairs):
 
 
 @contextlib.contextmanager
-def servers(sizes, processes, strategy, options, order, workdir):
+def servers(
+    sizes: list[int], processes: int, strategy: str, options: list[str], order: str, workdir: str
+) -> Iterator[Loaded]:
     """`processes` servers with `options`; the first loads the values in index order, the others
     in the same order or each in its own shuffled order."""
     started_servers = []
@@ -86,7 +97,9 @@ def servers(sizes, processes, strategy, options, order, workdir):
         stop([proc for proc, _ in started_servers])
 
 
-def run(sizes, processes, strategy, options, order, workdir, values="mixed"):
+def run(
+    sizes: list[int], processes: int, strategy: str, options: list[str], order: str, workdir: str, values: str = "mixed"
+) -> Run:
     label = f"{counted(processes, 'server')}, {' '.join(options) or 'default options'}, {order} order"
     return Run(
         label,
@@ -96,11 +109,11 @@ def run(sizes, processes, strategy, options, order, workdir, values="mixed"):
     )
 
 
-def runs(settings, strategy, processes, method, workdir):
+def runs(settings: dict, strategy: str, processes: int | None, method: str | None, workdir: str) -> list[Run]:
     return [run(value_sizes(settings["value_bytes"]), processes or 3, strategy, [], "same", workdir)]
 
 
-def slab_runs(settings, strategy, processes, method, workdir):
+def slab_runs(settings: dict, strategy: str, processes: int | None, method: str | None, workdir: str) -> list[Run]:
     mixed = value_sizes(settings["value_bytes"])
     layouts = []
     for options, order, values in slab_layouts():

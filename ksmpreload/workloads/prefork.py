@@ -21,6 +21,8 @@ runs (requests/s, p50 and p99 latency, and the copy-on-write faults on KSM pages
 processes still shared from the fork, once KSM adopts it as a KSM page, counts as saving c - 1
 pages although the fork already shared it. The PSS figures show what the processes really take."""
 
+from __future__ import annotations
+
 import contextlib
 import http.client
 import os
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 
 import psutil
 
@@ -42,13 +45,13 @@ CONNECTIONS = 8  # client threads of the load run
 START_TIMEOUT = 300
 
 
-def gunicorn_command(port, workers):
+def gunicorn_command(port: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "--preload", "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
             "--config", "python:ksmpreload.workloads.prefork_hooks", "--log-level", "warning",
             "ksmpreload.workloads.prefork_app:app"]  # fmt: skip
 
 
-def pss_bytes(pids):
+def pss_bytes(pids: Iterable[int]) -> int:
     """The processes' summed PSS: each page divided among the processes that map it."""
     total = 0
     for pid in pids:
@@ -57,12 +60,12 @@ def pss_bytes(pids):
     return total
 
 
-def cow_ksm():
+def cow_ksm() -> int:
     """Copy-on-write faults on KSM pages, machine-wide (/proc/vmstat)."""
     return kernel.vmstat().get("cow_ksm", 0)
 
 
-def drive(port, seconds, connections=CONNECTIONS):
+def drive(port: int, seconds: float, connections: int = CONNECTIONS) -> dict:
     """Requests from `connections` threads for `seconds`: requests/s, p50 and p99 in ms, and
     cow_ksm during the run."""
     latencies, errors, stop_at = [], [], time.monotonic() + seconds
@@ -100,7 +103,7 @@ def drive(port, seconds, connections=CONNECTIONS):
     }
 
 
-def wait_until_ready(proc, ready_dir, workers):
+def wait_until_ready(proc: subprocess.Popen, ready_dir: str, workers: int) -> dict[int, int]:
     """{pid: index bytes} of the master and its workers once every worker has collected."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -116,7 +119,7 @@ def wait_until_ready(proc, ready_dir, workers):
 
 
 @contextlib.contextmanager
-def server(objects, workers, strategy, drive_seconds, workdir):
+def server(objects: int, workers: int, strategy: str, drive_seconds: float, workdir: str) -> Iterator[Loaded]:
     require_module("gunicorn")
     ready_dir = os.path.join(workdir, f"ready-{time.monotonic_ns()}")
     os.mkdir(ready_dir)
@@ -141,7 +144,7 @@ def server(objects, workers, strategy, drive_seconds, workdir):
         stop_parent_first(proc)
 
 
-def runs(settings, strategy, processes, method, workdir):
+def runs(settings: dict, strategy: str, processes: int | None, method: str | None, workdir: str) -> list[Run]:
     workers = processes or 4
     return [
         Run(

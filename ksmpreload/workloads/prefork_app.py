@@ -2,21 +2,24 @@
 builds an index of ordinary Python objects (dicts, str, lists, floats) before it forks the
 workers; each request reads ITEMS_PER_REQUEST items of it and returns them as JSON."""
 
+from __future__ import annotations
+
 import json
 import os
 import random
+from collections.abc import Callable
 
 OBJECTS = int(os.environ.get("KSMPRELOAD_PREFORK_OBJECTS", "100000"))
 ITEMS_PER_REQUEST = 20
 WORDS = [f"{stem}{n}" for stem in ("alpha", "bravo", "kilo", "sierra", "tango", "zulu") for n in range(20)]
 
 
-def resident_bytes():
+def resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_index(count):
+def build_index(count: int) -> dict[str, dict]:
     return {
         f"item:{i}": {
             "id": i,
@@ -35,7 +38,7 @@ KEYS = list(INDEX)
 INDEX_BYTES = resident_bytes() - _before  # what building the index added to the master
 
 
-def app(environ, start_response):
+def app(environ: dict, start_response: Callable[[str, list[tuple[str, str]]], object]) -> list[bytes]:
     rng = random.Random(environ.get("QUERY_STRING", ""))
     body = json.dumps([INDEX[rng.choice(KEYS)] for _ in range(ITEMS_PER_REQUEST)]).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])

@@ -1,32 +1,39 @@
 """PyTorch: N python3 workers that each build a model and load the same weights (torch.save'd
 once) into it. A worker is `python -m ksmpreload.workloads.pytorch WEIGHTS LAYERS WIDTH`."""
 
+from __future__ import annotations
+
 import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import KsmError
 from ..processes import start_workers, stop_workers
 from . import Loaded, Run, counted
 from .servers import require_module, wrapped
 
+if TYPE_CHECKING:
+    from torch import nn
+
 DESCRIPTION = "N python3 workers that load the same torch.save'd weights into their own model"
 
 
-def build_model(layers, width):
+def build_model(layers: int, width: int) -> nn.Sequential:
     import torch
 
     return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
 
 
-def model_bytes(layers, width):
+def model_bytes(layers: int, width: int) -> int:
     """The bytes of the model's parameters (float32 weights and biases)."""
     return layers * (width + 1) * width * 4
 
 
-def worker(weights, layers, width):
+def worker(weights: str, layers: int, width: int) -> None:
     """Build the model (its own random weights), load the saved ones into it, hold them until
     stdin closes."""
     import torch
@@ -40,7 +47,7 @@ def worker(weights, layers, width):
 
 
 @contextlib.contextmanager
-def workers(layers, width, processes, strategy):
+def workers(layers: int, width: int, processes: int, strategy: str) -> Iterator[Loaded]:
     """`processes` workers holding the same weights, saved once to a temporary file."""
     torch = require_module("torch")
     with tempfile.TemporaryDirectory(prefix="ksmpreload-pytorch.") as workdir:
@@ -58,7 +65,7 @@ def workers(layers, width, processes, strategy):
             stop_workers(started)
 
 
-def runs(settings, strategy, processes, method, workdir):
+def runs(settings: dict, strategy: str, processes: int | None, method: str | None, workdir: str) -> list[Run]:
     layers, width, processes = settings["torch_layers"], settings["torch_width"], processes or 3
     return [
         Run(

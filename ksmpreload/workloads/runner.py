@@ -17,17 +17,21 @@ Needs root (the KSM knobs, page frames) and the workload's programs: Debian's re
 memcached, stress-ng; redis-py, pymemcache, torch or gunicorn for their workloads.
 """
 
+from __future__ import annotations
+
 import json
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NoReturn
 
 from .. import kernel, scanning
 from ..errors import EXIT_USAGE, KsmError
 from .. import processes as processes_module
 from ..measurement import Measurement, follow, measure
-from . import SIZES, memcached, prefork, pytorch, redis, stress_ng
+from . import SIZES, Loaded, Run, memcached, prefork, pytorch, redis, stress_ng
 
 # name: (description, runs(settings, strategy, processes, method, workdir))
 WORKLOADS = {
@@ -43,16 +47,16 @@ METHODS = stress_ng.METHODS
 
 @dataclass
 class RunResult(Measurement):
-    label: str = None
-    expected_saved_bytes: int = None
+    label: str | None = None
+    expected_saved_bytes: int | None = None
     data_bytes: int = 0
-    load_seconds: float = None
-    throughput: float = None
-    throughput_unit: str = None
+    load_seconds: float | None = None
+    throughput: float | None = None
+    throughput_unit: str | None = None
     details: dict = field(default_factory=dict)
 
 
-def check_options(name, size="small", processes=None, method=None):
+def check_options(name: str, size: str = "small", processes: int | None = None, method: str | None = None) -> None:
     """KsmError (usage) for options the workload cannot take, before anything starts."""
     if name not in WORKLOADS:
         raise KsmError(f"unknown workload {name} (known: {', '.join(WORKLOADS)})", EXIT_USAGE)
@@ -66,12 +70,22 @@ def check_options(name, size="small", processes=None, method=None):
         )
 
 
-def workload_runs(name, size, strategy, processes, method, workdir):
+def workload_runs(
+    name: str, size: str, strategy: str, processes: int | None, method: str | None, workdir: str
+) -> list[Run]:
     check_options(name, size, processes, method)
     return WORKLOADS[name][1](SIZES[size], strategy, processes, method, workdir)
 
 
-def run(name, size="small", strategy="auto", processes=None, method=None, on_run=None, on_sample=None):
+def run(
+    name: str,
+    size: str = "small",
+    strategy: str = "auto",
+    processes: int | None = None,
+    method: str | None = None,
+    on_run: Callable[[str], None] | None = None,
+    on_sample: Callable[[int], None] | None = None,
+) -> dict:
     """Every run of the workload, loaded and measured in turn: a dict (the report)."""
     kernel.require_ksm()
     started = time.time()
@@ -92,7 +106,7 @@ def run(name, size="small", strategy="auto", processes=None, method=None, on_run
     }
 
 
-def measure_run(spec, loaded, timeout, on_sample=None):
+def measure_run(spec: Run, loaded: Loaded, timeout: float, on_sample: Callable[[int], None] | None = None) -> RunResult:
     result = RunResult(
         label=spec.label,
         expected_saved_bytes=spec.expected_saved_bytes,
@@ -111,7 +125,9 @@ def measure_run(spec, loaded, timeout, on_sample=None):
     return result
 
 
-def serve(name, size="small", strategy="none", processes=None, method=None):
+def serve(
+    name: str, size: str = "small", strategy: str = "none", processes: int | None = None, method: str | None = None
+) -> NoReturn:
     """Start and load the workload's first run, print the ready line and hold it until SIGTERM,
     SIGHUP or SIGINT (edge.run_cli unwinds the stack on each, which stops the processes), or
     until the process that started it ends. strategy none: its processes inherit the ksm-wrap

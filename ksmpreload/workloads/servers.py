@@ -1,11 +1,15 @@
 """Starting and stopping the workloads' processes: under ksm-wrap with a strategy, or without
 it (strategy none), on a free loopback port, with their output in a log file."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
+from types import ModuleType
 
 from ..errors import KsmError
 from ..processes import ksm_wrap_command, spawn, stop_tree
@@ -13,19 +17,19 @@ from ..processes import ksm_wrap_command, spawn, stop_tree
 STRATEGIES = ("auto", "prctl", "madvise", "none")
 
 
-def wrapped(command, strategy):
+def wrapped(command: list[str], strategy: str) -> list[str]:
     """The command under ksm-wrap with `strategy`, or as it is for none. --quiet: KSM may be off
     while the workload loads; the runner turns it on to measure."""
     return list(command) if strategy == "none" else [*ksm_wrap_command(), "--quiet", "--strategy", strategy, *command]
 
 
-def free_port():
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(command, strategy, port, workdir, timeout=30.0):
+def start_server(command: list[str], strategy: str, port: int, workdir: str, timeout: float = 30.0) -> subprocess.Popen:
     """The server behind ksm-wrap (or not), once it accepts connections on `port`."""
     log_path = os.path.join(workdir, f"{os.path.basename(command[0])}-{port}.log")
     with open(log_path, "w") as log:
@@ -44,13 +48,13 @@ def start_server(command, strategy, port, workdir, timeout=30.0):
         time.sleep(0.05)
 
 
-def stop(procs):
+def stop(procs: Iterable[subprocess.Popen]) -> None:
     """Stop the processes and their descendants (stop_tree: SIGTERM, SIGKILL after 15 s)."""
     for proc in procs:
         stop_tree(proc)
 
 
-def require_module(name, package=None):
+def require_module(name: str, package: str | None = None) -> ModuleType:
     """Import the Python module a workload drives its servers with, or say what to install."""
     import importlib
 

@@ -3,9 +3,12 @@ that write duplicate pages and for methods that write random data (what the blog
 It is stopped through its parent (processes.stop_parent_first): a worker killed on its own is
 taken for the OOM killer's victim and restarted."""
 
+from __future__ import annotations
+
 import contextlib
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 
 import psutil
 
@@ -21,7 +24,7 @@ METHODS = ("zero-one", "walk-0d", "prime-incdec", "rand-set", "flip")
 WORKERS = 2
 
 
-def cpu_seconds(pids):
+def cpu_seconds(pids: Iterable[int]) -> float:
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -29,7 +32,7 @@ def cpu_seconds(pids):
     return total
 
 
-def wait_until_filled(pid, worker_bytes, workers, timeout):
+def wait_until_filled(pid: int, worker_bytes: int, workers: int, timeout: float) -> dict[int, int]:
     """{pid: bytes held} of the process tree once `workers` of its processes hold `worker_bytes`
     each and the tree stopped using CPU (--vm-hang 0: each worker fills its memory once, then
     sleeps)."""
@@ -45,7 +48,7 @@ def wait_until_filled(pid, worker_bytes, workers, timeout):
     raise KsmError(f"stress-ng (pid {pid}) did not fill {workers} x {worker_bytes >> 20} MiB in {timeout:.0f} s")
 
 
-def command(method, vm_bytes):
+def command(method: str, vm_bytes: int) -> list[str]:
     # --no-madvise: otherwise each worker madvises its buffer with random advice, at times
     # MADV_UNMERGEABLE, and that worker's memory stays unmerged (doctor: unmarked_by_program)
     return ["stress-ng", "--vm", str(WORKERS), "--vm-bytes", str(vm_bytes), "--vm-keep", "--vm-hang", "0",
@@ -53,7 +56,7 @@ def command(method, vm_bytes):
 
 
 @contextlib.contextmanager
-def filled(method, vm_bytes, strategy, timeout):
+def filled(method: str, vm_bytes: int, strategy: str, timeout: float) -> Iterator[Loaded]:
     proc = spawn(wrapped(command(method, vm_bytes), strategy), stdin=subprocess.DEVNULL, cwd="/")
     try:
         # stress-ng divides --vm-bytes among the workers
@@ -62,7 +65,7 @@ def filled(method, vm_bytes, strategy, timeout):
         stop_parent_first(proc)
 
 
-def runs(settings, strategy, processes, method, workdir):
+def runs(settings: dict, strategy: str, processes: int | None, method: str | None, workdir: str) -> list[Run]:
     return [
         Run(
             f"--vm-method {name}",
