@@ -229,7 +229,7 @@ static int worth_keeping(struct thread_cache *cache, void *block)
     return cache->state == OPEN || (cache->state == UNOPENED && open_cache(cache));
 }
 
-int ksm_cache_keep(void *block, size_t usable)
+int ksm_cache_keep(void *block, size_t usable, int made)
 {
     struct thread_cache *cache = &mine;
     if (usable < min_block || usable > KSM_CACHE_MAX_BLOCK)
@@ -242,6 +242,8 @@ int ksm_cache_keep(void *block, size_t usable)
     }
     if (word_of(block) == mark_of(block))
         double_free();
+    if (!made) /* the program's own block: it may belong to an arena or heap it destroys */
+        return 0;
     cache->recent_frees[cache->next_recent++ % RECENT_FREES] = usable;
     if (!worth_keeping(cache, block))
         return 0;

@@ -26,9 +26,11 @@ void ksm_cache_start(size_t threshold, const struct ksm_cache_calls *calls);
 /* A cached block with room for `size` bytes and `most` usable bytes at most, taken out, and
  * its usable size; else NULL. */
 void *ksm_cache_take(size_t size, size_t most, size_t *usable);
-/* Keeps a freed page-aligned block of `usable` bytes; 0 when the caller must free it. A block
- * freed twice on its thread is handed back to the allocator once, and the caller's free is its
- * second; freed again on another thread while kept, the process aborts, as glibc's would. */
-int ksm_cache_keep(void *block, size_t usable);
+/* Keeps a freed page-aligned block of `usable` bytes that the shim made (`made`: the program's
+ * own blocks, of a jemalloc arena or mimalloc heap it may destroy, are never kept); 0 when the
+ * caller must free it. A block freed twice on its thread is handed back to the allocator once,
+ * and the caller's free is its second; freed again on another thread while kept, the process
+ * aborts, as glibc's would. */
+int ksm_cache_keep(void *block, size_t usable, int made);
 
 #endif

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "runtime.h"
 #include "stats.h"
 #include "sys.h"
 
@@ -113,17 +114,21 @@ static void remove_entry(struct shard *shard, struct entry *hole)
     __atomic_store_n(&shard->count, shard->count - 1, __ATOMIC_RELAXED);
 }
 
-static void count_change(int64_t blocks, int64_t bytes)
+/* An entry of `padding` bytes comes (sign 1) or goes (-1): padded_blocks counts those with some. */
+static void count_change(int sign, uint64_t padding)
 {
-    ksm_stat_add(KSM_STAT_padded_blocks, (uint64_t)blocks);
-    ksm_stat_add(KSM_STAT_padding_bytes, (uint64_t)bytes);
+    if (!padding)
+        return;
+    ksm_stat_add(KSM_STAT_padded_blocks, (uint64_t)(int64_t)sign);
+    ksm_stat_add(KSM_STAT_padding_bytes, sign > 0 ? padding : -padding);
 }
 
 void ksm_padding_note(void *ptr, size_t padding)
 {
-    /* A block without padding is not kept. An entry left at its address by a block freed
+    /* A block without padding is not kept, unless the cache needs to know the shim made it
+     * (block_cache.c keeps no other block). An entry left at its address by a block freed
      * behind the shim's back is taken out when this block is freed (ksm_padding_forget). */
-    if (!padding)
+    if (!padding && !ksm_runtime.caching)
         return;
     int saved_errno = errno; /* a failed mmap in grow() is nobody's business */
     uintptr_t block = (uintptr_t)ptr;
@@ -131,22 +136,24 @@ void ksm_padding_note(void *ptr, size_t padding)
     pthread_mutex_lock(&shard->lock);
     struct entry *entry = find(shard, block);
     if (entry) { /* a block freed behind the shim's back (free in another library), now reused */
-        count_change(-1, -(int64_t)entry->padding);
+        count_change(-1, entry->padding);
         remove_entry(shard, entry);
     }
     if ((shard->count + 1) * 2 <= shard->capacity || grow(shard)) {
         put_entry(shard, block, padding);
         __atomic_store_n(&shard->count, shard->count + 1, __ATOMIC_RELAXED);
-        count_change(1, (int64_t)padding);
+        count_change(1, padding);
     }
     pthread_mutex_unlock(&shard->lock);
     errno = saved_errno;
 }
 
-size_t ksm_padding_forget(void *ptr)
+size_t ksm_padding_forget(void *ptr, int *found)
 {
     uintptr_t block = (uintptr_t)ptr;
     struct shard *shard = shard_of(block);
+    if (found)
+        *found = 0;
     /* Unlocked: only this block's owner adds or takes out its entry, so an empty shard
      * cannot be about to hold it. */
     if (!ptr || !__atomic_load_n(&shard->count, __ATOMIC_RELAXED))
@@ -155,8 +162,10 @@ size_t ksm_padding_forget(void *ptr)
     struct entry *entry = find(shard, block);
     size_t padding = entry ? entry->padding : 0;
     if (entry) {
-        count_change(-1, -(int64_t)padding);
+        count_change(-1, padding);
         remove_entry(shard, entry);
+        if (found)
+            *found = 1;
     }
     pthread_mutex_unlock(&shard->lock);
     return padding;

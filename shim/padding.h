@@ -6,10 +6,11 @@
 #include <stddef.h>
 
 void ksm_padding_start(size_t page_size);
-/* The live block at ptr costs `padding` bytes of alignment (0: none, not kept). */
+/* The live block at ptr, which the shim made, costs `padding` bytes of alignment (0: none,
+ * not kept unless the block cache is on: it keeps only blocks the shim made). */
 void ksm_padding_note(void *ptr, size_t padding);
-/* The block at ptr is about to be freed or moved: its padding leaves the gauge
- * and is returned (0 for a block without padding). */
-size_t ksm_padding_forget(void *ptr);
+/* The block at ptr is about to be freed or moved: its padding leaves the gauge and is
+ * returned (0 for a block without padding); *found (if given): it had an entry. */
+size_t ksm_padding_forget(void *ptr, int *found);
 
 #endif

@@ -568,9 +568,10 @@ EXPORT void *calloc(size_t count, size_t size)
 /* The old block's padding leaves the gauge; it comes back if realloc fails. */
 static void *realloc_taking_padding(void *old, size_t size)
 {
-    size_t padding = ksm_padding_forget(old);
+    int noted;
+    size_t padding = ksm_padding_forget(old, &noted);
     void *ptr = size < threshold_now() ? real_realloc(old, size) : reallocate_large(old, size);
-    if (!ptr && size && padding)
+    if (!ptr && size && noted)
         ksm_padding_note(old, padding);
     return ptr;
 }
@@ -615,8 +616,9 @@ SLOW_PATH static void free_slow(void *ptr)
 {
     if (in_bootstrap_pool(ptr) || NEEDS_POOL())
         return;
-    ksm_padding_forget(ptr);
-    if (ptr && ksm_runtime.caching && is_page_aligned(ptr) && ksm_cache_keep(ptr, real_malloc_usable_size(ptr)))
+    int made;
+    ksm_padding_forget(ptr, &made);
+    if (ptr && ksm_runtime.caching && is_page_aligned(ptr) && ksm_cache_keep(ptr, real_malloc_usable_size(ptr), made))
         return;
     free_to_allocator(ptr);
 }

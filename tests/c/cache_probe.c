@@ -10,8 +10,12 @@
  *                        for 16 more blocks; prints "freed KIB next KIB": RSS added after the
  *                        frees, and after those requests
  *   cache_probe emptied  keeps one block, misses 31 requests, then asks for a block of its size
- *                        once it holds free memory: the cache empties itself while serving */
+ *                        once it holds free memory: the cache empties itself while serving
+ *   cache_probe arena    (under jemalloc) frees a block of an arena of its own, destroys the
+ *                        arena, asks for a block of that size: prints "ok", or "handed out" when
+ *                        it got the destroyed arena's block back; "no jemalloc" without it */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,6 +151,41 @@ static int empty_while_serving(void)
     return 0;
 }
 
+typedef int (*mallctl_fn)(const char *, void *, size_t *, void *, size_t);
+typedef void *(*mallocx_fn)(size_t, int);
+#define ARENA_FLAG(a) ((int)(((unsigned)(a) + 1) << 20)) /* MALLOCX_ARENA */
+#define NO_TCACHE (1 << 8)                               /* MALLOCX_TCACHE_NONE */
+#define PAGE_ALIGN_FLAG 12                               /* MALLOCX_LG_ALIGN(12) */
+
+static int destroyed_arena_block(void)
+{
+    mallctl_fn mallctl = (mallctl_fn)dlsym(RTLD_DEFAULT, "mallctl");
+    mallocx_fn mallocx = (mallocx_fn)dlsym(RTLD_DEFAULT, "mallocx");
+    if (!mallctl || !mallocx) {
+        printf("no jemalloc\n");
+        return 0;
+    }
+    for (int round = 0; round < 8; round++) /* a loop: the thread's cache finds keeping worth it */
+        free(malloc(16 * 1024));
+    unsigned arena;
+    size_t size = sizeof arena;
+    if (mallctl("arenas.create", &arena, &size, NULL, 0) != 0)
+        return 1;
+    char *block = mallocx(16 * 1024, ARENA_FLAG(arena) | NO_TCACHE | PAGE_ALIGN_FLAG);
+    if (!block)
+        return 1;
+    memset(block, 1, 16 * 1024);
+    free(block);
+    char name[64];
+    snprintf(name, sizeof name, "arena.%u.destroy", arena);
+    if (mallctl(name, NULL, NULL, NULL, 0) != 0)
+        return 1;
+    char *again = malloc(16 * 1024);
+    printf(again == block ? "handed out\n" : "ok\n");
+    free(again);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 2 && !strcmp(argv[1], "phases"))
@@ -163,6 +202,8 @@ int main(int argc, char **argv)
         return pin_free_memory();
     if (argc == 2 && !strcmp(argv[1], "emptied"))
         return empty_while_serving();
-    fprintf(stderr, "usage: cache_probe phases|twice|across|pin|emptied\n");
+    if (argc == 2 && !strcmp(argv[1], "arena"))
+        return destroyed_arena_block();
+    fprintf(stderr, "usage: cache_probe phases|twice|across|pin|emptied|arena\n");
     return 2;
 }

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import allocators
+from conftest import JEMALLOC, allocators, require
 from ksmpreload import shimstats
 
 THRESHOLD = 8192
@@ -371,3 +371,17 @@ def test_cache_opened_by_a_thread_that_a_dlopen_constructor_joins(c_programs, sh
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout == "loaded\n", (done.returncode, done.stderr)
+
+
+def test_cache_keeps_no_block_of_an_arena_the_program_destroys(c_programs, shim_env):
+    """Only blocks the shim made are kept: a block of the program's own jemalloc arena, freed
+    and kept, was handed out again after the arena was destroyed (a crash)."""
+    require(os.path.exists(JEMALLOC), "libjemalloc2 is not installed")
+    done = subprocess.run(
+        [c_programs("cache_probe"), "arena"],
+        env=shim_env((JEMALLOC,), threshold=THRESHOLD, cache=1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "ok\n"), (done.returncode, done.stdout, done.stderr)
