@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -115,28 +116,87 @@ def region_label(index: int, regions: list[dict], records: Records) -> tuple[str
     return UNLABELLED, "none"
 
 
+@dataclass
+class RegionAttribution:
+    """One VMA with anonymous memory, and what made it."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+    label: str  # what made it (region_label)
+    source: str  # where the label is known from
+    mergeable: bool
+    size_kib: int
+    rss_kib: int
+    anonymous_kib: int
+    ksm_kib: int
+    anon_huge_kib: int
+    shared_pages: int | None = None  # KSM pages another process of the set maps too (with sharing)
+    within_pages: int | None = None  # KSM pages mapped again only inside this process (with sharing)
+
+
+@dataclass
+class ProcessAttribution:
+    pid: int
+    comm: str
+    cmdline: str
+    ksm_stat: dict
+    shim: dict | None  # the shim's counters; None without the shim
+    merged_bytes: int
+    padding_bytes: int
+    saved_bytes: int | None = None  # set_savings: saving.py's fair share, or its estimate without root
+    saved_is_estimate: bool | None = None
+    net_saved_bytes: int | None = None
+    ksm_smaps_kib: int = 0
+    regions: list[RegionAttribution] = field(default_factory=list)
+
+
+@dataclass
+class UnmergedRegion:
+    pid: int
+    comm: str
+    start: int
+    end: int
+    label: str
+    unmerged_kib: int
+
+
+@dataclass
+class AttributionReport:
+    processes: list[ProcessAttribution]
+    sharing: dict | None  # SharingReport.to_dict(); None without root or with --no-sharing
+    notes: list[str]
+    unmerged: list[UnmergedRegion] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _region_entry(region, label, source):
-    return {
-        "start": region["start"],
-        "end": region["end"],
-        "perms": region["perms"],
-        "path": region["path"],
-        "label": label,
-        "source": source,
-        "mergeable": region["mergeable"],
-        "size_kib": (region["end"] - region["start"]) // 1024,
-        "rss_kib": region.get("Rss", 0),
-        "anonymous_kib": region.get("Anonymous", 0),
-        "ksm_kib": region.get("KSM", 0),
-        "anon_huge_kib": region.get("AnonHugePages", 0),
-    }
+    return RegionAttribution(
+        start=region["start"],
+        end=region["end"],
+        perms=region["perms"],
+        path=region["path"],
+        label=label,
+        source=source,
+        mergeable=region["mergeable"],
+        size_kib=(region["end"] - region["start"]) // 1024,
+        rss_kib=region.get("Rss", 0),
+        anonymous_kib=region.get("Anonymous", 0),
+        ksm_kib=region.get("KSM", 0),
+        anon_huge_kib=region.get("AnonHugePages", 0),
+    )
 
 
-def process_attribution(pid: int, stats_dir: str | None = None, notes: list[str] | None = None) -> dict | None:
-    """One process: its ksm_stat, the shim's counters, merged and net saved bytes, and its
-    regions (those with anonymous memory) labelled. None when the process is gone; NeedsRoot
-    when it is another user's. A counters file that does not parse is left out, with a line
-    in `notes` (a list, if given)."""
+def process_attribution(
+    pid: int, stats_dir: str | None = None, notes: list[str] | None = None
+) -> ProcessAttribution | None:
+    """One process: its ksm_stat, the shim's counters, merged bytes, and its regions (those with
+    anonymous memory) labelled; saved and net saved come from set_savings. None when the
+    process is gone; NeedsRoot when it is another user's. A counters file that does not parse
+    is left out, with a line in `notes` (a list, if given)."""
     try:
         stat = kernel.process_ksm_stat(pid)
         regions = kernel.process_regions(pid)
@@ -147,88 +207,86 @@ def process_attribution(pid: int, stats_dir: str | None = None, notes: list[str]
         return None
     counters = shimstats.read_process_stats(pid, stats_dir, notes)
     records = Records(shimstats.read_process_regions(pid, stats_dir, notes) if counters else [], regions)
-    merged = stat.get("ksm_merging_pages", 0) * kernel.page_size()
-    padding = shimstats.memory_cost_bytes(counters)
     entries = [
         _region_entry(region, *region_label(index, regions, records))
         for index, region in enumerate(regions)
         if region.get("Anonymous", 0) or region.get("KSM", 0)
     ]
-    return {
-        "pid": pid,
-        "comm": comm.strip(),
-        "cmdline": kernel.short_cmdline(cmdline, comm.strip()),
-        "ksm_stat": stat,
-        "shim": counters,
-        "merged_bytes": merged,
-        "padding_bytes": padding,
-        "saved_bytes": None,  # set_savings: saving.py's fair share, or its estimate without root
-        "saved_is_estimate": None,
-        "net_saved_bytes": None,
-        "ksm_smaps_kib": sum(entry["ksm_kib"] for entry in entries),
-        "regions": entries,
-    }
+    return ProcessAttribution(
+        pid=pid,
+        comm=comm.strip(),
+        cmdline=kernel.short_cmdline(cmdline, comm.strip()),
+        ksm_stat=stat,
+        shim=counters,
+        merged_bytes=stat.get("ksm_merging_pages", 0) * kernel.page_size(),
+        padding_bytes=shimstats.memory_cost_bytes(counters),
+        ksm_smaps_kib=sum(entry.ksm_kib for entry in entries),
+        regions=entries,
+    )
 
 
-def by_label(process: dict) -> dict[str, dict[str, int]]:
-    """{label: {regions, anonymous_kib, ksm_kib}} over one process's regions, most KSM first."""
+def by_label(process: ProcessAttribution) -> dict[str, dict]:
+    """{label: {regions, anonymous_kib, ksm_kib, shared_pages}} over one process's regions, most KSM first."""
     totals = {}
-    for region in process["regions"]:
-        entry = totals.setdefault(region["label"], {"regions": 0, "anonymous_kib": 0, "ksm_kib": 0, "shared_pages": 0})
+    for region in process.regions:
+        entry = totals.setdefault(region.label, {"regions": 0, "anonymous_kib": 0, "ksm_kib": 0, "shared_pages": 0})
         entry["regions"] += 1
-        entry["anonymous_kib"] += region["anonymous_kib"]
-        entry["ksm_kib"] += region["ksm_kib"]
-        entry["shared_pages"] += region.get("shared_pages", 0)
+        entry["anonymous_kib"] += region.anonymous_kib
+        entry["ksm_kib"] += region.ksm_kib
+        entry["shared_pages"] += region.shared_pages or 0
     return dict(sorted(totals.items(), key=lambda item: (-item[1]["ksm_kib"], -item[1]["anonymous_kib"])))
 
 
-def unmerged_regions(processes: list[dict], limit: int = 10) -> list[tuple[int, str, dict, int]]:
-    """The biggest regions that are mergeable but hold little merged: (pid, comm, region, KiB not merged)."""
+def unmerged_regions(processes: list[ProcessAttribution], limit: int = 10) -> list[UnmergedRegion]:
+    """The biggest regions that are mergeable but hold little merged."""
     found = [
-        (process["pid"], process["comm"], region, region["anonymous_kib"] - region["ksm_kib"])
+        UnmergedRegion(process.pid, process.comm, region.start, region.end, region.label,
+                       region.anonymous_kib - region.ksm_kib)
         for process in processes
-        for region in process["regions"]
-        if region["mergeable"]
-    ]
-    found = [entry for entry in found if entry[3] >= UNMERGED_MIN_KIB]
-    return sorted(found, key=lambda entry: -entry[3])[:limit]
+        for region in process.regions
+        if region.mergeable
+    ]  # fmt: skip
+    found = [entry for entry in found if entry.unmerged_kib >= UNMERGED_MIN_KIB]
+    return sorted(found, key=lambda entry: -entry.unmerged_kib)[:limit]
 
 
-def set_savings(processes: list[dict], report: SharingReport | None = None) -> None:
+def set_savings(processes: list[ProcessAttribution], report: SharingReport | None = None) -> None:
     """Each process's saved and net saved bytes (saving.py): its fair share from `report` (a
     SharingReport), or without one the estimate from ksm_stat."""
     page, knobs = kernel.page_size(), kernel.read_knobs()
     for process in processes:
-        stat = process["ksm_stat"]
-        read = report.processes.get(process["pid"]) if report else None
+        stat = process.ksm_stat
+        read = report.processes.get(process.pid) if report else None
         if read is not None:
             pages = read.fair_saved + stat.get("ksm_zero_pages", 0)
         else:
             pages = saving.estimated_saved_pages(stat, knobs)
-        process["saved_bytes"], process["saved_is_estimate"] = round(pages * page), read is None
-        process["net_saved_bytes"] = saving.net_saved_bytes(
-            process["saved_bytes"], process["padding_bytes"], stat.get("ksm_rmap_items", 0)
+        process.saved_bytes, process.saved_is_estimate = round(pages * page), read is None
+        process.net_saved_bytes = saving.net_saved_bytes(
+            process.saved_bytes, process.padding_bytes, stat.get("ksm_rmap_items", 0)
         )
 
 
-def attach_sharing(processes: list[dict], report: SharingReport) -> None:
+def attach_sharing(processes: list[ProcessAttribution], report: SharingReport) -> None:
     """Adds each region's KSM pages shared with another process of the set, and those mapped
     again only within its process, from a SharingReport (read a moment after smaps: a VMA
     that changed in between counts where its start now lies)."""
     for process in processes:
-        regions = process["regions"]
-        starts = [region["start"] for region in regions]
+        regions = process.regions
+        starts = [region.start for region in regions]
         for region in regions:
-            region["shared_pages"] = region["within_pages"] = 0
-        read = report.processes.get(process["pid"])
+            region.shared_pages = region.within_pages = 0
+        read = report.processes.get(process.pid)
         for found in read.regions if read else []:
             index = bisect.bisect_right(starts, found.start) - 1
-            if index >= 0 and found.start < regions[index]["end"]:
-                regions[index]["shared_pages"] += found.ksm_shared
-                regions[index]["within_pages"] += found.ksm_within
+            if index >= 0 and found.start < regions[index].end:
+                regions[index].shared_pages += found.ksm_shared
+                regions[index].within_pages += found.ksm_within
 
 
-def attribution(pids: list[int] | None = None, stats_dir: str | None = None, with_sharing: bool = True) -> dict:
+def attribution(
+    pids: list[int] | None = None, stats_dir: str | None = None, with_sharing: bool = True
+) -> AttributionReport:
     """The whole report: processes (all KSM users when `pids` is None), the sharing matrix
     (None without root, with a note), and the biggest mergeable regions left unmerged."""
     from .sharing import sharing
@@ -239,33 +297,24 @@ def attribution(pids: list[int] | None = None, stats_dir: str | None = None, wit
         pids = [process["pid"] for process in listed]
         notes += kernel.unreadable_notes(unreadable)
     processes = [entry for entry in (process_attribution(pid, stats_dir, notes) for pid in pids) if entry]
-    result = {"processes": processes, "sharing": None, "notes": notes}
+    result = AttributionReport(processes=processes, sharing=None, notes=notes)
     report = None
     if with_sharing and processes:
         try:
-            report = sharing([process["pid"] for process in processes])
+            report = sharing([process.pid for process in processes])
             attach_sharing(processes, report)
-            result["sharing"] = report.to_dict()
+            result.sharing = report.to_dict()
         except NeedsRoot as error:
-            result["notes"].append(f"no sharing matrix, and saved is estimated from ksm_stat: {error}")
+            result.notes.append(f"no sharing matrix, and saved is estimated from ksm_stat: {error}")
     set_savings(processes, report)
-    result["unmerged"] = [
-        {
-            "pid": pid,
-            "comm": comm,
-            "start": region["start"],
-            "end": region["end"],
-            "label": region["label"],
-            "unmerged_kib": kib,
-        }
-        for pid, comm, region, kib in unmerged_regions(processes)
-    ]
+    result.unmerged = unmerged_regions(processes)
     return result
 
 
-def require_read(pids: Iterable[int], processes: list[dict]) -> None:
-    """NoSuchProcess naming those of `pids` (which the user named) that ended before they were read."""
-    read = {process["pid"] for process in processes}
+def require_read(pids: Iterable[int], read: Iterable[int]) -> None:
+    """NoSuchProcess naming those of `pids` (which the user named) that are not among the pids
+    `read`: they ended before they were read."""
+    read = set(read)
     ended = [pid for pid in pids if pid not in read]
     if ended:
         raise NoSuchProcess(ended, while_read=True)

@@ -19,6 +19,7 @@ from .errors import NeedsRoot
 from .sizes import MIB
 
 if TYPE_CHECKING:
+    from .attribution import ProcessAttribution
     from .potential import PotentialReport
 
 SLOW_SCAN_SECONDS = kernel.FULL_SCAN_TARGET_SECONDS  # a full scan slower than this is a finding
@@ -196,71 +197,69 @@ def binary_findings(path: str, pid: int = 0, loaded_libraries: Iterable[str] = (
 
 
 def _mergeable_bytes(process):
-    return sum(r["anonymous_kib"] for r in process["regions"] if r["mergeable"]) * 1024
+    return sum(r.anonymous_kib for r in process.regions if r.mergeable) * 1024
 
 
 def _loaded_libraries(process):
-    return sorted({region["path"] for region in process["regions"] if region["path"].startswith("/")})
+    return sorted({region.path for region in process.regions if region.path.startswith("/")})
 
 
-def unmarked_finding(process: dict) -> Finding | None:
-    unmarked = [
-        r for r in process["regions"] if not r["mergeable"] and r["anonymous_kib"] and not r["path"].startswith("/")
-    ]
-    total = sum(r["anonymous_kib"] for r in unmarked) * 1024
+def unmarked_finding(process: ProcessAttribution) -> Finding | None:
+    unmarked = [r for r in process.regions if not r.mergeable and r.anonymous_kib and not r.path.startswith("/")]
+    total = sum(r.anonymous_kib for r in unmarked) * 1024
     marked = _mergeable_bytes(process)
     if total < MIB or total < 0.1 * (total + marked):
         return None
-    biggest = sorted(unmarked, key=lambda r: -r["anonymous_kib"])[:5]
+    biggest = sorted(unmarked, key=lambda r: -r.anonymous_kib)[:5]
     evidence = {
         "unmarked_bytes": total,
         "marked_bytes": marked,
         "regions": [
-            {"start": hex(r["start"]), "end": hex(r["end"]), "made_by": r["label"], "anonymous_kib": r["anonymous_kib"]}
+            {"start": hex(r.start), "end": hex(r.end), "made_by": r.label, "anonymous_kib": r.anonymous_kib}
             for r in biggest
         ],
     }
-    unmerged_by_program = (process["shim"] or {}).get("program_unmerged_bytes", 0)
+    unmerged_by_program = (process.shim or {}).get("program_unmerged_bytes", 0)
     if unmerged_by_program:
-        calls = process["shim"].get("program_madvise_unmergeable", 0)
+        calls = process.shim.get("program_madvise_unmergeable", 0)
         return Finding(
             "unmarked_by_program",
-            f"{process['comm']} unmarked its own memory",
+            f"{process.comm} unmarked its own memory",
             total,
             f"it called madvise(MADV_UNMERGEABLE) {calls} times, on {_mib(unmerged_by_program)}: KSM "
             "leaves that memory alone even under prctl(PR_SET_MEMORY_MERGE). stress-ng does this at "
             "random to its buffers.",
             "stress-ng: add --no-madvise; otherwise find the call in the program (ltrace -e madvise)",
             {**evidence, "program_unmerged_bytes": unmerged_by_program, "program_madvise_unmergeable": calls},
-            process["pid"],
+            process.pid,
         )
     return Finding(
         "not_mergeable",
-        f"{_mib(total)} of {process['comm']}'s memory is not mergeable",
+        f"{_mib(total)} of {process.comm}'s memory is not mergeable",
         total,
         "nothing marked it: KSM scans only VMAs marked by madvise(MADV_MERGEABLE) or "
         "prctl(PR_SET_MEMORY_MERGE) in the process itself; a script cannot mark them from outside "
         "(process_madvise refuses MADV_MERGEABLE).",
-        f"ksm-wrap {process['cmdline']}   (restart it under the shim)",
+        f"ksm-wrap {process.cmdline}   (restart it under the shim)",
         evidence,
-        process["pid"],
+        process.pid,
     )
 
 
-def not_scanned_finding(process: dict, knobs: dict) -> Finding | None:
+def not_scanned_finding(process: ProcessAttribution, knobs: dict) -> Finding | None:
     mergeable_pages = _mergeable_bytes(process) // kernel.page_size()
-    seen = process["ksm_stat"].get("ksm_rmap_items", 0) + process["ksm_stat"].get("ksm_merging_pages", 0)
+    seen = process.ksm_stat.get("ksm_rmap_items", 0) + process.ksm_stat.get("ksm_merging_pages", 0)
     if knobs.get("run") != 1 or mergeable_pages < 256 or seen >= NOT_SCANNED_SHARE * mergeable_pages:
         return None
     unseen = (mergeable_pages - seen) * kernel.page_size()
     return Finding(
         "not_scanned_yet",
-        f"KSM has not scanned most of {process['comm']}'s mergeable memory yet",
+        f"KSM has not scanned most of {process.comm}'s mergeable memory yet",
         unseen,
         f"ksmd has looked at {seen} of its {mergeable_pages} mergeable pages; the rest waits for the next passes.",
         "wait one or two full scans, or speed them up: ksmpreload ksm tune --pages-to-scan N",
         {"mergeable_pages": mergeable_pages, "pages_seen": seen},
-        process["pid"],
+        process.pid,
     )
 
 
@@ -282,29 +281,29 @@ def volatile_finding(knobs: dict) -> Finding | None:
     )
 
 
-def padding_finding(process: dict) -> Finding | None:
-    padding = process["padding_bytes"]
-    if padding < MIB or padding < 0.1 * max(process["merged_bytes"], 1):
+def padding_finding(process: ProcessAttribution) -> Finding | None:
+    padding = process.padding_bytes
+    if padding < MIB or padding < 0.1 * max(process.merged_bytes, 1):
         return None
     return Finding(
         "alignment_padding",
-        f"aligning {process['comm']}'s large blocks costs {_mib(padding)}",
+        f"aligning {process.comm}'s large blocks costs {_mib(padding)}",
         padding,
         "page-aligned blocks use more memory than the allocator would give unaligned.",
         "ksm-wrap --threshold 16K ...   (align fewer, larger blocks)",
-        {"padding_bytes": padding, "merged_bytes": process["merged_bytes"]},
-        process["pid"],
+        {"padding_bytes": padding, "merged_bytes": process.merged_bytes},
+        process.pid,
     )
 
 
-def own_madvise_finding(process: dict) -> Finding | None:
-    shim = process["shim"] or {}
+def own_madvise_finding(process: ProcessAttribution) -> Finding | None:
+    shim = process.shim or {}
     einval, failed = shim.get("program_madvise_einval", 0), shim.get("program_madvise_failed", 0)
     if not einval and not failed:
         return None
     return Finding(
         "madvise_unaligned" if einval else "madvise_failed",
-        f"{process['comm']}'s own madvise(MADV_MERGEABLE) calls failed",
+        f"{process.comm}'s own madvise(MADV_MERGEABLE) calls failed",
         0,
         f"{einval + failed} of its {shim.get('program_madvise_mergeable', 0)} calls returned -1"
         + (
@@ -321,27 +320,27 @@ def own_madvise_finding(process: dict) -> Finding | None:
             "einval": einval,
             "other_failures": failed,
         },
-        process["pid"],
+        process.pid,
     )
 
 
-def huge_pages_finding(process: dict) -> Finding | None:
-    huge_kib = sum(region.get("anon_huge_kib", 0) for region in process["regions"] if region["mergeable"])
+def huge_pages_finding(process: ProcessAttribution) -> Finding | None:
+    huge_kib = sum(region.anon_huge_kib for region in process.regions if region.mergeable)
     if huge_kib * 1024 < MIB:
         return None
     return Finding(
         "huge_pages",
-        f"{_mib(huge_kib * 1024)} of {process['comm']}'s mergeable memory is in huge pages",
+        f"{_mib(huge_kib * 1024)} of {process.comm}'s mergeable memory is in huge pages",
         0,
         "ksmd must split a transparent huge page before it can merge its 4 KiB parts, and "
         "khugepaged may collapse them again.",
         "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled   (if it is 'always')",
         {"anon_huge_kib": huge_kib},
-        process["pid"],
+        process.pid,
     )
 
 
-def process_findings(process: dict, knobs: dict, programs_seen: set[str]) -> list[Finding]:
+def process_findings(process: ProcessAttribution, knobs: dict, programs_seen: set[str]) -> list[Finding]:
     """The process's findings, and its program file's unless `programs_seen` has it already."""
     found = [
         unmarked_finding(process),
@@ -351,12 +350,12 @@ def process_findings(process: dict, knobs: dict, programs_seen: set[str]) -> lis
         huge_pages_finding(process),
     ]
     found = [finding for finding in found if finding]
-    exe = kernel.executable_path(process["pid"])
+    exe = kernel.executable_path(process.pid)
     program = os.path.realpath(exe)
     if program in programs_seen:
         return found
     programs_seen.add(program)
-    return found + binary_findings(exe, process["pid"], _loaded_libraries(process))
+    return found + binary_findings(exe, process.pid, _loaded_libraries(process))
 
 
 # ---- the duplicate potential: what could merge against what has --------------------------------
@@ -395,10 +394,10 @@ def no_duplicates_finding(report: PotentialReport) -> Finding | None:
 
 
 def _labels_by_range(processes):
-    return {(region["start"], region["end"]): region["label"] for p in processes for region in p["regions"]}
+    return {(region.start, region.end): region.label for p in processes for region in p.regions}
 
 
-def unmerged_duplicates_finding(report: PotentialReport, processes: list[dict]) -> Finding | None:
+def unmerged_duplicates_finding(report: PotentialReport, processes: list[ProcessAttribution]) -> Finding | None:
     if report.merged_pages is None:
         return None
     unmerged = (report.potential_pages - report.merged_pages) * report.page_size
@@ -439,7 +438,9 @@ def unmerged_duplicates_finding(report: PotentialReport, processes: list[dict]) 
     )
 
 
-def potential_summary(pids: list[int], processes: list[dict], notes: list[str]) -> tuple[list[Finding], dict | None]:
+def potential_summary(
+    pids: list[int], processes: list[ProcessAttribution], notes: list[str]
+) -> tuple[list[Finding], dict | None]:
     """(findings, summary) from the duplicate potential of `pids`; a note when it cannot be read."""
     from .potential import potential  # the compiled helper: imported when needed, not with the CLI
 
@@ -469,12 +470,12 @@ def diagnose(pids: Sequence[int] = (), program: str | None = None) -> dict:
     notes = system_notes(knobs)
     processes = [p for p in (attribution.process_attribution(pid, notes=notes) for pid in pids) if p]
     scan_bytes = sum(_mergeable_bytes(p) for p in processes)
-    unmerged = max(scan_bytes - sum(p["merged_bytes"] for p in processes), 0)
-    found, summary = potential_summary([p["pid"] for p in processes], processes, notes) if processes else ([], None)
+    unmerged = max(scan_bytes - sum(p.merged_bytes for p in processes), 0)
+    found, summary = potential_summary([p.pid for p in processes], processes, notes) if processes else ([], None)
     if summary and summary["merged_bytes"] is not None:
         waiting = max(summary["potential_bytes"] - summary["merged_bytes"], 0)
     else:
-        waiting = sum(r["anonymous_kib"] for p in processes for r in p["regions"]) * 1024
+        waiting = sum(r.anonymous_kib for p in processes for r in p.regions) * 1024
     findings = system_findings(knobs, scan_bytes, unmerged, waiting) + found  # a tie goes to the system
     volatile = volatile_finding(knobs)
     findings += [volatile] if volatile else []
@@ -490,9 +491,9 @@ def diagnose(pids: Sequence[int] = (), program: str | None = None) -> dict:
         "potential": summary,
         "processes": [
             {
-                "pid": p["pid"],
-                "comm": p["comm"],
-                "merged_bytes": p["merged_bytes"],
+                "pid": p.pid,
+                "comm": p.comm,
+                "merged_bytes": p.merged_bytes,
                 "mergeable_bytes": _mergeable_bytes(p),
             }
             for p in processes

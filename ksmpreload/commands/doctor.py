@@ -154,7 +154,7 @@ def doctor(targets, as_json, timeout, as_is, quiet):
     if as_is and not command:
         raise click.UsageError("--as-is needs a command: ksmpreload doctor --as-is -- COMMAND")
     report = diagnose_command(command, timeout, quiet or as_json, as_is) if command else diagnosis.diagnose(pids)
-    attribution.require_read(pids, report["processes"])
+    attribution.require_read(pids, [process["pid"] for process in report["processes"]])
     if as_json:
         render.print_json(report)
     else:

@@ -26,17 +26,17 @@ def process_section(report):
     ]
     rows = [
         [
-            p["pid"],
-            p["comm"],
-            p["shim"]["strategy"] if p["shim"] else "no shim",
-            mib(p["merged_bytes"]),
-            mib(p["saved_bytes"]) + ("*" if p["saved_is_estimate"] else ""),
-            mib(p["padding_bytes"]),
-            mib(p["net_saved_bytes"]),
-            p["ksm_stat"].get("ksm_zero_pages", "-"),
-            mib(p["ksm_stat"]["ksm_process_profit"]) if "ksm_process_profit" in p["ksm_stat"] else "-",
+            p.pid,
+            p.comm,
+            p.shim["strategy"] if p.shim else "no shim",
+            mib(p.merged_bytes),
+            mib(p.saved_bytes) + ("*" if p.saved_is_estimate else ""),
+            mib(p.padding_bytes),
+            mib(p.net_saved_bytes),
+            p.ksm_stat.get("ksm_zero_pages", "-"),
+            mib(p.ksm_stat["ksm_process_profit"]) if "ksm_process_profit" in p.ksm_stat else "-",
         ]
-        for p in sorted(report["processes"], key=lambda p: -p["net_saved_bytes"])
+        for p in sorted(report.processes, key=lambda p: -p.net_saved_bytes)
     ]
     title = "Processes (saved: fair share, docs/SAVINGS.md; * estimated without root; net = saved - shim - rmap items)"
     return title, columns, rows
@@ -60,11 +60,11 @@ def region_section(process, limit):
         ]
         for label, totals in list(attribution.by_label(process).items())[:limit]
     ]
-    return f"Regions of {process['pid']} ({process['comm']}), by what made them", columns, rows
+    return f"Regions of {process.pid} ({process.comm}), by what made them", columns, rows
 
 
 def sharing_section(report):
-    shared = report["sharing"]
+    shared = report.sharing
     pids = [p["pid"] for p in shared["processes"]]
     pairs = {tuple(pair["pids"]): pair["pages"] for pair in shared["pairs"]}
     within = {entry["pid"]: entry["pages"] for entry in shared["within_process"]}
@@ -87,17 +87,14 @@ def unmerged_section(report):
         ("made by", "left"),
         ("unmerged MiB", "right"),
     ]
-    rows = [
-        [u["pid"], u["comm"], f"{u['start']:x}-{u['end']:x}", u["label"], mib(u["unmerged_kib"] * 1024)]
-        for u in report["unmerged"]
-    ]
+    rows = [[u.pid, u.comm, f"{u.start:x}-{u.end:x}", u.label, mib(u.unmerged_kib * 1024)] for u in report.unmerged]
     return "Biggest mergeable regions not merged", columns, rows
 
 
 def sections(report, region_limit):
     found = [process_section(report)]
-    found += [region_section(process, region_limit) for process in report["processes"]]
-    if report["sharing"]:
+    found += [region_section(process, region_limit) for process in report.processes]
+    if report.sharing:
         found.append(sharing_section(report))
     found.append(unmerged_section(report))
     return found
@@ -107,13 +104,13 @@ def print_tables(report, region_limit):
     parts = []
     for title, columns, rows in sections(report, region_limit):
         parts += [render.table(columns, rows, title=title), Text()]
-    parts += render.note_lines(report["notes"])
+    parts += render.note_lines(report.notes)
     render.print_rich(Group(*parts))
 
 
 def print_markdown(report, region_limit):
     parts = [render.markdown_table(columns, rows, title) for title, columns, rows in sections(report, region_limit)]
-    parts += [f"Note: {note}" for note in report["notes"]]
+    parts += [f"Note: {note}" for note in report.notes]
     click.echo("\n\n".join(parts))
 
 
@@ -143,9 +140,9 @@ def report(pids, as_json, markdown, region_limit, no_sharing):
         raise click.UsageError("choose one of --json and --markdown")
     kernel.require_processes(pids)
     result = attribution.attribution(list(pids) or None, with_sharing=not no_sharing)
-    attribution.require_read(pids, result["processes"])
+    attribution.require_read(pids, [process.pid for process in result.processes])
     if as_json:
-        render.print_json(result)
+        render.print_json(result.to_dict())
     elif markdown:
         print_markdown(result, region_limit)
     else:

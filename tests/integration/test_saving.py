@@ -40,8 +40,8 @@ def test_fair_shares_by_hand_and_they_add_up_to_the_machine():
     assert sum(share.saved_pages for share in everyone.values()) == pytest.approx(machine, rel=0.005)
     assert sum(estimates) == pytest.approx(machine, rel=0.005), "without root the estimates add up too"
     page = kernel.page_size()
-    reported = {process["pid"]: process for process in report["processes"]}
+    reported = {process.pid: process for process in report.processes}
     for pid in pids:
-        assert reported[pid]["saved_bytes"] == round(shares[pid].saved_pages * page)
-        assert not reported[pid]["saved_is_estimate"]
-        assert reported[pid]["net_saved_bytes"] == shares[pid].net_saved_bytes
+        assert reported[pid].saved_bytes == round(shares[pid].saved_pages * page)
+        assert not reported[pid].saved_is_estimate
+        assert reported[pid].net_saved_bytes == shares[pid].net_saved_bytes
