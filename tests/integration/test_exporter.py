@@ -167,6 +167,10 @@ def test_once_reports_a_merging_process_and_the_global_counters(ksm_running, c_p
     assert value["pages_sharing"] + value["pages_shared"] >= merged
     zero_pages = samples.get("ksmpreload_ksm_ksm_zero_pages", [({}, 0)])[0][1]
     assert samples["ksmpreload_saved_bytes"][0][1] == (value["pages_sharing"] + zero_pages) * kernel.page_size()
+    # per process: the estimate of docs/SAVINGS.md, which adds up to the machine's figure
+    shares = sum(value for _, value in samples["ksmpreload_process_saved_bytes"])
+    assert shares == pytest.approx(samples["ksmpreload_saved_bytes"][0][1], rel=0.01), shares
+    assert value_for_pid(samples, "ksmpreload_process_saved_bytes", proc.pid) > 0
     assert 0 < samples["ksmpreload_scrape_duration_seconds"][0][1] < 5
     assert all(help_text for _, help_text in families.values())
 
