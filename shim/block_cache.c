@@ -11,9 +11,10 @@
  * allotment and its blocks back when it exits, through a pthread key's destructor (the key is
  * taken once, by the constructor). Not __cxa_thread_atexit_impl, which C++ thread_local uses:
  * it takes the loader's lock, and a thread that a dlopen'ed library's constructor started and
- * joined hung in free. A free in a later destructor of the exiting thread opens the cache
- * again, and glibc calls the key's destructor again (up to PTHREAD_DESTRUCTOR_ITERATIONS
- * rounds): only a cache first opened in the last round keeps its blocks. A block lives in one cache at a time; a word
+ * joined hung in free. Once the destructor has run, the thread's later frees go straight to
+ * the allocator; a cache first opened by another key's destructor makes glibc call this one
+ * (up to PTHREAD_DESTRUCTOR_ITERATIONS rounds): only a cache first opened in the last round,
+ * after this key's turn, keeps its blocks (and its allotment) for good. A block lives in one cache at a time; a word
  * inside it holds a secret of the shim's, mixed with its address, while it is kept, so that a
  * second free of it, on any thread, is seen (the program's allocator would have seen it too). */
 #define _GNU_SOURCE
@@ -140,7 +141,7 @@ static void give_back_allotment(void) { __atomic_fetch_sub(&allotted, KSM_CACHE_
 static void close_at_thread_exit(void *arg)
 {
     struct thread_cache *cache = arg;
-    cache->state = UNOPENED; /* a later destructor's free may open it again: this runs again */
+    cache->state = CLOSED; /* a later destructor's free goes straight to the allocator */
     while (cache->count)
         release_slot(cache, cache->count - 1);
     publish(cache, 1);

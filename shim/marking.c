@@ -118,9 +118,12 @@ static int parse_maps_line(const char *line, struct vma *vma)
  * (a path near PATH_MAX) is visited from its start, a file's, and the rest of it skipped. */
 static void for_each_mapping(int (*visit)(const struct vma *, void *), void *context)
 {
+    int cancel = ksm_cancel_off();
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (fd < 0) {
+        ksm_cancel_restore(cancel);
         return;
+    }
     char buffer[4096];
     size_t held = 0;
     ssize_t got;
@@ -145,6 +148,7 @@ static void for_each_mapping(int (*visit)(const struct vma *, void *), void *con
         memmove(buffer, line, held);
     }
     close(fd);
+    ksm_cancel_restore(cancel);
 }
 
 static int private_anonymous(const struct vma *vma) { return vma->anonymous && vma->perms[3] == 'p'; }

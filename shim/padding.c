@@ -21,9 +21,13 @@
 #define FIRST_CAPACITY 64 /* entries; the first arrays are static, so a program with few padded blocks maps nothing */
 
 struct entry {
-    uintptr_t block; /* 0: empty */
-    uint64_t padding;
+    uintptr_t block;  /* 0: empty */
+    uint64_t padding; /* and MADE */
 };
+
+/* In an entry's padding word: the shim made the block itself (allocated it, or moved it to a
+ * block it allocated), so the block cache may keep it. */
+#define MADE (1ull << 63)
 
 struct shard {
     pthread_mutex_t lock;
@@ -123,12 +127,12 @@ static void count_change(int sign, uint64_t padding)
     ksm_stat_add(KSM_STAT_padding_bytes, sign > 0 ? padding : -padding);
 }
 
-void ksm_padding_note(void *ptr, size_t padding)
+void ksm_padding_note(void *ptr, size_t padding, int made)
 {
     /* A block without padding is not kept, unless the cache needs to know the shim made it
      * (block_cache.c keeps no other block). An entry left at its address by a block freed
      * behind the shim's back is taken out when this block is freed (ksm_padding_forget). */
-    if (!padding && !ksm_runtime.caching)
+    if (!padding && !(made && ksm_runtime.caching))
         return;
     int saved_errno = errno; /* a failed mmap in grow() is nobody's business */
     uintptr_t block = (uintptr_t)ptr;
@@ -136,11 +140,11 @@ void ksm_padding_note(void *ptr, size_t padding)
     pthread_mutex_lock(&shard->lock);
     struct entry *entry = find(shard, block);
     if (entry) { /* a block freed behind the shim's back (free in another library), now reused */
-        count_change(-1, entry->padding);
+        count_change(-1, entry->padding & ~MADE);
         remove_entry(shard, entry);
     }
     if ((shard->count + 1) * 2 <= shard->capacity || grow(shard)) {
-        put_entry(shard, block, padding);
+        put_entry(shard, block, padding | (made && ksm_runtime.caching ? MADE : 0));
         __atomic_store_n(&shard->count, shard->count + 1, __ATOMIC_RELAXED);
         count_change(1, padding);
     }
@@ -148,24 +152,24 @@ void ksm_padding_note(void *ptr, size_t padding)
     errno = saved_errno;
 }
 
-size_t ksm_padding_forget(void *ptr, int *found)
+size_t ksm_padding_forget(void *ptr, int *made)
 {
     uintptr_t block = (uintptr_t)ptr;
     struct shard *shard = shard_of(block);
-    if (found)
-        *found = 0;
+    if (made)
+        *made = 0;
     /* Unlocked: only this block's owner adds or takes out its entry, so an empty shard
      * cannot be about to hold it. */
     if (!ptr || !__atomic_load_n(&shard->count, __ATOMIC_RELAXED))
         return 0;
     pthread_mutex_lock(&shard->lock);
     struct entry *entry = find(shard, block);
-    size_t padding = entry ? entry->padding : 0;
+    size_t padding = entry ? entry->padding & ~MADE : 0;
     if (entry) {
+        if (made)
+            *made = (entry->padding & MADE) != 0;
         count_change(-1, padding);
         remove_entry(shard, entry);
-        if (found)
-            *found = 1;
     }
     pthread_mutex_unlock(&shard->lock);
     return padding;

@@ -6,11 +6,11 @@
 #include <stddef.h>
 
 void ksm_padding_start(size_t page_size);
-/* The live block at ptr, which the shim made, costs `padding` bytes of alignment (0: none,
- * not kept unless the block cache is on: it keeps only blocks the shim made). */
-void ksm_padding_note(void *ptr, size_t padding);
+/* The live block at ptr costs `padding` bytes of alignment (0: none, not kept unless the
+ * block cache is on and `made`: the shim made the block, and the cache keeps no other). */
+void ksm_padding_note(void *ptr, size_t padding, int made);
 /* The block at ptr is about to be freed or moved: its padding leaves the gauge and is
- * returned (0 for a block without padding); *found (if given): it had an entry. */
-size_t ksm_padding_forget(void *ptr, int *found);
+ * returned (0 for a block without padding); *made (if given): noted as made by the shim. */
+size_t ksm_padding_forget(void *ptr, int *made);
 
 #endif

@@ -255,10 +255,12 @@ static const struct backend *choose_backend(void)
     return other_good_size || other_nallocx ? &sized_backend : &unknown_backend;
 }
 
-static void mark_heap_block(void *ptr, size_t size)
+/* `made`: the shim allocated the block (a realloc's result is made only when the old block was:
+ * the allocator may have resized in place, or moved it within the program's own arena). */
+static void mark_heap_block(void *ptr, size_t size, int made)
 {
     if (ksm_runtime.config.align && is_page_aligned(ptr))
-        ksm_padding_note(ptr, backend->padding(ptr, size, real_malloc_usable_size(ptr)));
+        ksm_padding_note(ptr, backend->padding(ptr, size, real_malloc_usable_size(ptr)), made);
     ksm_mark_heap_block(ptr, size);
 }
 
@@ -278,7 +280,7 @@ static void *cached_block(size_t size)
     size_t usable;
     void *ptr = ksm_runtime.caching ? take_from_cache(size, &usable) : NULL; /* off: no call, nothing learned */
     if (ptr)
-        ksm_padding_note(ptr, backend->padding(ptr, size, usable));
+        ksm_padding_note(ptr, backend->padding(ptr, size, usable), 1);
     return ptr;
 }
 
@@ -359,7 +361,7 @@ SLOW_PATH static void *allocate_large(size_t size, size_t align)
         errno = ENOMEM;
         return NULL;
     }
-    mark_heap_block(ptr, size);
+    mark_heap_block(ptr, size, 1);
     errno = saved_errno;
     return ptr;
 }
@@ -456,7 +458,7 @@ SLOW_PATH static void *allocate_large_zeroed(size_t count, size_t size, size_t t
         errno = ENOMEM;
         return NULL;
     }
-    mark_heap_block(ptr, total);
+    mark_heap_block(ptr, total, 1);
     errno = saved_errno;
     return ptr;
 }
@@ -500,7 +502,7 @@ static void *realloc_keeping_alignment(void *old, size_t size)
     return ptr;
 }
 
-SLOW_PATH static void *reallocate_large(void *old, size_t size)
+SLOW_PATH static void *reallocate_large(void *old, size_t size, int old_made)
 {
     int saved_errno = errno;
     void *ptr;
@@ -512,7 +514,7 @@ SLOW_PATH static void *reallocate_large(void *old, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    mark_heap_block(ptr, size);
+    mark_heap_block(ptr, size, old_made);
     errno = saved_errno;
     return ptr;
 }
@@ -568,11 +570,11 @@ EXPORT void *calloc(size_t count, size_t size)
 /* The old block's padding leaves the gauge; it comes back if realloc fails. */
 static void *realloc_taking_padding(void *old, size_t size)
 {
-    int noted;
-    size_t padding = ksm_padding_forget(old, &noted);
-    void *ptr = size < threshold_now() ? real_realloc(old, size) : reallocate_large(old, size);
-    if (!ptr && size && noted)
-        ksm_padding_note(old, padding);
+    int made;
+    size_t padding = ksm_padding_forget(old, &made);
+    void *ptr = size < threshold_now() ? real_realloc(old, size) : reallocate_large(old, size, made);
+    if (!ptr && size)
+        ksm_padding_note(old, padding, made);
     return ptr;
 }
 
@@ -829,6 +831,13 @@ static void choose_marking(void)
     }
 }
 
+/* The malloc library is a checking (debug) build: its name says so. */
+static int malloc_library_checks(void)
+{
+    Dl_info info;
+    return dladdr((void *)real_malloc, &info) && info.dli_fname && strstr(info.dli_fname, "debug");
+}
+
 static void say_configuration(void)
 {
     char text[256];
@@ -879,10 +888,11 @@ __attribute__((constructor)) static void ksmpreload_start(void)
     ksm_glibc_start(ksm_glibc_thresholds_fixed(), ksm_runtime.config.align && ksm_runtime.config.cache, &glibc);
     ksm_jemalloc_start((void *)real_malloc, ksm_runtime.config.threshold, ksm_runtime.config.jemalloc_hooks);
     backend = choose_backend();
-    /* Not under another allocator (valgrind's, a sanitizer's): a block kept here would hide
-     * its free from the tool that checks the program's memory. */
-    if (ksm_runtime.config.align && ksm_runtime.config.cache &&
-        (ksm_runtime.allocator_is_glibc || ksm_jemalloc_found() || other_good_size || other_nallocx)) {
+    /* Not under another allocator (valgrind's, a sanitizer's) nor a checking build of a known
+     * one (libtcmalloc_minimal_debug): a block kept here would hide its free from the tool
+     * that checks the program's memory. */
+    if (ksm_runtime.config.align && ksm_runtime.config.cache && backend != &unknown_backend &&
+        !malloc_library_checks()) {
         struct ksm_cache_calls cache_calls = {free_to_allocator,
                                               ksm_runtime.allocator_is_glibc ? ksm_glibc_pins_free_memory : NULL};
         ksm_cache_start(ksm_runtime.config.threshold, &cache_calls);

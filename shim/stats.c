@@ -200,7 +200,7 @@ static void start_file(char *map)
 /* Any failure leaves the counters in private memory. */
 static void publish(void)
 {
-    int saved_errno = errno;
+    int saved_errno = errno, cancel = ksm_cancel_off();
     char name[32];
     file_name(name, sizeof name);
     int dir_fd = open_stats_dir(0);
@@ -210,6 +210,7 @@ static void publish(void)
             start_file(map);
         close(dir_fd);
     }
+    ksm_cancel_restore(cancel);
     errno = saved_errno;
 }
 

@@ -4,6 +4,7 @@
 #ifndef KSMPRELOAD_SYS_H
 #define KSMPRELOAD_SYS_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -24,6 +25,22 @@ static inline int ksm_sys_madvise(void *addr, size_t len, int advice)
 static inline void *ksm_sys_mremap(void *old, size_t old_len, size_t new_len, int flags, void *new_addr)
 {
     return (void *)syscall(SYS_mremap, old, old_len, new_len, flags, new_addr);
+}
+
+/* The shim's own file work (the counters file, /proc/self/maps, the pagemap) runs inside
+ * malloc, calloc and realloc, which are no cancellation points, while open, read and close
+ * are: a thread cancelled there would leak its block, or a file descriptor. */
+static inline int ksm_cancel_off(void)
+{
+    int before;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &before);
+    return before;
+}
+
+static inline void ksm_cancel_restore(int before)
+{
+    int ignored;
+    pthread_setcancelstate(before, &ignored);
 }
 
 #endif

@@ -4,6 +4,7 @@
  * is all zero already (the zero page, say) is only read. */
 #define _GNU_SOURCE
 #include "zeroing.h"
+#include "sys.h"
 
 #include <fcntl.h>
 #include <stdint.h>
@@ -29,6 +30,7 @@ static void clear_if_used(unsigned char *page, size_t length, uint64_t entry)
 /* Clears [block, block + size), block page-aligned; on any failure to read the pagemap, all of it. */
 void ksm_clear_block(unsigned char *block, size_t size, size_t page_size)
 {
+    int cancel = ksm_cancel_off();
     int fd = size < WORTH_A_LOOK ? -1 : open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     size_t done = 0;
     uint64_t entries[ENTRIES];
@@ -43,6 +45,7 @@ void ksm_clear_block(unsigned char *block, size_t size, size_t page_size)
     }
     if (fd >= 0)
         close(fd);
+    ksm_cancel_restore(cancel);
     if (done < size)
         memset(block + done, 0, size - done);
 }

@@ -13,7 +13,8 @@
  *                        once it holds free memory: the cache empties itself while serving
  *   cache_probe arena    (under jemalloc) frees a block of an arena of its own, destroys the
  *                        arena, asks for a block of that size: prints "ok", or "handed out" when
- *                        it got the destroyed arena's block back; "no jemalloc" without it */
+ *                        it got the destroyed arena's block back; "no jemalloc" without it
+ *   cache_probe arena-realloc  the same, the block resized by realloc (in place) before its free */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -157,7 +158,7 @@ typedef void *(*mallocx_fn)(size_t, int);
 #define NO_TCACHE (1 << 8)                               /* MALLOCX_TCACHE_NONE */
 #define PAGE_ALIGN_FLAG 12                               /* MALLOCX_LG_ALIGN(12) */
 
-static int destroyed_arena_block(void)
+static int destroyed_arena_block(int resize)
 {
     mallctl_fn mallctl = (mallctl_fn)dlsym(RTLD_DEFAULT, "mallctl");
     mallocx_fn mallocx = (mallocx_fn)dlsym(RTLD_DEFAULT, "mallocx");
@@ -175,12 +176,14 @@ static int destroyed_arena_block(void)
     if (!block)
         return 1;
     memset(block, 1, 16 * 1024);
+    if (resize) /* through the shim's realloc: jemalloc resizes it in place, in its arena */
+        block = realloc(block, 12 * 1024);
     free(block);
     char name[64];
     snprintf(name, sizeof name, "arena.%u.destroy", arena);
     if (mallctl(name, NULL, NULL, NULL, 0) != 0)
         return 1;
-    char *again = malloc(16 * 1024);
+    char *again = malloc(resize ? 12 * 1024 : 16 * 1024);
     printf(again == block ? "handed out\n" : "ok\n");
     free(again);
     return 0;
@@ -203,7 +206,9 @@ int main(int argc, char **argv)
     if (argc == 2 && !strcmp(argv[1], "emptied"))
         return empty_while_serving();
     if (argc == 2 && !strcmp(argv[1], "arena"))
-        return destroyed_arena_block();
-    fprintf(stderr, "usage: cache_probe phases|twice|across|pin|emptied|arena\n");
+        return destroyed_arena_block(0);
+    if (argc == 2 && !strcmp(argv[1], "arena-realloc"))
+        return destroyed_arena_block(1);
+    fprintf(stderr, "usage: cache_probe phases|twice|across|pin|emptied|arena|arena-realloc\n");
     return 2;
 }

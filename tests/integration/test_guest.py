@@ -373,15 +373,27 @@ def test_cache_opened_by_a_thread_that_a_dlopen_constructor_joins(c_programs, sh
     assert done.returncode == 0 and done.stdout == "loaded\n", (done.returncode, done.stderr)
 
 
-def test_cache_keeps_no_block_of_an_arena_the_program_destroys(c_programs, shim_env):
+@pytest.mark.parametrize("mode", ["arena", "arena-realloc"])
+def test_cache_keeps_no_block_of_an_arena_the_program_destroys(c_programs, shim_env, mode):
     """Only blocks the shim made are kept: a block of the program's own jemalloc arena, freed
-    and kept, was handed out again after the arena was destroyed (a crash)."""
+    (or first resized in place by the shim's realloc) and kept, was handed out again after the
+    arena was destroyed (a crash)."""
     require(os.path.exists(JEMALLOC), "libjemalloc2 is not installed")
     done = subprocess.run(
-        [c_programs("cache_probe"), "arena"],
+        [c_programs("cache_probe"), mode],
         env=shim_env((JEMALLOC,), threshold=THRESHOLD, cache=1),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "ok\n"), (done.returncode, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("preload_after", allocators())
+def test_malloc_and_calloc_stay_no_cancellation_points(c_programs, shim_env, preload_after):
+    """A thread with a cancel request pending comes back from malloc and calloc, although the
+    shim opens and reads files inside them (its counters file, /proc/self/maps)."""
+    done = subprocess.run(
+        [c_programs("cancel_probe")], env=shim_env(preload_after), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.count(": returned") == 2, (done.stdout, done.stderr)
