@@ -20,12 +20,15 @@ from .sizes import MIB
 
 if TYPE_CHECKING:
     from .attribution import ProcessAttribution
+    from .layout import LayoutReport
     from .potential import PotentialReport
 
 SLOW_SCAN_SECONDS = kernel.FULL_SCAN_TARGET_SECONDS  # a full scan slower than this is a finding
 NOT_SCANNED_SHARE = 0.5  # a process whose mergeable pages KSM has seen less than this share of
 VOLATILE_SHARE = 0.2  # pages_volatile above this share of the pages KSM tracks
 NO_DUPLICATES_SHARE = 0.01  # a potential below this share of the pages read: nothing to merge
+HIDDEN_MIN_BYTES = 1 << 20  # duplicates at other offsets worth a finding: this much, and
+HIDDEN_SHARE = 0.2  # this share of all duplicate content
 GOOD_EFFICIENCY = 0.9  # merged / potential above this: nothing left to find
 MYTH_NOTE = (
     "KSM needs no KVM and no particular hypervisor: it merges the memory of any process "
@@ -365,13 +368,16 @@ def _ksm_merged_pages(report):
     return sum(process.ksm_merging_pages or 0 for process in report.processes.values())
 
 
-def no_duplicates_finding(report: PotentialReport) -> Finding | None:
+def no_duplicates_finding(report: PotentialReport, layout: LayoutReport | None = None) -> Finding | None:
     """Little to gain and nothing merged by KSM (pages shared since a fork count as merged and
-    are duplicates in the potential, so what is left to gain is what counts)."""
+    are duplicates in the potential, so what is left to gain is what counts), and no duplicate
+    content at other offsets either (when that could be read)."""
     totals = report.totals
     left_to_gain = report.potential_pages - (report.merged_pages or 0)
     small = NO_DUPLICATES_SHARE * totals["pages"]
     if totals["pages"] < 256 or left_to_gain >= small or _ksm_merged_pages(report) >= small:
+        return None
+    if layout and layout.duplicate_bytes >= small * report.page_size:
         return None
     return Finding(
         "no_duplicates",
@@ -389,6 +395,41 @@ def no_duplicates_finding(report: PotentialReport) -> Finding | None:
             "potential_pages": report.potential_pages,
             "merged_pages": report.merged_pages,
             "ksm_merging_pages": _ksm_merged_pages(report),
+        },
+    )
+
+
+def hidden_duplicates_finding(
+    report: PotentialReport, layout: LayoutReport, processes: list[ProcessAttribution]
+) -> Finding | None:
+    """Duplicate content that whole-page hashing does not see: equal data at different offsets
+    within its pages, which page-aligning the blocks that hold it (ksm-wrap) makes mergeable."""
+    page_duplicates = (report.totals["saving_across"] + report.totals["saving_within"]) * report.page_size
+    hidden = layout.duplicate_bytes - page_duplicates
+    if hidden < HIDDEN_MIN_BYTES or hidden < HIDDEN_SHARE * layout.duplicate_bytes:
+        return None
+    unwrapped = [process for process in processes if not process.shim]
+    fix = (
+        "; ".join(f"ksm-wrap {process.cmdline}" for process in unwrapped[:3])
+        + "   (restart under the shim: it page-aligns blocks of 8 KiB and more)"
+        if unwrapped
+        else "ksm-wrap --threshold 4K ...   (align smaller blocks too)"
+    )
+    return Finding(
+        "duplicates_hidden_by_layout",
+        f"{_mib(hidden)} of duplicate data sits at different offsets in its pages",
+        hidden,
+        f"these processes hold {_mib(layout.duplicate_bytes)} of duplicate content at any offset "
+        f"({_mib(layout.duplicate_bytes_across)} across processes), but only {_mib(page_duplicates)} "
+        "of it fills equal whole pages: KSM merges pages, and equal data behind different "
+        "allocator headers or slots makes different pages.",
+        fix,
+        {
+            "any_offset_duplicate_bytes": layout.duplicate_bytes,
+            "across_processes_bytes": layout.duplicate_bytes_across,
+            "within_process_bytes": layout.duplicate_bytes_within,
+            "page_duplicate_bytes": page_duplicates,
+            "bytes_read": layout.bytes_read,
         },
     )
 
@@ -444,17 +485,25 @@ def potential_summary(
     """(findings, summary) from the duplicate potential of `pids`; a note when it cannot be read."""
     from .potential import potential  # the compiled helper: imported when needed, not with the CLI
 
+    from .layout import duplicates_at_any_offset
+
     try:
         report = potential(pids)
+        layout = duplicates_at_any_offset(pids)
     except (NeedsRoot, ProcessLookupError) as error:
         notes.append(f"no duplicate potential: {error}")
         return [], None
-    found = [no_duplicates_finding(report), unmerged_duplicates_finding(report, processes)]
+    found = [
+        no_duplicates_finding(report, layout),
+        unmerged_duplicates_finding(report, processes),
+        hidden_duplicates_finding(report, layout, processes),
+    ]
     summary = {
         "potential_bytes": report.potential_pages * report.page_size,
         "merged_bytes": None if report.merged_pages is None else report.merged_pages * report.page_size,
         "efficiency": report.efficiency,
         "totals": dict(report.totals),
+        "any_offset": asdict(layout),
     }
     return [finding for finding in found if finding], summary
 

@@ -50,6 +50,8 @@ ffibuilder.cdef("""
     void ksm_count_kind_bits(const uint8_t *kinds, const uint64_t *offsets, size_t nranges,
                              uint64_t *out);
     static const int KSM_KIND_BITS, KSM_CONTENT_FIELDS;
+    size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint64_t *hashes, uint32_t *lengths, size_t cap);
+    #define KSM_CDC_MIN ...
     static const int KSM_T_DISTINCT, KSM_T_MAPPED, KSM_T_SHARED, KSM_T_WITHIN_ONLY, KSM_T_OUTSIDE,
                      KSM_T_LONE, KSM_T_FAIR_SAVED, KSM_TOTAL_FIELDS;
     #define KSM_FAIR_UNIT ...

@@ -655,3 +655,71 @@ static void ksm_count_kind_bits(const uint8_t *kinds, const uint64_t *offsets, s
                 row[b] += kinds[e] >> b & 1;
     }
 }
+
+/* ---- content-defined chunks (ksmpreload/layout.py): equal bytes at any offset ------------- */
+
+/* A chunk ends where the gear hash of the bytes read since its first KSM_CDC_MIN has its low
+ * KSM_CDC_MASK bits zero (about every 1 KiB), or at KSM_CDC_MAX bytes. The hash shifts one bit
+ * a byte, so it depends on the last 64 bytes only: equal data gives the same boundaries
+ * wherever it starts, once past its first chunk. */
+#define KSM_CDC_MIN 256
+#define KSM_CDC_MAX 8192
+#define KSM_CDC_MASK ((1ull << 10) - 1)
+
+static uint64_t ksm_gear[256];
+
+static void ksm_gear_init(void)
+{
+    uint64_t state = 0x243F6A8885A308D3ull; /* splitmix64: a fixed table, the same in every run */
+    for (int i = 0; i < 256; i++) {
+        uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+        z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ z >> 27) * 0x94D049BB133111EBull;
+        ksm_gear[i] = z ^ z >> 31;
+    }
+}
+
+/* XXH64-like hash of `bytes` bytes (any length); 0 when every byte is zero. */
+static uint64_t ksm_hash_bytes(const unsigned char *p, size_t bytes)
+{
+    uint64_t h = KSM_XXH_P1 + bytes, any = 0;
+    size_t at = 0;
+    for (; at + 8 <= bytes; at += 8) {
+        uint64_t word = ksm_load64(p + at);
+        any |= word;
+        h = ksm_rotl(h ^ ksm_xxh_round(0, word), 27) * KSM_XXH_P1 + KSM_XXH_P4;
+    }
+    for (; at < bytes; at++) {
+        any |= p[at];
+        h = ksm_rotl(h ^ p[at] * KSM_XXH_P1, 11) * KSM_XXH_P2;
+    }
+    if (!any)
+        return 0;
+    h = (h ^ h >> 33) * KSM_XXH_P2;
+    h = (h ^ h >> 29) * KSM_XXH_P3;
+    h ^= h >> 32;
+    return h ? h : 1;
+}
+
+/* Cuts buf[0..n) into content-defined chunks: hashes[i] (0: all zero bytes) and lengths[i] of
+ * each, at most `cap` (n / KSM_CDC_MIN + 1 always suffice). Returns the number of chunks. */
+static size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint64_t *hashes, uint32_t *lengths, size_t cap)
+{
+    if (!ksm_gear[0])
+        ksm_gear_init();
+    size_t count = 0, start = 0;
+    while (start < n && count < cap) {
+        size_t limit = n - start > KSM_CDC_MAX ? start + KSM_CDC_MAX : n;
+        size_t end = n - start > KSM_CDC_MIN ? start + KSM_CDC_MIN : n;
+        uint64_t h = 0;
+        while (end < limit) {
+            h = (h << 1) + ksm_gear[buf[end++]];
+            if (!(h & KSM_CDC_MASK))
+                break;
+        }
+        hashes[count] = ksm_hash_bytes(buf + start, end - start);
+        lengths[count++] = (uint32_t)(end - start);
+        start = end;
+    }
+    return count;
+}

@@ -104,6 +104,14 @@ def print_report(report):
             Text(""),
             Text(f"duplicate potential: {potential['potential_bytes'] / MIB:.1f} MiB could merge, {merged} has"),
         ]
+        any_offset = potential.get("any_offset")
+        if any_offset:
+            parts.append(
+                Text(
+                    f"duplicate content at any offset: {any_offset['duplicate_bytes'] / MIB:.1f} MiB "
+                    f"({any_offset['duplicate_bytes_across'] / MIB:.1f} MiB across processes)"
+                )
+            )
     parts += [Text(""), Text("notes:")] + [Text(f"- {note}") for note in report["notes"]]
     render.print_rich(Group(*parts))
 
