@@ -23,6 +23,7 @@ gives approximate numbers, never an error.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import kernel, native
@@ -31,6 +32,7 @@ from .errors import NeedsRoot
 KEEP_MASK = kernel.PAGEMAP_PRESENT | kernel.PAGEMAP_SWAPPED | kernel.PAGEMAP_FILE
 KEEP_VALUE = kernel.PAGEMAP_PRESENT
 READ_PAGES = 256  # pages read at once (1 MiB): a run longer than that is cut there
+CHUNK_BYTES = native.ffi.sizeof("struct ksm_chunk")
 
 
 @dataclass
@@ -45,28 +47,28 @@ class LayoutReport:
 
 
 class _Chunks:
-    """hash -> [copies, length, first pid, in more than one process]"""
+    """Every chunk read, as the C helper's struct ksm_chunk (16 bytes each: about 16 MiB per GiB
+    read at the average chunk of 1 KiB), in one growing array."""
 
     def __init__(self) -> None:
-        self.seen: dict[int, list] = {}
-        self.buffer_chunks = 0
+        self.capacity, self.size = 1 << 16, 0
+        self.array = native.ffi.new("struct ksm_chunk[]", self.capacity)
 
-    def add(self, data: bytes, pid: int, report: LayoutReport) -> None:
-        cap = len(data) // native.lib.KSM_CDC_MIN + 1
-        hashes, lengths = native.ffi.new("uint64_t[]", cap), native.ffi.new("uint32_t[]", cap)
-        count = native.lib.ksm_cdc_chunks(data, len(data), hashes, lengths, cap)
-        report.chunks += count
-        for i in range(count):
-            digest, length = hashes[i], lengths[i]
-            if not digest:
-                report.zero_bytes += length
-                continue
-            entry = self.seen.get(digest)
-            if entry is None:
-                self.seen[digest] = [1, length, pid, False]
-            else:
-                entry[0] += 1
-                entry[3] = entry[3] or entry[2] != pid
+    def append(self, found, count: int) -> None:
+        if self.capacity - self.size < count:
+            self.capacity = max(2 * self.capacity, self.size + count)
+            grown = native.ffi.new("struct ksm_chunk[]", self.capacity)
+            native.ffi.memmove(grown, self.array, self.size * CHUNK_BYTES)
+            self.array = grown
+        native.ffi.memmove(self.array + self.size, found, count * CHUNK_BYTES)
+        self.size += count
+
+    def count_duplicates(self, report: LayoutReport) -> None:
+        totals = native.ffi.new("uint64_t[4]")
+        native.lib.ksm_chunk_duplicates(self.array, self.size, totals)
+        report.duplicate_bytes, report.duplicate_bytes_across, report.duplicate_bytes_within = totals[0:3]
+        report.zero_bytes = totals[3]
+        report.chunks = self.size
 
 
 def _runs(pages):
@@ -80,46 +82,57 @@ def _runs(pages):
         start = end
 
 
-def _read_process(pid: int, chunks: _Chunks, report: LayoutReport, frames_read: set[int]) -> bool:
-    """Reads pid's anonymous pages in RAM into `chunks`, but frames read already; False if it is gone."""
+def _chunk_run(mem_fd, first_page, pages, owner):
+    """(bytes read, chunks, count) of one run of pages; (0, None, 0) if it cannot be read. On a
+    worker thread: pread and the C helper run without the GIL."""
     page = kernel.page_size()
+    try:
+        data = os.pread(mem_fd, pages * page, first_page * page)
+    except OSError:  # EIO: unmapped since the pagemap read
+        return 0, None, 0
+    cap = len(data) // native.lib.KSM_CDC_MIN + 1
+    found = native.ffi.new("struct ksm_chunk[]", cap)
+    return len(data), found, native.lib.ksm_cdc_chunks(data, len(data), owner, found, cap)
+
+
+def _new_frames(present, frames_read):
+    """Page numbers of the present pages whose frame no page read before maps."""
+    new = []
+    for at in range(present.size):
+        frame = present.data[at]
+        if frame and frame in frames_read:  # 0: a frame number the kernel did not show
+            continue
+        frames_read.add(frame)
+        new.append(present.pages[at])
+    return new
+
+
+def _read_process(pid, owner, chunks, report, frames_read, pool) -> bool:
+    """Reads pid's anonymous pages in RAM into `chunks`, but frames read already, a region's
+    runs on the pool's threads; False if the process is gone."""
 
     def visit(region, first, end, pagemap_fd, mem_fd):
         present = native.PfnArray(with_pages=True)
         present.read_pagemap(pagemap_fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
-        new = []
-        for at in range(present.size):
-            frame = present.data[at]
-            if frame and frame in frames_read:  # 0: a frame number the kernel did not show
-                continue
-            frames_read.add(frame)
-            new.append(present.pages[at])
-        for first_page, pages in _runs(new):
-            try:
-                data = os.pread(mem_fd, pages * page, first_page * page)
-            except OSError:  # EIO: unmapped since the pagemap read
-                continue
-            report.bytes_read += len(data)
-            chunks.add(data, pid, report)
+        runs = _runs(_new_frames(present, frames_read))
+        for read, found, count in pool.map(lambda run: _chunk_run(mem_fd, *run, owner), runs):
+            report.bytes_read += read
+            if count:
+                chunks.append(found, count)
 
     return kernel.walk_ksm_regions(pid, visit, with_mem=True) is not None
 
 
-def duplicates_at_any_offset(pids: list[int]) -> LayoutReport:
-    """The duplicate content of the processes `pids`, wherever it sits (module docstring).
-    NeedsRoot without root: /proc/<pid>/mem and page frames are root's."""
+def duplicates_at_any_offset(pids: list[int], threads: int | None = None) -> LayoutReport:
+    """The duplicate content of the processes `pids`, wherever it sits (module docstring), read
+    and cut on `threads` threads (default: one per CPU). NeedsRoot without root:
+    /proc/<pid>/mem and page frames are root's."""
     if os.geteuid() != 0:
         raise NeedsRoot("finding duplicates at any offset (reading /proc/<pid>/mem)")
     report, chunks, frames_read = LayoutReport(), _Chunks(), set()
-    for pid in dict.fromkeys(pids):
-        if not _read_process(pid, chunks, report, frames_read):
-            report.missing.append(pid)
-    for copies, length, _, across in chunks.seen.values():
-        if copies > 1:
-            saved = (copies - 1) * length
-            report.duplicate_bytes += saved
-            if across:
-                report.duplicate_bytes_across += saved
-            else:
-                report.duplicate_bytes_within += saved
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        for owner, pid in enumerate(dict.fromkeys(pids)):
+            if not _read_process(pid, owner, chunks, report, frames_read, pool):
+                report.missing.append(pid)
+    chunks.count_duplicates(report)
     return report

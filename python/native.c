@@ -701,9 +701,15 @@ static uint64_t ksm_hash_bytes(const unsigned char *p, size_t bytes)
     return h ? h : 1;
 }
 
-/* Cuts buf[0..n) into content-defined chunks: hashes[i] (0: all zero bytes) and lengths[i] of
- * each, at most `cap` (n / KSM_CDC_MIN + 1 always suffice). Returns the number of chunks. */
-static size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint64_t *hashes, uint32_t *lengths, size_t cap)
+struct ksm_chunk {
+    uint64_t hash; /* 0: all zero bytes */
+    uint32_t length;
+    uint32_t owner; /* the process it was read from, as the caller numbers them */
+};
+
+/* Cuts buf[0..n) into content-defined chunks, written to out[] with `owner`, at most `cap`
+ * (n / KSM_CDC_MIN + 1 always suffice). Returns the number of chunks. */
+static size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint32_t owner, struct ksm_chunk *out, size_t cap)
 {
     if (!ksm_gear[0])
         ksm_gear_init();
@@ -717,9 +723,38 @@ static size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint64_t *hashe
             if (!(h & KSM_CDC_MASK))
                 break;
         }
-        hashes[count] = ksm_hash_bytes(buf + start, end - start);
-        lengths[count++] = (uint32_t)(end - start);
+        out[count++] = (struct ksm_chunk){ksm_hash_bytes(buf + start, end - start), (uint32_t)(end - start), owner};
         start = end;
     }
     return count;
+}
+
+static int ksm_chunk_order(const void *a, const void *b)
+{
+    const struct ksm_chunk *x = a, *y = b;
+    if (x->hash != y->hash)
+        return x->hash < y->hash ? -1 : 1;
+    return x->owner < y->owner ? -1 : x->owner > y->owner;
+}
+
+/* Sorts the chunks and sums what storing each distinct one once would save: totals[0] in all,
+ * [1] of chunks with copies in two owners or more, [2] of chunks all of one owner, [3] the
+ * bytes of all-zero chunks (not counted as duplicates). totals are zeroed by the caller. */
+static void ksm_chunk_duplicates(struct ksm_chunk *chunks, size_t n, uint64_t *totals)
+{
+    qsort(chunks, n, sizeof *chunks, ksm_chunk_order);
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && chunks[j].hash == chunks[i].hash)
+            j++;
+        if (!chunks[i].hash) {
+            for (size_t k = i; k < j; k++)
+                totals[3] += chunks[k].length;
+        } else if (j - i > 1) {
+            uint64_t saved = (uint64_t)(j - i - 1) * chunks[i].length;
+            totals[0] += saved;
+            totals[chunks[i].owner != chunks[j - 1].owner ? 1 : 2] += saved;
+        }
+        i = j;
+    }
 }

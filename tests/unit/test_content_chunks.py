@@ -6,11 +6,11 @@ import random
 from ksmpreload import native
 
 
-def chunks(data):
+def chunks(data, owner=0):
     cap = len(data) // native.lib.KSM_CDC_MIN + 1
-    hashes, lengths = native.ffi.new("uint64_t[]", cap), native.ffi.new("uint32_t[]", cap)
-    count = native.lib.ksm_cdc_chunks(data, len(data), hashes, lengths, cap)
-    return [(hashes[i], lengths[i]) for i in range(count)]
+    out = native.ffi.new("struct ksm_chunk[]", cap)
+    count = native.lib.ksm_cdc_chunks(data, len(data), owner, out, cap)
+    return [(out[i].hash, out[i].length) for i in range(count)]
 
 
 def test_chunks_cover_the_data_at_about_a_kibibyte_each():
@@ -32,3 +32,17 @@ def test_zero_bytes_hash_to_zero_and_nothing_else_does():
     found = chunks(bytes(64 << 10) + random.Random(3).randbytes(64 << 10))
     assert found[0][0] == 0 and sum(1 for digest, _ in found if digest == 0) >= 7
     assert all(digest for digest, _ in found[-50:])
+
+
+def test_duplicates_are_counted_once_per_extra_copy_across_and_within():
+    data = random.Random(4).randbytes(64 << 10)
+    parts = [(data, 0), (random.Random(9).randbytes(100) + data, 1), (data, 1), (bytes(8192), 2)]
+    out = native.ffi.new("struct ksm_chunk[]", 4096)
+    size = 0
+    for part, owner in parts:
+        size += native.lib.ksm_cdc_chunks(part, len(part), owner, out + size, 4096 - size)
+    totals = native.ffi.new("uint64_t[4]")
+    native.lib.ksm_chunk_duplicates(out, size, totals)
+    duplicate, across, within, zero = totals[0:4]
+    assert 1.9 * len(data) <= duplicate <= 2 * len(data) and across == duplicate and within == 0
+    assert zero == 8192
