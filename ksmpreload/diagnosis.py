@@ -479,6 +479,36 @@ def unmerged_duplicates_finding(report: PotentialReport, processes: list[Process
     )
 
 
+def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
+    """What each remedy would save, from what was read before it: one entry per remedy."""
+    page = report.page_size
+    as_is = report.potential_pages * page
+    zero_part = (report.potential_pages - report.totals["saving_across"] - report.totals["saving_within"]) * page
+    extra_copies = layout.duplicate_bytes / layout.duplicate_chunk_bytes if layout.duplicate_chunk_bytes else 0.0
+    aligned = round(layout.aligned_run_bytes * extra_copies) + zero_part
+    wrapped = max(as_is, aligned)
+    padding = layout.aligned_runs * page // 2
+    return [
+        {
+            "remedy": "as-is",
+            "saved_bytes": as_is,
+            "how": "mark the memory mergeable (prctl, or the program's own madvise) and leave its layout",
+            "model": "the pages with equal contents now (the duplicate potential), zero pages included",
+        },
+        {
+            "remedy": "ksm-wrap",
+            "saved_bytes": wrapped,
+            "padding_bytes": padding,
+            "net_saved_bytes": wrapped - padding,
+            "how": "restart the processes under ksm-wrap: blocks of 8 KiB and more page-aligned and marked",
+            "model": "runs of duplicate content (any offset) of 8 KiB and more give their whole pages but "
+            "one, for the copies beyond the first, plus the zero pages; padding about half a page a run. "
+            "Leaves out: blocks the shim does not align (under its threshold, or made by mmap), "
+            "headers inside a block that differ between processes, and runs that end a read.",
+        },
+    ]
+
+
 def potential_summary(
     pids: list[int], processes: list[ProcessAttribution], notes: list[str]
 ) -> tuple[list[Finding], dict | None]:
@@ -504,6 +534,7 @@ def potential_summary(
         "efficiency": report.efficiency,
         "totals": dict(report.totals),
         "any_offset": asdict(layout),
+        "predictions": predictions(report, layout),
     }
     return [finding for finding in found if finding], summary
 
@@ -538,6 +569,7 @@ def diagnose(pids: Sequence[int] = (), program: str | None = None) -> dict:
         "findings": [asdict(finding) for finding in findings],
         "notes": notes,
         "potential": summary,
+        "predictions": summary.pop("predictions") if summary else [],
         "processes": [
             {
                 "pid": p.pid,

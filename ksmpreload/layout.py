@@ -33,6 +33,7 @@ KEEP_MASK = kernel.PAGEMAP_PRESENT | kernel.PAGEMAP_SWAPPED | kernel.PAGEMAP_FIL
 KEEP_VALUE = kernel.PAGEMAP_PRESENT
 READ_PAGES = 256  # pages read at once (1 MiB): a run longer than that is cut there
 CHUNK_BYTES = native.ffi.sizeof("struct ksm_chunk")
+ALIGNED_RUN = 8 * 1024  # ksm-wrap's default threshold: shorter blocks it leaves where they are
 
 
 @dataclass
@@ -43,6 +44,9 @@ class LayoutReport:
     duplicate_bytes: int = 0
     duplicate_bytes_across: int = 0  # of chunks with copies in two processes or more
     duplicate_bytes_within: int = 0  # of chunks whose copies are all in one process
+    duplicate_chunk_bytes: int = 0  # every copy of the duplicate chunks
+    aligned_run_bytes: int = 0  # whole pages of duplicate runs of ALIGNED_RUN bytes and more, less one a run
+    aligned_runs: int = 0
     missing: list[int] = field(default_factory=list)  # pids gone before they were read
 
 
@@ -64,10 +68,12 @@ class _Chunks:
         self.size += count
 
     def count_duplicates(self, report: LayoutReport) -> None:
-        totals = native.ffi.new("uint64_t[4]")
-        native.lib.ksm_chunk_duplicates(self.array, self.size, totals)
-        report.duplicate_bytes, report.duplicate_bytes_across, report.duplicate_bytes_within = totals[0:3]
-        report.zero_bytes = totals[3]
+        # in read order first: chunk_duplicates sorts them
+        runs = native.chunk_runs(self.array, self.size, kernel.page_size(), ALIGNED_RUN)
+        report.aligned_run_bytes, report.aligned_runs, report.duplicate_chunk_bytes = runs
+        duplicates = native.chunk_duplicates(self.array, self.size)
+        report.duplicate_bytes, report.duplicate_bytes_across, report.duplicate_bytes_within = duplicates[:3]
+        report.zero_bytes = duplicates[3]
         report.chunks = self.size
 
 

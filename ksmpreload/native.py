@@ -284,3 +284,22 @@ def count_kind_bits(kinds: FFI.CData, offsets: list[int]) -> list[dict[str, int]
     out = u64_array(ranges * width)
     lib.ksm_count_kind_bits(kinds, ffi.new("uint64_t[]", offsets), ranges, out)
     return [dict(zip(KIND_FIELDS, out[r * width : (r + 1) * width])) for r in range(ranges)]
+
+
+# ---- content-defined chunks (ksmpreload.layout) -------------------------------------------------
+
+
+def chunk_runs(chunks, count: int, page: int, min_run: int) -> tuple[int, int, int]:
+    """(bytes in whole pages of duplicate runs, less a page each; runs; bytes of every copy of the
+    duplicate chunks) of chunks[0:count] in read order (ksm_chunk_runs)."""
+    totals = u64_array(3)
+    _check(lib.ksm_chunk_runs(chunks, count, page, min_run, totals))
+    return totals[0], totals[1], totals[2]
+
+
+def chunk_duplicates(chunks, count: int) -> tuple[int, int, int, int]:
+    """(duplicate bytes, of them across owners, within one, bytes of zero chunks) of
+    chunks[0:count], which it sorts (ksm_chunk_duplicates)."""
+    totals = u64_array(4)
+    lib.ksm_chunk_duplicates(chunks, count, totals)
+    return totals[0], totals[1], totals[2], totals[3]

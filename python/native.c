@@ -758,3 +758,55 @@ static void ksm_chunk_duplicates(struct ksm_chunk *chunks, size_t n, uint64_t *t
         i = j;
     }
 }
+
+static int ksm_hash_order(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Whether `hash` occurs more than once in sorted[0..n). */
+static int ksm_repeated(const uint64_t *sorted, size_t n, uint64_t hash)
+{
+    size_t low = 0, high = n; /* the first position whose hash is >= `hash` */
+    while (low < high) {
+        size_t mid = (low + high) / 2;
+        if (sorted[mid] < hash)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    return low + 1 < n && sorted[low] == hash && sorted[low + 1] == hash;
+}
+
+/* What page-aligning the blocks that hold duplicate content would make mergeable, from the
+ * chunks in the order they were read (not sorted): each run of consecutive duplicate chunks
+ * of one owner at least `min_run` bytes long counts its whole pages less one (the block's
+ * head, or tail, that differs or does not fill a page). totals[0] += those bytes, [1] += the
+ * runs, [2] += the bytes of all duplicate chunks (every copy). Returns 0 or -ENOMEM. */
+static int ksm_chunk_runs(const struct ksm_chunk *chunks, size_t n, uint64_t page, uint64_t min_run, uint64_t *totals)
+{
+    uint64_t *sorted = malloc((n ? n : 1) * sizeof *sorted);
+    if (!sorted)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++)
+        sorted[i] = chunks[i].hash;
+    qsort(sorted, n, sizeof *sorted, ksm_hash_order);
+    uint64_t run = 0;
+    for (size_t i = 0; i <= n; i++) {
+        int duplicate = i < n && chunks[i].hash && ksm_repeated(sorted, n, chunks[i].hash);
+        if (duplicate)
+            totals[2] += chunks[i].length;
+        if (duplicate && (run == 0 || chunks[i].owner == chunks[i - 1].owner)) {
+            run += chunks[i].length;
+            continue;
+        }
+        if (run >= min_run && run / page > 1) {
+            totals[0] += (run / page - 1) * page;
+            totals[1]++;
+        }
+        run = duplicate ? chunks[i].length : 0;
+    }
+    free(sorted);
+    return 0;
+}

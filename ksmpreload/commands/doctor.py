@@ -112,6 +112,11 @@ def print_report(report):
                     f"({any_offset['duplicate_bytes_across'] / MIB:.1f} MiB across processes)"
                 )
             )
+    if report.get("predictions"):
+        parts += [Text(""), Text("predicted saving by remedy (see --json for each model):")]
+        for entry in report["predictions"]:
+            net = f", {entry['net_saved_bytes'] / MIB:.1f} MiB net of padding" if "net_saved_bytes" in entry else ""
+            parts.append(Text(f"- {entry['remedy']}: {entry['saved_bytes'] / MIB:.1f} MiB{net}: {entry['how']}"))
     parts += [Text(""), Text("notes:")] + [Text(f"- {note}") for note in report["notes"]]
     render.print_rich(Group(*parts))
 

@@ -9,18 +9,21 @@ import subprocess
 import sys
 
 from conftest import REPO
-from ksmpreload import layout, potential
+from ksmpreload import kernel, layout, potential, saving, scanning
+from ksmpreload.processes import merged_pages
 
 HOLDER = os.path.join(REPO, "tests", "bytes_holder.py")
 
 
 @contextlib.contextmanager
-def holders(*seeds):
-    """Processes of bytes_holder.py, one per seed; yields (pids, bytes each holds)."""
+def holders(*seeds, prefix=()):
+    """Processes of bytes_holder.py, one per seed (after `prefix`, a ksm-wrap command line);
+    yields (pids, bytes each holds)."""
     procs = [
-        subprocess.Popen([sys.executable, HOLDER, str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([*prefix, sys.executable, HOLDER, str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
         for seed in seeds
-    ]
+    ]  # fmt: skip
     try:
         held = [int(proc.stdout.readline().split()[1]) for proc in procs]
         yield [proc.pid for proc in procs], held[0]
@@ -60,3 +63,24 @@ def test_doctor_finds_the_duplicates_that_layout_hides():
     assert "ksm-wrap" in hidden[0]["fix"]
     assert "no_duplicates" not in [finding["key"] for finding in report["findings"]]
     assert report["potential"]["any_offset"]["duplicate_bytes_across"] >= 0.9 * held
+
+
+def measured_saving(prefix):
+    """What KSM then saves for two holders started under `prefix`, merged at a fast scan rate."""
+    with holders(6, 7, prefix=prefix) as (pids, _), scanning.fast_scanning():
+        scanning.wait_until_settled(scanning.ignoring_flutter(lambda: merged_pages(pids)), timeout=120)
+        return saving.saved_pages(pids) * kernel.page_size()
+
+
+def test_predictions_match_what_each_remedy_then_saves():
+    """The doctor reads two plain processes and predicts; then the same processes run under each
+    remedy and merge: ksm-wrap within 20% of its prediction, as-is within 5% of what they hold."""
+    with holders(6, 7) as (pids, held):
+        done = subprocess.run(["ksmpreload", "doctor", "--json", *map(str, pids)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    predicted = {entry["remedy"]: entry for entry in json.loads(done.stdout)["predictions"]}
+    wrapped = measured_saving(["ksm-wrap", "--quiet"])
+    as_is = measured_saving(["ksm-wrap", "--quiet", "--strategy", "prctl", "--no-align"])
+    assert wrapped >= 0.5 * held, (wrapped, held)
+    assert abs(predicted["ksm-wrap"]["saved_bytes"] - wrapped) <= 0.2 * wrapped, (predicted, wrapped)
+    assert abs(predicted["as-is"]["saved_bytes"] - as_is) <= 0.05 * held, (predicted, as_is, held)
