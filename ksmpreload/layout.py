@@ -101,18 +101,6 @@ def _chunk_run(mem_fd, first_page, pages, owner):
     return len(data), found, native.lib.ksm_cdc_chunks(data, len(data), owner, found, cap)
 
 
-def _new_frames(present, frames_read):
-    """Page numbers of the present pages whose frame no page read before maps."""
-    new = []
-    for at in range(present.size):
-        frame = present.data[at]
-        if frame and frame in frames_read:  # 0: a frame number the kernel did not show
-            continue
-        frames_read.add(frame)
-        new.append(present.pages[at])
-    return new
-
-
 def _read_process(pid, owner, chunks, report, frames_read, pool) -> bool:
     """Reads pid's anonymous pages in RAM into `chunks`, but frames read already, a region's
     runs on the pool's threads; False if the process is gone."""
@@ -120,7 +108,7 @@ def _read_process(pid, owner, chunks, report, frames_read, pool) -> bool:
     def visit(region, first, end, pagemap_fd, mem_fd):
         present = native.PfnArray(with_pages=True)
         present.read_pagemap(pagemap_fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
-        runs = _runs(_new_frames(present, frames_read))
+        runs = _runs(frames_read.new_pages(present))
         for read, found, count in pool.map(lambda run: _chunk_run(mem_fd, *run, owner), runs):
             report.bytes_read += read
             if count:
@@ -135,7 +123,7 @@ def duplicates_at_any_offset(pids: list[int], threads: int | None = None) -> Lay
     /proc/<pid>/mem and page frames are root's."""
     if os.geteuid() != 0:
         raise NeedsRoot("finding duplicates at any offset (reading /proc/<pid>/mem)")
-    report, chunks, frames_read = LayoutReport(), _Chunks(), set()
+    report, chunks, frames_read = LayoutReport(), _Chunks(), native.FrameSet()
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
         for owner, pid in enumerate(dict.fromkeys(pids)):
             if not _read_process(pid, owner, chunks, report, frames_read, pool):

@@ -303,3 +303,19 @@ def chunk_duplicates(chunks, count: int) -> tuple[int, int, int, int]:
     totals = u64_array(4)
     lib.ksm_chunk_duplicates(chunks, count, totals)
     return totals[0], totals[1], totals[2], totals[3]
+
+
+class FrameSet:
+    """The page frames read so far (ksm_frame_set: 16 bytes a frame at most)."""
+
+    def __init__(self) -> None:
+        self._set = ffi.gc(lib.ksm_frame_set_new(), lib.ksm_frame_set_free)
+        if self._set == ffi.NULL:
+            raise MemoryError("no memory for a frame set")
+
+    def new_pages(self, present: PfnArray) -> list[int]:
+        """The page numbers of `present` (a PfnArray with pages) whose frames were not seen
+        before; their frames are seen from now on."""
+        out = u64_array(present.size)
+        kept = _check(lib.ksm_frame_set_filter(self._set, present.data, present.pages, present.size, out))
+        return list(out[0:kept])

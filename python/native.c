@@ -810,3 +810,66 @@ static int ksm_chunk_runs(const struct ksm_chunk *chunks, size_t n, uint64_t pag
     free(sorted);
     return 0;
 }
+
+/* A set of page frame numbers (layout.py reads a frame once): open addressing, 8 bytes a slot,
+ * at most half full. */
+struct ksm_frame_set {
+    uint64_t *slots; /* 0: empty (frame 0 is never stored) */
+    size_t capacity, count;
+};
+
+static struct ksm_frame_set *ksm_frame_set_new(void) { return calloc(1, sizeof(struct ksm_frame_set)); }
+
+static void ksm_frame_set_free(struct ksm_frame_set *set)
+{
+    if (set)
+        free(set->slots);
+    free(set);
+}
+
+static size_t ksm_frame_slot(const struct ksm_frame_set *set, uint64_t frame)
+{
+    size_t at = (size_t)(frame * 0x9E3779B97F4A7C15ull) & (set->capacity - 1);
+    while (set->slots[at] && set->slots[at] != frame)
+        at = (at + 1) & (set->capacity - 1);
+    return at;
+}
+
+static int ksm_frame_set_grow(struct ksm_frame_set *set)
+{
+    size_t old_capacity = set->capacity, capacity = old_capacity ? 2 * old_capacity : 1 << 16;
+    uint64_t *old = set->slots;
+    set->slots = calloc(capacity, sizeof *set->slots);
+    if (!set->slots) {
+        set->slots = old;
+        return -ENOMEM;
+    }
+    set->capacity = capacity;
+    for (size_t i = 0; i < old_capacity; i++)
+        if (old[i])
+            set->slots[ksm_frame_slot(set, old[i])] = old[i];
+    free(old);
+    return 0;
+}
+
+/* Of n pages (frames[i] mapped at page number pages[i]), writes to out[] the page numbers of
+ * those whose frame the set has not seen, and adds their frames; frame 0 (a number the kernel
+ * did not show) is always new. Returns how many, or -ENOMEM. */
+static long ksm_frame_set_filter(struct ksm_frame_set *set, const uint64_t *frames, const uint64_t *pages, size_t n,
+                                 uint64_t *out)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (frames[i]) {
+            if (2 * (set->count + 1) > set->capacity && ksm_frame_set_grow(set) != 0)
+                return -ENOMEM;
+            size_t at = ksm_frame_slot(set, frames[i]);
+            if (set->slots[at])
+                continue;
+            set->slots[at] = frames[i];
+            set->count++;
+        }
+        out[kept++] = pages[i];
+    }
+    return (long)kept;
+}
