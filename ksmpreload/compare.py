@@ -56,6 +56,7 @@ class ArmResult(Measurement):
     allocator_loaded: int | None = None  # measured processes that map the preloaded allocator
     throughput: float | None = None
     throughput_unit: str | None = None
+    predicted_bytes: int | None = None  # what the none arm's reading predicted for this arm's remedy
     exit_code: int | None = None  # when the command ended before it was measured
     failure: str | None = None  # why the arm was not measured
 
@@ -109,6 +110,20 @@ def unmerge_all() -> None:
         time.sleep(0.1)
 
 
+# the doctor's remedy (diagnosis.predictions) that each strategy applies
+REMEDIES = {"prctl": "ksm-wrap", "madvise": "ksm-wrap", "madvise-noalign": "as-is"}
+
+
+def predict(pids: list[int]) -> dict[str, int]:
+    """{remedy: saved bytes} predicted from the processes as they are (the none arm)."""
+    from .diagnosis import predictions
+    from .layout import duplicates_at_any_offset
+    from .potential import potential
+
+    found = predictions(potential(pids), duplicates_at_any_offset(pids))
+    return {entry["remedy"]: entry["saved_bytes"] for entry in found}
+
+
 def workload_command(name: str, size: str, processes: int | None = None, method: str | None = None) -> list[str]:
     """The command that serves a workload of the package for `compare --wait-ready`."""
     command = [sys.executable, "-m", "ksmpreload.workloads", "serve", name, "--size", size]
@@ -154,8 +169,13 @@ def run_arm(
     on_sample: Callable[[ArmResult, int], None],
     wait_ready: float | None = None,
     cwd: str | None = None,
+    predicted: dict | None = None,
 ) -> ArmResult:
+    """One arm, measured. The none arm fills `predicted` with what each remedy would save (from
+    its processes as they are), and later arms of the allocator are shown beside theirs."""
     result = ArmResult(allocator=allocator, strategy=strategy)
+    if predicted and REMEDIES.get(strategy) in predicted:
+        result.predicted_bytes = predicted[REMEDIES[strategy]]
     argv, env = arm_command(command, allocator, strategy)
     started = time.monotonic()
     output = subprocess.DEVNULL if wait_ready is None else subprocess.PIPE
@@ -169,6 +189,8 @@ def run_arm(
         follow(pids, started, timeout, result, lambda pages: on_sample(result, pages))
         measured = pids()
         measure(measured, result)
+        if strategy == "none" and predicted is not None:
+            predicted.update(predict(measured))
         library = ALLOCATORS[allocator][0]
         if library:
             result.allocator_loaded = processes_mapping(measured, library)
@@ -201,6 +223,7 @@ def compare(
     results = []
     with scanning.fast_scanning():
         for allocator in allocators:
+            predicted = {}
             for strategy in strategies:
                 unmerge_all()
                 kernel.write_knob("run", 1)
@@ -216,6 +239,7 @@ def compare(
                         on_sample or (lambda result, pages: None),
                         wait_ready,
                         cwd,
+                        predicted,
                     )
                 )
         unmerge_all()

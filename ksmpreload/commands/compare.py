@@ -16,6 +16,7 @@ COLUMNS = [
     ("processes", "right"),
     ("RSS → after merging MiB", "right"),
     *MEASURED_COLUMNS,
+    ("predicted MiB", "right"),
     ("throughput", "right"),
 ]
 
@@ -48,6 +49,7 @@ def rows(results):
                 arm["processes"],
                 f"{mib(arm['resident_bytes'])} → {mib(after)}",
                 *measured_cells(arm),
+                "-" if arm["predicted_bytes"] is None else mib(arm["predicted_bytes"]),
                 throughput(arm),
             ]
         )
@@ -189,7 +191,9 @@ def compare(
     machine) and the same fast scan rate (every knob is restored at the end). Per arm: MiB
     saved, % of resident memory, RSS before and after merging, the shim's alignment
     padding, net saving, seconds to 90% of the final saving, rmap items, throughput if
-    COMMAND reports it.
+    COMMAND reports it. The none arm also predicts what the others save, as the doctor does
+    (its 'predictions': ksm-wrap for prctl and madvise, as-is for madvise-noalign), shown
+    beside them as predicted MiB; arms before the none arm have no prediction.
 
     \b
     With --wait-ready, COMMAND loads its data and then prints one line of JSON on stdout:

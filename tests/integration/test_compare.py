@@ -42,6 +42,9 @@ def test_compare_two_arms_with_json_markdown_and_plot(c_programs, tmp_path):
     assert arms["prctl"]["saved_bytes"] >= 0.9 * held, arms["prctl"]
     assert arms["prctl"]["saved_percent"] > 50 and arms["prctl"]["rmap_items"] > 0
     assert arms["prctl"]["seconds_to_90"] is not None
+    # the none arm's prediction for the remedy prctl applies (ksm-wrap), beside its measurement
+    assert arms["none"]["predicted_bytes"] is None
+    assert abs(arms["prctl"]["predicted_bytes"] - arms["prctl"]["saved_bytes"]) <= 0.2 * arms["prctl"]["saved_bytes"]
     seconds, merged, saved = arms["prctl"]["samples"][-1]  # what the plot draws: the saving over time
     assert merged > saved >= 0.9 * held / 4096, arms["prctl"]["samples"]
     text = markdown.read_text()
