@@ -27,8 +27,11 @@ def merged_pages(*pids):
     return sum(ksm_stat(pid)["ksm_merging_pages"] for pid in pids)
 
 
-def merged_pages_when_settled(*pids):
-    return scanning.wait_until_settled(lambda: merged_pages(*pids))
+def merged_pages_when_settled(*pids, flutter=False):
+    """Once merging settles; with flutter, a few pages that keep merging and breaking (redis's
+    clock and counters) do not hold it up (the wait once ran into its 120 s timeout in CI)."""
+    count = (lambda: merged_pages(*pids)) if not flutter else scanning.ignoring_flutter(lambda: merged_pages(*pids))
+    return scanning.wait_until_settled(count)
 
 
 def stop(proc):
@@ -74,7 +77,7 @@ def test_two_redis_servers_with_the_same_values_merge(ksm_running):
     try:
         for _, client in servers:
             load_same_values(client)
-        merged_pages_when_settled(*(proc.pid for proc, _ in servers))
+        merged_pages_when_settled(*(proc.pid for proc, _ in servers), flutter=True)
         stats = [ksm_stat(proc.pid) for proc, _ in servers]
         counters = [shimstats.read_process_stats(proc.pid) for proc, _ in servers]
         for _, client in servers:  # what was written is still what is read
