@@ -30,7 +30,7 @@ static void clear_if_used(unsigned char *page, size_t length, uint64_t entry)
 /* Clears [block, block + size), block page-aligned; on any failure to read the pagemap, all of it. */
 void ksm_clear_block(unsigned char *block, size_t size, size_t page_size)
 {
-    int cancel = ksm_cancel_off();
+    int cancel = size < WORTH_A_LOOK ? 0 : ksm_cancel_off(); /* no file: nothing to protect */
     int fd = size < WORTH_A_LOOK ? -1 : open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     size_t done = 0;
     uint64_t entries[ENTRIES];
@@ -45,7 +45,8 @@ void ksm_clear_block(unsigned char *block, size_t size, size_t page_size)
     }
     if (fd >= 0)
         close(fd);
-    ksm_cancel_restore(cancel);
+    if (size >= WORTH_A_LOOK)
+        ksm_cancel_restore(cancel);
     if (done < size)
         memset(block + done, 0, size - done);
 }

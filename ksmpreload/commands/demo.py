@@ -133,6 +133,18 @@ def run_workload(name, size, strategy, processes, method, as_json, markdown_path
         raise KsmError("; ".join(problems))
 
 
+def check_demo_options(workload, size, processes, method):
+    """Usage errors before anything starts: the demo's own options with --workload, a workload's
+    options without it, or options the workload cannot take."""
+    if not workload:
+        workload_view.refuse_without_workload(workload, "size", "strategy", "processes", "method", "markdown_path")
+        return
+    for name in ("workers", "mib", "timeout"):
+        if workload_view.given(name):
+            raise click.UsageError(f"{workload_view.flag(name)} is for the demo's own workers, not with --workload")
+    check_options(workload, size, processes, method)
+
+
 @click.command()
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(2, 16), help="How many workers.")
 @click.option("--mib", default=64, show_default=True, type=click.IntRange(1, 4096), help="MiB each worker holds.")
@@ -172,13 +184,7 @@ def demo(workers, mib, timeout, workload, size, strategy, processes, method, mar
     \b
     [WORKLOADS]
     """
-    if workload:
-        for name in ("workers", "mib", "timeout"):
-            if workload_view.given(name):
-                raise click.UsageError(f"{workload_view.flag(name)} is for the demo's own workers, not with --workload")
-    workload_view.refuse_without_workload(workload, "size", "strategy", "processes", "method", "markdown_path")
-    if workload:
-        check_options(workload, size, processes, method)
+    check_demo_options(workload, size, processes, method)
     kernel.require_ksm()
     if workload:
         run_workload(workload, size, strategy, processes, method, as_json, markdown_path)

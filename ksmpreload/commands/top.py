@@ -39,10 +39,11 @@ GLOBAL_COUNTERS = (
 )
 
 
-def process_rows(name_filter, notes):
+def process_rows(name_filter, notes, knobs):
     """One row per KSM process; what could not be read goes to `notes`. saved: the estimate
-    from ksm_stat (saving.estimated_saved_pages: no page frames read at every refresh)."""
-    page, knobs = kernel.page_size(), kernel.read_knobs()
+    from ksm_stat and the machine's `knobs` (saving.estimated_saved_pages: no page frames read
+    at every refresh)."""
+    page = kernel.page_size()
     counters = shimstats.all_process_stats(prune=False, problems=notes)
     processes, unreadable = kernel.ksm_processes_and_unreadable()
     notes += kernel.unreadable_notes(unreadable)
@@ -72,9 +73,8 @@ def process_rows(name_filter, notes):
 
 def snapshot(sort, name_filter):
     key, largest_first = SORT_KEYS[sort]
-    notes = []
-    rows = sorted(process_rows(name_filter, notes), key=lambda row: row[key], reverse=largest_first)
-    knobs = kernel.read_knobs()
+    notes, knobs = [], kernel.read_knobs()
+    rows = sorted(process_rows(name_filter, notes, knobs), key=lambda row: row[key], reverse=largest_first)
     if knobs.get("run") != 1 and knobs.get("pages_sharing"):
         notes.append("ksmd is not running: pages_sharing, and the saving from it, are as of its last scan")
     totals = {
