@@ -10,6 +10,12 @@ KSMPRELOAD_STATS_DIR=off). Rounds are sized so that each run writes about --mib 
 millisecond otherwise, too short to time on a shared machine).
 Repetitions are interleaved (alone, shim; shim, alone; ...), so drift falls on both sides.
 
+A third arm, `floor` (scripts/bench/align_floor.c), only calls the allocator's posix_memalign(4096)
+for blocks from 8 KiB: what page alignment through the allocator's API costs before the shim adds
+anything (patterns loop, threads, handoff and mixed, which call malloc and free only). With
+--baseline SHIM, another build of the shim runs as a fourth arm in the same interleaved order
+(before and after a change, in one run).
+
 Reported per case: the median loop time of each arm and shim/alone as the ratio of medians;
 minor faults per round and peak RSS of each arm (from getrusage, median); and, from one extra
 run of each arm under `strace -f -c`, the mapping system calls (mmap, munmap, mremap, brk,
@@ -32,6 +38,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "bench", "large_churn.c")
+FLOOR_SOURCE = os.path.join(HERE, "bench", "align_floor.c")
+FLOOR_PATTERNS = {"loop", "threads", "handoff", "mixed"}  # those that call malloc and free only
 LIBS = "/usr/lib/x86_64-linux-gnu"
 ALLOCATORS = {
     "glibc": "",
@@ -57,7 +65,9 @@ def parse_size(text):
 def build(directory):
     program = os.path.join(directory, "large_churn")
     subprocess.run(["cc", "-O2", "-pthread", "-o", program, SOURCE], check=True)
-    return program
+    floor = os.path.join(directory, "align_floor.so")
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", floor, FLOOR_SOURCE, "-ldl"], check=True)
+    return program, floor
 
 
 def environment(allocator, shim):
@@ -89,12 +99,17 @@ def mapping_calls(command, env):
     return sum(counts.get(name, 0) for name in MAPPING_CALLS)
 
 
-def measure_case(program, shim, allocator, pattern, size, rounds, reps):
+def measure_case(program, libraries, allocator, pattern, size, rounds, reps):
+    """libraries: {"shim": path, "floor": path}; the floor arm runs only for FLOOR_PATTERNS."""
     command = [program, pattern, str(size), str(rounds)]
-    arms = {"alone": environment(allocator, ""), "shim": environment(allocator, shim)}
+    arms = {"alone": environment(allocator, ""), "shim": environment(allocator, libraries["shim"])}
+    if pattern in FLOOR_PATTERNS:
+        arms["floor"] = environment(allocator, libraries["floor"])
+    if libraries.get("baseline"):
+        arms["baseline"] = environment(allocator, libraries["baseline"])
     runs = {arm: [] for arm in arms}
     for rep in range(reps):
-        for arm in ("alone", "shim") if rep % 2 == 0 else ("shim", "alone"):
+        for arm in list(arms) if rep % 2 == 0 else reversed(list(arms)):
             runs[arm].append(run_once(command, arms[arm]))
     checksums = {run["checksum"] for arm in runs for run in runs[arm]}
     case = {
@@ -105,6 +120,10 @@ def measure_case(program, shim, allocator, pattern, size, rounds, reps):
         "checksums_match": len(checksums) == 1,
     }
     for arm, env in arms.items():
+        if arm in ("floor", "baseline"):
+            case[f"{arm}_seconds"] = statistics.median(run["seconds"] for run in runs[arm])
+            case[f"{arm}_ratio"] = case[f"{arm}_seconds"] / statistics.median(run["seconds"] for run in runs["alone"])
+            continue
         case[arm] = {
             "seconds": statistics.median(run["seconds"] for run in runs[arm]),
             "faults_per_round": statistics.median(run["minor_faults"] for run in runs[arm]) / rounds,
@@ -117,15 +136,20 @@ def measure_case(program, shim, allocator, pattern, size, rounds, reps):
 
 
 def markdown(cases):
+    baseline = any("baseline_ratio" in c for c in cases)
     lines = [
-        "| allocator | pattern | size | time shim/alone | alone s | shim s | faults/round alone → shim "
+        "| allocator | pattern | size | time shim/alone |"
+        + (" baseline/alone |" if baseline else "")
+        + " floor/alone | alone s | shim s | faults/round alone → shim "
         "| map calls/round alone → shim | peak RSS MiB alone → shim |",
-        "|---|---|---:|---:|---:|---:|---|---|---|",
+        "|---|---|---:|---:|" + ("---:|" if baseline else "") + "---:|---:|---:|---|---|---|",
     ]
     for c in cases:
         a, s = c["alone"], c["shim"]
+        floor = f"{c['floor_ratio']:.2f}" if "floor_ratio" in c else "—"
+        before = f" {c['baseline_ratio']:.2f} |" if baseline else ""
         lines.append(
-            f"| {c['allocator']} | {c['pattern']} | {size_text(c['size'])} | {c['time_ratio']:.2f} "
+            f"| {c['allocator']} | {c['pattern']} | {size_text(c['size'])} | {c['time_ratio']:.2f} |{before} {floor} "
             f"| {a['seconds']:.4f} | {s['seconds']:.4f} "
             f"| {a['faults_per_round']:.1f} → {s['faults_per_round']:.1f} "
             f"| {a['mapping_calls_per_round']:.2f} → {s['mapping_calls_per_round']:.2f} "
@@ -149,6 +173,7 @@ def main():
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--allocators", default=",".join(ALLOCATORS))
+    parser.add_argument("--baseline", metavar="SHIM", help="another build of the shim, run as a fourth arm")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     import ksmpreload
@@ -159,13 +184,16 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         say(f"shim: {ksmpreload.shim_path()} (KSMPRELOAD_SHIM chooses another)")
         shim = shutil.copy(ksmpreload.shim_path(), os.path.join(directory, "libksmpreload.so"))
-        program = build(directory)
+        program, floor = build(directory)
+        libraries = {"shim": shim, "floor": floor}
+        if args.baseline:
+            libraries["baseline"] = shutil.copy(args.baseline, os.path.join(directory, "baseline.so"))
         cases = []
         for allocator in allocators:
             for pattern in args.patterns.split(","):
                 for size in map(parse_size, args.sizes.split(",")):
                     rounds = max(args.min_rounds if size <= SMALL_BLOCK else 16, (args.mib << 20) // size)
-                    case = measure_case(program, shim, allocator, pattern, size, rounds, args.reps)
+                    case = measure_case(program, libraries, allocator, pattern, size, rounds, args.reps)
                     say(
                         f"{allocator} {pattern} {size_text(size)}: {case['time_ratio']:.2f}x, "
                         f"map calls/round {case['alone']['mapping_calls_per_round']:.2f} -> "

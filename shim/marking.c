@@ -294,11 +294,36 @@ static int take_vma_budget(void)
     return 0;
 }
 
+/* With threads, a thread's heap blocks are counted in batches: two threads adding to one
+ * cache line at every large block cost more than the rest of its bookkeeping (an 8 KiB
+ * alloc/free loop on two threads ran 4.5x slower than jemalloc alone, half of it in those
+ * two adds). Up to HEAP_BATCH_BLOCKS - 1 blocks and HEAP_BATCH_BYTES of a thread wait. */
+#define HEAP_BATCH_BLOCKS 64
+#define HEAP_BATCH_BYTES (4u << 20)
+static __thread struct {
+    uint64_t blocks, bytes;
+} heap_batch __attribute__((tls_model("initial-exec")));
+
+static void count_heap_block(size_t size)
+{
+    if (ksm_stats_single_threaded()) {
+        ksm_stat_add(KSM_STAT_heap_regions, 1);
+        ksm_stat_add(KSM_STAT_heap_bytes, size);
+        return;
+    }
+    heap_batch.blocks++;
+    heap_batch.bytes += size;
+    if (heap_batch.blocks < HEAP_BATCH_BLOCKS && heap_batch.bytes < HEAP_BATCH_BYTES)
+        return;
+    ksm_stat_add(KSM_STAT_heap_regions, heap_batch.blocks);
+    ksm_stat_add(KSM_STAT_heap_bytes, heap_batch.bytes);
+    heap_batch.blocks = heap_batch.bytes = 0;
+}
+
 void ksm_mark_heap_block(void *ptr, size_t size)
 {
     ksm_stats_publish_pending();
-    ksm_stat_add(KSM_STAT_heap_regions, 1);
-    ksm_stat_add(KSM_STAT_heap_bytes, size);
+    count_heap_block(size);
     if (ksm_runtime.by_prctl) { /* nothing to mark: only the region records */
         if (ksm_runtime.allocator_is_glibc)
             mark_by_glibc_chunk(ptr);
@@ -372,4 +397,9 @@ void ksm_mark_existing_mappings(size_t threshold)
     for_each_mapping(mark_if_program_memory, &scan);
 }
 
-void ksm_marking_after_fork(void) { heap_lock = 0; /* another thread may have held it when the parent forked */ }
+void ksm_marking_after_fork(void)
+{
+    heap_lock = 0; /* another thread may have held it when the parent forked */
+    /* The child's counters start from zero: what the forking thread had waiting was the parent's. */
+    heap_batch.blocks = heap_batch.bytes = 0;
+}

@@ -6,8 +6,13 @@
  *        stats_probe fork|_Fork|clone
  *            parent: 4 blocks, print {"parent"}, wait; a child made with fork(), _Fork()
  *            (no atfork handlers) or a raw clone(SIGCHLD): 3 blocks, print {"child"},
- *            wait, exit(0); the parent then prints {"child_status"}, makes 1 block, waits. */
+ *            wait, exit(0); the parent then prints {"child_status"}, makes 1 block, waits.
+ *        stats_probe threads-fork
+ *            a thread makes 130 blocks; then the main thread 60, prints {"parent"}, waits; a
+ *            fork() child makes 10, prints {"child"}, waits, exit(0); the parent waits for it
+ *            (with threads the shim counts a thread's blocks in batches of 64). */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
@@ -41,6 +46,14 @@ static void wait_for_line(void)
         exit(3);
 }
 
+/* Prints {"<role>": <pid>} and waits for a line. */
+static void announce_and_wait(const char *role)
+{
+    printf("{\"%s\": %d}\n", role, (int)getpid());
+    fflush(stdout);
+    wait_for_line();
+}
+
 static pid_t make_child(const char *how)
 {
     fflush(stdout);
@@ -54,17 +67,13 @@ static pid_t make_child(const char *how)
 static int fork_and_count(const char *how)
 {
     allocate(4);
-    printf("{\"parent\": %d}\n", (int)getpid());
-    fflush(stdout);
-    wait_for_line();
+    announce_and_wait("parent");
     pid_t child = make_child(how);
     if (child < 0)
         return 4;
     if (child == 0) {
         allocate(3);
-        printf("{\"child\": %d}\n", (int)getpid());
-        fflush(stdout);
-        wait_for_line();
+        announce_and_wait("child");
         exit(0);
     }
     int status;
@@ -77,11 +86,39 @@ static int fork_and_count(const char *how)
     return 0;
 }
 
+static void *allocate_130(void *unused)
+{
+    (void)unused;
+    allocate(130);
+    return NULL;
+}
+
+static int threads_then_fork(void)
+{
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, allocate_130, NULL) != 0 || pthread_join(thread, NULL) != 0)
+        return 7;
+    allocate(60);
+    announce_and_wait("parent");
+    pid_t child = fork();
+    if (child < 0)
+        return 4;
+    if (child == 0) {
+        allocate(10);
+        announce_and_wait("child");
+        exit(0);
+    }
+    int status;
+    return waitpid(child, &status, 0) == child && status == 0 ? 0 : 5;
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "alloc";
     if (strcmp(mode, "fork") == 0 || strcmp(mode, "_Fork") == 0 || strcmp(mode, "clone") == 0)
         return fork_and_count(mode);
+    if (strcmp(mode, "threads-fork") == 0)
+        return threads_then_fork();
     if (strcmp(mode, "chdir") == 0 && (argc < 3 || chdir(argv[2]) != 0))
         return 6;
     int aligned = allocate(4);

@@ -373,6 +373,27 @@ def test_child_counts_in_its_own_file(c_programs, shim, tmp_path, how):
     assert stats_files(stats_dir) == []
 
 
+def test_threads_count_in_batches_and_a_fork_child_starts_from_zero(c_programs, shim, tmp_path):
+    """With threads, each thread adds its large blocks to the counters 64 at a time (two
+    threads adding at every block made a loop of 8 KiB blocks 4.5x slower: docs/BENCHMARKS.md);
+    a fork child counts none of what its parent's forking thread had waiting."""
+    stats_dir = tmp_path / "stats"
+    probe = Probe([c_programs("stats_probe"), "threads-fork"], probe_env(shim, stats_dir))
+    try:
+        parent = probe.line()["parent"]
+        counted = shimstats.read_process_stats(parent, str(stats_dir))["heap_regions"]
+        assert counted == 128, "the thread's two whole batches; its last 2 and the main thread's 60 wait"
+        probe.next()
+        child = probe.line()["child"]
+        assert shimstats.read_process_stats(child, str(stats_dir))["heap_regions"] == 0, (
+            "the child's 10 wait; with the parent's 60 carried over it would have counted 64"
+        )
+        probe.next()
+    finally:
+        status, stderr = probe.finish()
+    assert status == 0 and stderr == ""
+
+
 # ---- what the shim says --------------------------------------------------------------------
 
 
