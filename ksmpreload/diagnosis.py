@@ -409,6 +409,8 @@ def hidden_duplicates_finding(
     if hidden < HIDDEN_MIN_BYTES or hidden < HIDDEN_SHARE * layout.duplicate_bytes:
         return None
     unwrapped = [process for process in processes if not process.shim]
+    gain = predictions(report, layout)[1]["saved_bytes"] - report.potential_pages * report.page_size
+    allocators = sorted({name for names in layout.allocators.values() for name in names}) or ["glibc"]
     fix = (
         "; ".join(f"ksm-wrap {process.cmdline}" for process in unwrapped[:3])
         + "   (restart under the shim: it page-aligns blocks of 8 KiB and more)"
@@ -422,9 +424,13 @@ def hidden_duplicates_finding(
         f"these processes hold {_mib(layout.duplicate_bytes)} of duplicate content at any offset "
         f"({_mib(layout.duplicate_bytes_across)} across processes), but only {_mib(page_duplicates)} "
         "of it fills equal whole pages: KSM merges pages, and equal data behind different "
-        "allocator headers or slots makes different pages.",
+        f"allocator headers or slots makes different pages (allocator: {', '.join(allocators)}). "
+        f"Page-aligned, about {_mib(gain)} more would merge (the ksm-wrap prediction).",
         fix,
         {
+            "predicted_gain_bytes": gain,
+            "allocators": {str(pid): names or ["glibc"] for pid, names in layout.allocators.items()},
+            "regions": _hidden_regions(layout, processes),
             "any_offset_duplicate_bytes": layout.duplicate_bytes,
             "across_processes_bytes": layout.duplicate_bytes_across,
             "within_process_bytes": layout.duplicate_bytes_within,
@@ -432,6 +438,23 @@ def hidden_duplicates_finding(
             "bytes_read": layout.bytes_read,
         },
     )
+
+
+def _hidden_regions(layout: LayoutReport, processes: list[ProcessAttribution]) -> list[dict]:
+    """The 5 regions with the most duplicate bytes at other page offsets (a page or more), with
+    what made them."""
+    labels = {(hex(region.start), hex(region.end)): region.label for p in processes for region in p.regions}
+    regions = [
+        {
+            "pid": process["pid"],
+            **region,
+            "made_by": labels.get((region["start"], region["end"]), attribution.UNLABELLED),
+        }
+        for process in layout.processes
+        for region in process["regions"]
+        if region["other_offset_bytes"] >= 4096
+    ]
+    return sorted(regions, key=lambda region: -region["other_offset_bytes"])[:5]
 
 
 def _labels_by_range(processes):
@@ -483,10 +506,8 @@ def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
     """What each remedy would save, from what was read before it: one entry per remedy."""
     page = report.page_size
     as_is = report.potential_pages * page
-    zero_part = (report.potential_pages - report.totals["saving_across"] - report.totals["saving_within"]) * page
     extra_copies = layout.duplicate_bytes / layout.duplicate_chunk_bytes if layout.duplicate_chunk_bytes else 0.0
-    aligned = round(layout.aligned_run_bytes * extra_copies) + zero_part
-    wrapped = max(as_is, aligned)
+    gain = round(layout.aligned_gain_bytes * extra_copies)
     padding = layout.aligned_runs * page // 2
     return [
         {
@@ -497,14 +518,17 @@ def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
         },
         {
             "remedy": "ksm-wrap",
-            "saved_bytes": wrapped,
+            "saved_bytes": as_is + gain,
             "padding_bytes": padding,
-            "net_saved_bytes": wrapped - padding,
+            "net_saved_bytes": as_is + gain - padding,
             "how": "restart the processes under ksm-wrap: blocks of 8 KiB and more page-aligned and marked",
-            "model": "runs of duplicate content (any offset) of 8 KiB and more give their whole pages but "
-            "one, for the copies beyond the first, plus the zero pages; padding about half a page a run. "
-            "Leaves out: blocks the shim does not align (under its threshold, or made by mmap), "
-            "headers inside a block that differ between processes, and runs that end a read.",
+            "model": "as-is, plus the blocks whose duplicate content sits at other offsets in their pages: "
+            f"each run of duplicate chunks is taken for a block of its length plus {layout.run_edge_bytes} "
+            "bytes (the parts in the chunks at its ends); from 8 KiB up its whole pages merge once aligned, "
+            "and its partial last page where the allocator gives large blocks whole pages (jemalloc, "
+            "mimalloc, tcmalloc), for the copies beyond the first; padding about half a page a block. "
+            "Leaves out: blocks made by mmap (aligned already), headers inside a block that differ "
+            "between processes, and small blocks whose runs join into one (counted as one block).",
         },
     ]
 
@@ -533,7 +557,7 @@ def potential_summary(
         "merged_bytes": None if report.merged_pages is None else report.merged_pages * report.page_size,
         "efficiency": report.efficiency,
         "totals": dict(report.totals),
-        "any_offset": asdict(layout),
+        "any_offset": {**asdict(layout), "allocators": {str(pid): names for pid, names in layout.allocators.items()}},
         "predictions": predictions(report, layout),
     }
     return [finding for finding in found if finding], summary

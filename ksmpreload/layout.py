@@ -12,7 +12,16 @@ the chunks whose bytes occur more than once:
 - duplicate_bytes: what storing each distinct chunk once would save, sum of (copies - 1) x
   length over chunks that are not all zeros;
 - across processes / within one: whether the copies are in two processes or more, or all in
-  one.
+  one;
+- in_place_bytes: duplicate chunks whose copies all start at the same offset in their pages
+  (where, as-is, whole pages can be equal: the page potential counts those);
+- aligned_gain_bytes: what page-aligning the blocks that hold the other duplicates adds (the C
+  helper's ksm_chunk_runs): a run of consecutive duplicate chunks is taken for one block of
+  the run's length plus run_edge_bytes (the expected part of the block in the chunks at its two
+  ends, which also hold other bytes); from ksm-wrap's threshold up, its whole pages count, and
+  its partial last page too where the process's allocator gives large blocks whole pages
+  (jemalloc, mimalloc, tcmalloc: `allocators`), for the share of the run not in place. Every
+  copy is counted: the doctor scales it to the copies beyond the first.
 
 A page frame is read once: a page that several processes map (shared since a fork, or merged
 by KSM already) is no duplicate left to find. Pages of all zeros are left to the page
@@ -26,13 +35,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import kernel, native
+from . import binary, kernel, native
 from .errors import NeedsRoot
 
 KEEP_MASK = kernel.PAGEMAP_PRESENT | kernel.PAGEMAP_SWAPPED | kernel.PAGEMAP_FILE
 KEEP_VALUE = kernel.PAGEMAP_PRESENT
 READ_PAGES = 256  # pages read at once (1 MiB): a run longer than that is cut there
 CHUNK_BYTES = native.ffi.sizeof("struct ksm_chunk")
+REGIONS_SHOWN = 8  # per process, those with the most duplicate bytes
 ALIGNED_RUN = 8 * 1024  # ksm-wrap's default threshold: shorter blocks it leaves where they are
 
 
@@ -45,9 +55,54 @@ class LayoutReport:
     duplicate_bytes_across: int = 0  # of chunks with copies in two processes or more
     duplicate_bytes_within: int = 0  # of chunks whose copies are all in one process
     duplicate_chunk_bytes: int = 0  # every copy of the duplicate chunks
-    aligned_run_bytes: int = 0  # whole pages of duplicate runs of ALIGNED_RUN bytes and more, less one a run
-    aligned_runs: int = 0
+    in_place_bytes: int = 0  # of those, chunks whose copies all start at one offset in their pages
+    aligned_gain_bytes: int = 0  # pages that aligning the blocks of the other runs adds, every copy
+    aligned_runs: int = 0  # runs counted in aligned_gain_bytes
+    run_edge_bytes: int = 0  # the part of a block outside its run of duplicate chunks, both ends
+    allocators: dict[int, list[str]] = field(default_factory=dict)  # pid -> allocators other than glibc's
     missing: list[int] = field(default_factory=list)  # pids gone before they were read
+    processes: list[dict] = field(default_factory=list)  # per process and region: Owners.detail
+    pairs: list[dict] = field(default_factory=list)  # {"pids": [a, b], "shared_bytes"}, largest first
+
+    def other_offset_bytes(self) -> int:
+        """Duplicate bytes whose copies sit at other offsets in their pages (every process)."""
+        return sum(process["other_offset_bytes"] for process in self.processes)
+
+
+class _Owners:
+    """The regions read, numbered in read order (a chunk's owner), and whose process each is."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids, self.regions, self.process_of = pids, [], []
+
+    def add(self, pid: int, region: dict) -> int:
+        self.regions.append((pid, region))
+        self.process_of.append(self.pids.index(pid))
+        return len(self.regions) - 1
+
+    def detail(self, per_owner: list[int], pairs: list[int], gone: list[int]) -> tuple[list[dict], list[dict]]:
+        """(per process: its fair share of the duplicate bytes, the part at other page offsets,
+        and its REGIONS_SHOWN regions with most; pairs of processes that share content)."""
+        processes = {pid: {"pid": pid, "duplicate_bytes": 0, "other_offset_bytes": 0, "regions": []}
+                     for pid in self.pids if pid not in gone}  # fmt: skip
+        for owner, (pid, region) in enumerate(self.regions):
+            duplicate, other = per_owner[2 * owner], per_owner[2 * owner + 1]
+            if pid not in processes or not duplicate:
+                continue
+            processes[pid]["duplicate_bytes"] += duplicate
+            processes[pid]["other_offset_bytes"] += other
+            entry = {"start": hex(region["start"]), "end": hex(region["end"]), "path": region["path"]}
+            processes[pid]["regions"].append({**entry, "duplicate_bytes": duplicate, "other_offset_bytes": other})
+        for process in processes.values():
+            process["regions"] = sorted(process["regions"], key=lambda r: -r["duplicate_bytes"])[:REGIONS_SHOWN]
+        count = len(self.pids)
+        shared = [
+            {"pids": [self.pids[a], self.pids[b]], "shared_bytes": pairs[a * count + b]}
+            for a in range(count)
+            for b in range(a + 1, count)
+            if pairs[a * count + b]
+        ]
+        return list(processes.values()), sorted(shared, key=lambda pair: -pair["shared_bytes"])
 
 
 class _Chunks:
@@ -67,14 +122,20 @@ class _Chunks:
         native.ffi.memmove(self.array + self.size, found, count * CHUNK_BYTES)
         self.size += count
 
-    def count_duplicates(self, report: LayoutReport) -> None:
+    def count_duplicates(self, report: LayoutReport, owners: _Owners) -> None:
+        page = kernel.page_size()
+        whole_last_page = [bool(report.allocators.get(pid)) for pid, _ in owners.regions]
         # in read order first: chunk_duplicates sorts them
-        runs = native.chunk_runs(self.array, self.size, kernel.page_size(), ALIGNED_RUN)
-        report.aligned_run_bytes, report.aligned_runs, report.duplicate_chunk_bytes = runs
-        duplicates = native.chunk_duplicates(self.array, self.size)
-        report.duplicate_bytes, report.duplicate_bytes_across, report.duplicate_bytes_within = duplicates[:3]
-        report.zero_bytes = duplicates[3]
+        runs = native.chunk_runs(self.array, self.size, page, ALIGNED_RUN, whole_last_page)
+        for name, value in runs.items():
+            setattr(report, name, value)
+        totals, per_owner, pairs = native.chunk_duplicates(
+            self.array, self.size, owners.process_of, len(owners.pids), page
+        )
+        report.duplicate_bytes, report.duplicate_bytes_across, report.duplicate_bytes_within = totals[:3]
+        report.zero_bytes = totals[3]
         report.chunks = self.size
+        report.processes, report.pairs = owners.detail(per_owner, pairs, report.missing)
 
 
 def _runs(pages):
@@ -101,11 +162,12 @@ def _chunk_run(mem_fd, first_page, pages, owner):
     return len(data), found, native.lib.ksm_cdc_chunks(data, len(data), owner, found, cap)
 
 
-def _read_process(pid, owner, chunks, report, frames_read, pool) -> bool:
+def _read_process(pid, owners, chunks, report, frames_read, pool) -> bool:
     """Reads pid's anonymous pages in RAM into `chunks`, but frames read already, a region's
-    runs on the pool's threads; False if the process is gone."""
+    runs on the pool's threads, each region an owner; False if the process is gone."""
 
     def visit(region, first, end, pagemap_fd, mem_fd):
+        owner = owners.add(pid, region)
         present = native.PfnArray(with_pages=True)
         present.read_pagemap(pagemap_fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
         runs = _runs(frames_read.new_pages(present))
@@ -117,6 +179,16 @@ def _read_process(pid, owner, chunks, report, frames_read, pool) -> bool:
     return kernel.walk_ksm_regions(pid, visit, with_mem=True) is not None
 
 
+def allocators_of(pid: int) -> list[str]:
+    """The allocators other than glibc's that the process's program carries or has loaded."""
+    maps = kernel.process_maps(pid) or []
+    libraries = {region["path"] for region in maps if region.get("path", "").startswith("/")}
+    try:
+        return binary.allocators(kernel.executable_path(pid), libraries)[0]
+    except OSError:
+        return []
+
+
 def duplicates_at_any_offset(pids: list[int], threads: int | None = None) -> LayoutReport:
     """The duplicate content of the processes `pids`, wherever it sits (module docstring), read
     and cut on `threads` threads (default: one per CPU). NeedsRoot without root:
@@ -124,9 +196,11 @@ def duplicates_at_any_offset(pids: list[int], threads: int | None = None) -> Lay
     if os.geteuid() != 0:
         raise NeedsRoot("finding duplicates at any offset (reading /proc/<pid>/mem)")
     report, chunks, frames_read = LayoutReport(), _Chunks(), native.FrameSet()
+    owners = _Owners(list(dict.fromkeys(pids)))
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        for owner, pid in enumerate(dict.fromkeys(pids)):
-            if not _read_process(pid, owner, chunks, report, frames_read, pool):
+        for pid in owners.pids:
+            report.allocators[pid] = allocators_of(pid)
+            if not _read_process(pid, owners, chunks, report, frames_read, pool):
                 report.missing.append(pid)
-    chunks.count_duplicates(report)
+    chunks.count_duplicates(report, owners)
     return report

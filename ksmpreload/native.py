@@ -289,20 +289,31 @@ def count_kind_bits(kinds: FFI.CData, offsets: list[int]) -> list[dict[str, int]
 # ---- content-defined chunks (ksmpreload.layout) -------------------------------------------------
 
 
-def chunk_runs(chunks, count: int, page: int, min_run: int) -> tuple[int, int, int]:
-    """(bytes in whole pages of duplicate runs, less a page each; runs; bytes of every copy of the
-    duplicate chunks) of chunks[0:count] in read order (ksm_chunk_runs)."""
-    totals = u64_array(3)
-    _check(lib.ksm_chunk_runs(chunks, count, page, min_run, totals))
-    return totals[0], totals[1], totals[2]
+RUN_FIELDS = ("aligned_gain_bytes", "aligned_runs", "duplicate_chunk_bytes", "in_place_bytes", "run_edge_bytes")
 
 
-def chunk_duplicates(chunks, count: int) -> tuple[int, int, int, int]:
-    """(duplicate bytes, of them across owners, within one, bytes of zero chunks) of
-    chunks[0:count], which it sorts (ksm_chunk_duplicates)."""
-    totals = u64_array(4)
-    lib.ksm_chunk_duplicates(chunks, count, totals)
-    return totals[0], totals[1], totals[2], totals[3]
+def chunk_runs(chunks, count: int, page: int, min_run: int, whole_last_page: list[bool]) -> dict[str, int]:
+    """What page-aligning the blocks of duplicate runs adds to what merges now, for chunks[0:count]
+    in read order (ksm_chunk_runs): {RUN_FIELDS name: value}. whole_last_page[owner]: the owner's
+    allocator gives large blocks whole pages."""
+    totals = u64_array(len(RUN_FIELDS))
+    flags = ffi.new("uint8_t[]", [int(flag) for flag in whole_last_page] or [0])
+    _check(lib.ksm_chunk_runs(chunks, count, page, min_run, flags, totals))
+    return dict(zip(RUN_FIELDS, totals))
+
+
+def chunk_duplicates(
+    chunks, count: int, process_of: list[int], processes: int, page: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Sorts chunks[0:count] and counts their duplicates (ksm_chunk_duplicates): (totals:
+    duplicate bytes, of them across processes, within one, bytes of zero chunks; per owner (a
+    region): its fair share of the duplicate bytes and the part of it at other page offsets, two
+    words an owner; pairs: bytes of the contents each pair of processes both hold, a flat
+    processes x processes matrix). process_of[owner] numbers the owner's process, 0 to processes - 1."""
+    totals, per_owner, pairs = u64_array(4), u64_array(2 * len(process_of) or 1), u64_array(processes**2 or 1)
+    owners = ffi.new("uint32_t[]", process_of or [0])
+    lib.ksm_chunk_duplicates(chunks, count, owners, page, totals, per_owner, pairs, processes)
+    return list(totals), list(per_owner)[: 2 * len(process_of)], list(pairs)[: processes**2]
 
 
 class FrameSet:

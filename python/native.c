@@ -702,9 +702,11 @@ static uint64_t ksm_hash_bytes(const unsigned char *p, size_t bytes)
 }
 
 struct ksm_chunk {
-    uint64_t hash; /* 0: all zero bytes */
-    uint32_t length;
-    uint32_t owner; /* the process it was read from, as the caller numbers them */
+    uint64_t hash;   /* 0: all zero bytes */
+    uint16_t length; /* at most KSM_CDC_MAX */
+    uint16_t offset; /* where it starts in buf, modulo 65536: buf starts on a page boundary, so
+                        modulo the page size (up to 64 KiB) this is its offset in its page */
+    uint32_t owner;  /* the process it was read from, as the caller numbers them */
 };
 
 /* Cuts buf[0..n) into content-defined chunks, written to out[] with `owner`, at most `cap`
@@ -723,7 +725,8 @@ static size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint32_t owner,
             if (!(h & KSM_CDC_MASK))
                 break;
         }
-        out[count++] = (struct ksm_chunk){ksm_hash_bytes(buf + start, end - start), (uint32_t)(end - start), owner};
+        out[count++] = (struct ksm_chunk){ksm_hash_bytes(buf + start, end - start), (uint16_t)(end - start),
+                                          (uint16_t)start, owner};
         start = end;
     }
     return count;
@@ -737,10 +740,41 @@ static int ksm_chunk_order(const void *a, const void *b)
     return x->owner < y->owner ? -1 : x->owner > y->owner;
 }
 
-/* Sorts the chunks and sums what storing each distinct one once would save: totals[0] in all,
- * [1] of chunks with copies in two owners or more, [2] of chunks all of one owner, [3] the
- * bytes of all-zero chunks (not counted as duplicates). totals are zeroed by the caller. */
-static void ksm_chunk_duplicates(struct ksm_chunk *chunks, size_t n, uint64_t *totals)
+/* One content's copies, chunks[i..j) (sorted by owner): each copy's owner gets its fair share,
+ * (c - 1)/c of the length, in per_owner[2 * owner], and in [2 * owner + 1] too when the copies do
+ * not all start at one offset in their pages; every pair of processes holding it gets the length
+ * once in pairs[p * processes + q] (and [q][p]). */
+static void ksm_credit_copies(const struct ksm_chunk *chunks, size_t i, size_t j, const uint32_t *process_of,
+                              uint64_t page, uint64_t *per_owner, uint64_t *pairs, size_t processes)
+{
+    uint64_t share = (uint64_t)(j - i - 1) * chunks[i].length / (j - i);
+    int in_place = 1;
+    for (size_t k = i + 1; k < j; k++)
+        in_place &= (chunks[k].offset & (page - 1)) == (chunks[i].offset & (page - 1));
+    uint32_t held[64];
+    size_t holders = 0;
+    for (size_t k = i; k < j; k++) {
+        per_owner[2 * chunks[k].owner] += share;
+        per_owner[2 * chunks[k].owner + 1] += in_place ? 0 : share;
+        uint32_t process = process_of[chunks[k].owner];
+        if (holders < 64 && (!holders || held[holders - 1] != process))
+            held[holders++] = process;
+    }
+    for (size_t a = 0; a < holders; a++)
+        for (size_t b = a + 1; b < holders; b++) {
+            pairs[held[a] * processes + held[b]] += chunks[i].length;
+            pairs[held[b] * processes + held[a]] += chunks[i].length;
+        }
+}
+
+/* Sorts the chunks (by content, then owner) and sums what storing each distinct one once would
+ * save: totals[0] in all, [1] of contents held by two processes or more, [2] of contents all in
+ * one process, [3] the bytes of all-zero chunks (not counted as duplicates). Owners are regions
+ * numbered in the order of their processes; process_of[owner] is the process (0..processes-1).
+ * per_owner (2 words an owner) and pairs (processes x processes) as ksm_credit_copies says.
+ * Everything is added to: the caller zeroes it. */
+static void ksm_chunk_duplicates(struct ksm_chunk *chunks, size_t n, const uint32_t *process_of, uint64_t page,
+                                 uint64_t *totals, uint64_t *per_owner, uint64_t *pairs, size_t processes)
 {
     qsort(chunks, n, sizeof *chunks, ksm_chunk_order);
     for (size_t i = 0; i < n;) {
@@ -753,59 +787,113 @@ static void ksm_chunk_duplicates(struct ksm_chunk *chunks, size_t n, uint64_t *t
         } else if (j - i > 1) {
             uint64_t saved = (uint64_t)(j - i - 1) * chunks[i].length;
             totals[0] += saved;
-            totals[chunks[i].owner != chunks[j - 1].owner ? 1 : 2] += saved;
+            totals[process_of[chunks[i].owner] != process_of[chunks[j - 1].owner] ? 1 : 2] += saved;
+            ksm_credit_copies(chunks, i, j, process_of, page, per_owner, pairs, processes);
         }
         i = j;
     }
 }
 
-static int ksm_hash_order(const void *a, const void *b)
+/* A chunk's content and its offset in its page, sorted by content: a content is "in place"
+ * when every copy starts at the same offset in its page (as-is, its pages can be equal). */
+struct ksm_placed {
+    uint64_t hash;
+    uint64_t offset;
+};
+
+static int ksm_placed_order(const void *a, const void *b)
 {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
+    const struct ksm_placed *x = a, *y = b;
+    if (x->hash != y->hash)
+        return x->hash < y->hash ? -1 : 1;
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
 }
 
-/* Whether `hash` occurs more than once in sorted[0..n). */
-static int ksm_repeated(const uint64_t *sorted, size_t n, uint64_t hash)
+/* 0: not duplicate (or zeros); 1: copies at other offsets in their pages; 2: every copy in place. */
+static int ksm_placement(const struct ksm_placed *sorted, size_t n, uint64_t hash)
 {
     size_t low = 0, high = n; /* the first position whose hash is >= `hash` */
     while (low < high) {
         size_t mid = (low + high) / 2;
-        if (sorted[mid] < hash)
+        if (sorted[mid].hash < hash)
             low = mid + 1;
         else
             high = mid;
     }
-    return low + 1 < n && sorted[low] == hash && sorted[low + 1] == hash;
+    if (!hash || low + 1 >= n || sorted[low].hash != hash || sorted[low + 1].hash != hash)
+        return 0;
+    size_t last = low + 1;
+    while (last + 1 < n && sorted[last + 1].hash == hash)
+        last++;
+    return sorted[low].offset == sorted[last].offset ? 2 : 1;
 }
 
-/* What page-aligning the blocks that hold duplicate content would make mergeable, from the
- * chunks in the order they were read (not sorted): each run of consecutive duplicate chunks
- * of one owner at least `min_run` bytes long counts its whole pages less one (the block's
- * head, or tail, that differs or does not fill a page). totals[0] += those bytes, [1] += the
- * runs, [2] += the bytes of all duplicate chunks (every copy). Returns 0 or -ENOMEM. */
-static int ksm_chunk_runs(const struct ksm_chunk *chunks, size_t n, uint64_t page, uint64_t min_run, uint64_t *totals)
+/* The bytes of a block beyond the run of duplicate chunks found inside it: at each end, the part
+ * in a chunk that also holds bytes outside the block. A block's edge falls at a random point of
+ * a chunk, whose expected remainder is sum(l^2) / (2 sum(l)) over the chunks read (a renewal
+ * process's mean residual); two ends: sum(l^2) / sum(l). Zero chunks are left out (runs of
+ * zeros make chunks of the longest length). */
+static uint64_t ksm_run_edges(const struct ksm_chunk *chunks, size_t n)
 {
-    uint64_t *sorted = malloc((n ? n : 1) * sizeof *sorted);
+    double sum = 0, squares = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!chunks[i].hash)
+            continue;
+        sum += chunks[i].length;
+        squares += (double)chunks[i].length * chunks[i].length;
+    }
+    return sum > 0 ? (uint64_t)(squares / sum) : 0;
+}
+
+/* One run of duplicate chunks, ended: the block that holds it is estimated at `run` bytes plus
+ * `edges`; from the threshold up ksm-wrap page-aligns it, and its pages (the last, partial one
+ * too where the owner's allocator rounds blocks to whole pages: whole_last_page[owner]) can then
+ * merge. Counted for the part of the run whose copies are not in place now (misplaced bytes). */
+static void ksm_count_run(uint64_t run, uint64_t misplaced, uint64_t edges, uint64_t page, uint64_t min_run,
+                          int whole_last_page, uint64_t *totals)
+{
+    uint64_t block = run + edges;
+    if (!run || block < min_run)
+        return;
+    uint64_t pages = whole_last_page ? (block + page - 1) / page : block / page;
+    totals[0] += (uint64_t)((double)pages * page * misplaced / run);
+    totals[1]++;
+}
+
+/* What page-aligning the blocks that hold duplicate content would add to what can merge now,
+ * from the chunks in the order they were read (not sorted). A run is consecutive duplicate
+ * chunks of one owner (the content of one block, as far as chunks can tell); ksm_count_run
+ * says what it adds. totals[0] += those bytes (for every copy), [1] += the runs counted, [2] +=
+ * the bytes of all duplicate chunks (every copy), [3] += those of chunks in place,
+ * [4] = the edge estimate. whole_last_page[owner]: 1 where the owner's allocator gives large
+ * blocks whole pages (jemalloc, mimalloc, tcmalloc), so a block's partial last page ends in bytes
+ * never written. Returns 0 or -ENOMEM. */
+static int ksm_chunk_runs(const struct ksm_chunk *chunks, size_t n, uint64_t page, uint64_t min_run,
+                          const uint8_t *whole_last_page, uint64_t *totals)
+{
+    struct ksm_placed *sorted = malloc((n ? n : 1) * sizeof *sorted);
     if (!sorted)
         return -ENOMEM;
     for (size_t i = 0; i < n; i++)
-        sorted[i] = chunks[i].hash;
-    qsort(sorted, n, sizeof *sorted, ksm_hash_order);
-    uint64_t run = 0;
+        sorted[i] = (struct ksm_placed){chunks[i].hash, chunks[i].offset & (page - 1)};
+    qsort(sorted, n, sizeof *sorted, ksm_placed_order);
+    uint64_t edges = ksm_run_edges(chunks, n), run = 0, misplaced = 0;
+    totals[4] = edges;
     for (size_t i = 0; i <= n; i++) {
-        int duplicate = i < n && chunks[i].hash && ksm_repeated(sorted, n, chunks[i].hash);
-        if (duplicate)
+        int placement = i < n ? ksm_placement(sorted, n, chunks[i].hash) : 0;
+        if (placement) {
             totals[2] += chunks[i].length;
-        if (duplicate && (run == 0 || chunks[i].owner == chunks[i - 1].owner)) {
+            totals[3] += placement == 2 ? chunks[i].length : 0;
+        }
+        if (placement && (run == 0 || chunks[i].owner == chunks[i - 1].owner)) {
             run += chunks[i].length;
+            misplaced += placement == 1 ? chunks[i].length : 0;
             continue;
         }
-        if (run >= min_run && run / page > 1) {
-            totals[0] += (run / page - 1) * page;
-            totals[1]++;
-        }
-        run = duplicate ? chunks[i].length : 0;
+        if (i > 0)
+            ksm_count_run(run, misplaced, edges, page, min_run, whole_last_page[chunks[i - 1].owner], totals);
+        run = placement ? chunks[i].length : 0;
+        misplaced = placement == 1 ? chunks[i].length : 0;
     }
     free(sorted);
     return 0;

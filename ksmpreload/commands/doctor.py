@@ -89,8 +89,27 @@ def finding_text(number, finding):
     if evidence:
         lines.append(f"   evidence: {evidence}")
     for region in finding["evidence"].get("regions", []):
-        lines.append(f"     {region['start']}-{region['end']} {region['made_by']}: {region['anonymous_kib']} KiB")
+        kib = region["anonymous_kib"] if "anonymous_kib" in region else region["other_offset_bytes"] // 1024
+        who = f"pid {region['pid']} " if "pid" in region else ""
+        lines.append(f"     {who}{region['start']}-{region['end']} {region['made_by']}: {kib} KiB")
     return Text("\n".join(lines))
+
+
+def any_offset_lines(any_offset):
+    """The any-offset analysis: its total, each process's share, the pairs that share most."""
+    lines = [
+        f"duplicate content at any offset: {any_offset['duplicate_bytes'] / MIB:.1f} MiB "
+        f"({any_offset['duplicate_bytes_across'] / MIB:.1f} MiB across processes)"
+    ]
+    for process in any_offset.get("processes", []):
+        allocator = ", ".join(any_offset["allocators"].get(str(process["pid"])) or ["glibc"])
+        lines.append(
+            f"- pid {process['pid']} ({allocator}): {process['duplicate_bytes'] / MIB:.1f} MiB its share, "
+            f"{process['other_offset_bytes'] / MIB:.1f} MiB of it at other offsets in its pages"
+        )
+    for pair in any_offset.get("pairs", [])[:5]:
+        lines.append(f"- pids {pair['pids'][0]} and {pair['pids'][1]} both hold {pair['shared_bytes'] / MIB:.1f} MiB")
+    return [Text(line) for line in lines]
 
 
 def print_report(report):
@@ -106,12 +125,7 @@ def print_report(report):
         ]
         any_offset = potential.get("any_offset")
         if any_offset:
-            parts.append(
-                Text(
-                    f"duplicate content at any offset: {any_offset['duplicate_bytes'] / MIB:.1f} MiB "
-                    f"({any_offset['duplicate_bytes_across'] / MIB:.1f} MiB across processes)"
-                )
-            )
+            parts += any_offset_lines(any_offset)
     if report.get("predictions"):
         parts += [Text(""), Text("predicted saving by remedy (see --json for each model):")]
         for entry in report["predictions"]:

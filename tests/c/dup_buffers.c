@@ -2,8 +2,10 @@
  * with malloc between small allocations as real programs do, then waits for
  * stdin to close. Prints how many whole pages the copies could merge.
  * With DUP_BUFFERS_PURGE_FIRST=1 the buffers reuse memory that held other data
- * and that jemalloc purged (when jemalloc is the allocator).
- * usage: dup_buffers DISTINCT COPIES */
+ * and that jemalloc purged (when jemalloc is the allocator). SHIFT (default 0): a block of SHIFT
+ * bytes is allocated first, which moves every later block to other offsets in its pages (two
+ * processes with other shifts: the same data in different heap layouts).
+ * usage: dup_buffers DISTINCT COPIES [SHIFT] */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdint.h>
@@ -49,11 +51,13 @@ int main(int argc, char **argv)
     int distinct = argc > 1 ? atoi(argv[1]) : 64, copies = argc > 2 ? atoi(argv[2]) : 4;
     long page = sysconf(_SC_PAGESIZE);
     size_t expected_pages = 0;
-    void **keep = calloc((size_t)distinct * copies * 2, sizeof *keep);
+    void **keep = calloc((size_t)distinct * copies * 2 + 1, sizeof *keep);
     size_t kept = 0;
     const char *purge_first = getenv("DUP_BUFFERS_PURGE_FIRST");
     if (purge_first && purge_first[0] == '1')
         use_and_purge(distinct * copies);
+    if (argc > 3)
+        keep[kept++] = malloc((size_t)atoi(argv[3]));
     for (int copy = 0; copy < copies; copy++)
         for (int id = 0; id < distinct; id++) {
             size_t size = sizes[id % SIZE_COUNT];

@@ -41,8 +41,30 @@ def test_duplicates_are_counted_once_per_extra_copy_across_and_within():
     size = 0
     for part, owner in parts:
         size += native.lib.ksm_cdc_chunks(part, len(part), owner, out + size, 4096 - size)
-    totals = native.ffi.new("uint64_t[4]")
-    native.lib.ksm_chunk_duplicates(out, size, totals)
-    duplicate, across, within, zero = totals[0:4]
+    totals, per_owner, pairs = native.chunk_duplicates(out, size, [0, 1, 2], 3, 4096)
+    duplicate, across, within, zero = totals
     assert 1.9 * len(data) <= duplicate <= 2 * len(data) and across == duplicate and within == 0
     assert zero == 8192
+    # three copies: each owner's fair share is 2/3 of what it holds (owner 1 holds two)
+    assert abs(per_owner[0] + per_owner[2] - duplicate) <= 0.001 * duplicate and per_owner[4] == 0
+    assert abs(per_owner[2] - 2 * per_owner[0]) <= 0.01 * duplicate
+    assert per_owner[1] >= 0.99 * per_owner[0], "owner 1 holds a copy at other page offsets than owner 0's"
+    assert pairs[0] == pairs[2] == pairs[4] == 0 and pairs[1] == pairs[3]
+    assert 0.95 * len(data) <= pairs[1] <= len(data)
+
+
+def test_copies_in_place_are_told_apart_from_copies_at_other_offsets():
+    """Regions 0 (process 0) and 1 (process 1) hold one content at the same page offsets; regions
+    2 and 3 (both of process 1) another, 512 bytes apart."""
+    data, other = random.Random(5).randbytes(64 << 10), random.Random(6).randbytes(64 << 10)
+    out = native.ffi.new("struct ksm_chunk[]", 4096)
+    size = 0
+    for part, owner in [(data, 0), (data, 1), (other, 2), (random.Random(7).randbytes(512) + other, 3)]:
+        size += native.lib.ksm_cdc_chunks(part, len(part), owner, out + size, 4096 - size)
+    totals, per_owner, pairs = native.chunk_duplicates(out, size, [0, 1, 1, 1], 2, 4096)
+    duplicate, across, within, _ = totals
+    assert across == len(data) and 0.95 * len(other) <= within <= len(other)
+    half = len(data) // 2
+    assert 0.999 * half <= per_owner[0] == per_owner[2] <= half and per_owner[1] == per_owner[3] == 0, "in place"
+    assert per_owner[5] == per_owner[4] and per_owner[7] == per_owner[6] > 0.45 * len(other), "at other offsets"
+    assert pairs == [0, len(data), len(data), 0]
