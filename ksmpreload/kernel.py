@@ -463,11 +463,14 @@ def walk_ksm_regions(
     visit: Callable[[dict, int, int, int, int | None], None],
     with_mem: bool = False,
     after_maps: Callable[[], None] | None = None,
+    after_visits: Callable[[], None] | None = None,
 ) -> str | None:
     """The one page walker of sharing.py and potential.py: for each VMA of `pid` that can hold
     KSM pages, visit(region, first_page, end_page, pagemap_fd, mem_fd) (mem_fd: /proc/<pid>/mem
-    with with_mem, else None); after_maps() once the VMAs are read. Returns the process's comm,
-    or None when it is gone (also when it ends half-way); NeedsRoot for another user's process."""
+    with with_mem, else None); after_maps() once the VMAs are read; after_visits() once every
+    region is visited, the files still open (for reads still under way). Returns the process's
+    comm, or None when it is gone (also when it ends half-way); NeedsRoot for another user's
+    process."""
     try:
         regions, comm = process_maps(pid), read_proc(pid, "comm")
     except PermissionError as error:
@@ -486,6 +489,8 @@ def walk_ksm_regions(
         page = page_size()
         for region in filter(can_hold_ksm_pages, regions):
             visit(region, region["start"] // page, region["end"] // page, fds[0], mem_fd)
+        if after_visits:
+            after_visits()
     except ProcessLookupError:
         return None
     finally:

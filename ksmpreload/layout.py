@@ -31,6 +31,7 @@ gives approximate numbers, never an error.
 
 from __future__ import annotations
 
+import collections
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ KEEP_MASK = kernel.PAGEMAP_PRESENT | kernel.PAGEMAP_SWAPPED | kernel.PAGEMAP_FIL
 KEEP_VALUE = kernel.PAGEMAP_PRESENT
 READ_PAGES = 256  # pages read at once (1 MiB): a run longer than that is cut there
 CHUNK_BYTES = native.ffi.sizeof("struct ksm_chunk")
+WINDOW_PER_THREAD = 4  # runs read and cut at a time, a thread: bounds the chunks held in flight
 REGIONS_SHOWN = 8  # per process, those with the most duplicate bytes
 ALIGNED_RUN = 8 * 1024  # ksm-wrap's default threshold: shorter blocks it leaves where they are
 
@@ -123,19 +125,14 @@ class _Chunks:
         self.size += count
 
     def count_duplicates(self, report: LayoutReport, owners: _Owners) -> None:
-        page = kernel.page_size()
         whole_last_page = [bool(report.allocators.get(pid)) for pid, _ in owners.regions]
-        # in read order first: chunk_duplicates sorts them
-        runs = native.chunk_runs(self.array, self.size, page, ALIGNED_RUN, whole_last_page)
-        for name, value in runs.items():
-            setattr(report, name, value)
-        totals, per_owner, pairs = native.chunk_duplicates(
-            self.array, self.size, owners.process_of, len(owners.pids), page
+        found = native.chunk_analysis(
+            self.array, self.size, owners.process_of, len(owners.pids), kernel.page_size(), ALIGNED_RUN, whole_last_page
         )
-        report.duplicate_bytes, report.duplicate_bytes_across, report.duplicate_bytes_within = totals[:3]
-        report.zero_bytes = totals[3]
+        for name, value in found.totals.items():
+            setattr(report, name, value)
         report.chunks = self.size
-        report.processes, report.pairs = owners.detail(per_owner, pairs, report.missing)
+        report.processes, report.pairs = owners.detail(found.per_owner, found.pairs, report.missing)
 
 
 def _runs(pages):
@@ -162,21 +159,36 @@ def _chunk_run(mem_fd, first_page, pages, owner):
     return len(data), found, native.lib.ksm_cdc_chunks(data, len(data), owner, found, cap)
 
 
-def _read_process(pid, owners, chunks, report, frames_read, pool) -> bool:
-    """Reads pid's anonymous pages in RAM into `chunks`, but frames read already, a region's
-    runs on the pool's threads, each region an owner; False if the process is gone."""
+def _read_process(pid, owners, chunks, report, frames_read, pool, window) -> bool:
+    """Reads pid's anonymous pages in RAM into `chunks`, but frames read already, each region an
+    owner. Runs of pages are read and cut on the pool's threads, across regions, at most `window`
+    at a time; their chunks join `chunks` in read order. False if the process is gone."""
+    pending = collections.deque()
+
+    def take_oldest():
+        read, found, count = pending.popleft().result()
+        report.bytes_read += read
+        if count:
+            chunks.append(found, count)
 
     def visit(region, first, end, pagemap_fd, mem_fd):
         owner = owners.add(pid, region)
         present = native.PfnArray(with_pages=True)
         present.read_pagemap(pagemap_fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
-        runs = _runs(frames_read.new_pages(present))
-        for read, found, count in pool.map(lambda run: _chunk_run(mem_fd, *run, owner), runs):
-            report.bytes_read += read
-            if count:
-                chunks.append(found, count)
+        for run in _runs(frames_read.new_pages(present)):
+            pending.append(pool.submit(_chunk_run, mem_fd, *run, owner))
+            while len(pending) > window:
+                take_oldest()
 
-    return kernel.walk_ksm_regions(pid, visit, with_mem=True) is not None
+    def finish():
+        while pending:
+            take_oldest()
+
+    try:
+        return kernel.walk_ksm_regions(pid, visit, with_mem=True, after_visits=finish) is not None
+    finally:
+        for future in pending:  # the process ended half-way: what was read still counts
+            future.cancel()
 
 
 def allocators_of(pid: int) -> list[str]:
@@ -196,11 +208,11 @@ def duplicates_at_any_offset(pids: list[int], threads: int | None = None) -> Lay
     if os.geteuid() != 0:
         raise NeedsRoot("finding duplicates at any offset (reading /proc/<pid>/mem)")
     report, chunks, frames_read = LayoutReport(), _Chunks(), native.FrameSet()
-    owners = _Owners(list(dict.fromkeys(pids)))
-    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+    owners, threads = _Owners(list(dict.fromkeys(pids))), threads or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for pid in owners.pids:
             report.allocators[pid] = allocators_of(pid)
-            if not _read_process(pid, owners, chunks, report, frames_read, pool):
+            if not _read_process(pid, owners, chunks, report, frames_read, pool, WINDOW_PER_THREAD * threads):
                 report.missing.append(pid)
     chunks.count_duplicates(report, owners)
     return report

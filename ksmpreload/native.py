@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import errno
 import os
 from typing import TYPE_CHECKING
@@ -290,30 +292,35 @@ def count_kind_bits(kinds: FFI.CData, offsets: list[int]) -> list[dict[str, int]
 
 
 RUN_FIELDS = ("aligned_gain_bytes", "aligned_runs", "duplicate_chunk_bytes", "in_place_bytes", "run_edge_bytes")
+DUPLICATE_FIELDS = ("duplicate_bytes", "duplicate_bytes_across", "duplicate_bytes_within", "zero_bytes")
 
 
-def chunk_runs(chunks, count: int, page: int, min_run: int, whole_last_page: list[bool]) -> dict[str, int]:
-    """What page-aligning the blocks of duplicate runs adds to what merges now, for chunks[0:count]
-    in read order (ksm_chunk_runs): {RUN_FIELDS name: value}. whole_last_page[owner]: the owner's
-    allocator gives large blocks whole pages."""
-    totals = u64_array(len(RUN_FIELDS))
-    flags = ffi.new("uint8_t[]", [int(flag) for flag in whole_last_page] or [0])
-    _check(lib.ksm_chunk_runs(chunks, count, page, min_run, flags, totals))
-    return dict(zip(RUN_FIELDS, totals))
+@dataclass
+class ChunkAnalysis:
+    """What ksm_chunk_analysis counts of a set of chunks: totals ({RUN_FIELDS and DUPLICATE_FIELDS
+    name: value}); per owner (a region), its fair share of the duplicate bytes and the part of it
+    at other page offsets, two words an owner; pairs: the bytes of the contents each pair of
+    processes both hold, a flat processes x processes matrix."""
+
+    totals: dict[str, int]
+    per_owner: list[int]
+    pairs: list[int]
 
 
-def chunk_duplicates(
-    chunks, count: int, process_of: list[int], processes: int, page: int
-) -> tuple[list[int], list[int], list[int]]:
-    """Sorts chunks[0:count] and counts their duplicates (ksm_chunk_duplicates): (totals:
-    duplicate bytes, of them across processes, within one, bytes of zero chunks; per owner (a
-    region): its fair share of the duplicate bytes and the part of it at other page offsets, two
-    words an owner; pairs: bytes of the contents each pair of processes both hold, a flat
-    processes x processes matrix). process_of[owner] numbers the owner's process, 0 to processes - 1."""
-    totals, per_owner, pairs = u64_array(4), u64_array(2 * len(process_of) or 1), u64_array(processes**2 or 1)
+def chunk_analysis(
+    chunks, count: int, process_of: list[int], processes: int, page: int, min_run: int, whole_last_page: list[bool]
+) -> ChunkAnalysis:
+    """Counts chunks[0:count], in the order they were read (ksm_chunk_analysis). process_of[owner]
+    numbers the owner's process, 0 to processes - 1; whole_last_page[owner]: its allocator gives
+    large blocks whole pages."""
+    runs, duplicates = u64_array(len(RUN_FIELDS)), u64_array(len(DUPLICATE_FIELDS))
+    per_owner, pairs = u64_array(2 * len(process_of)), u64_array(processes**2)
     owners = ffi.new("uint32_t[]", process_of or [0])
-    lib.ksm_chunk_duplicates(chunks, count, owners, page, totals, per_owner, pairs, processes)
-    return list(totals), list(per_owner)[: 2 * len(process_of)], list(pairs)[: processes**2]
+    flags = ffi.new("uint8_t[]", [int(flag) for flag in whole_last_page] or [0])
+    _check(lib.ksm_chunk_analysis(chunks, count, owners, processes, page, min_run, flags, runs, duplicates,
+                                  per_owner, pairs))  # fmt: skip
+    totals = {**dict(zip(RUN_FIELDS, runs)), **dict(zip(DUPLICATE_FIELDS, duplicates))}
+    return ChunkAnalysis(totals, list(per_owner)[: 2 * len(process_of)], list(pairs)[: processes**2])
 
 
 class FrameSet:

@@ -52,15 +52,14 @@ ffibuilder.cdef("""
     static const int KSM_KIND_BITS, KSM_CONTENT_FIELDS;
     struct ksm_chunk { uint64_t hash; uint16_t length; uint16_t offset; uint32_t owner; };
     size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint32_t owner, struct ksm_chunk *out, size_t cap);
-    void ksm_chunk_duplicates(struct ksm_chunk *chunks, size_t n, const uint32_t *process_of, uint64_t page,
-                              uint64_t *totals, uint64_t *per_owner, uint64_t *pairs, size_t processes);
     struct ksm_frame_set;
     struct ksm_frame_set *ksm_frame_set_new(void);
     void ksm_frame_set_free(struct ksm_frame_set *set);
     long ksm_frame_set_filter(struct ksm_frame_set *set, const uint64_t *frames, const uint64_t *pages, size_t n,
                               uint64_t *out);
-    int ksm_chunk_runs(const struct ksm_chunk *chunks, size_t n, uint64_t page, uint64_t min_run,
-                       const uint8_t *whole_last_page, uint64_t *totals);
+    int ksm_chunk_analysis(const struct ksm_chunk *chunks, size_t n, const uint32_t *process_of, size_t processes,
+                           uint64_t page, uint64_t min_run, const uint8_t *whole_last_page, uint64_t *run_totals,
+                           uint64_t *dup_totals, uint64_t *per_owner, uint64_t *pairs);
     #define KSM_CDC_MIN ...
     static const int KSM_T_DISTINCT, KSM_T_MAPPED, KSM_T_SHARED, KSM_T_WITHIN_ONLY, KSM_T_OUTSIDE,
                      KSM_T_LONE, KSM_T_FAIR_SAVED, KSM_TOTAL_FIELDS;

@@ -732,100 +732,87 @@ static size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint32_t owner,
     return count;
 }
 
-static int ksm_chunk_order(const void *a, const void *b)
+/* Chunk keys: the top 32 bits of the chunk's hash << 32 | its position, sorted by hash, then
+ * position (ksm_radix_sort_high is stable; equal top bits with other low bits, about one pair
+ * in 2^32, are put in order by an insertion sort). */
+static int ksm_sort_chunks(const struct ksm_chunk *chunks, size_t n, uint64_t *keys, uint64_t *tmp)
 {
-    const struct ksm_chunk *x = a, *y = b;
-    if (x->hash != y->hash)
-        return x->hash < y->hash ? -1 : 1;
-    return x->owner < y->owner ? -1 : x->owner > y->owner;
+    if ((uint64_t)n > UINT32_MAX)
+        return -ERANGE;
+    for (size_t i = 0; i < n; i++)
+        keys[i] = (chunks[i].hash & ~(uint64_t)UINT32_MAX) | (uint64_t)i;
+    int failed = ksm_radix_sort_high(keys, n, tmp, 32);
+    for (size_t i = 1; !failed && i < n; i++) {
+        uint64_t key = keys[i], hash = chunks[KSM_POSITION(key)].hash;
+        size_t j = i;
+        for (; j > 0 && keys[j - 1] >> 32 == key >> 32 && chunks[KSM_POSITION(keys[j - 1])].hash > hash; j--)
+            keys[j] = keys[j - 1];
+        keys[j] = key;
+    }
+    return failed;
 }
 
-/* One content's copies, chunks[i..j) (sorted by owner): each copy's owner gets its fair share,
- * (c - 1)/c of the length, in per_owner[2 * owner], and in [2 * owner + 1] too when the copies do
- * not all start at one offset in their pages; every pair of processes holding it gets the length
- * once in pairs[p * processes + q] (and [q][p]). */
-static void ksm_credit_copies(const struct ksm_chunk *chunks, size_t i, size_t j, const uint32_t *process_of,
-                              uint64_t page, uint64_t *per_owner, uint64_t *pairs, size_t processes)
+/* Placement of a chunk (ksm_chunk_analysis' placement[]). */
+enum { KSM_UNIQUE = 0, KSM_ELSEWHERE = 1, KSM_IN_PLACE = 2 };
+
+/* One content's copies, the chunks at the positions of keys[0..c) (ascending, so their owners
+ * and processes ascend too): each copy's owner gets its fair share, (c - 1)/c of the length, in
+ * per_owner[2 * owner], and in [2 * owner + 1] too when the copies do not all start at one offset
+ * in their pages; each pair of processes holding it gets the length once in pairs[p][q] and
+ * [q][p] (up to 64 processes a content). Returns KSM_IN_PLACE or KSM_ELSEWHERE. */
+static int ksm_credit_copies(const struct ksm_chunk *chunks, const uint64_t *keys, size_t c, const uint32_t *process_of,
+                             uint64_t page, uint64_t *per_owner, uint64_t *pairs, size_t processes)
 {
-    uint64_t share = (uint64_t)(j - i - 1) * chunks[i].length / (j - i);
+    const struct ksm_chunk *first = &chunks[KSM_POSITION(keys[0])];
+    uint64_t share = (uint64_t)(c - 1) * first->length / c;
     int in_place = 1;
-    for (size_t k = i + 1; k < j; k++)
-        in_place &= (chunks[k].offset & (page - 1)) == (chunks[i].offset & (page - 1));
+    for (size_t k = 1; k < c; k++)
+        in_place &= (chunks[KSM_POSITION(keys[k])].offset & (page - 1)) == (first->offset & (page - 1));
     uint32_t held[64];
     size_t holders = 0;
-    for (size_t k = i; k < j; k++) {
-        per_owner[2 * chunks[k].owner] += share;
-        per_owner[2 * chunks[k].owner + 1] += in_place ? 0 : share;
-        uint32_t process = process_of[chunks[k].owner];
+    for (size_t k = 0; k < c; k++) {
+        uint32_t owner = chunks[KSM_POSITION(keys[k])].owner, process = process_of[owner];
+        per_owner[2 * owner] += share;
+        per_owner[2 * owner + 1] += in_place ? 0 : share;
         if (holders < 64 && (!holders || held[holders - 1] != process))
             held[holders++] = process;
     }
     for (size_t a = 0; a < holders; a++)
         for (size_t b = a + 1; b < holders; b++) {
-            pairs[held[a] * processes + held[b]] += chunks[i].length;
-            pairs[held[b] * processes + held[a]] += chunks[i].length;
+            pairs[held[a] * processes + held[b]] += first->length;
+            pairs[held[b] * processes + held[a]] += first->length;
         }
+    return in_place ? KSM_IN_PLACE : KSM_ELSEWHERE;
 }
 
-/* Sorts the chunks (by content, then owner) and sums what storing each distinct one once would
- * save: totals[0] in all, [1] of contents held by two processes or more, [2] of contents all in
- * one process, [3] the bytes of all-zero chunks (not counted as duplicates). Owners are regions
- * numbered in the order of their processes; process_of[owner] is the process (0..processes-1).
- * per_owner (2 words an owner) and pairs (processes x processes) as ksm_credit_copies says.
- * Everything is added to: the caller zeroes it. */
-static void ksm_chunk_duplicates(struct ksm_chunk *chunks, size_t n, const uint32_t *process_of, uint64_t page,
-                                 uint64_t *totals, uint64_t *per_owner, uint64_t *pairs, size_t processes)
+/* Groups the chunks by content (keys from ksm_sort_chunks): dup_totals[0] += what storing each
+ * distinct content once would save, [1] of it for contents held by two processes or more, [2]
+ * by one, [3] += the bytes of all-zero chunks (not duplicates); per_owner and pairs as
+ * ksm_credit_copies says; placement[position] = KSM_UNIQUE, _ELSEWHERE or _IN_PLACE. */
+static void ksm_group_chunks(const struct ksm_chunk *chunks, const uint64_t *keys, size_t n, const uint32_t *process_of,
+                             size_t processes, uint64_t page, uint64_t *dup_totals, uint64_t *per_owner,
+                             uint64_t *pairs, uint8_t *placement)
 {
-    qsort(chunks, n, sizeof *chunks, ksm_chunk_order);
     for (size_t i = 0; i < n;) {
+        const struct ksm_chunk *first = &chunks[KSM_POSITION(keys[i])];
         size_t j = i + 1;
-        while (j < n && chunks[j].hash == chunks[i].hash)
+        while (j < n && chunks[KSM_POSITION(keys[j])].hash == first->hash)
             j++;
-        if (!chunks[i].hash) {
+        int placed = KSM_UNIQUE;
+        if (!first->hash) {
             for (size_t k = i; k < j; k++)
-                totals[3] += chunks[k].length;
+                dup_totals[3] += chunks[KSM_POSITION(keys[k])].length;
         } else if (j - i > 1) {
-            uint64_t saved = (uint64_t)(j - i - 1) * chunks[i].length;
-            totals[0] += saved;
-            totals[process_of[chunks[i].owner] != process_of[chunks[j - 1].owner] ? 1 : 2] += saved;
-            ksm_credit_copies(chunks, i, j, process_of, page, per_owner, pairs, processes);
+            uint64_t saved = (uint64_t)(j - i - 1) * first->length;
+            const struct ksm_chunk *last = &chunks[KSM_POSITION(keys[j - 1])];
+            dup_totals[0] += saved;
+            dup_totals[process_of[first->owner] != process_of[last->owner] ? 1 : 2] += saved;
+            placed = ksm_credit_copies(chunks, keys + i, j - i, process_of, page, per_owner, pairs, processes);
         }
+        for (size_t k = i; k < j; k++)
+            placement[KSM_POSITION(keys[k])] = (uint8_t)placed;
         i = j;
     }
-}
-
-/* A chunk's content and its offset in its page, sorted by content: a content is "in place"
- * when every copy starts at the same offset in its page (as-is, its pages can be equal). */
-struct ksm_placed {
-    uint64_t hash;
-    uint64_t offset;
-};
-
-static int ksm_placed_order(const void *a, const void *b)
-{
-    const struct ksm_placed *x = a, *y = b;
-    if (x->hash != y->hash)
-        return x->hash < y->hash ? -1 : 1;
-    return x->offset < y->offset ? -1 : x->offset > y->offset;
-}
-
-/* 0: not duplicate (or zeros); 1: copies at other offsets in their pages; 2: every copy in place. */
-static int ksm_placement(const struct ksm_placed *sorted, size_t n, uint64_t hash)
-{
-    size_t low = 0, high = n; /* the first position whose hash is >= `hash` */
-    while (low < high) {
-        size_t mid = (low + high) / 2;
-        if (sorted[mid].hash < hash)
-            low = mid + 1;
-        else
-            high = mid;
-    }
-    if (!hash || low + 1 >= n || sorted[low].hash != hash || sorted[low + 1].hash != hash)
-        return 0;
-    size_t last = low + 1;
-    while (last + 1 < n && sorted[last + 1].hash == hash)
-        last++;
-    return sorted[low].offset == sorted[last].offset ? 2 : 1;
 }
 
 /* The bytes of a block beyond the run of duplicate chunks found inside it: at each end, the part
@@ -861,42 +848,56 @@ static void ksm_count_run(uint64_t run, uint64_t misplaced, uint64_t edges, uint
 }
 
 /* What page-aligning the blocks that hold duplicate content would add to what can merge now,
- * from the chunks in the order they were read (not sorted). A run is consecutive duplicate
- * chunks of one owner (the content of one block, as far as chunks can tell); ksm_count_run
- * says what it adds. totals[0] += those bytes (for every copy), [1] += the runs counted, [2] +=
- * the bytes of all duplicate chunks (every copy), [3] += those of chunks in place,
- * [4] = the edge estimate. whole_last_page[owner]: 1 where the owner's allocator gives large
- * blocks whole pages (jemalloc, mimalloc, tcmalloc), so a block's partial last page ends in bytes
- * never written. Returns 0 or -ENOMEM. */
-static int ksm_chunk_runs(const struct ksm_chunk *chunks, size_t n, uint64_t page, uint64_t min_run,
-                          const uint8_t *whole_last_page, uint64_t *totals)
+ * walking the chunks in the order they were read: a run is consecutive duplicate chunks of one
+ * owner (the content of one block, as far as chunks can tell); ksm_count_run says what it adds.
+ * run_totals[0] += those bytes (for every copy), [1] += the runs counted, [2] += the bytes of all
+ * duplicate chunks (every copy), [3] += those of chunks in place, [4] = the edge estimate. */
+static void ksm_count_runs(const struct ksm_chunk *chunks, const uint8_t *placement, size_t n, uint64_t page,
+                           uint64_t min_run, const uint8_t *whole_last_page, uint64_t *run_totals)
 {
-    struct ksm_placed *sorted = malloc((n ? n : 1) * sizeof *sorted);
-    if (!sorted)
-        return -ENOMEM;
-    for (size_t i = 0; i < n; i++)
-        sorted[i] = (struct ksm_placed){chunks[i].hash, chunks[i].offset & (page - 1)};
-    qsort(sorted, n, sizeof *sorted, ksm_placed_order);
     uint64_t edges = ksm_run_edges(chunks, n), run = 0, misplaced = 0;
-    totals[4] = edges;
+    run_totals[4] = edges;
     for (size_t i = 0; i <= n; i++) {
-        int placement = i < n ? ksm_placement(sorted, n, chunks[i].hash) : 0;
-        if (placement) {
-            totals[2] += chunks[i].length;
-            totals[3] += placement == 2 ? chunks[i].length : 0;
+        int placed = i < n ? placement[i] : KSM_UNIQUE;
+        uint64_t length = i < n ? chunks[i].length : 0, elsewhere = placed == KSM_ELSEWHERE ? length : 0;
+        if (placed != KSM_UNIQUE) {
+            run_totals[2] += length;
+            run_totals[3] += placed == KSM_IN_PLACE ? length : 0;
         }
-        if (placement && (run == 0 || chunks[i].owner == chunks[i - 1].owner)) {
-            run += chunks[i].length;
-            misplaced += placement == 1 ? chunks[i].length : 0;
+        if (placed != KSM_UNIQUE && (run == 0 || chunks[i].owner == chunks[i - 1].owner)) {
+            run += length;
+            misplaced += elsewhere;
             continue;
         }
         if (i > 0)
-            ksm_count_run(run, misplaced, edges, page, min_run, whole_last_page[chunks[i - 1].owner], totals);
-        run = placement ? chunks[i].length : 0;
-        misplaced = placement == 1 ? chunks[i].length : 0;
+            ksm_count_run(run, misplaced, edges, page, min_run, whole_last_page[chunks[i - 1].owner], run_totals);
+        run = placed != KSM_UNIQUE ? length : 0;
+        misplaced = elsewhere;
     }
-    free(sorted);
-    return 0;
+}
+
+/* Everything ksmpreload/layout.py counts of the chunks, given in the order they were read (not
+ * changed): owners are regions, numbered in read order, process_of[owner] their process (0 to
+ * processes - 1); whole_last_page[owner]: 1 where its allocator gives large blocks whole pages.
+ * run_totals (5 words) as ksm_count_runs, dup_totals (4), per_owner (2 words an owner) and pairs
+ * (processes x processes) as ksm_group_chunks; all added to (the caller zeroes them). One radix
+ * sort of 8-byte keys, and n bytes of placement: 17 bytes a chunk for the call. Returns 0,
+ * -ERANGE (more than 2^32 chunks) or -ENOMEM. */
+static int ksm_chunk_analysis(const struct ksm_chunk *chunks, size_t n, const uint32_t *process_of, size_t processes,
+                              uint64_t page, uint64_t min_run, const uint8_t *whole_last_page, uint64_t *run_totals,
+                              uint64_t *dup_totals, uint64_t *per_owner, uint64_t *pairs)
+{
+    uint64_t *keys = malloc((n ? n : 1) * sizeof *keys), *tmp = malloc((n ? n : 1) * sizeof *tmp);
+    uint8_t *placement = malloc(n ? n : 1);
+    int failed = keys && tmp && placement ? ksm_sort_chunks(chunks, n, keys, tmp) : -ENOMEM;
+    if (!failed) {
+        ksm_group_chunks(chunks, keys, n, process_of, processes, page, dup_totals, per_owner, pairs, placement);
+        ksm_count_runs(chunks, placement, n, page, min_run, whole_last_page, run_totals);
+    }
+    free(keys);
+    free(tmp);
+    free(placement);
+    return failed;
 }
 
 /* A set of page frame numbers (layout.py reads a frame once): open addressing, 8 bytes a slot,

@@ -41,8 +41,9 @@ def test_duplicates_are_counted_once_per_extra_copy_across_and_within():
     size = 0
     for part, owner in parts:
         size += native.lib.ksm_cdc_chunks(part, len(part), owner, out + size, 4096 - size)
-    totals, per_owner, pairs = native.chunk_duplicates(out, size, [0, 1, 2], 3, 4096)
-    duplicate, across, within, zero = totals
+    found = native.chunk_analysis(out, size, [0, 1, 2], 3, 4096, 8192, [False] * 3)
+    duplicate, across, within, zero = (found.totals[name] for name in native.DUPLICATE_FIELDS)
+    per_owner, pairs = found.per_owner, found.pairs
     assert 1.9 * len(data) <= duplicate <= 2 * len(data) and across == duplicate and within == 0
     assert zero == 8192
     # three copies: each owner's fair share is 2/3 of what it holds (owner 1 holds two)
@@ -61,10 +62,45 @@ def test_copies_in_place_are_told_apart_from_copies_at_other_offsets():
     size = 0
     for part, owner in [(data, 0), (data, 1), (other, 2), (random.Random(7).randbytes(512) + other, 3)]:
         size += native.lib.ksm_cdc_chunks(part, len(part), owner, out + size, 4096 - size)
-    totals, per_owner, pairs = native.chunk_duplicates(out, size, [0, 1, 1, 1], 2, 4096)
-    duplicate, across, within, _ = totals
+    found = native.chunk_analysis(out, size, [0, 1, 1, 1], 2, 4096, 8192, [False] * 4)
+    duplicate, across, within, _ = (found.totals[name] for name in native.DUPLICATE_FIELDS)
+    per_owner, pairs = found.per_owner, found.pairs
     assert across == len(data) and 0.95 * len(other) <= within <= len(other)
     half = len(data) // 2
     assert 0.999 * half <= per_owner[0] == per_owner[2] <= half and per_owner[1] == per_owner[3] == 0, "in place"
     assert per_owner[5] == per_owner[4] and per_owner[7] == per_owner[6] > 0.45 * len(other), "at other offsets"
     assert pairs == [0, len(data), len(data), 0]
+
+
+def analysed(parts, whole_last_page=False):
+    """chunk_analysis of parts [(bytes, owner)], one process an owner."""
+    out = native.ffi.new("struct ksm_chunk[]", 8192)
+    size = 0
+    for part, owner in parts:
+        size += native.lib.ksm_cdc_chunks(part, len(part), owner, out + size, 8192 - size)
+    owners = max(owner for _, owner in parts) + 1
+    return native.chunk_analysis(out, size, list(range(owners)), owners, 4096, 8192, [whole_last_page] * owners)
+
+
+def test_aligning_blocks_at_other_offsets_adds_their_pages_and_blocks_in_place_add_nothing():
+    """Two owners hold the same 40 blocks of 20,000 bytes between other bytes: at other page
+    offsets, each run of duplicates is taken for a block of its length plus the edge estimate,
+    whose 4 whole pages (5 with the last, partial one) count once aligned; in place, nothing."""
+    rng = random.Random(8)
+    blocks = [rng.randbytes(20000) for _ in range(40)]
+
+    def holder(shift):
+        noise = random.Random(shift)
+        return b"".join(noise.randbytes(3000 + shift) + block for block in blocks)
+
+    elsewhere = analysed([(holder(0), 0), (holder(1000), 1)])
+    totals = elsewhere.totals
+    assert (
+        1000 <= totals["run_edge_bytes"] <= 3000 and totals["in_place_bytes"] < 0.05 * totals["duplicate_chunk_bytes"]
+    )
+    pages = totals["aligned_gain_bytes"] / 4096  # an estimate: a few runs reach a fifth whole page
+    assert totals["aligned_runs"] == 80 and 80 * 4 <= pages <= 1.1 * 80 * 4, pages
+    with_last = analysed([(holder(0), 0), (holder(1000), 1)], whole_last_page=True).totals["aligned_gain_bytes"]
+    assert 80 * 5 <= with_last / 4096 <= 1.1 * 80 * 5, with_last / 4096
+    in_place = analysed([(holder(0), 0), (holder(0), 1)]).totals
+    assert in_place["aligned_gain_bytes"] == 0 and in_place["in_place_bytes"] == in_place["duplicate_chunk_bytes"] > 0
