@@ -354,7 +354,10 @@ def process_findings(process: ProcessAttribution, knobs: dict, programs_seen: se
     ]
     found = [finding for finding in found if finding]
     exe = kernel.executable_path(process.pid)
-    program = os.path.realpath(exe)
+    try:
+        program = os.path.realpath(os.readlink(exe))
+    except OSError:  # a kernel thread, a zombie, or a process that has just ended: no program file
+        return found
     if program in programs_seen:
         return found
     programs_seen.add(program)
@@ -409,7 +412,8 @@ def hidden_duplicates_finding(
     if hidden < HIDDEN_MIN_BYTES or hidden < HIDDEN_SHARE * layout.duplicate_bytes:
         return None
     unwrapped = [process for process in processes if not process.shim]
-    gain = predictions(report, layout)[1]["saved_bytes"] - report.potential_pages * report.page_size
+    as_is, wrapped = predictions(report, layout)[:2]
+    gain = wrapped["saved_bytes"] - as_is["saved_bytes"]
     allocators = sorted({name for names in layout.allocators.values() for name in names}) or ["glibc"]
     fix = (
         "; ".join(f"ksm-wrap {process.cmdline}" for process in unwrapped[:3])
@@ -505,7 +509,7 @@ def unmerged_duplicates_finding(report: PotentialReport, processes: list[Process
 def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
     """What each remedy would save, from what was read before it: one entry per remedy."""
     page = report.page_size
-    as_is = report.potential_pages * page
+    as_is = (report.potential_pages - (report.shared_outside_ksm_pages or 0)) * page  # a fork's sharing is no saving
     extra_copies = layout.duplicate_bytes / layout.duplicate_chunk_bytes if layout.duplicate_chunk_bytes else 0.0
     gain = round(layout.aligned_gain_bytes * extra_copies)
     padding = layout.aligned_runs * page // 2
@@ -514,7 +518,8 @@ def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
             "remedy": "as-is",
             "saved_bytes": as_is,
             "how": "mark the memory mergeable (prctl, or the program's own madvise) and leave its layout",
-            "model": "the pages with equal contents now (the duplicate potential), zero pages included",
+            "model": "the pages with equal contents now (the duplicate potential), zero pages included, "
+            "less those that share a frame already (since a fork)",
         },
         {
             "remedy": "ksm-wrap",
@@ -530,6 +535,37 @@ def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
             "Leaves out: blocks made by mmap (aligned already), headers inside a block that differ "
             "between processes, and small blocks whose runs join into one (counted as one block).",
         },
+        *_memcached_prediction(report, layout, extra_copies),
+    ]
+
+
+def memcached_page_slab_sizes() -> str:
+    """memcached's -o option for slab classes of 1 to 128 whole pages."""
+    return "slab_sizes=" + "-".join(str(kernel.page_size() << i) for i in range(8))
+
+
+def _memcached_prediction(report: PotentialReport, layout: LayoutReport, extra_copies: float) -> list[dict]:
+    """The slab-class remedy, when every process read is memcached (none otherwise)."""
+    programs = [layout.programs.get(pid) for pid in report.processes]
+    if not programs or any(program != "memcached" for program in programs):
+        return []
+    zero_part = (
+        report.potential_pages - report.totals["saving_across"] - report.totals["saving_within"]
+    ) * report.page_size
+    duplicates = round(layout.slab_item_bytes * extra_copies)
+    return [
+        {
+            "remedy": "memcached-page-slabs",
+            "saved_bytes": zero_part + duplicates,
+            "duplicate_bytes": duplicates,
+            "how": f"restart memcached with -o {memcached_page_slab_sizes()} under ksm-wrap, and load it again",
+            "model": "slab classes of whole pages put every item at one offset in its page, whatever order "
+            "it was stored in: each duplicate item (a run of duplicate chunks plus the edge estimate) "
+            "merges all its pages but the first, which holds its header (pointers and times that differ "
+            "between servers), for the copies beyond the first (duplicate_bytes), plus the zero pages read "
+            "now. Leaves out what the classes cost: an item takes a whole number of pages (memcached's "
+            "`stats slabs` shows the items per class), and the zero pages that makes, which KSM merges back.",
+        }
     ]
 
 
@@ -547,6 +583,9 @@ def potential_summary(
     except (NeedsRoot, ProcessLookupError) as error:
         notes.append(f"no duplicate potential: {error}")
         return [], None
+    if layout.partial or layout.missing:
+        ended = ", ".join(map(str, layout.partial + layout.missing))
+        notes.append(f"process {ended} ended while it was read: the figures at any offset are partial")
     found = [
         no_duplicates_finding(report, layout),
         unmerged_duplicates_finding(report, processes),

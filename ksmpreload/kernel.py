@@ -254,6 +254,21 @@ def executable_path(pid: int) -> str:
     return os.path.join(PROC_DIR, str(pid), "exe")
 
 
+def process_alive(pid: int) -> bool:
+    """The process exists and is no zombie (a zombie's maps and memory read as empty)."""
+    stat = read_proc(pid, "stat")
+    return stat is not None and stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] != "Z"
+
+
+def thread_group(pid: int) -> int:
+    """The process (thread group) that `pid` belongs to: itself, or the process of a thread id."""
+    status = read_proc(pid, "status") or ""
+    for line in status.splitlines():
+        if line.startswith("Tgid:"):
+            return int(line.split()[1])
+    return pid
+
+
 def process_exists(pid: int) -> bool:
     return os.path.exists(os.path.join(PROC_DIR, str(pid)))
 
@@ -489,11 +504,11 @@ def walk_ksm_regions(
         page = page_size()
         for region in filter(can_hold_ksm_pages, regions):
             visit(region, region["start"] // page, region["end"] // page, fds[0], mem_fd)
-        if after_visits:
-            after_visits()
     except ProcessLookupError:
         return None
     finally:
+        if after_visits and None not in fds:
+            after_visits()
         for fd in fds:
             if fd is not None:
                 os.close(fd)

@@ -22,6 +22,9 @@ the chunks whose bytes occur more than once:
   its partial last page too where the process's allocator gives large blocks whole pages
   (jemalloc, mimalloc, tcmalloc: `allocators`), for the share of the run not in place. Every
   copy is counted: the doctor scales it to the copies beyond the first.
+- slab_item_bytes: in memcached processes, what slab classes of whole pages would let merge:
+  every item then starts at one offset in its page, so all its pages but the first (the item's
+  header differs between servers) can merge, whatever the order items were stored in.
 
 A page frame is read once: a page that several processes map (shared since a fork, or merged
 by KSM already) is no duplicate left to find. Pages of all zeros are left to the page
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,7 +66,9 @@ class LayoutReport:
     aligned_runs: int = 0  # runs counted in aligned_gain_bytes
     run_edge_bytes: int = 0  # the part of a block outside its run of duplicate chunks, both ends
     allocators: dict[int, list[str]] = field(default_factory=dict)  # pid -> allocators other than glibc's
+    programs: dict[int, str] = field(default_factory=dict)  # pid -> comm
     missing: list[int] = field(default_factory=list)  # pids gone before they were read
+    partial: list[int] = field(default_factory=list)  # pids that ended while they were read
     processes: list[dict] = field(default_factory=list)  # per process and region: Owners.detail
     pairs: list[dict] = field(default_factory=list)  # {"pids": [a, b], "shared_bytes"}, largest first
 
@@ -76,10 +82,11 @@ class _Owners:
 
     def __init__(self, pids: list[int]) -> None:
         self.pids, self.regions, self.process_of = pids, [], []
+        self.index = {pid: number for number, pid in enumerate(pids)}
 
     def add(self, pid: int, region: dict) -> int:
         self.regions.append((pid, region))
-        self.process_of.append(self.pids.index(pid))
+        self.process_of.append(self.index[pid])
         return len(self.regions) - 1
 
     def detail(self, per_owner: list[int], pairs: list[int], gone: list[int]) -> tuple[list[dict], list[dict]]:
@@ -125,14 +132,21 @@ class _Chunks:
         self.size += count
 
     def count_duplicates(self, report: LayoutReport, owners: _Owners) -> None:
-        whole_last_page = [bool(report.allocators.get(pid)) for pid, _ in owners.regions]
+        flags = [_owner_flags(report, pid) for pid, _ in owners.regions]
         found = native.chunk_analysis(
-            self.array, self.size, owners.process_of, len(owners.pids), kernel.page_size(), ALIGNED_RUN, whole_last_page
+            self.array, self.size, owners.process_of, len(owners.pids), kernel.page_size(), ALIGNED_RUN, flags
         )
         for name, value in found.totals.items():
             setattr(report, name, value)
         report.chunks = self.size
         report.processes, report.pairs = owners.detail(found.per_owner, found.pairs, report.missing)
+
+
+def _owner_flags(report: LayoutReport, pid: int) -> int:
+    """The C helper's flags for a region of pid: whole last pages (an allocator other than glibc's:
+    its large blocks are whole pages), memcached's slab items."""
+    whole = native.WHOLE_LAST_PAGE if report.allocators.get(pid) else 0
+    return whole | (native.SLAB_ITEMS if report.programs.get(pid) == "memcached" else 0)
 
 
 def _runs(pages):
@@ -146,24 +160,34 @@ def _runs(pages):
         start = end
 
 
+_buffers = threading.local()  # a read buffer per worker thread, reused: a fresh one faults in every page
+
+
+def _read_buffer(size: int) -> bytearray:
+    if len(getattr(_buffers, "data", b"")) < size:
+        _buffers.data = bytearray(size)
+    return _buffers.data
+
+
 def _chunk_run(mem_fd, first_page, pages, owner):
     """(bytes read, chunks, count) of one run of pages; (0, None, 0) if it cannot be read. On a
-    worker thread: pread and the C helper run without the GIL."""
+    worker thread: preadv and the C helper run without the GIL."""
     page = kernel.page_size()
+    buffer = _read_buffer(READ_PAGES * page)
     try:
-        data = os.pread(mem_fd, pages * page, first_page * page)
+        read = os.preadv(mem_fd, [memoryview(buffer)[: pages * page]], first_page * page)
     except OSError:  # EIO: unmapped since the pagemap read
         return 0, None, 0
-    cap = len(data) // native.lib.KSM_CDC_MIN + 1
+    cap = read // native.lib.KSM_CDC_MIN + 1
     found = native.ffi.new("struct ksm_chunk[]", cap)
-    return len(data), found, native.lib.ksm_cdc_chunks(data, len(data), owner, found, cap)
+    return read, found, native.lib.ksm_cdc_chunks(native.ffi.from_buffer(buffer), read, owner, found, cap)
 
 
 def _read_process(pid, owners, chunks, report, frames_read, pool, window) -> bool:
     """Reads pid's anonymous pages in RAM into `chunks`, but frames read already, each region an
     owner. Runs of pages are read and cut on the pool's threads, across regions, at most `window`
     at a time; their chunks join `chunks` in read order. False if the process is gone."""
-    pending = collections.deque()
+    pending, present = collections.deque(), native.PfnArray(with_pages=True)
 
     def take_oldest():
         read, found, count = pending.popleft().result()
@@ -173,7 +197,7 @@ def _read_process(pid, owners, chunks, report, frames_read, pool, window) -> boo
 
     def visit(region, first, end, pagemap_fd, mem_fd):
         owner = owners.add(pid, region)
-        present = native.PfnArray(with_pages=True)
+        present.size = 0  # one array for every region of the process: each allocation zeroes 2 MiB
         present.read_pagemap(pagemap_fd, first, end, KEEP_MASK, KEEP_VALUE, kernel.PAGEMAP_PFN_MASK)
         for run in _runs(frames_read.new_pages(present)):
             pending.append(pool.submit(_chunk_run, mem_fd, *run, owner))
@@ -184,11 +208,8 @@ def _read_process(pid, owners, chunks, report, frames_read, pool, window) -> boo
         while pending:
             take_oldest()
 
-    try:
-        return kernel.walk_ksm_regions(pid, visit, with_mem=True, after_visits=finish) is not None
-    finally:
-        for future in pending:  # the process ended half-way: what was read still counts
-            future.cancel()
+    # finish runs before the walk closes the files, also when a visit raises: no read is left in flight
+    return kernel.walk_ksm_regions(pid, visit, with_mem=True, after_visits=finish) is not None
 
 
 def allocators_of(pid: int) -> list[str]:
@@ -212,7 +233,10 @@ def duplicates_at_any_offset(pids: list[int], threads: int | None = None) -> Lay
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for pid in owners.pids:
             report.allocators[pid] = allocators_of(pid)
+            report.programs[pid] = (kernel.read_proc(pid, "comm") or "").strip()
             if not _read_process(pid, owners, chunks, report, frames_read, pool, WINDOW_PER_THREAD * threads):
                 report.missing.append(pid)
+            elif not kernel.process_alive(pid):  # ended while it was read: what was read counts
+                report.partial.append(pid)
     chunks.count_duplicates(report, owners)
     return report

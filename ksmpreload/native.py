@@ -291,7 +291,15 @@ def count_kind_bits(kinds: FFI.CData, offsets: list[int]) -> list[dict[str, int]
 # ---- content-defined chunks (ksmpreload.layout) -------------------------------------------------
 
 
-RUN_FIELDS = ("aligned_gain_bytes", "aligned_runs", "duplicate_chunk_bytes", "in_place_bytes", "run_edge_bytes")
+RUN_FIELDS = (
+    "aligned_gain_bytes",
+    "aligned_runs",
+    "duplicate_chunk_bytes",
+    "in_place_bytes",
+    "run_edge_bytes",
+    "slab_item_bytes",
+)
+WHOLE_LAST_PAGE, SLAB_ITEMS = lib.KSM_WHOLE_LAST_PAGE, lib.KSM_SLAB_ITEMS  # an owner's flags
 DUPLICATE_FIELDS = ("duplicate_bytes", "duplicate_bytes_across", "duplicate_bytes_within", "zero_bytes")
 
 
@@ -308,15 +316,15 @@ class ChunkAnalysis:
 
 
 def chunk_analysis(
-    chunks, count: int, process_of: list[int], processes: int, page: int, min_run: int, whole_last_page: list[bool]
+    chunks, count: int, process_of: list[int], processes: int, page: int, min_run: int, owner_flags: list[int]
 ) -> ChunkAnalysis:
     """Counts chunks[0:count], in the order they were read (ksm_chunk_analysis). process_of[owner]
-    numbers the owner's process, 0 to processes - 1; whole_last_page[owner]: its allocator gives
-    large blocks whole pages."""
+    numbers the owner's process, 0 to processes - 1; owner_flags[owner]: WHOLE_LAST_PAGE (its
+    allocator gives large blocks whole pages), SLAB_ITEMS (memcached's items)."""
     runs, duplicates = u64_array(len(RUN_FIELDS)), u64_array(len(DUPLICATE_FIELDS))
     per_owner, pairs = u64_array(2 * len(process_of)), u64_array(processes**2)
     owners = ffi.new("uint32_t[]", process_of or [0])
-    flags = ffi.new("uint8_t[]", [int(flag) for flag in whole_last_page] or [0])
+    flags = ffi.new("uint8_t[]", owner_flags or [0])
     _check(lib.ksm_chunk_analysis(chunks, count, owners, processes, page, min_run, flags, runs, duplicates,
                                   per_owner, pairs))  # fmt: skip
     totals = {**dict(zip(RUN_FIELDS, runs)), **dict(zip(DUPLICATE_FIELDS, duplicates))}

@@ -106,6 +106,9 @@ class PotentialReport:
     potential_pages_use_zero_pages: int
     potential_pages_no_zero_pages: int
     merged_pages: Optional[int]  # None without PFNs (not root)
+    # of merged_pages, pages sharing a frame other than a KSM page's (since a fork): no remedy
+    # can save them again; None without PFNs
+    shared_outside_ksm_pages: Optional[int] = None
 
     @property
     def potential_pages(self) -> int:
@@ -137,6 +140,7 @@ class PotentialReport:
                 "potential_pages_no_zero_pages",
                 "potential_mib",
                 "merged_pages",
+                "shared_outside_ksm_pages",
                 "merged_mib",
                 "efficiency",
             )
@@ -183,7 +187,7 @@ def _add_ksm_stat(process):
 
 def _mark_frames(pages, kinds):
     """Add the frame bits to kinds (native.mark_frames); returns (frames backing the pages,
-    how many of them are the zero page)."""
+    how many of them are the zero page, how many are KSM pages)."""
     count = pages.size
     keys = native.sort_pfns(pages.frames.data, count)
     distinct, ndistinct = native.distinct_pfns(keys, count)
@@ -194,7 +198,8 @@ def _mark_frames(pages, kinds):
         os.close(flags_fd)
     ksm_mask, zero_mask = 1 << kernel.KPF_KSM, 1 << kernel.KPF_ZERO_PAGE
     native.mark_frames(keys, count, flags, ksm_mask, zero_mask, kinds)
-    return ndistinct, native.select_pfns(distinct, flags, ndistinct, zero_mask)[1]
+    ksm_frames = native.select_pfns(distinct, flags, ndistinct, ksm_mask)[1]
+    return ndistinct, native.select_pfns(distinct, flags, ndistinct, zero_mask)[1], ksm_frames
 
 
 def _fill_counts(targets, offsets, kinds, frames_known):
@@ -239,13 +244,17 @@ def potential(
     kinds, totals = native.group_contents(keys, count, pages.hashes, offsets)
     clock.step("group")
     frames_known = pages.frames.counts[1] < pages.frames.counts[0]  # PFNs read as 0 without root
-    frames, zero_frames = _mark_frames(pages, kinds) if frames_known else (None, None)
+    frames, zero_frames, ksm_frames = _mark_frames(pages, kinds) if frames_known else (None, None, None)
     clock.step("frames")
     _fill_counts(processes.values(), offsets, kinds, frames_known)
     regions = [region for process in processes.values() for region in process.regions]
     _fill_counts(regions, region_offsets + [count], kinds, frames_known)
     clock.step("count")
-    return _report(processes, missing, totals, count, frames, zero_frames)
+    report = _report(processes, missing, totals, count, frames, zero_frames)
+    if frames_known:
+        ksm_sharing = sum(process.ksm_pages for process in processes.values()) - ksm_frames
+        report.shared_outside_ksm_pages = max(report.merged_pages - ksm_sharing, 0)
+    return report
 
 
 def _report(processes, missing, totals, count, frames, zero_frames):

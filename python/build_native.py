@@ -49,7 +49,7 @@ ffibuilder.cdef("""
                          uint64_t zero_mask, uint8_t *kinds);
     void ksm_count_kind_bits(const uint8_t *kinds, const uint64_t *offsets, size_t nranges,
                              uint64_t *out);
-    static const int KSM_KIND_BITS, KSM_CONTENT_FIELDS;
+    static const int KSM_KIND_BITS, KSM_CONTENT_FIELDS, KSM_WHOLE_LAST_PAGE, KSM_SLAB_ITEMS;
     struct ksm_chunk { uint64_t hash; uint16_t length; uint16_t offset; uint32_t owner; };
     size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint32_t owner, struct ksm_chunk *out, size_t cap);
     struct ksm_frame_set;
@@ -58,7 +58,7 @@ ffibuilder.cdef("""
     long ksm_frame_set_filter(struct ksm_frame_set *set, const uint64_t *frames, const uint64_t *pages, size_t n,
                               uint64_t *out);
     int ksm_chunk_analysis(const struct ksm_chunk *chunks, size_t n, const uint32_t *process_of, size_t processes,
-                           uint64_t page, uint64_t min_run, const uint8_t *whole_last_page, uint64_t *run_totals,
+                           uint64_t page, uint64_t min_run, const uint8_t *owner_flags, uint64_t *run_totals,
                            uint64_t *dup_totals, uint64_t *per_owner, uint64_t *pairs);
     #define KSM_CDC_MIN ...
     static const int KSM_T_DISTINCT, KSM_T_MAPPED, KSM_T_SHARED, KSM_T_WITHIN_ONLY, KSM_T_OUTSIDE,

@@ -668,7 +668,8 @@ static void ksm_count_kind_bits(const uint8_t *kinds, const uint64_t *offsets, s
 
 static uint64_t ksm_gear[256];
 
-static void ksm_gear_init(void)
+/* At load, before any thread can cut (cutting runs on several threads, without the GIL). */
+__attribute__((constructor)) static void ksm_gear_init(void)
 {
     uint64_t state = 0x243F6A8885A308D3ull; /* splitmix64: a fixed table, the same in every run */
     for (int i = 0; i < 256; i++) {
@@ -713,8 +714,6 @@ struct ksm_chunk {
  * (n / KSM_CDC_MIN + 1 always suffice). Returns the number of chunks. */
 static size_t ksm_cdc_chunks(const unsigned char *buf, size_t n, uint32_t owner, struct ksm_chunk *out, size_t cap)
 {
-    if (!ksm_gear[0])
-        ksm_gear_init();
     size_t count = 0, start = 0;
     while (start < n && count < cap) {
         size_t limit = n - start > KSM_CDC_MAX ? start + KSM_CDC_MAX : n;
@@ -752,47 +751,71 @@ static int ksm_sort_chunks(const struct ksm_chunk *chunks, size_t n, uint64_t *k
     return failed;
 }
 
-/* Placement of a chunk (ksm_chunk_analysis' placement[]). */
-enum { KSM_UNIQUE = 0, KSM_ELSEWHERE = 1, KSM_IN_PLACE = 2 };
+/* Placement of a chunk (ksm_chunk_analysis' placement[]): KSM_UNIQUE, or how many of its copies
+ * beyond the first sit at other page offsets than the most common one, in KSM_ELSEWHERE_ALL-ths
+ * (0: every copy in place, where as-is pages can be equal; KSM_ELSEWHERE_ALL: all apart). */
+enum { KSM_ELSEWHERE_ALL = 254, KSM_UNIQUE = 255 };
+
+/* How many of the c copies at keys[0..c) start at the most common offset in their pages. */
+static size_t ksm_copies_in_place(const struct ksm_chunk *chunks, const uint64_t *keys, size_t c, uint64_t page)
+{
+    size_t best = 1;
+    for (size_t a = 0; a < c && best < c - a; a++) {
+        uint64_t offset = chunks[KSM_POSITION(keys[a])].offset & (page - 1);
+        size_t same = 1;
+        for (size_t b = a + 1; b < c; b++)
+            same += (chunks[KSM_POSITION(keys[b])].offset & (page - 1)) == offset;
+        best = same > best ? same : best;
+    }
+    return best;
+}
+
+/* Scratch of ksm_group_chunks: the processes holding one content. */
+struct ksm_holders {
+    uint32_t *process;
+    size_t count;
+};
 
 /* One content's copies, the chunks at the positions of keys[0..c) (ascending, so their owners
  * and processes ascend too): each copy's owner gets its fair share, (c - 1)/c of the length, in
- * per_owner[2 * owner], and in [2 * owner + 1] too when the copies do not all start at one offset
- * in their pages; each pair of processes holding it gets the length once in pairs[p][q] and
- * [q][p] (up to 64 processes a content). Returns KSM_IN_PLACE or KSM_ELSEWHERE. */
+ * per_owner[2 * owner], and the part of it at other offsets (placement / KSM_ELSEWHERE_ALL) in
+ * [2 * owner + 1]; each pair of processes holding it gets the length once in pairs[p][q] and
+ * [q][p]. Returns the placement. */
 static int ksm_credit_copies(const struct ksm_chunk *chunks, const uint64_t *keys, size_t c, const uint32_t *process_of,
-                             uint64_t page, uint64_t *per_owner, uint64_t *pairs, size_t processes)
+                             uint64_t page, uint64_t *per_owner, uint64_t *pairs, size_t processes,
+                             struct ksm_holders *held)
 {
     const struct ksm_chunk *first = &chunks[KSM_POSITION(keys[0])];
     uint64_t share = (uint64_t)(c - 1) * first->length / c;
-    int in_place = 1;
-    for (size_t k = 1; k < c; k++)
-        in_place &= (chunks[KSM_POSITION(keys[k])].offset & (page - 1)) == (first->offset & (page - 1));
-    uint32_t held[64];
-    size_t holders = 0;
+    size_t apart = c - ksm_copies_in_place(chunks, keys, c, page);
+    int placed = (int)((apart * KSM_ELSEWHERE_ALL + (c - 1) / 2) / (c - 1));
+    held->count = 0;
     for (size_t k = 0; k < c; k++) {
         uint32_t owner = chunks[KSM_POSITION(keys[k])].owner, process = process_of[owner];
         per_owner[2 * owner] += share;
-        per_owner[2 * owner + 1] += in_place ? 0 : share;
-        if (holders < 64 && (!holders || held[holders - 1] != process))
-            held[holders++] = process;
+        per_owner[2 * owner + 1] += share * (uint64_t)placed / KSM_ELSEWHERE_ALL;
+        if (!held->count || held->process[held->count - 1] != process)
+            held->process[held->count++] = process;
     }
-    for (size_t a = 0; a < holders; a++)
-        for (size_t b = a + 1; b < holders; b++) {
-            pairs[held[a] * processes + held[b]] += first->length;
-            pairs[held[b] * processes + held[a]] += first->length;
+    for (size_t a = 0; a < held->count; a++)
+        for (size_t b = a + 1; b < held->count; b++) {
+            pairs[held->process[a] * processes + held->process[b]] += first->length;
+            pairs[held->process[b] * processes + held->process[a]] += first->length;
         }
-    return in_place ? KSM_IN_PLACE : KSM_ELSEWHERE;
+    return placed;
 }
 
 /* Groups the chunks by content (keys from ksm_sort_chunks): dup_totals[0] += what storing each
  * distinct content once would save, [1] of it for contents held by two processes or more, [2]
  * by one, [3] += the bytes of all-zero chunks (not duplicates); per_owner and pairs as
- * ksm_credit_copies says; placement[position] = KSM_UNIQUE, _ELSEWHERE or _IN_PLACE. */
-static void ksm_group_chunks(const struct ksm_chunk *chunks, const uint64_t *keys, size_t n, const uint32_t *process_of,
-                             size_t processes, uint64_t page, uint64_t *dup_totals, uint64_t *per_owner,
-                             uint64_t *pairs, uint8_t *placement)
+ * ksm_credit_copies says; placement[position] as its enum says. Returns 0 or -ENOMEM. */
+static int ksm_group_chunks(const struct ksm_chunk *chunks, const uint64_t *keys, size_t n, const uint32_t *process_of,
+                            size_t processes, uint64_t page, uint64_t *dup_totals, uint64_t *per_owner, uint64_t *pairs,
+                            uint8_t *placement)
 {
+    struct ksm_holders held = {malloc((processes ? processes : 1) * sizeof *held.process), 0};
+    if (!held.process)
+        return -ENOMEM;
     for (size_t i = 0; i < n;) {
         const struct ksm_chunk *first = &chunks[KSM_POSITION(keys[i])];
         size_t j = i + 1;
@@ -807,24 +830,26 @@ static void ksm_group_chunks(const struct ksm_chunk *chunks, const uint64_t *key
             const struct ksm_chunk *last = &chunks[KSM_POSITION(keys[j - 1])];
             dup_totals[0] += saved;
             dup_totals[process_of[first->owner] != process_of[last->owner] ? 1 : 2] += saved;
-            placed = ksm_credit_copies(chunks, keys + i, j - i, process_of, page, per_owner, pairs, processes);
+            placed = ksm_credit_copies(chunks, keys + i, j - i, process_of, page, per_owner, pairs, processes, &held);
         }
         for (size_t k = i; k < j; k++)
             placement[KSM_POSITION(keys[k])] = (uint8_t)placed;
         i = j;
     }
+    free(held.process);
+    return 0;
 }
 
 /* The bytes of a block beyond the run of duplicate chunks found inside it: at each end, the part
  * in a chunk that also holds bytes outside the block. A block's edge falls at a random point of
- * a chunk, whose expected remainder is sum(l^2) / (2 sum(l)) over the chunks read (a renewal
- * process's mean residual); two ends: sum(l^2) / sum(l). Zero chunks are left out (runs of
- * zeros make chunks of the longest length). */
-static uint64_t ksm_run_edges(const struct ksm_chunk *chunks, size_t n)
+ * a chunk, whose expected remainder is sum(l^2) / (2 sum(l)) (a renewal process's mean
+ * residual); two ends: sum(l^2) / sum(l), over the duplicate chunks (the runs' own content:
+ * other memory, repetitive or sparse, makes chunks of the longest length far more often). */
+static uint64_t ksm_run_edges(const struct ksm_chunk *chunks, const uint8_t *placement, size_t n)
 {
     double sum = 0, squares = 0;
     for (size_t i = 0; i < n; i++) {
-        if (!chunks[i].hash)
+        if (placement[i] == KSM_UNIQUE)
             continue;
         sum += chunks[i].length;
         squares += (double)chunks[i].length * chunks[i].length;
@@ -832,17 +857,34 @@ static uint64_t ksm_run_edges(const struct ksm_chunk *chunks, size_t n)
     return sum > 0 ? (uint64_t)(squares / sum) : 0;
 }
 
+/* An owner's flags (ksm_chunk_analysis' owner_flags[]). */
+enum {
+    KSM_WHOLE_LAST_PAGE = 1, /* its allocator gives large blocks whole pages: a partial last page ends in
+                                bytes never written */
+    KSM_SLAB_ITEMS = 2       /* memcached's slabs: what slab classes of whole pages would merge is counted */
+};
+
 /* One run of duplicate chunks, ended: the block that holds it is estimated at `run` bytes plus
  * `edges`; from the threshold up ksm-wrap page-aligns it, and its pages (the last, partial one
- * too where the owner's allocator rounds blocks to whole pages: whole_last_page[owner]) can then
- * merge. Counted for the part of the run whose copies are not in place now (misplaced bytes). */
-static void ksm_count_run(uint64_t run, uint64_t misplaced, uint64_t edges, uint64_t page, uint64_t min_run,
-                          int whole_last_page, uint64_t *totals)
+ * too with KSM_WHOLE_LAST_PAGE) can then merge: totals[0], counted for the part of the run whose
+ * copies are not in place now (misplaced bytes), totals[1] the runs. With KSM_SLAB_ITEMS the
+ * block is a memcached item, which ksm-wrap does not move (it aligns the 1 MiB slab pages only): in slab classes of whole pages every item starts at one offset in
+ * its page whatever the order it was stored in, so all its pages but the first (its header:
+ * pointers and times that differ between servers) can merge, the partial last one included (the
+ * rest of the slot was never written): totals[5]. */
+static void ksm_count_run(uint64_t run, uint64_t misplaced, uint64_t edges, uint64_t page, uint64_t min_run, int flags,
+                          uint64_t *totals)
 {
-    uint64_t block = run + edges;
-    if (!run || block < min_run)
+    uint64_t block = run + edges, pages_touched = (block + page - 1) / page;
+    if (!run)
         return;
-    uint64_t pages = whole_last_page ? (block + page - 1) / page : block / page;
+    if (flags & KSM_SLAB_ITEMS) { /* items are not blocks of the allocator: ksm-wrap does not move them */
+        totals[5] += (pages_touched - 1) * page;
+        return;
+    }
+    if (block < min_run || !misplaced)
+        return;
+    uint64_t pages = flags & KSM_WHOLE_LAST_PAGE ? pages_touched : block / page;
     totals[0] += (uint64_t)((double)pages * page * misplaced / run);
     totals[1]++;
 }
@@ -851,49 +893,52 @@ static void ksm_count_run(uint64_t run, uint64_t misplaced, uint64_t edges, uint
  * walking the chunks in the order they were read: a run is consecutive duplicate chunks of one
  * owner (the content of one block, as far as chunks can tell); ksm_count_run says what it adds.
  * run_totals[0] += those bytes (for every copy), [1] += the runs counted, [2] += the bytes of all
- * duplicate chunks (every copy), [3] += those of chunks in place, [4] = the edge estimate. */
+ * duplicate chunks (every copy), [3] += those of chunks in place, [4] = the edge estimate, [5] +=
+ * the slab item pages of KSM_SLAB_ITEMS owners. */
 static void ksm_count_runs(const struct ksm_chunk *chunks, const uint8_t *placement, size_t n, uint64_t page,
-                           uint64_t min_run, const uint8_t *whole_last_page, uint64_t *run_totals)
+                           uint64_t min_run, const uint8_t *owner_flags, uint64_t *run_totals)
 {
-    uint64_t edges = ksm_run_edges(chunks, n), run = 0, misplaced = 0;
+    uint64_t edges = ksm_run_edges(chunks, placement, n), run = 0, misplaced = 0;
     run_totals[4] = edges;
     for (size_t i = 0; i <= n; i++) {
-        int placed = i < n ? placement[i] : KSM_UNIQUE;
-        uint64_t length = i < n ? chunks[i].length : 0, elsewhere = placed == KSM_ELSEWHERE ? length : 0;
-        if (placed != KSM_UNIQUE) {
+        int placed = i < n ? placement[i] : KSM_UNIQUE, duplicate = placed != KSM_UNIQUE;
+        uint64_t length = i < n ? chunks[i].length : 0;
+        uint64_t elsewhere = duplicate ? length * (uint64_t)placed / KSM_ELSEWHERE_ALL : 0;
+        if (duplicate) {
             run_totals[2] += length;
-            run_totals[3] += placed == KSM_IN_PLACE ? length : 0;
+            run_totals[3] += placed == 0 ? length : 0;
         }
-        if (placed != KSM_UNIQUE && (run == 0 || chunks[i].owner == chunks[i - 1].owner)) {
+        if (duplicate && (run == 0 || chunks[i].owner == chunks[i - 1].owner)) {
             run += length;
             misplaced += elsewhere;
             continue;
         }
         if (i > 0)
-            ksm_count_run(run, misplaced, edges, page, min_run, whole_last_page[chunks[i - 1].owner], run_totals);
-        run = placed != KSM_UNIQUE ? length : 0;
+            ksm_count_run(run, misplaced, edges, page, min_run, owner_flags[chunks[i - 1].owner], run_totals);
+        run = duplicate ? length : 0;
         misplaced = elsewhere;
     }
 }
 
 /* Everything ksmpreload/layout.py counts of the chunks, given in the order they were read (not
  * changed): owners are regions, numbered in read order, process_of[owner] their process (0 to
- * processes - 1); whole_last_page[owner]: 1 where its allocator gives large blocks whole pages.
- * run_totals (5 words) as ksm_count_runs, dup_totals (4), per_owner (2 words an owner) and pairs
+ * processes - 1); owner_flags[owner]: KSM_WHOLE_LAST_PAGE, KSM_SLAB_ITEMS.
+ * run_totals (6 words) as ksm_count_runs, dup_totals (4), per_owner (2 words an owner) and pairs
  * (processes x processes) as ksm_group_chunks; all added to (the caller zeroes them). One radix
  * sort of 8-byte keys, and n bytes of placement: 17 bytes a chunk for the call. Returns 0,
  * -ERANGE (more than 2^32 chunks) or -ENOMEM. */
 static int ksm_chunk_analysis(const struct ksm_chunk *chunks, size_t n, const uint32_t *process_of, size_t processes,
-                              uint64_t page, uint64_t min_run, const uint8_t *whole_last_page, uint64_t *run_totals,
+                              uint64_t page, uint64_t min_run, const uint8_t *owner_flags, uint64_t *run_totals,
                               uint64_t *dup_totals, uint64_t *per_owner, uint64_t *pairs)
 {
     uint64_t *keys = malloc((n ? n : 1) * sizeof *keys), *tmp = malloc((n ? n : 1) * sizeof *tmp);
     uint8_t *placement = malloc(n ? n : 1);
     int failed = keys && tmp && placement ? ksm_sort_chunks(chunks, n, keys, tmp) : -ENOMEM;
-    if (!failed) {
-        ksm_group_chunks(chunks, keys, n, process_of, processes, page, dup_totals, per_owner, pairs, placement);
-        ksm_count_runs(chunks, placement, n, page, min_run, whole_last_page, run_totals);
-    }
+    if (!failed)
+        failed =
+            ksm_group_chunks(chunks, keys, n, process_of, processes, page, dup_totals, per_owner, pairs, placement);
+    if (!failed)
+        ksm_count_runs(chunks, placement, n, page, min_run, owner_flags, run_totals);
     free(keys);
     free(tmp);
     free(placement);

@@ -107,7 +107,7 @@ def any_offset_lines(any_offset):
             f"- pid {process['pid']} ({allocator}): {process['duplicate_bytes'] / MIB:.1f} MiB its share, "
             f"{process['other_offset_bytes'] / MIB:.1f} MiB of it at other offsets in its pages"
         )
-    for pair in any_offset.get("pairs", [])[:5]:
+    for pair in [pair for pair in any_offset.get("pairs", []) if pair["shared_bytes"] >= MIB // 10][:5]:
         lines.append(f"- pids {pair['pids'][0]} and {pair['pids'][1]} both hold {pair['shared_bytes'] / MIB:.1f} MiB")
     return [Text(line) for line in lines]
 
@@ -136,11 +136,12 @@ def print_report(report):
 
 
 def split_targets(args):
-    """PIDs when every argument is a number, else a command to start."""
+    """PIDs when every argument is a number (a thread id stands for its process; each once), else a
+    command to start."""
     if args and all(arg.isascii() and arg.isdigit() for arg in args):
         pids = [int(arg) for arg in args]
         kernel.require_processes(pids)
-        return pids, None
+        return list(dict.fromkeys(kernel.thread_group(pid) for pid in pids)), None
     return [], list(args) or None
 
 

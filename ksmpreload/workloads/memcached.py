@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .. import kernel
+from ..diagnosis import memcached_page_slab_sizes
 from ..errors import KsmError
 from . import Loaded, Run, counted, rate
 from .data import aligned_value_pages, items, page_multiples, value_sizes
@@ -28,10 +29,6 @@ LOAD_BATCH_BYTES = 8 << 20
 ITEM_HEADER = 48  # memcached 1.6's item header with CAS: slab class 1 holds it and -n bytes
 
 
-def page_multiple_slab_sizes() -> str:
-    return "slab_sizes=" + "-".join(str(kernel.page_size() << i) for i in range(8))
-
-
 def slab_layouts() -> tuple[tuple[list[str], str, str], ...]:
     """(memcached options, load order of the other servers, value sizes) of memcached-slabs."""
     page = kernel.page_size()
@@ -43,7 +40,7 @@ def slab_layouts() -> tuple[tuple[list[str], str, str], ...]:
         (["-n", str(page - ITEM_HEADER), "-f", "2"], "shuffled", "mixed"),  # classes of 1, 2, 4... pages
         (["-n", str(page - ITEM_HEADER - 8), "-f", "2"], "shuffled", "mixed"),  # each 8 bytes short
         (["-o", "slab_chunk_max=16384"], "shuffled", "mixed"),
-        (["-o", page_multiple_slab_sizes()], "shuffled", "mixed"),
+        (["-o", memcached_page_slab_sizes()], "shuffled", "mixed"),
     )
 
 

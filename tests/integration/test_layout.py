@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -136,3 +137,40 @@ def test_predictions_match_what_each_remedy_then_saves(c_programs, processes):
     assert wrapped >= 4 * as_is, (wrapped, as_is, "the layout hides most duplicates")
     assert abs(before["ksm-wrap"] - wrapped) <= 0.2 * wrapped, (before, wrapped)
     assert abs(before["as-is"] - as_is) <= 0.2 * wrapped, (before, as_is)
+
+
+FORKED_HOLDER = """
+import os, random, sys
+data = random.Random(1).randbytes(20 << 20)
+child = os.fork()
+print("ready", flush=True)
+sys.stdin.read()
+if child:
+    os.waitpid(child, 0)
+"""
+
+
+def test_pages_shared_since_a_fork_are_no_saving_to_predict():
+    """A parent and its forked child share 20 MiB of frames: equal pages, but nothing KSM can
+    save; each process's id given twice, once as a thread id would be, counts once."""
+    proc = subprocess.Popen([sys.executable, "-c", FORKED_HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline() and proc.stdout.readline()
+        child = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[0])
+        found = predicted([proc.pid, child, proc.pid])
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert found["as-is"] < 1 << 20 and found["ksm-wrap"] < 1 << 20, found
+
+
+def test_doctor_on_a_zombie_and_a_process_that_ends_says_so_without_a_traceback():
+    zombie = subprocess.Popen(["true"])
+    with holders(10) as (pids, _):
+        time.sleep(0.5)  # `true` has ended, not yet waited for: a zombie
+        done = subprocess.run(["ksmpreload", "doctor", str(zombie.pid), *map(str, pids)], capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+    zombie.wait()
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"process {zombie.pid} ended while it was read" in done.stdout, done.stdout

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import require, require_root_ksm
-from ksmpreload import kernel
+from ksmpreload import diagnosis, kernel
 from ksmpreload.workloads import SIZES, data, memcached, pytorch, runner
 
 
@@ -70,7 +70,7 @@ def test_memcached_slab_sizes_of_whole_pages_merge_whatever_the_order(tmp_path):
     require_module("pymemcache")
     sizes = data.value_sizes(SIZES["small"]["value_bytes"])
     runs = {}
-    for name, options in (("default", []), ("pages", ["-o", memcached.page_multiple_slab_sizes()])):
+    for name, options in (("default", []), ("pages", ["-o", diagnosis.memcached_page_slab_sizes()])):
         spec = memcached.run(sizes, 2, "auto", options, "shuffled", str(tmp_path))
         with spec.load() as loaded:
             runs[name] = runner.measure_run(spec, loaded, 60)
