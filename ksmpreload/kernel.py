@@ -269,6 +269,25 @@ def thread_group(pid: int) -> int:
     return pid
 
 
+def ksmd_pid() -> int | None:
+    """The pid of the kernel thread ksmd (a child of kthreadd, pid 2), or None where it is not
+    seen (no KSM, or a pid namespace that hides kernel threads)."""
+    children = read_proc(2, "task/2/children") or ""
+    for pid in map(int, children.split()):
+        if (read_proc(pid, "comm") or "").strip() == "ksmd":
+            return pid
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of the process (/proc/<pid>/stat), or None if it is gone."""
+    stat = read_proc(pid, "stat")
+    if stat is None:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+
+
 def process_exists(pid: int) -> bool:
     return os.path.exists(os.path.join(PROC_DIR, str(pid)))
 

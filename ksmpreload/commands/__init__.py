@@ -7,6 +7,7 @@ from .exporter import exporter
 from .ksm import ksm
 from .report import report
 from .status import status
+from .systemd import systemd
 from .top import top
 
-COMMANDS = [status, top, ksm, report, doctor, compare, exporter, demo]
+COMMANDS = [status, top, ksm, report, doctor, compare, exporter, systemd, demo]

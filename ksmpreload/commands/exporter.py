@@ -13,12 +13,14 @@ import click
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .. import attribution, kernel, saving, shimstats
+from .. import attribution, groups, kernel, saving, shimstats
 from ..errors import KsmError, NeedsRoot
 
 DEFAULT_LISTEN = "127.0.0.1:9465"
 PREFIX = "ksmpreload"
 PROCESS_LABELS = ["pid", "command"]
+DEFAULT_MAX_GROUPS = 50  # per grouping: bounds the series of the group metrics (README)
+DEFAULT_REGION_PROCESSES = 50  # processes whose regions are shown: bounds a scrape's time and series
 
 KNOB_HELP = {  # Documentation/admin-guide/mm/ksm.rst; a knob missing here gets its path as help
     "advisor_max_cpu": "Most CPU percent ksmd may use under the scan-time advisor.",
@@ -74,6 +76,27 @@ def knob_metrics(knobs):
     )
 
 
+def group_metrics(processes, knobs, max_groups):
+    """Per cgroup, systemd unit, container and pod: the estimated saving of its processes and how
+    many there are; per grouping at most `max_groups` groups, the rest summed as "other"."""
+    labels = ["by", "group"]
+    saved = GaugeMetricFamily(
+        f"{PREFIX}_group_saved_bytes",
+        f"Bytes KSM saves for the group's processes (the sum of {PREFIX}_process_saved_bytes); "
+        'by: cgroup, unit, container or pod; groups beyond --max-groups are summed as group="other".',
+        labels=labels,
+    )
+    count = GaugeMetricFamily(f"{PREFIX}_group_processes", "KSM processes of the group.", labels=labels)
+    page = kernel.page_size()
+    rows = [{"pid": p["pid"], "saved_bytes": saving.estimated_saved_pages(p, knobs) * page} for p in processes]
+    for by, names in groups.every_grouping([row["pid"] for row in rows]).items():
+        for entry in groups.group_totals(rows, names, ("saved_bytes",), max_groups):
+            saved.add_metric([by, entry["group"]], entry["saved_bytes"])
+            count.add_metric([by, entry["group"]], entry["processes"])
+    yield saved
+    yield count
+
+
 def process_metrics(processes, knobs):
     for field, help_text in PROCESS_FIELDS.items():
         family = GaugeMetricFamily(f"{PREFIX}_process_{field}", help_text, labels=PROCESS_LABELS)
@@ -123,8 +146,10 @@ def shim_metrics(counters, commands):
 REGION_MIN_KIB = 1024  # regions kinds with less anonymous memory and nothing merged are left out
 
 
-def region_metrics(processes):
-    """Per process, its memory by what made it (attribution labels): anonymous and merged bytes."""
+def region_metrics(processes, limit=DEFAULT_REGION_PROCESSES):
+    """Per process, its memory by what made it (attribution labels): anonymous and merged bytes,
+    for the `limit` processes with the most merged pages (each costs a read of its smaps: 1,000
+    processes took 2.6 s of a scrape; docs/BENCHMARKS.md)."""
     labels = [*PROCESS_LABELS, "made_by"]
     anonymous = GaugeMetricFamily(
         f"{PREFIX}_region_anonymous_bytes",
@@ -136,7 +161,7 @@ def region_metrics(processes):
         "Memory of the process's regions mapped to KSM pages (smaps KSM:), by what made them.",
         labels=labels,
     )
-    for process in processes:
+    for process in sorted(processes, key=lambda p: -p.get("ksm_merging_pages", 0))[:limit]:
         try:
             found = attribution.process_attribution(process["pid"])
         except NeedsRoot:
@@ -185,8 +210,18 @@ class KsmCollector:
     """Reads everything afresh at each scrape (prometheus_client calls collect() per scrape).
     What it could not read is counted in metrics and said once on stderr."""
 
-    def __init__(self):
-        self.noted = set()
+    def __init__(self, max_groups=DEFAULT_MAX_GROUPS, region_processes=DEFAULT_REGION_PROCESSES):
+        self.noted, self.max_groups, self.region_processes, self.ksmd = set(), max_groups, region_processes, None
+
+    def ksmd_metrics(self):
+        """ksmd's CPU time, from its /proc stat (its pid looked up once, checked at each scrape)."""
+        if self.ksmd is None or (kernel.read_proc(self.ksmd, "comm") or "").strip() != "ksmd":
+            self.ksmd = kernel.ksmd_pid()
+        seconds = kernel.cpu_seconds(self.ksmd) if self.ksmd else None
+        if seconds is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_ksmd_cpu_seconds", "CPU seconds the kernel thread ksmd has used since boot.", value=seconds
+            )
 
     def note(self, notes):
         for note in notes:
@@ -198,9 +233,11 @@ class KsmCollector:
         started = time.perf_counter()
         knobs = kernel.read_knobs()
         yield from knob_metrics(knobs)
+        yield from self.ksmd_metrics()
         processes, unreadable = kernel.ksm_processes_and_unreadable()
         yield from process_metrics(processes, knobs)
-        yield from region_metrics(processes)
+        yield from group_metrics(processes, knobs, self.max_groups)
+        yield from region_metrics(processes, self.region_processes)
         problems = []
         counters = shimstats.all_process_stats(prune=False, problems=problems)  # leave left-overs to others
         yield from shim_metrics(counters, shim_commands(counters, processes))
@@ -213,9 +250,9 @@ class KsmCollector:
         )
 
 
-def metrics_registry():
+def metrics_registry(max_groups=DEFAULT_MAX_GROUPS, region_processes=DEFAULT_REGION_PROCESSES):
     registry = CollectorRegistry()
-    registry.register(KsmCollector())
+    registry.register(KsmCollector(max_groups, region_processes))
     return registry
 
 
@@ -270,16 +307,32 @@ def url(server):
     help="Address to serve /metrics on; 0.0.0.0:PORT to reach it from other machines.",
 )
 @click.option("--once", is_flag=True, help="Print the metrics once to stdout and exit (no server).")
-def exporter(listen, once):
+@click.option(
+    "--max-groups",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_GROUPS,
+    show_default=True,
+    help="Groups per grouping in ksmpreload_group_* (largest saving first); the rest are summed as 'other'.",
+)
+@click.option(
+    "--region-processes",
+    type=click.IntRange(min=0),
+    default=DEFAULT_REGION_PROCESSES,
+    show_default=True,
+    help="Processes (most merged pages first) whose memory by what made it is shown (ksmpreload_region_*).",
+)
+def exporter(listen, once, max_groups, region_processes):
     """Serve KSM's metrics to Prometheus.
 
     Global KSM counters and knobs (ksmpreload_ksm_*, ksmpreload_saved_bytes), each process's
-    ksm_stat (ksmpreload_process_*), their memory by what made it (ksmpreload_region_*, with
-    the label made_by) and the counters of processes running the shim (ksmpreload_shim_*),
-    read afresh at each scrape. Runs until Ctrl-C.
+    ksm_stat (ksmpreload_process_*), ksmd's CPU time (ksmpreload_ksmd_cpu_seconds_total),
+    their savings per cgroup, systemd unit, container and pod
+    (ksmpreload_group_*, labels by and group), the memory of the --region-processes processes
+    with most merged pages by what made it (ksmpreload_region_*, with the label made_by) and the counters of processes running the
+    shim (ksmpreload_shim_*), read afresh at each scrape. Runs until Ctrl-C.
     """
     kernel.require_ksm()
-    registry = metrics_registry()
+    registry = metrics_registry(max_groups, region_processes)
     if once:
         click.echo(generate_latest(registry).decode(), nl=False)
         return

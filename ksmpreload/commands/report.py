@@ -4,8 +4,11 @@ import click
 from rich.console import Group
 from rich.text import Text
 
-from .. import attribution, kernel, render
+from .options import by_option
+from .. import attribution, groups, kernel, render
 from ..sizes import MIB
+
+GROUP_FIELDS = ("saved_bytes", "net_saved_bytes", "merged_bytes", "padding_bytes")
 
 
 def mib(count_bytes):
@@ -91,8 +94,35 @@ def unmerged_section(report):
     return "Biggest mergeable regions not merged", columns, rows
 
 
-def sections(report, region_limit):
-    found = [process_section(report)]
+def group_rows(report, by):
+    """(per group totals, group sharing or None) of the report's processes, grouped `by`."""
+    names = groups.process_groups([p.pid for p in report.processes], by)
+    rows = [{"pid": p.pid, **{name: getattr(p, name) or 0 for name in GROUP_FIELDS}} for p in report.processes]
+    sharing = groups.group_sharing(report.sharing, names) if report.sharing else None
+    return groups.group_totals(rows, names, GROUP_FIELDS), sharing
+
+
+def group_sections(report, by):
+    totals, sharing = group_rows(report, by)
+    estimate = any(p.saved_is_estimate for p in report.processes)
+    columns = [(by, "left"), ("processes", "right"), ("saved MiB", "right"), ("net saved MiB", "right"),
+               ("merged MiB", "right"), ("padding MiB", "right")]  # fmt: skip
+    rows = [
+        [entry["group"], entry["processes"], mib(entry["saved_bytes"]) + ("*" if estimate else ""),
+         mib(entry["net_saved_bytes"]), mib(entry["merged_bytes"]), mib(entry["padding_bytes"])]
+        for entry in totals
+    ]  # fmt: skip
+    found = [(f"By {by} (the fair shares of its processes: they add up to the machine's saving)", columns, rows)]
+    if sharing:
+        pair_rows = [[" & ".join(pair["groups"]), pair["pages"]] for pair in sharing["pairs"]]
+        pair_rows += [[f"within {entry['group']}", entry["pages"]] for entry in sharing["within_group"]]
+        found.append((f"KSM pages shared between {by}s (per pair of processes)", [(by, "left"), ("pages", "right")],
+                      pair_rows))  # fmt: skip
+    return found
+
+
+def sections(report, region_limit, by="process"):
+    found = [process_section(report)] + (group_sections(report, by) if by != "process" else [])
     found += [region_section(process, region_limit) for process in report.processes]
     if report.sharing:
         found.append(sharing_section(report))
@@ -100,16 +130,16 @@ def sections(report, region_limit):
     return found
 
 
-def print_tables(report, region_limit):
+def print_tables(report, region_limit, by):
     parts = []
-    for title, columns, rows in sections(report, region_limit):
+    for title, columns, rows in sections(report, region_limit, by):
         parts += [render.table(columns, rows, title=title), Text()]
     parts += render.note_lines(report.notes)
     render.print_rich(Group(*parts))
 
 
-def print_markdown(report, region_limit):
-    parts = [render.markdown_table(columns, rows, title) for title, columns, rows in sections(report, region_limit)]
+def print_markdown(report, region_limit, by):
+    parts = [render.markdown_table(columns, rows, title) for title, columns, rows in sections(report, region_limit, by)]
     parts += [f"Note: {note}" for note in report.notes]
     click.echo("\n\n".join(parts))
 
@@ -127,13 +157,15 @@ def print_markdown(report, region_limit):
     help="Region kinds listed per process.",
 )
 @click.option("--no-sharing", is_flag=True, help="Skip the sharing matrix (it reads page frames; root only).")
-def report(pids, as_json, markdown, region_limit, no_sharing):
+@by_option("Also total the processes by cgroup, systemd unit, container or Kubernetes pod (from /proc/PID/cgroup).")
+def report(pids, as_json, markdown, region_limit, no_sharing, by):
     """Where merged memory comes from: per process, per region, and between processes.
 
     PIDS default to every process with KSM-enabled memory. For each: merged MiB, the shim's
     alignment padding and the net saving; its regions by what made them (the shim's region
     records, glibc's heaps, stacks, files; the rest is 'unlabelled'); the KSM pages each pair
-    of processes shares; and the biggest mergeable regions that hold nothing merged.
+    of processes shares; and the biggest mergeable regions that hold nothing merged. With --by,
+    the same totalled per group and the pages each pair of groups shares.
     """
     kernel.require_ksm()
     if as_json and markdown:
@@ -142,8 +174,10 @@ def report(pids, as_json, markdown, region_limit, no_sharing):
     result = attribution.attribution(list(pids) or None, with_sharing=not no_sharing)
     attribution.require_read(pids, [process.pid for process in result.processes])
     if as_json:
-        render.print_json(result.to_dict())
+        totals, sharing = group_rows(result, by) if by != "process" else (None, None)
+        extra = {"by": by, "groups": totals, "group_sharing": sharing} if by != "process" else {}
+        render.print_json({**result.to_dict(), **extra})
     elif markdown:
-        print_markdown(result, region_limit)
+        print_markdown(result, region_limit, by)
     else:
-        print_tables(result, region_limit)
+        print_tables(result, region_limit, by)

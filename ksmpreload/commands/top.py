@@ -6,7 +6,8 @@ import click
 from rich.console import Group
 from rich.text import Text
 
-from .. import kernel, render, saving, shimstats
+from .options import by_option
+from .. import groups, kernel, render, saving, shimstats
 from ..sizes import MIB
 
 SORT_KEYS = {  # --sort choice -> (row key, largest first)
@@ -71,10 +72,28 @@ def process_rows(name_filter, notes, knobs):
     return rows
 
 
-def snapshot(sort, name_filter):
+SUMMED = ("net_saved", "saved", "merged", "zero", "padding", "profit")
+
+
+def group_rows(rows, by):
+    """The rows totalled per group (groups.group_totals), in the shape of process rows: the
+    group's name where the pid is, its process count where the command is."""
+    totals = groups.group_totals(rows, groups.process_groups([row["pid"] for row in rows], by), SUMMED)
+    with_shim = {row["pid"] for row in rows if row["shim"] != "-"}
+    return [
+        {**entry, "pid": entry["group"], "command": f"{entry['processes']} processes",
+         "shim": f"{len(with_shim.intersection(entry['pids']))} with shim"}
+        for entry in totals
+    ]  # fmt: skip
+
+
+def snapshot(sort, name_filter, by="process"):
     key, largest_first = SORT_KEYS[sort]
     notes, knobs = [], kernel.read_knobs()
-    rows = sorted(process_rows(name_filter, notes, knobs), key=lambda row: row[key], reverse=largest_first)
+    rows = process_rows(name_filter, notes, knobs)
+    if by != "process":
+        rows = group_rows(rows, by)
+    rows = sorted(rows, key=lambda row: row[key], reverse=largest_first)
     if knobs.get("run") != 1 and knobs.get("pages_sharing"):
         notes.append("ksmd is not running: pages_sharing, and the saving from it, are as of its last scan")
     totals = {
@@ -83,7 +102,8 @@ def snapshot(sort, name_filter):
     return {
         "ksm": {name: knobs[name] for name in GLOBAL_COUNTERS if name in knobs},
         "saved_bytes": kernel.pages_saved(knobs) * kernel.page_size(),
-        "processes": rows,
+        "by": by,
+        "groups" if by != "process" else "processes": rows,
         "totals": totals,
         "notes": notes,
     }
@@ -94,6 +114,8 @@ def mib(count):
 
 
 def view(snap, limit):
+    by = snap["by"]
+    listed = snap["processes" if by == "process" else "groups"]
     header = Text(
         f"KSM saves {mib(snap['saved_bytes'])} MiB machine-wide   "
         + "   ".join(f"{name} {value}" for name, value in snap["ksm"].items())
@@ -110,13 +132,13 @@ def view(snap, limit):
             mib(row["net_saved"]),
             mib(row["profit"]),
         ]
-        for row in snap["processes"][:limit]
+        for row in listed[:limit]
     ]
     totals = snap["totals"]
     rows.append(
         [
             "",
-            f"total ({len(snap['processes'])} processes)",
+            f"total ({len(listed)} {'processes' if by == 'process' else by + 's'})",
             "",
             mib(totals["merged"]),
             mib(totals["zero"]),
@@ -126,7 +148,8 @@ def view(snap, limit):
             mib(totals["profit"]),
         ]
     )
-    return Group(header, render.table(COLUMNS, rows), *render.note_lines(snap["notes"]))
+    columns = COLUMNS if by == "process" else [(by, "left"), ("processes", "left"), *COLUMNS[2:]]
+    return Group(header, render.table(columns, rows), *render.note_lines(snap["notes"]))
 
 
 @click.command()
@@ -148,7 +171,8 @@ def view(snap, limit):
 )
 @click.option("--limit", type=click.IntRange(min=1), default=30, show_default=True, help="Rows shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
-def top(sort, name_filter, interval, limit, as_json):
+@by_option("One row per cgroup, systemd unit, container or Kubernetes pod instead of per process.")
+def top(sort, name_filter, interval, limit, as_json, by):
     """Live view of the processes with KSM-enabled memory, biggest saving first.
 
     One row per process: merged memory, zero pages, its saving estimated from ksm_stat (its
@@ -160,12 +184,12 @@ def top(sort, name_filter, interval, limit, as_json):
     """
     kernel.require_ksm()
     if as_json:
-        render.print_json(snapshot(sort, name_filter))
+        render.print_json(snapshot(sort, name_filter, by))
         return
     if not sys.stdout.isatty():
-        render.print_rich(view(snapshot(sort, name_filter), limit))
+        render.print_rich(view(snapshot(sort, name_filter, by), limit))
         return
     try:
-        render.refresh_live(lambda: view(snapshot(sort, name_filter), limit), interval)
+        render.refresh_live(lambda: view(snapshot(sort, name_filter, by), limit), interval)
     except KeyboardInterrupt:
         pass

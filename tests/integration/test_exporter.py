@@ -16,8 +16,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, ksm_stat, require
-from ksmpreload import kernel, scanning, shimstats
+from conftest import REPO, free_port, ksm_stat, require
+from ksmpreload import groups, kernel, scanning, shimstats
 from test_status_cli import assert_one_clear_error, require_ksm, run
 
 DISTINCT, COPIES = 64, 4  # dup_buffers: 64 buffers of 8 to 64 KiB, 4 copies of each
@@ -250,6 +250,8 @@ PROMETHEUS_CONFIG = """\
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files: ["{rules}"]
 scrape_configs:
   - job_name: ksmpreload
     static_configs:
@@ -285,7 +287,9 @@ def test_prometheus_scrapes_the_process_series(ksm_running, c_programs, tmp_path
     stats_dir = tmp_path / "stats"
     exporter_port, prometheus_port = free_port(), free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(PROMETHEUS_CONFIG.format(port=exporter_port))
+    config.write_text(
+        PROMETHEUS_CONFIG.format(port=exporter_port, rules=os.path.join(REPO, "docs", "prometheus", "rules.yml"))
+    )
     log_path = tmp_path / "prometheus.log"
     env = {**os.environ, "KSMPRELOAD_STATS_DIR": str(stats_dir)}
     with contextlib.ExitStack() as stack:
@@ -318,5 +322,15 @@ def test_prometheus_scrapes_the_process_series(ksm_running, c_programs, tmp_path
             time.sleep(0.5)
         sharing = query(prometheus_port, 'ksmpreload_ksm_pages_sharing{job="ksmpreload"}')
         up = query(prometheus_port, 'up{job="ksmpreload"}')
+        own_cgroup = groups.process_groups([proc.pid], "cgroup")[proc.pid]
+        in_group = query(prometheus_port, f'ksmpreload_group_processes{{by="cgroup",group="{own_cgroup}"}}')
+        deadline = time.monotonic() + DEADLINE_SECONDS  # the recording rules run every second
+        while not (recorded := query(prometheus_port, 'ksmpreload:group_saved_bytes:sum{by="cgroup"}')):
+            assert time.monotonic() < deadline, (
+                f"no recording rule output; {why_not_scraped(prometheus_port, log_path)}"
+            )
+            time.sleep(0.5)
     assert sharing.get("", 0) > 0, sharing
     assert up == {"": 1.0}
+    assert in_group.get("", 0) >= 1, in_group
+    assert recorded.get("", 0) > 0, recorded
