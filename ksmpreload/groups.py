@@ -4,7 +4,8 @@ Everything comes from /proc/<pid>/cgroup, one line per hierarchy, "ID:CONTROLLER
 - cgroup v2 has one line, "0::PATH"; cgroup v1 one per hierarchy ("4:memory:PATH",
   "1:name=systemd:PATH"); a hybrid machine has both (its v2 line often just "0::/").
 - `cgroup`: the v2 path when it is not the root, else the v1 memory controller's, else the
-  systemd hierarchy's ("/" when nothing is known).
+  systemd hierarchy's ("/" when nothing is known). In a cgroup namespace (a container's) the
+  paths are relative to the namespace's root (a process outside it shows as "/../x").
 - `unit`: the systemd unit, from the path systemd manages (v2, else v1 name=systemd): its last
   component named *.service, *.scope, *.socket, *.mount or *.swap (a unit's own sub-cgroups
   stay with it; a user's units under user@UID.service are their own units).
@@ -53,6 +54,8 @@ def _components(path: str) -> list[str]:
 
 
 def cgroup_of(paths: dict[str, str]) -> str:
+    if not paths:  # the process is gone (or /proc/PID/cgroup unreadable)
+        return OUTSIDE
     if paths.get("v2", "/") != "/":
         return paths["v2"]
     return paths.get("memory") or paths.get("systemd") or "/"

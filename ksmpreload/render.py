@@ -75,6 +75,12 @@ def key_value_columns(pairs: Iterable[tuple[str, object]]) -> Columns:
     return Columns([Text(f"{name}: {value}") for name, value in pairs], column_first=True, padding=(0, 3))
 
 
+def shown(cell: object) -> str:
+    """A cell as one line of printable text: control characters escaped (\\x1b), since names
+    come from other processes (a command line, a cgroup)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(cell))
+
+
 def table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[object]], title: str | None = None) -> Table:
     """A rich table, one line per row. `columns` are (header, justify) pairs; cells are
     shown as plain text. Left-justified (text) cells longer than TEXT_COLUMN_WIDTH, or too
@@ -87,7 +93,7 @@ def table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[object]], 
         else:
             result.add_column(header, justify=justify, min_width=widest)
     for row in rows:
-        result.add_row(*(Text(str(cell)) for cell in row))
+        result.add_row(*(Text(shown(cell)) for cell in row))
     return result
 
 
@@ -99,7 +105,7 @@ def markdown_table(
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(header for header, _ in columns) + " |")
     lines.append("|" + "|".join(align[justify] for _, justify in columns) + "|")
-    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(shown(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

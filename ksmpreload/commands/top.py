@@ -73,18 +73,14 @@ def process_rows(name_filter, notes, knobs):
 
 
 SUMMED = ("net_saved", "saved", "merged", "zero", "padding", "profit")
+GROUP_KEYS = {"pid": "group", "command": "processes"}  # what --sort pid and command order groups by
 
 
 def group_rows(rows, by):
-    """The rows totalled per group (groups.group_totals), in the shape of process rows: the
-    group's name where the pid is, its process count where the command is."""
+    """The rows totalled per group (groups.group_totals), with how many of its processes run the shim."""
     totals = groups.group_totals(rows, groups.process_groups([row["pid"] for row in rows], by), SUMMED)
     with_shim = {row["pid"] for row in rows if row["shim"] != "-"}
-    return [
-        {**entry, "pid": entry["group"], "command": f"{entry['processes']} processes",
-         "shim": f"{len(with_shim.intersection(entry['pids']))} with shim"}
-        for entry in totals
-    ]  # fmt: skip
+    return [{**entry, "shim": f"{len(with_shim.intersection(entry['pids']))} with shim"} for entry in totals]
 
 
 def snapshot(sort, name_filter, by="process"):
@@ -92,7 +88,7 @@ def snapshot(sort, name_filter, by="process"):
     notes, knobs = [], kernel.read_knobs()
     rows = process_rows(name_filter, notes, knobs)
     if by != "process":
-        rows = group_rows(rows, by)
+        rows, key = group_rows(rows, by), GROUP_KEYS.get(key, key)
     rows = sorted(rows, key=lambda row: row[key], reverse=largest_first)
     if knobs.get("run") != 1 and knobs.get("pages_sharing"):
         notes.append("ksmd is not running: pages_sharing, and the saving from it, are as of its last scan")
@@ -122,8 +118,8 @@ def view(snap, limit):
     )
     rows = [
         [
-            row["pid"],
-            row["command"],
+            row["pid"] if by == "process" else row["group"],
+            row["command"] if by == "process" else row["processes"],
             row["shim"],
             mib(row["merged"]),
             mib(row["zero"]),

@@ -67,3 +67,34 @@ def test_memory_ksm_only_where_systemd_has_a_working_one(tmp_path):
 def test_a_bad_unit_name_is_refused_in_one_line(bad):
     done = ksmpreload("systemd", bad)
     assert done.returncode == 2 and done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("threshold", ["8K\nExecStartPre=/bin/true\n#", "banana"])
+def test_a_threshold_that_is_no_size_is_refused_and_nothing_is_written(tmp_path, threshold):
+    done = ksmpreload("systemd", "ksmtest", "--threshold", threshold, "--install", "--unit-dir", str(tmp_path))
+    assert done.returncode == 2 and "is not a size" in done.stderr and not (tmp_path / "ksmtest.service.d").exists()
+
+
+def test_a_shim_the_loader_cannot_preload_is_refused(tmp_path):
+    spaced = tmp_path / "a shim" / "libksmpreload.so"
+    spaced.parent.mkdir()
+    spaced.write_bytes(b"")
+    for shim, says in ((spaced, "LD_PRELOAD cannot carry"), (tmp_path / "missing.so", "the shim is missing")):
+        done = subprocess.run(["ksmpreload", "systemd", "ksmtest"], capture_output=True, text=True,
+                              env={**os.environ, "KSMPRELOAD_SHIM": str(shim)})  # fmt: skip
+        assert done.returncode == 1 and says in done.stderr and done.stdout == "", done.stderr
+
+
+def test_install_follows_nothing_planted_and_needs_an_existing_directory(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    drop_ins = tmp_path / "ksmtest.service.d"
+    drop_ins.mkdir()
+    (drop_ins / "ksmpreload.conf.partial").symlink_to(victim)
+    assert ksmpreload("systemd", "ksmtest", "--install", "--unit-dir", str(tmp_path)).returncode == 0
+    assert victim.read_text() == "secret" and oct(victim.stat().st_mode & 0o777) == "0o600"
+    assert not (drop_ins / "ksmpreload.conf").is_symlink()
+    assert sorted(path.name for path in drop_ins.iterdir()) == ["ksmpreload.conf", "ksmpreload.conf.partial"]
+    done = ksmpreload("systemd", "ksmtest", "--install", "--unit-dir", str(tmp_path / "typo"))
+    assert done.returncode == 2 and "does not exist" in done.stderr and not (tmp_path / "typo").exists()

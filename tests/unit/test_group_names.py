@@ -50,8 +50,8 @@ CASES = {
         f"4:memory:/kubepods/pod{POD_UID}/{DOCKER_ID}\n",
         {"container": f"container:{DOCKER_ID[:12]}", "pod": POD_UID, "cgroup": f"/kubepods/pod{POD_UID}/{DOCKER_ID}"},
     ),
-    "empty (a process gone)": ("", {"cgroup": "/", "unit": "-", "container": "-", "pod": "-"}),
-    "garbage": ("no colons here\n::\n", {"cgroup": "/", "unit": "-", "container": "-", "pod": "-"}),
+    "empty (a process gone)": ("", {"cgroup": "-", "unit": "-", "container": "-", "pod": "-"}),
+    "garbage": ("no colons here\n::\n", {"cgroup": "-", "unit": "-", "container": "-", "pod": "-"}),
 }
 
 
@@ -91,3 +91,18 @@ def test_sharing_between_groups_sums_process_pairs_and_keeps_pairs_inside_a_grou
     found = groups.group_sharing(sharing, {1: "a", 2: "a", 3: "b"})
     assert found["pairs"] == [{"groups": ["a", "b"], "pages": 8}]
     assert found["within_group"] == [{"group": "a", "pages": 5}, {"group": "b", "pages": 4}]
+
+
+def test_names_from_other_processes_reach_a_terminal_escaped():
+    """A cgroup (or command) named with escape sequences is shown escaped in tables and Markdown."""
+    from rich.console import Console
+
+    from ksmpreload import render
+
+    name = "/evil\x1b]0;PWNED\x07\x1b[31m"
+    console = Console(record=True, width=200, force_terminal=False)
+    console.print(render.table([("cgroup", "left")], [[name]]))
+    shown = console.export_text()
+    assert "\x1b" not in shown and "\x07" not in shown and "\\x1b]0;PWNED" in shown
+    markdown = render.markdown_table([("cgroup", "left")], [[name]])
+    assert "\x1b" not in markdown and "\\x1b[31m" in markdown
