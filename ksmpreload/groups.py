@@ -8,7 +8,8 @@ Everything comes from /proc/<pid>/cgroup, one line per hierarchy, "ID:CONTROLLER
   paths are relative to the namespace's root (a process outside it shows as "/../x").
 - `unit`: the systemd unit, from the path systemd manages (v2, else v1 name=systemd): its last
   component named *.service, *.scope, *.socket, *.mount or *.swap (a unit's own sub-cgroups
-  stay with it; a user's units under user@UID.service are their own units).
+  stay with it; a user's units under user@UID.service are their own units); a process right
+  in a slice, in no such unit, is grouped by its innermost slice.
 - `container`: the last container id in any path: docker-ID.scope, /docker/ID, cri-containerd-ID
   .scope, crio-ID.scope, libpod-ID.scope, or a bare 64-hex component (kubepods' cgroupfs driver);
   named by its runtime and the first 12 hex digits, as `docker ps` shows them.
@@ -63,9 +64,15 @@ def cgroup_of(paths: dict[str, str]) -> str:
 
 def unit_of(paths: dict[str, str]) -> str:
     managed = paths["v2"] if paths.get("v2", "/") != "/" else paths.get("systemd", "")
-    units = [match["name"] for match in map(UNIT.match, _components(managed)) if match]
+    components = _components(managed)
+    units = [match["name"] for match in map(UNIT.match, components) if match]
     units = [unit for unit in units if not CONTAINER.match(unit)]  # docker-ID.scope is a container
-    return units[-1] if units else OUTSIDE
+    if units:
+        return units[-1]
+    if any(CONTAINER.match(component) for component in components):
+        return OUTSIDE  # a container's processes: grouped by container, not by the slice above it
+    slices = [component for component in components if component.endswith(".slice")]
+    return slices[-1] if slices else OUTSIDE
 
 
 def container_of(paths: dict[str, str]) -> str:

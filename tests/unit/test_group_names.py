@@ -26,6 +26,7 @@ CASES = {
         "0::/user.slice/user-1000.slice/user@1000.service/app.slice/jupyter.service\n",
         {"unit": "jupyter.service"},
     ),
+    "a process right in a slice": ("0::/system.slice/machine.slice\n", {"unit": "machine.slice"}),
     "v1 systemd hierarchy": (
         "4:memory:/system.slice/memcached.service\n1:name=systemd:/system.slice/memcached.service\n",
         {"cgroup": "/system.slice/memcached.service", "unit": "memcached.service"},
