@@ -3,6 +3,9 @@
 
 - cut alone: the C helper's content-defined chunking of random bytes held in memory, GiB/s
   on one thread, and on every CPU (threads: cffi releases the GIL);
+- read alone: the holders' anonymous memory read from /proc/PID/mem in runs of 1 MiB (as the
+  analysis reads it), on one thread and on every CPU: what the kernel's copy from another
+  process allows;
 - the whole analysis of PROCESSES CPython processes (tests/bytes_holder.py, the same bytes
   objects in other heap layouts: COUNT values of 12-60 KiB each), on one thread and on every
   CPU, GiB of their memory read per second; the chunk array it holds, MiB per GiB read.
@@ -48,6 +51,46 @@ def cut_rates(reps, cpus):
     return len(data) / statistics.median(alone) / GIB, len(data) / statistics.median(spread) / GIB
 
 
+def memory_runs(pid):
+    """(mem fd, [(offset, bytes)]) of the process's private anonymous memory, in runs of 1 MiB."""
+    runs = []
+    for line in open(f"/proc/{pid}/maps"):
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if len(fields) < 6 and fields[1].startswith("rw") and fields[1][3] == "p":
+            runs += [(at, min(1 << 20, end - at)) for at in range(start, end, 1 << 20)]
+    return os.open(f"/proc/{pid}/mem", os.O_RDONLY), runs
+
+
+def read_rates(pids, reps, cpus):
+    """GiB/s reading every run once, on one thread and on `cpus` threads (runs dealt in turn)."""
+    work = [(fd, at, size) for fd, runs in map(memory_runs, pids) for at, size in runs]
+    total = sum(size for _, _, size in work)
+
+    def read(part):
+        buffer = bytearray(1 << 20)
+        for fd, at, size in part:
+            try:
+                os.preadv(fd, [memoryview(buffer)[:size]], at)
+            except OSError:  # a page range not in RAM or gone: the analysis skips it too
+                pass
+
+    def timed(parts):
+        threads = [threading.Thread(target=read, args=(part,)) for part in parts]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started
+
+    one = statistics.median(timed([work]) for _ in range(reps))
+    spread = statistics.median(timed([work[i::cpus] for i in range(cpus)]) for _ in range(reps))
+    for fd in {fd for fd, _, _ in work}:
+        os.close(fd)
+    return total / one / GIB, total / spread / GIB
+
+
 def analysis_rates(pids, reps, cpus):
     rates = {}
     for threads in (1, cpus):
@@ -77,6 +120,7 @@ def main():
         for proc in holders:
             proc.stdout.readline()
         rates, found = analysis_rates([proc.pid for proc in holders], args.reps, cpus)
+        read_one, read_all = read_rates([proc.pid for proc in holders], args.reps, cpus)
     finally:
         for proc in holders:
             proc.stdin.close()
@@ -86,6 +130,7 @@ def main():
         "cpus": cpus,
         "kernel": platform.release(),
         "cut_gib_s": {"1": round(cut_one, 2), str(cpus): round(cut_all, 2), "ratio": round(cut_all / cut_one, 2)},
+        "read_gib_s": {"1": round(read_one, 2), str(cpus): round(read_all, 2), "ratio": round(read_all / read_one, 2)},
         "analysis_gib_s": {
             "1": round(rates[1], 2),
             str(cpus): round(rates[cpus], 2),
@@ -100,7 +145,9 @@ def main():
         return
     print(f"| | 1 thread | {cpus} threads | ratio |")
     print("|---|---:|---:|---:|")
-    for name, key in (("cutting alone, GiB/s", "cut_gib_s"), ("whole analysis, GiB/s", "analysis_gib_s")):
+    rows = (("cutting alone, GiB/s", "cut_gib_s"), ("reading /proc/PID/mem alone, GiB/s", "read_gib_s"),
+            ("whole analysis, GiB/s", "analysis_gib_s"))  # fmt: skip
+    for name, key in rows:
         row = result[key]
         print(f"| {name} | {row['1']} | {row[str(cpus)]} | {row['ratio']} |")
     print(f"read {result['read_mib']} MiB, {result['duplicate_mib']} MiB duplicate; "
