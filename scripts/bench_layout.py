@@ -29,18 +29,23 @@ GIB = 1 << 30
 HOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "bytes_holder.py")
 
 
-def cut(parts):
-    def one(data):
-        cap = len(data) // native.lib.KSM_CDC_MIN + 1
-        native.lib.ksm_cdc_chunks(data, len(data), 0, native.ffi.new("struct ksm_chunk[]", cap), cap)
-
-    threads = [threading.Thread(target=one, args=(part,)) for part in parts]
+def on_threads(work, parts):
+    """Seconds to run work(part) for every part at once, a thread each."""
+    threads = [threading.Thread(target=work, args=(part,)) for part in parts]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     return time.perf_counter() - started
+
+
+def cut(parts):
+    def one(data):
+        cap = len(data) // native.lib.KSM_CDC_MIN + 1
+        native.lib.ksm_cdc_chunks(data, len(data), 0, native.ffi.new("struct ksm_chunk[]", cap), cap)
+
+    return on_threads(one, parts)
 
 
 def cut_rates(reps, cpus):
@@ -75,17 +80,8 @@ def read_rates(pids, reps, cpus):
             except OSError:  # a page range not in RAM or gone: the analysis skips it too
                 pass
 
-    def timed(parts):
-        threads = [threading.Thread(target=read, args=(part,)) for part in parts]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return time.perf_counter() - started
-
-    one = statistics.median(timed([work]) for _ in range(reps))
-    spread = statistics.median(timed([work[i::cpus] for i in range(cpus)]) for _ in range(reps))
+    one = statistics.median(on_threads(read, [work]) for _ in range(reps))
+    spread = statistics.median(on_threads(read, [work[i::cpus] for i in range(cpus)]) for _ in range(reps))
     for fd in {fd for fd, _, _ in work}:
         os.close(fd)
     return total / one / GIB, total / spread / GIB
