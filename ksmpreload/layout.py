@@ -16,11 +16,12 @@ the chunks whose bytes occur more than once:
 - in_place_bytes: duplicate chunks whose copies all start at the same offset in their pages
   (where, as-is, whole pages can be equal: the page potential counts those);
 - aligned_gain_bytes: what page-aligning the blocks that hold the other duplicates adds (the C
-  helper's ksm_chunk_runs): a run of consecutive duplicate chunks is taken for one block of
-  the run's length plus run_edge_bytes (the expected part of the block in the chunks at its two
-  ends, which also hold other bytes); from ksm-wrap's threshold up, its whole pages count, and
-  its partial last page too where the process's allocator gives large blocks whole pages
-  (jemalloc, mimalloc, tcmalloc: `allocators`), for the share of the run not in place. Every
+  helper's ksm_chunk_analysis): a run of consecutive duplicate chunks of one region is taken
+  for one block of the run's length plus run_edge_bytes (the expected part of the block in the
+  chunks at its two ends, which also hold other bytes); from ksm-wrap's threshold up, its whole
+  pages count, and its partial last page too where the process's allocator gives large blocks
+  whole pages (jemalloc, mimalloc, tcmalloc: `allocators`), weighted by the share of each
+  content's copies beyond the first that sit away from its most common page offset. Every
   copy is counted: the doctor scales it to the copies beyond the first.
 - slab_item_bytes: in memcached processes, what slab classes of whole pages would let merge:
   every item then starts at one offset in its page, so all its pages but the first (the item's
@@ -71,10 +72,6 @@ class LayoutReport:
     partial: list[int] = field(default_factory=list)  # pids that ended while they were read
     processes: list[dict] = field(default_factory=list)  # per process and region: Owners.detail
     pairs: list[dict] = field(default_factory=list)  # {"pids": [a, b], "shared_bytes"}, largest first
-
-    def other_offset_bytes(self) -> int:
-        """Duplicate bytes whose copies sit at other offsets in their pages (every process)."""
-        return sum(process["other_offset_bytes"] for process in self.processes)
 
 
 class _Owners:

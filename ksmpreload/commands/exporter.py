@@ -325,11 +325,11 @@ def exporter(listen, once, max_groups, region_processes):
     """Serve KSM's metrics to Prometheus.
 
     Global KSM counters and knobs (ksmpreload_ksm_*, ksmpreload_saved_bytes), each process's
-    ksm_stat (ksmpreload_process_*), ksmd's CPU time (ksmpreload_ksmd_cpu_seconds_total),
-    their savings per cgroup, systemd unit, container and pod
-    (ksmpreload_group_*, labels by and group), the memory of the --region-processes processes
-    with most merged pages by what made it (ksmpreload_region_*, with the label made_by) and the counters of processes running the
-    shim (ksmpreload_shim_*), read afresh at each scrape. Runs until Ctrl-C.
+    ksm_stat (ksmpreload_process_*), ksmd's CPU time (ksmpreload_ksmd_cpu_seconds_total), the
+    savings per cgroup, systemd unit, container and pod (ksmpreload_group_*, labels by and
+    group), the memory of the --region-processes processes with most merged pages by what made
+    it (ksmpreload_region_*, label made_by) and the counters of processes running the shim
+    (ksmpreload_shim_*), read afresh at each scrape. Runs until Ctrl-C.
     """
     kernel.require_ksm()
     registry = metrics_registry(max_groups, region_processes)
