@@ -241,9 +241,10 @@ def unmarked_finding(process: ProcessAttribution) -> Finding | None:
         f"{_mib(total)} of {process.comm}'s memory is not mergeable",
         total,
         "nothing marked it: KSM scans only VMAs marked by madvise(MADV_MERGEABLE) or "
-        "prctl(PR_SET_MEMORY_MERGE) in the process itself; a script cannot mark them from outside "
-        "(process_madvise refuses MADV_MERGEABLE).",
-        f"ksm-wrap {process.cmdline}   (restart it under the shim)",
+        "prctl(PR_SET_MEMORY_MERGE) in the process itself; no interface marks them from outside "
+        "(process_madvise refuses MADV_MERGEABLE), so attach runs that one call inside it.",
+        f"ksmpreload attach {process.pid}   (now, no restart: whole-process merging, blocks left where "
+        f"they are); at its next restart: ksm-wrap {process.cmdline}   (aligns them too)",
         evidence,
         process.pid,
     )

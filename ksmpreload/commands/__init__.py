@@ -1,5 +1,6 @@
 """One module per subcommand; COMMANDS is what `ksmpreload` offers."""
 
+from .attach import attach, detach
 from .compare import compare
 from .demo import demo
 from .doctor import doctor
@@ -10,4 +11,4 @@ from .status import status
 from .systemd import systemd
 from .top import top
 
-COMMANDS = [status, top, ksm, report, doctor, compare, exporter, systemd, demo]
+COMMANDS = [status, top, ksm, report, doctor, attach, detach, compare, exporter, systemd, demo]

@@ -91,7 +91,8 @@ def test_memory_marked_from_outside_stays_unmergeable(c_programs):
         stop(proc)
     assert result == -1 and error == errno.EINVAL, (result, error)
     unmarked = finding(report, "not_mergeable")
-    assert "process_madvise" in unmarked["cause"] and unmarked["fix"].startswith("ksm-wrap"), unmarked
+    assert "process_madvise" in unmarked["cause"] and unmarked["fix"].startswith(f"ksmpreload attach {proc.pid}")
+    assert "ksm-wrap" in unmarked["fix"], unmarked
 
 
 def test_jemalloc_holds_the_data():
