@@ -18,6 +18,7 @@ import ctypes
 import os
 import platform
 import signal
+import time
 from dataclasses import dataclass
 
 from . import kernel
@@ -26,10 +27,12 @@ from .errors import KsmError
 PTRACE_CONT, PTRACE_SINGLESTEP, PTRACE_GETREGS, PTRACE_SETREGS, PTRACE_DETACH = 7, 9, 12, 13, 17
 PTRACE_SEIZE, PTRACE_INTERRUPT = 0x4206, 0x4207
 PTRACE_EVENT_STOP = 128
+USER64_CS = 0x33  # the code segment of 64-bit user code (0x23: 32-bit)
 SYS_PRCTL = 157  # x86-64
 PR_SET_MEMORY_MERGE = 67
 SYSCALL_INSTRUCTION = b"\x0f\x05"  # x86-64 `syscall`
 WAIT_ALL = 0x40000000  # __WALL
+STOP_TIMEOUT = 10.0  # seconds a thread may take to stop for ptrace
 SCAN_BYTES = 16 << 20  # how much executable memory is searched for a `syscall` instruction
 
 REGISTERS = (
@@ -70,7 +73,10 @@ class Attached:
 
 
 def _status(pid: int) -> dict[str, str]:
-    text = kernel.read_proc(pid, "status")
+    try:
+        text = kernel.read_proc(pid, "status")
+    except PermissionError as error:
+        raise kernel.needs_root(error) from None
     if text is None:
         raise KsmError(f"no process {pid}")
     return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
@@ -86,13 +92,18 @@ def check_target(pid: int, force: bool = False) -> None:
     status = _status(pid)
     if kernel.thread_group(pid) != pid:
         raise KsmError(f"{pid} is a thread of process {kernel.thread_group(pid)}: attach that process")
-    if not kernel.read_proc(pid, "maps"):
-        raise KsmError(
-            f"{pid} ({status.get('Name', '?').strip()}) is a kernel thread or a zombie: it has no memory to merge"
-        )
+    name, state = status.get("Name", "?").strip(), status.get("State", "?").strip()
+    if "VmSize" not in status and not state.startswith("Z"):
+        raise KsmError(f"{pid} ({name}) is a kernel thread: it has no memory to merge")
+    if state.startswith("Z"):
+        raise KsmError(f"{pid} ({name}) is a zombie, or its main thread has exited: attach stops that thread")
+    if state.startswith("D"):
+        raise KsmError(f"{pid} ({name}) waits in the kernel (state D, a vfork parent for one): try again later")
     tracer = int(status.get("TracerPid", "0").strip() or 0)
     if tracer:
         raise KsmError(f"{pid} is traced already (by {tracer}: a debugger or strace); a process has one tracer")
+    if status.get("Seccomp", "0").strip() == "1":
+        raise KsmError(f"{pid} runs in seccomp strict mode: any prctl would kill it")
     if status.get("Seccomp", "0").strip() == "2" and not force:
         raise KsmError(
             f"{pid} runs under a seccomp filter, which could kill it for a system call it does not expect; "
@@ -107,17 +118,22 @@ def check_target(pid: int, force: bool = False) -> None:
 
 
 def _wait_stop(pid: int) -> tuple[int, bool]:
-    """Waits for the thread's next stop: (the signal it stopped with, whether it is the stop
-    PTRACE_INTERRUPT asked for). KsmError if the process ended."""
+    """Waits (STOP_TIMEOUT seconds at most) for the thread's next stop: (the signal it stopped
+    with, whether it is a ptrace event stop: PTRACE_INTERRUPT's, or a group stop). KsmError if
+    the process ended or did not stop."""
+    deadline = time.monotonic() + STOP_TIMEOUT
     while True:
         try:
-            _, status = os.waitpid(pid, WAIT_ALL)
+            found, status = os.waitpid(pid, WAIT_ALL | os.WNOHANG)
         except ChildProcessError:
             raise KsmError(f"{pid} is gone") from None
-        if os.WIFSTOPPED(status):
+        if found and os.WIFSTOPPED(status):
             return os.WSTOPSIG(status), (status >> 16) == PTRACE_EVENT_STOP
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        if found and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
             raise KsmError(f"{pid} ended while attached")
+        if time.monotonic() > deadline:
+            raise KsmError(f"{pid} did not stop within {STOP_TIMEOUT:g} s (it waits in the kernel)")
+        time.sleep(0.001)
 
 
 def _syscall_address(pid: int, registers: Registers) -> int:
@@ -144,9 +160,11 @@ def _syscall_address(pid: int, registers: Registers) -> int:
     raise KsmError(f"no syscall instruction found in {pid}'s memory")
 
 
-def _run_syscall(pid: int, saved: Registers, number: int, *args: int) -> tuple[int, list[int]]:
-    """(the call's result, signals that arrived meanwhile) of system call `number` run by the
-    stopped thread; the caller restores `saved` afterwards."""
+def _run_syscall(pid: int, saved: Registers, held: list[int], number: int, *args: int) -> int:
+    """The result of system call `number` run by the stopped thread; signals that arrive meanwhile
+    are added to `held` (sent again once it is let go). The caller restores `saved` afterwards."""
+    if saved.cs != USER64_CS:
+        raise KsmError(f"{pid} runs 32-bit code: attach runs x86-64 system calls only")
     call = Registers.from_buffer_copy(saved)
     call.rip = _syscall_address(pid, saved)
     call.orig_rax = 2**64 - 1  # -1: no system call to restart on the way back to user space
@@ -154,32 +172,31 @@ def _run_syscall(pid: int, saved: Registers, number: int, *args: int) -> tuple[i
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(call, name, value)
     _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(call))
-    arrived = []
     while True:
         _ptrace(PTRACE_SINGLESTEP, pid)
-        stopped_by, _ = _wait_stop(pid)
-        if stopped_by == signal.SIGTRAP:
+        stopped_by, event = _wait_stop(pid)
+        if stopped_by == signal.SIGTRAP and not event:
             break
-        arrived.append(stopped_by)  # taken from the thread by this stop: sent again at the end
+        if not event:  # a signal, taken from the thread by this stop: sent again at the end
+            held.append(stopped_by)
     result = Registers()
     _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(result))
-    value = result.rax - 2**64 if result.rax >= 2**63 else result.rax
-    return value, arrived
+    return result.rax - 2**64 if result.rax >= 2**63 else result.rax
 
 
-def _interrupt(pid: int) -> tuple[Registers, list[int]]:
-    """Stops the seized thread (PTRACE_INTERRUPT); (its registers, signals that arrived first)."""
-    held = []
+def _interrupt(pid: int, held: list[int]) -> Registers:
+    """Stops the seized thread (PTRACE_INTERRUPT) and returns its registers; signals reported
+    before the interrupt's stop are added to `held`."""
     _ptrace(PTRACE_INTERRUPT, pid)
     while True:
-        stopped_by, interrupted = _wait_stop(pid)
-        if interrupted:
+        stopped_by, event = _wait_stop(pid)
+        if event:
             break
         held.append(stopped_by)  # a signal reported before the interrupt's stop: sent again later
         _ptrace(PTRACE_CONT, pid)
     saved = Registers()
     _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(saved))
-    return saved, held
+    return saved
 
 
 def _let_go(pid: int, saved: Registers | None, held: list[int]) -> None:
@@ -212,9 +229,10 @@ def set_merging(pid: int, enabled: bool = True, force: bool = False) -> Attached
         ) from None
     saved, held = None, []
     try:
-        saved, held = _interrupt(pid)
-        result, arrived = _run_syscall(pid, saved, SYS_PRCTL, PR_SET_MEMORY_MERGE, int(enabled), 0, 0, 0)
-        held += arrived
+        saved = _interrupt(pid, held)
+        result = _run_syscall(pid, saved, held, SYS_PRCTL, PR_SET_MEMORY_MERGE, int(enabled), 0, 0, 0)
+    except ProcessLookupError:
+        raise KsmError(f"{pid} ended while attached") from None
     finally:
         _let_go(pid, saved, held)
     if result < 0:

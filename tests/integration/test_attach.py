@@ -107,3 +107,35 @@ def test_refusals_leave_the_process_untouched():
             tracer.wait()
         assert done.returncode == 1 and "traced already" in done.stderr, done.stderr
         assert merge_any(proc.pid) == 0
+
+
+def test_a_stopped_process_stays_stopped_and_carries_on_after_sigcont():
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        sleeper.send_signal(19)  # SIGSTOP
+        deadline = time.monotonic() + 10
+        while "T (stopped)" not in kernel.read_proc(sleeper.pid, "status") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ksmpreload("attach", str(sleeper.pid)).returncode == 0
+        status = kernel.read_proc(sleeper.pid, "status")
+        assert "T (stopped)" in status and "ShdPnd:\t0000000000000000" in status, status
+        sleeper.send_signal(18)  # SIGCONT
+        time.sleep(0.2)
+        assert "S (sleeping)" in kernel.read_proc(sleeper.pid, "status") and merge_any(sleeper.pid) == 1
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_process_in_seccomp_strict_mode_is_refused_and_lives(c_programs):
+    proc = subprocess.Popen([c_programs("seccomp_strict")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        done = ksmpreload("attach", "--force", str(proc.pid))
+        assert done.returncode == 1 and "seccomp strict mode" in done.stderr, done.stderr
+        proc.stdin.write(b"x")
+        proc.stdin.flush()
+        assert proc.wait(timeout=10) == 0, "it read its byte and exited as it would have"
+    finally:
+        proc.kill()
+        proc.wait()
