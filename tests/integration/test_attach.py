@@ -139,3 +139,21 @@ def test_a_process_in_seccomp_strict_mode_is_refused_and_lives(c_programs):
     finally:
         proc.kill()
         proc.wait()
+
+
+MERGE_ITSELF = """
+import sys, ksmpreload
+how = ksmpreload.merge_this_process() if sys.argv[1] == "whole" else ksmpreload.mark_anonymous_mergeable()
+stat = dict(line.split(":", 1) if ":" in line else line.split(" ", 1) for line in open("/proc/self/ksm_stat"))
+print(how, stat["ksm_merge_any"].strip(), stat["ksm_mergeable"].strip())
+"""
+
+
+def test_a_python_program_merges_itself():
+    """ksmpreload.merge_this_process(): prctl on this kernel; the madvise way it falls back to
+    (before 6.4) marks the anonymous mappings as they are, without merge-any."""
+    whole = subprocess.run([sys.executable, "-c", MERGE_ITSELF, "whole"], capture_output=True, text=True, check=True)
+    assert whole.stdout.split() == ["prctl", "yes", "yes"], whole.stdout
+    marked = subprocess.run([sys.executable, "-c", MERGE_ITSELF, "madvise"], capture_output=True, text=True, check=True)
+    count, merge_any, mergeable = marked.stdout.split()
+    assert int(count) > 0 and merge_any == "no" and mergeable == "yes", marked.stdout
