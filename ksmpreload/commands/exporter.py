@@ -76,7 +76,13 @@ def knob_metrics(knobs):
     )
 
 
-def group_metrics(processes, knobs, max_groups):
+def estimated_savings(processes, knobs):
+    """{pid: bytes KSM saves for it}, estimated from ksm_stat (saving.estimated_saved_pages)."""
+    page = kernel.page_size()
+    return {process["pid"]: saving.estimated_saved_pages(process, knobs) * page for process in processes}
+
+
+def group_metrics(savings, max_groups):
     """Per cgroup, systemd unit, container and pod: the estimated saving of its processes and how
     many there are; per grouping at most `max_groups` groups, the rest summed as "other"."""
     labels = ["by", "group"]
@@ -87,8 +93,7 @@ def group_metrics(processes, knobs, max_groups):
         labels=labels,
     )
     count = GaugeMetricFamily(f"{PREFIX}_group_processes", "KSM processes of the group.", labels=labels)
-    page = kernel.page_size()
-    rows = [{"pid": p["pid"], "saved_bytes": saving.estimated_saved_pages(p, knobs) * page} for p in processes]
+    rows = [{"pid": pid, "saved_bytes": saved_bytes} for pid, saved_bytes in savings.items()]
     for by, names in groups.every_grouping([row["pid"] for row in rows]).items():
         for entry in groups.group_totals(rows, names, ("saved_bytes",), max_groups):
             saved.add_metric([by, entry["group"]], entry["saved_bytes"])
@@ -97,7 +102,7 @@ def group_metrics(processes, knobs, max_groups):
     yield count
 
 
-def process_metrics(processes, knobs):
+def process_metrics(processes, savings):
     for field, help_text in PROCESS_FIELDS.items():
         family = GaugeMetricFamily(f"{PREFIX}_process_{field}", help_text, labels=PROCESS_LABELS)
         for process in processes:
@@ -111,9 +116,8 @@ def process_metrics(processes, knobs):
         f"{PREFIX}_saved_bytes.",
         labels=PROCESS_LABELS,
     )
-    page = kernel.page_size()
     for process in processes:
-        saved.add_metric([str(process["pid"]), process["comm"]], saving.estimated_saved_pages(process, knobs) * page)
+        saved.add_metric([str(process["pid"]), process["comm"]], savings[process["pid"]])
     yield saved
 
 
@@ -235,8 +239,9 @@ class KsmCollector:
         yield from knob_metrics(knobs)
         yield from self.ksmd_metrics()
         processes, unreadable = kernel.ksm_processes_and_unreadable()
-        yield from process_metrics(processes, knobs)
-        yield from group_metrics(processes, knobs, self.max_groups)
+        savings = estimated_savings(processes, knobs)
+        yield from process_metrics(processes, savings)
+        yield from group_metrics(savings, self.max_groups)
         yield from region_metrics(processes, self.region_processes)
         problems = []
         counters = shimstats.all_process_stats(prune=False, problems=problems)  # leave left-overs to others
