@@ -1,6 +1,7 @@
-"""ksmpreload: Kernel Samepage Merging for unmodified programs."""
+"""ksmpreload: Kernel Samepage Merging for unmodified programs.
 
-from __future__ import annotations
+No `from __future__ import annotations` here or in entry.py: loading __future__ reads a file
+before the console scripts can catch Ctrl-C, and the interrupt showed as a traceback of ours."""
 
 import os
 

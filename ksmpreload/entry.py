@@ -1,8 +1,6 @@
 """The console scripts. The CLI's imports (click, rich, psutil) take a moment: a Ctrl-C in it
 ends quietly with 130, as one while the command runs does (errors.run_cli)."""
 
-from __future__ import annotations
-
 import importlib
 import sys
 
