@@ -1,72 +1,47 @@
-"""Turn merging on (or off) in a process that is already running, from outside, by running one
-system call inside it: prctl(PR_SET_MEMORY_MERGE, 1) acts only on the calling process, and
-process_madvise refuses MADV_MERGEABLE, so no interface does it from outside.
+"""Turn merging on (or off) in a process that is already running: the checks that come first,
+the two ways (prctl(PR_SET_MEMORY_MERGE) for the whole process, or madvise(MADV_MERGEABLE) over
+its private anonymous regions as they are), run inside it by inject.HeldThread, and a record of
+each attach (docs/ATTACH.md), so that detach undoes what attach did and status, top and report
+can say which processes were attached.
 
-How (docs/ATTACH.md): ptrace seizes the process's main thread and interrupts it; its registers
-are saved; the thread is pointed at a `syscall` instruction that is already in its memory (the
-one it is blocked behind, else one in the vDSO or a library's code) with the call's number and
-arguments, and single-stepped over it; every register is then restored (orig_rax, which decides
-whether an interrupted system call restarts, included), signals that arrived meanwhile are sent
-again, and the thread is let go. No code or library is loaded into the process, and nothing is
-allocated in it. x86-64 only for now.
+Records live in RECORDS_DIR (root's only: another user's file there would decide what detach
+unmarks), one JSON file a process, valid while a process of that pid and start time runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import json
 import os
-import platform
-import signal
+import stat
+import tempfile
 import time
 from dataclasses import dataclass
 
+import psutil
+
 from . import kernel
 from .errors import KsmError
+from .inject import HeldThread, this_architecture
 
-PTRACE_CONT, PTRACE_SINGLESTEP, PTRACE_GETREGS, PTRACE_SETREGS, PTRACE_DETACH = 7, 9, 12, 13, 17
-PTRACE_SEIZE, PTRACE_INTERRUPT = 0x4206, 0x4207
-PTRACE_EVENT_STOP = 128
-USER64_CS = 0x33  # the code segment of 64-bit user code (0x23: 32-bit)
-SYS_PRCTL = 157  # x86-64
 PR_SET_MEMORY_MERGE = 67
-SYSCALL_INSTRUCTION = b"\x0f\x05"  # x86-64 `syscall`
-WAIT_ALL = 0x40000000  # __WALL
-STOP_TIMEOUT = 10.0  # seconds a thread may take to stop for ptrace
-SCAN_BYTES = 16 << 20  # how much executable memory is searched for a `syscall` instruction
-
-REGISTERS = (
-    "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss "
-    "fs_base gs_base ds es fs gs"
-).split()
-
-
-class Registers(ctypes.Structure):
-    """struct user_regs_struct of x86-64 (sys/user.h)."""
-
-    _fields_ = [(name, ctypes.c_ulonglong) for name in REGISTERS]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-_libc.ptrace.restype = ctypes.c_long
-
-
-def _ptrace(request: int, pid: int, address: int = 0, data: int = 0) -> int:
-    result = _libc.ptrace(request, pid, ctypes.c_void_p(address), ctypes.c_void_p(data))
-    if result == -1:
-        code = ctypes.get_errno()
-        if code:
-            raise OSError(code, os.strerror(code))
-    return result
+MADV_MERGEABLE, MADV_UNMERGEABLE = 12, 13
+STRATEGIES = ("prctl", "madvise")
+DEFAULT_THRESHOLD = 8 << 10  # the shim's: regions smaller than this are left alone by madvise
+RECORDS_DIR = "/run/ksmpreload/attached"
 
 
 @dataclass
 class Attached:
     pid: int
     enabled: bool  # merging on (attach) or off (detach)
-    previous: bool  # merge-any as it was before
+    strategy: str
+    previous: bool  # merging by this strategy was on before: merge-any (prctl), a record (madvise)
+    regions: int  # regions marked or unmarked (madvise; 0 for prctl)
+    region_bytes: int
+    failed_regions: int  # madvise refused (a region unmapped meanwhile, or no memory to unmerge)
     signals_resent: int  # signals that arrived while the thread was held, sent again
+    recorded: bool  # a record was written (attach) or removed (detach); False without root
 
 
 # ---- what must hold before anything is touched ------------------------------------------------
@@ -85,10 +60,7 @@ def _status(pid: int) -> dict[str, str]:
 def check_target(pid: int, force: bool = False) -> None:
     """KsmError (one line, exit 1) when the process cannot or should not be attached; nothing is
     touched before this passes."""
-    if platform.machine() != "x86_64":
-        raise KsmError(f"attach runs system calls in the target on x86-64 only, and this is {platform.machine()}")
-    if not kernel.prctl_merge_supported():
-        raise KsmError("this kernel has no PR_SET_MEMORY_MERGE (6.4 or newer)")
+    this_architecture()
     status = _status(pid)
     if kernel.thread_group(pid) != pid:
         raise KsmError(f"{pid} is a thread of process {kernel.thread_group(pid)}: attach that process")
@@ -103,7 +75,7 @@ def check_target(pid: int, force: bool = False) -> None:
     if tracer:
         raise KsmError(f"{pid} is traced already (by {tracer}: a debugger or strace); a process has one tracer")
     if status.get("Seccomp", "0").strip() == "1":
-        raise KsmError(f"{pid} runs in seccomp strict mode: any prctl would kill it")
+        raise KsmError(f"{pid} runs in seccomp strict mode: any prctl or madvise would kill it")
     if status.get("Seccomp", "0").strip() == "2" and not force:
         raise KsmError(
             f"{pid} runs under a seccomp filter, which could kill it for a system call it does not expect; "
@@ -114,127 +86,224 @@ def check_target(pid: int, force: bool = False) -> None:
             raise KsmError("Yama's ptrace_scope is 3: no process may be traced until reboot")
 
 
-# ---- running one system call inside the process -----------------------------------------------
+def choose_strategy(strategy: str | None) -> str:
+    """prctl where the kernel has PR_SET_MEMORY_MERGE (6.4+), else madvise; KsmError when the
+    one asked for cannot run here."""
+    if strategy is None:
+        return "prctl" if kernel.prctl_merge_supported() else "madvise"
+    if strategy not in STRATEGIES:
+        raise KsmError(f"no strategy {strategy!r}: {' or '.join(STRATEGIES)}")
+    if strategy == "prctl" and not kernel.prctl_merge_supported():
+        raise KsmError("this kernel has no PR_SET_MEMORY_MERGE (6.4 or newer): --strategy madvise")
+    return strategy
 
 
-def _wait_stop(pid: int) -> tuple[int, bool]:
-    """Waits (STOP_TIMEOUT seconds at most) for the thread's next stop: (the signal it stopped
-    with, whether it is a ptrace event stop: PTRACE_INTERRUPT's, or a group stop). KsmError if
-    the process ended or did not stop."""
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while True:
+def unmarked_regions(pid: int, threshold: int) -> list[tuple[int, int]]:
+    """(start, end) of each private, writable, anonymous region of at least `threshold` bytes
+    not marked mergeable yet: what the madvise way marks."""
+    regions = kernel.process_regions(pid)
+    if regions is None:
+        raise KsmError(f"{pid} is gone")
+    return [
+        (region["start"], region["end"])
+        for region in regions
+        if kernel.is_anonymous_vma(region)
+        and region["perms"][1] == "w"
+        and region["perms"][3] == "p"
+        and region["end"] - region["start"] >= threshold
+        and not region["mergeable"]
+    ]
+
+
+# ---- records ------------------------------------------------------------------------------------
+
+
+def _started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _trusted_records_dir(create: bool) -> bool:
+    """RECORDS_DIR exists (made when `create` and root), a directory owned by root that no one
+    else may write."""
+    if create and os.geteuid() == 0:
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(RECORDS_DIR, mode=0o755)
+    try:
+        info = os.lstat(RECORDS_DIR)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == 0 and not info.st_mode & 0o022
+
+
+def _record_path(pid: int) -> str:
+    return os.path.join(RECORDS_DIR, f"{pid}.json")
+
+
+def write_record(pid: int, strategy: str, regions: list[tuple[int, int]]) -> bool:
+    """Records an attach (as root only: False otherwise). OSError (a full disk) before anything
+    is done to the process."""
+    if os.geteuid() != 0 or not _trusted_records_dir(create=True):
+        return False
+    record = {"pid": pid, "started": _started(pid), "strategy": strategy, "regions": regions, "time": time.time()}
+    with tempfile.NamedTemporaryFile("w", dir=RECORDS_DIR, prefix=".attach-", delete=False) as temporary:
         try:
-            found, status = os.waitpid(pid, WAIT_ALL | os.WNOHANG)
-        except ChildProcessError:
-            raise KsmError(f"{pid} is gone") from None
-        if found and os.WIFSTOPPED(status):
-            return os.WSTOPSIG(status), (status >> 16) == PTRACE_EVENT_STOP
-        if found and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
-            raise KsmError(f"{pid} ended while attached")
-        if time.monotonic() > deadline:
-            raise KsmError(f"{pid} did not stop within {STOP_TIMEOUT:g} s (it waits in the kernel)")
-        time.sleep(0.001)
+            json.dump(record, temporary)
+            temporary.flush()
+            os.fsync(temporary.fileno())
+            os.replace(temporary.name, _record_path(pid))
+        except BaseException:
+            os.unlink(temporary.name)
+            raise
+    return True
 
 
-def _syscall_address(pid: int, registers: Registers) -> int:
-    """A `syscall` instruction in the process: the one before its instruction pointer (a thread
-    blocked in a system call), else the first in its vDSO or executable mappings."""
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+def _parse_record(path: str) -> dict | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as file:
+        if os.fstat(fd).st_uid != 0:
+            return None
         try:
-            memory.seek(registers.rip - 2)
-            if memory.read(2) == SYSCALL_INSTRUCTION:
-                return registers.rip - 2
-        except OSError:
-            pass
-        regions = sorted(kernel.process_maps(pid) or [], key=lambda r: r["path"] != "[vdso]")
-        for region in regions:
-            if region["perms"][0] != "r" or region["perms"][2] != "x":
-                continue
-            try:
-                memory.seek(region["start"])
-                found = memory.read(min(region["end"] - region["start"], SCAN_BYTES)).find(SYSCALL_INSTRUCTION)
-            except OSError:
-                continue
-            if found >= 0:
-                return region["start"] + found
-    raise KsmError(f"no syscall instruction found in {pid}'s memory")
+            record = json.load(file)
+            regions = [(int(start), int(end)) for start, end in record.get("regions", [])]
+            return {**record, "pid": int(record["pid"]), "regions": regions}
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
-def _run_syscall(pid: int, saved: Registers, held: list[int], number: int, *args: int) -> int:
-    """The result of system call `number` run by the stopped thread; signals that arrive meanwhile
-    are added to `held` (sent again once it is let go). The caller restores `saved` afterwards."""
-    if saved.cs != USER64_CS:
-        raise KsmError(f"{pid} runs 32-bit code: attach runs x86-64 system calls only")
-    call = Registers.from_buffer_copy(saved)
-    call.rip = _syscall_address(pid, saved)
-    call.orig_rax = 2**64 - 1  # -1: no system call to restart on the way back to user space
-    call.rax = number
-    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
-        setattr(call, name, value)
-    _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(call))
-    while True:
-        _ptrace(PTRACE_SINGLESTEP, pid)
-        stopped_by, event = _wait_stop(pid)
-        if stopped_by == signal.SIGTRAP and not event:
-            break
-        if not event:  # a signal, taken from the thread by this stop: sent again at the end
-            held.append(stopped_by)
-    result = Registers()
-    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(result))
-    return result.rax - 2**64 if result.rax >= 2**63 else result.rax
+def read_record(pid: int) -> dict | None:
+    """The record of the running process `pid`'s attach, or None (none, not root's, corrupt, or
+    left by an earlier process of that pid)."""
+    if not _trusted_records_dir(create=False):
+        return None
+    record = _parse_record(_record_path(pid))
+    if record is None or record["pid"] != pid or record.get("started") != _started(pid):
+        return None
+    return record
 
 
-def _interrupt(pid: int, held: list[int]) -> Registers:
-    """Stops the seized thread (PTRACE_INTERRUPT) and returns its registers; signals reported
-    before the interrupt's stop are added to `held`."""
-    _ptrace(PTRACE_INTERRUPT, pid)
-    while True:
-        stopped_by, event = _wait_stop(pid)
-        if event:
-            break
-        held.append(stopped_by)  # a signal reported before the interrupt's stop: sent again later
-        _ptrace(PTRACE_CONT, pid)
-    saved = Registers()
-    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(saved))
-    return saved
+def remove_record(pid: int) -> bool:
+    try:
+        os.unlink(_record_path(pid))
+        return True
+    except OSError:
+        return False
 
 
-def _let_go(pid: int, saved: Registers | None, held: list[int]) -> None:
-    """Every register back as it was, the thread let go, the signals it was held over sent again.
-    Each step is tried even when one before failed (the process may have ended)."""
-    if saved is not None:
-        with contextlib.suppress(OSError):
-            _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(saved))
-    with contextlib.suppress(OSError):
-        _ptrace(PTRACE_DETACH, pid)
-    for number in held:
-        with contextlib.suppress(OSError):
-            os.kill(pid, number)
+def attached_processes() -> dict[int, dict]:
+    """{pid: record} of the running processes attach turned merging on in."""
+    if not _trusted_records_dir(create=False):
+        return {}
+    found = {}
+    for name in os.listdir(RECORDS_DIR):
+        pid = name.removesuffix(".json")
+        if name.endswith(".json") and pid.isdigit():
+            record = read_record(int(pid))
+            if record:
+                found[int(pid)] = record
+    return found
+
+
+# ---- attach and detach ----------------------------------------------------------------------
 
 
 def _merge_any(pid: int) -> bool:
-    return bool((kernel.process_ksm_stat(pid) or {}).get("ksm_merge_any"))
-
-
-def set_merging(pid: int, enabled: bool = True, force: bool = False) -> Attached:
-    """prctl(PR_SET_MEMORY_MERGE, enabled) inside the running process `pid` (module docstring).
-    The process is left as it was, and running, whatever happens; KsmError says why not."""
-    check_target(pid, force)
-    previous = _merge_any(pid)
     try:
-        _ptrace(PTRACE_SEIZE, pid)
+        return bool((kernel.process_ksm_stat(pid) or {}).get("ksm_merge_any"))
+    except PermissionError as error:
+        raise kernel.needs_root(error) from None
+
+
+def _mark(thread: HeldThread, regions: list[tuple[int, int]], keep=frozenset()) -> int:
+    """madvise(MADV_MERGEABLE) over each region, inside the held thread; how many it refused.
+    Interrupted half-way (Ctrl-C, an error), it unmarks what it marked (but `keep`, marked by an
+    earlier attach) before the thread is let go: the process is not left half-changed."""
+    marked = []
+    try:
+        for start, end in regions:
+            if thread.call("madvise", start, end - start, MADV_MERGEABLE) == 0:
+                marked.append((start, end))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            for start, end in (region for region in marked if region not in keep):
+                thread.call("madvise", start, end - start, MADV_UNMERGEABLE)
+        raise
+    return len(regions) - len(marked)
+
+
+def _unmark(thread: HeldThread, regions: list[tuple[int, int]]) -> int:
+    """madvise(MADV_UNMERGEABLE) over each region; how many it refused."""
+    return sum(thread.call("madvise", start, end - start, MADV_UNMERGEABLE) < 0 for start, end in regions)
+
+
+def _record_first(pid: int, strategy: str, regions: list[tuple[int, int]]) -> bool:
+    """The attach's record, written before the process is touched: a full disk refuses the
+    attach rather than leave marks that detach could not find."""
+    try:
+        return write_record(pid, strategy, regions)
     except OSError as error:
-        raise KsmError(
-            f"cannot trace {pid}: {error.strerror} (root or CAP_SYS_PTRACE, and Yama's ptrace_scope)"
-        ) from None
-    saved, held = None, []
+        raise KsmError(f"cannot record the attach in {RECORDS_DIR}: {error.strerror}; {pid} is untouched") from None
+
+
+def _turn_on(pid: int, strategy: str, regions: list[tuple[int, int]], earlier: set) -> tuple[int, int]:
+    """(regions madvise refused, signals sent again) once merging is on inside the process."""
+    with HeldThread(pid) as thread:
+        failed = 0
+        if strategy == "prctl":
+            result = thread.call("prctl", PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+            if result < 0:
+                raise KsmError(f"prctl(PR_SET_MEMORY_MERGE, 1) failed in {pid}: {os.strerror(-result)}")
+        else:
+            failed = _mark(thread, regions, keep=earlier)
+    return failed, len(thread.held)
+
+
+def attach(pid: int, strategy: str | None = None, threshold: int = DEFAULT_THRESHOLD, force: bool = False) -> Attached:
+    """Merging on in the running process `pid`: prctl(PR_SET_MEMORY_MERGE, 1), or
+    madvise(MADV_MERGEABLE) over its unmarked anonymous regions of `threshold` bytes or more.
+    The process is left as it was, and running, whatever happens; KsmError says why not."""
+    strategy = choose_strategy(strategy)
+    check_target(pid, force)
+    record = read_record(pid)
+    if record and record["strategy"] != strategy:
+        raise KsmError(f"{pid} was attached with {record['strategy']}: detach it first to change the strategy")
+    previous = _merge_any(pid) if strategy == "prctl" else record is not None
+    earlier = set(record["regions"]) if record else set()
+    regions = sorted(set(unmarked_regions(pid, threshold)) | earlier) if strategy == "madvise" else []
+    changes = strategy == "madvise" or not previous  # prctl merging on already: nothing to record
+    recorded = _record_first(pid, strategy, regions) if changes else record is not None
     try:
-        saved = _interrupt(pid, held)
-        result = _run_syscall(pid, saved, held, SYS_PRCTL, PR_SET_MEMORY_MERGE, int(enabled), 0, 0, 0)
-    except ProcessLookupError:
-        raise KsmError(f"{pid} ended while attached") from None
-    finally:
-        _let_go(pid, saved, held)
+        failed, resent = _turn_on(pid, strategy, regions, earlier)
+    except BaseException:
+        if recorded and changes and not record:
+            remove_record(pid)
+        raise
+    size = sum(end - start for start, end in regions)
+    return Attached(pid, True, strategy, previous, len(regions), size, failed, resent, recorded)
+
+
+def detach(pid: int, force: bool = False) -> Attached:
+    """Undoes attach: prctl(PR_SET_MEMORY_MERGE, 0), or MADV_UNMERGEABLE over the regions its
+    record lists (the kernel unmerges their pages). Without a record (not attached by root, or
+    attached before records), prctl merging is turned off where it is on."""
+    record = read_record(pid)
+    strategy = record["strategy"] if record else "prctl"
+    check_target(pid, force)
+    if strategy == "prctl" and not record and not _merge_any(pid):
+        return Attached(pid, False, strategy, False, 0, 0, 0, 0, False)
+    regions = record["regions"] if strategy == "madvise" else []
+    with HeldThread(pid) as thread:
+        if strategy == "prctl":
+            failed, result = 0, thread.call("prctl", PR_SET_MEMORY_MERGE, 0, 0, 0, 0)
+        else:
+            failed, result = _unmark(thread, regions), 0
     if result < 0:
-        raise KsmError(f"prctl(PR_SET_MEMORY_MERGE, {int(enabled)}) failed in {pid}: {os.strerror(-result)}")
-    return Attached(pid, enabled, previous, len(held))
+        raise KsmError(f"prctl(PR_SET_MEMORY_MERGE, 0) failed in {pid}: {os.strerror(-result)}")
+    removed = remove_record(pid) if record else False
+    size = sum(end - start for start, end in regions)
+    return Attached(pid, False, strategy, True, len(regions), size, failed, len(thread.held), removed)

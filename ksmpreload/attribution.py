@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from . import kernel, saving, shimstats
+from . import attach, kernel, saving, shimstats
 from .errors import NeedsRoot, NoSuchProcess
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ class ProcessAttribution:
     cmdline: str
     ksm_stat: dict
     shim: dict | None  # the shim's counters; None without the shim
+    attached: str | None  # the strategy `ksmpreload attach` used on it (its record), or None
     merged_bytes: int
     padding_bytes: int
     saved_bytes: int | None = None  # set_savings: saving.py's fair share, or its estimate without root
@@ -218,6 +219,7 @@ def process_attribution(
         cmdline=kernel.short_cmdline(cmdline, comm.strip()),
         ksm_stat=stat,
         shim=counters,
+        attached=(attach.read_record(pid) or {}).get("strategy"),
         merged_bytes=stat.get("ksm_merging_pages", 0) * kernel.page_size(),
         padding_bytes=shimstats.memory_cost_bytes(counters),
         ksm_smaps_kib=sum(entry.ksm_kib for entry in entries),

@@ -540,6 +540,14 @@ def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
     ]
 
 
+def remedy_predictions(pids: list[int]) -> list[dict]:
+    """predictions() for the processes `pids`, read now (NeedsRoot, ProcessLookupError)."""
+    from .layout import duplicates_at_any_offset
+    from .potential import potential  # the compiled helper: imported when needed, not with the CLI
+
+    return predictions(potential(pids), duplicates_at_any_offset(pids))
+
+
 def memcached_page_slab_sizes() -> str:
     """memcached's -o option for slab classes of 1 to 128 whole pages."""
     return "slab_sizes=" + "-".join(str(kernel.page_size() << i) for i in range(8))

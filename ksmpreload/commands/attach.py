@@ -4,8 +4,10 @@ import click
 import psutil
 
 from .. import attach as attaching
-from .. import render
-from ..errors import KsmError
+from .. import diagnosis, render
+from ..errors import KsmError, NeedsRoot
+from ..sizes import SizeParam
+from ..wrap import MAX_THRESHOLD
 
 
 def targets(pids, tree):
@@ -19,41 +21,105 @@ def targets(pids, tree):
     return found
 
 
-def run(pids, tree, force, as_json, enabled):
-    done = [attaching.set_merging(pid, enabled, force) for pid in targets(pids, tree)]
+def predict(pids):
+    """The doctor's predictions for `pids` as they are now, or a line saying why there are none."""
+    try:
+        return diagnosis.remedy_predictions(pids), None
+    except (NeedsRoot, ProcessLookupError) as error:
+        return None, f"no prediction: {error}"
+
+
+def prediction_lines(predictions, strategy):
+    saved = {entry["remedy"]: entry for entry in predictions}
+    as_is, wrapped = saved["as-is"]["saved_bytes"], saved["ksm-wrap"]["net_saved_bytes"]
+    where = " (madvise: the part in the regions marked)" if strategy == "madvise" else ""
+    return [
+        f"predicted (ksmpreload doctor's model): attach saves {render.human_bytes(as_is)} as the memory lies now{where};",
+        f"ksm-wrap at the next restart would save {render.human_bytes(wrapped)} net, "
+        f"{render.human_bytes(max(wrapped - as_is, 0))} more: attach cannot page-align blocks",
+    ]
+
+
+def result_line(result):
+    what = "on" if result.enabled else "off"
+    if result.strategy == "prctl":
+        was = "already" if result.previous == result.enabled else "now"
+        line = f"{result.pid}: merging {what} ({was}; prctl PR_SET_MEMORY_MERGE)"
+    else:
+        verb = "marked" if result.enabled else "unmarked"
+        line = (
+            f"{result.pid}: merging {what} in {result.regions} regions {verb} "
+            f"({render.human_bytes(result.region_bytes)}; madvise)"
+        )
+        if result.failed_regions:
+            line += f", {result.failed_regions} refused (unmapped meanwhile, or no memory to unmerge)"
+    if result.enabled and not result.recorded:
+        line += "; not recorded (root only): detach turns prctl merging off, but not madvise marks"
+    return line
+
+
+def run(
+    pids, tree, force, as_json, enabled, strategy=None, threshold=attaching.DEFAULT_THRESHOLD, with_prediction=False
+):
+    chosen = targets(pids, tree)
+    predictions, why_none = predict(chosen) if with_prediction else (None, None)
+    if enabled:
+        done = [attaching.attach(pid, strategy, threshold, force) for pid in chosen]
+    else:
+        done = [attaching.detach(pid, force) for pid in chosen]
     if as_json:
-        render.print_json([vars(result) for result in done])
+        render.print_json({"processes": [vars(result) for result in done], "predictions": predictions})
         return
     for result in done:
-        was = "already" if result.previous == enabled else "now"
-        click.echo(f"{result.pid}: merging {'on' if enabled else 'off'} ({was}; prctl PR_SET_MEMORY_MERGE)")
-    if enabled:
-        click.echo(
-            "attach marks the memory as it lies: blocks are not page-aligned (ksmpreload doctor PID predicts "
-            "what ksm-wrap would add at the next restart)"
-        )
+        click.echo(result_line(result))
+    if predictions:
+        click.echo("\n".join(prediction_lines(predictions, done[0].strategy)))
+    elif why_none:
+        click.echo(why_none)
 
 
 PIDS = click.argument("pids", nargs=-1, required=True, type=click.IntRange(min=1))
 TREE = click.option("--tree", is_flag=True, help="The processes and all their descendants.")
 FORCE = click.option("--force", is_flag=True, help="Attach to a process under a seccomp filter too.")
-JSON = click.option("--json", "as_json", is_flag=True, help="One JSON list, an object per process.")
+JSON = click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object: the processes, and the predictions (attach)."
+)
 
 
 @click.command()
 @PIDS
 @TREE
+@click.option(
+    "--strategy",
+    type=click.Choice(attaching.STRATEGIES),
+    help="prctl: the whole process, and memory it maps later (6.4+; the default where the kernel has it). "
+    "madvise: its private anonymous regions as they are now.",
+)
+@click.option(
+    "--threshold",
+    type=SizeParam(0, MAX_THRESHOLD),
+    default=attaching.DEFAULT_THRESHOLD,
+    show_default=True,
+    help="madvise: regions smaller than this are left alone.",
+)
+@click.option(
+    "--predict/--no-predict",
+    default=True,
+    show_default=True,
+    help="First read the processes' memory for the doctor's prediction of what attach and ksm-wrap save.",
+)
 @FORCE
 @JSON
-def attach(pids, tree, force, as_json):
-    """Turn merging on in running processes, without a restart (root, x86-64).
+def attach(pids, tree, strategy, threshold, predict, force, as_json):
+    """Turn merging on in running processes, without a restart (root; x86-64, aarch64).
 
-    Runs prctl(PR_SET_MEMORY_MERGE, 1) inside each process: ptrace holds one of its threads for
-    the one system call, then restores it exactly (docs/ATTACH.md). Refused, the process
-    untouched, when it is traced already, a kernel thread, under a seccomp filter (unless
-    --force) or this kernel has no PR_SET_MEMORY_MERGE. Processes it starts later inherit it.
+    Runs one system call inside each process: prctl(PR_SET_MEMORY_MERGE, 1), or
+    madvise(MADV_MERGEABLE) over each region; ptrace holds one of its threads for the call, then
+    restores it exactly (docs/ATTACH.md). Refused, the process untouched, when it is traced
+    already, a kernel thread, under a seccomp filter (unless --force), or the kernel lacks the
+    strategy. Children it forks later inherit the merging (and, with prctl on 6.7+, what they exec).
     """
-    run(pids, tree, force, as_json, True)
+    run(pids, tree, force, as_json, True, strategy, threshold, predict)
 
 
 @click.command()
@@ -62,6 +128,6 @@ def attach(pids, tree, force, as_json):
 @FORCE
 @JSON
 def detach(pids, tree, force, as_json):
-    """Turn merging off again in processes attach turned it on in (prctl(PR_SET_MEMORY_MERGE, 0):
-    the kernel unmerges their pages)."""
+    """Turn merging off again where attach turned it on: prctl(PR_SET_MEMORY_MERGE, 0), or
+    MADV_UNMERGEABLE over the regions attach marked; the kernel unmerges their pages."""
     run(pids, tree, force, as_json, False)

@@ -31,7 +31,7 @@ def process_section(report):
         [
             p.pid,
             p.comm,
-            p.shim["strategy"] if p.shim else "no shim",
+            p.shim["strategy"] if p.shim else f"attach {p.attached}" if p.attached else "no shim",
             mib(p.merged_bytes),
             mib(p.saved_bytes) + ("*" if p.saved_is_estimate else ""),
             mib(p.padding_bytes),

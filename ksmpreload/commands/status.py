@@ -7,7 +7,7 @@ import click
 from rich.console import Group
 from rich.text import Text
 
-from .. import kernel, render
+from .. import attach, kernel, render
 from ..sizes import MIB
 
 NOT_SHOWN = "-"  # a ksm_stat field this kernel does not have
@@ -21,6 +21,7 @@ PROCESS_COLUMNS = (  # (header, justify, ksm_stat field or key of the process en
     ("rmap items", "right", "ksm_rmap_items"),
     ("merge_any", "center", "ksm_merge_any"),
     ("mergeable", "center", "ksm_mergeable"),
+    ("attached", "center", "attached"),
 )
 
 
@@ -29,6 +30,9 @@ def snapshot():
     knobs = kernel.read_knobs()
     saved = kernel.pages_saved(knobs)
     processes, unreadable = kernel.ksm_processes_and_unreadable()
+    attached = attach.attached_processes()
+    for process in processes:
+        process["attached"] = attached[process["pid"]]["strategy"] if process["pid"] in attached else None
     return {
         "ksm": knobs,
         "pages_saved": saved,
@@ -40,6 +44,8 @@ def snapshot():
 
 def cell(process, key):
     value = process.get(key, NOT_SHOWN)
+    if value is None:
+        return NOT_SHOWN
     if isinstance(value, bool):
         return "yes" if value else "no"
     if key == "ksm_process_profit" and value != NOT_SHOWN:

@@ -7,7 +7,7 @@ from rich.console import Group
 from rich.text import Text
 
 from .options import by_option
-from .. import groups, kernel, render, saving, shimstats
+from .. import attach, groups, kernel, render, saving, shimstats
 from ..sizes import MIB
 
 SORT_KEYS = {  # --sort choice -> (row key, largest first)
@@ -47,6 +47,7 @@ def process_rows(name_filter, notes, knobs):
     page = kernel.page_size()
     counters = shimstats.all_process_stats(prune=False, problems=notes)
     processes, unreadable = kernel.ksm_processes_and_unreadable()
+    attached = attach.attached_processes()
     notes += kernel.unreadable_notes(unreadable)
     rows = []
     for process in processes:
@@ -61,6 +62,7 @@ def process_rows(name_filter, notes, knobs):
                 "pid": process["pid"],
                 "command": process["cmdline"],
                 "shim": shim["strategy"] if shim else "-",
+                "attached": attached[process["pid"]]["strategy"] if process["pid"] in attached else None,
                 "merged": merged,
                 "zero": process.get("ksm_zero_pages", 0) * page,
                 "saved": saved,
@@ -80,7 +82,13 @@ def group_rows(rows, by):
     """The rows totalled per group (groups.group_totals), with how many of its processes run the shim."""
     totals = groups.group_totals(rows, groups.process_groups([row["pid"] for row in rows], by), SUMMED)
     with_shim = {row["pid"] for row in rows if row["shim"] != "-"}
-    return [{**entry, "shim": f"{len(with_shim.intersection(entry['pids']))} with shim"} for entry in totals]
+    attached = {row["pid"] for row in rows if row["attached"]}
+
+    def how(pids):
+        shim, by_attach = len(with_shim.intersection(pids)), len(attached.intersection(pids))
+        return f"{shim} with shim" + (f", {by_attach} attached" if by_attach else "")
+
+    return [{**entry, "shim": how(entry["pids"])} for entry in totals]
 
 
 def snapshot(sort, name_filter, by="process"):
@@ -120,7 +128,7 @@ def view(snap, limit):
         [
             row["pid"] if by == "process" else row["group"],
             row["command"] if by == "process" else row["processes"],
-            row["shim"],
+            f"attach {row['attached']}" if row.get("attached") and row["shim"] == "-" else row["shim"],
             mib(row["merged"]),
             mib(row["zero"]),
             mib(row["saved"]),

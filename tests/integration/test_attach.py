@@ -1,20 +1,28 @@
-"""`ksmpreload attach` and `detach` on running processes (issue 15, first part: prctl on x86-64):
-the process merges, keeps running as it was (a read() it was blocked in gets its data, a sleep
-lasts as long as it should), and refusals leave the process untouched."""
+"""`ksmpreload attach` and `detach` on running processes (issue 15): the process merges, keeps
+running as it was (a read() it was blocked in gets its data, a sleep lasts as long as it should,
+servers under load answer every request), and refusals and Ctrl-C leave it untouched."""
 
 import contextlib
+import ctypes
 import json
+import os
 import platform
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
+import psutil
 import pytest
 
 from conftest import require, require_root_ksm
 from ksmpreload import kernel, scanning
 from ksmpreload.processes import merged_pages
+from ksmpreload.workloads.data import value, value_sizes
 
 READER = """
 import random, sys
@@ -50,6 +58,13 @@ def readers(count):
             proc.wait()
 
 
+def unmerged(pids):
+    """Detach has unmerged the pages of `pids`: the kernel breaks them at once, and its count
+    (ksm_merging_pages) follows at ksmd's next pass over the process, within a few seconds here."""
+    pids = list(pids)
+    wait_for(lambda: merged_pages(pids) == 0, timeout=20)
+
+
 def merge_any(pid):
     return (kernel.process_ksm_stat(pid) or {}).get("ksm_merge_any")
 
@@ -59,7 +74,7 @@ def test_attached_processes_merge_and_a_read_they_were_blocked_in_gets_its_data(
         pids = [str(proc.pid) for proc in procs]
         done = ksmpreload("attach", "--json", *pids)
         assert done.returncode == 0, done.stderr
-        assert [entry["enabled"] for entry in json.loads(done.stdout)] == [True, True]
+        assert [entry["enabled"] for entry in json.loads(done.stdout)["processes"]] == [True, True]
         assert all(merge_any(proc.pid) == 1 for proc in procs)
         with scanning.fast_scanning():
             merged = scanning.wait_until_settled(lambda: merged_pages([proc.pid for proc in procs]), timeout=60)
@@ -67,7 +82,7 @@ def test_attached_processes_merge_and_a_read_they_were_blocked_in_gets_its_data(
             detached = ksmpreload("detach", *pids)
             assert detached.returncode == 0, detached.stderr
             assert all(merge_any(proc.pid) == 0 for proc in procs)
-            assert merged_pages([proc.pid for proc in procs]) == 0, "detach unmerges"
+            unmerged(proc.pid for proc in procs)
         for proc in procs:
             proc.stdin.write("hello\n")
             proc.stdin.flush()
@@ -157,3 +172,293 @@ def test_a_python_program_merges_itself():
     marked = subprocess.run([sys.executable, "-c", MERGE_ITSELF, "madvise"], capture_output=True, text=True, check=True)
     count, merge_any, mergeable = marked.stdout.split()
     assert int(count) > 0 and merge_any == "no" and mergeable == "yes", marked.stdout
+
+
+def anonymous_marked(pid):
+    """(start, end) of the anonymous regions of `pid` flagged mergeable."""
+    return {
+        (r["start"], r["end"]) for r in kernel.process_regions(pid) if kernel.is_anonymous_vma(r) and r["mergeable"]
+    }
+
+
+def test_the_madvise_way_marks_the_regions_and_detach_unmarks_them():
+    with readers(2) as procs:
+        pids = [str(proc.pid) for proc in procs]
+        done = ksmpreload("attach", "--strategy", "madvise", "--threshold", "1M", "--json", *pids)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert [entry["strategy"] for entry in result["processes"]] == ["madvise", "madvise"]
+        assert {entry["remedy"] for entry in result["predictions"]} >= {"as-is", "ksm-wrap"}
+        for proc, entry in zip(procs, result["processes"]):
+            assert merge_any(proc.pid) == 0 and len(anonymous_marked(proc.pid)) == entry["regions"] > 0
+            assert all(end - start >= 1 << 20 for start, end in anonymous_marked(proc.pid))
+        status = json.loads(ksmpreload("status", "--json").stdout)
+        assert {p["pid"]: p["attached"] for p in status["processes"] if str(p["pid"]) in pids} == {
+            proc.pid: "madvise" for proc in procs
+        }
+        with scanning.fast_scanning():
+            merged = scanning.wait_until_settled(lambda: merged_pages([proc.pid for proc in procs]), timeout=60)
+            assert merged >= 0.9 * 2 * 64 * 64, merged
+            detached = ksmpreload("detach", *pids)
+            assert detached.returncode == 0 and "unmarked" in detached.stdout, detached.stdout + detached.stderr
+            assert not any(anonymous_marked(proc.pid) for proc in procs)
+            unmerged(proc.pid for proc in procs)
+        for proc in procs:
+            proc.stdin.write("hello\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().split()[:2] == ["got", "hello"]
+
+
+CTRL_C_HALF_WAY = """
+import os, signal, sys
+from ksmpreload import inject
+from ksmpreload.cli import main
+
+pid, at_call, strategy = sys.argv[1:4]
+real, calls = inject.HeldThread.call, []
+def call(self, *arguments):
+    calls.append(arguments)
+    if len(calls) == int(at_call):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the thread is held, after calls before it ran
+    return real(self, *arguments)
+inject.HeldThread.call = call
+sys.argv = ["ksmpreload", "attach", "--no-predict", "--strategy", strategy, pid]
+main()
+"""
+
+
+@pytest.mark.parametrize("strategy, at_call", [("prctl", 1), ("madvise", 3)])
+def test_ctrl_c_half_way_leaves_the_process_as_it_was(strategy, at_call):
+    with readers(1) as (proc,):
+        before = anonymous_marked(proc.pid)
+        done = subprocess.run(
+            [sys.executable, "-c", CTRL_C_HALF_WAY, str(proc.pid), str(at_call), strategy],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+        status = kernel.read_proc(proc.pid, "status")
+        assert "TracerPid:\t0" in status and "State:\tS" in status, status
+        assert merge_any(proc.pid) == 0 and anonymous_marked(proc.pid) == before
+        assert json.loads(ksmpreload("status", "--json").stdout)["processes"] == [] or all(
+            p["attached"] is None for p in json.loads(ksmpreload("status", "--json").stdout)["processes"]
+        )
+        proc.stdin.write("after\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().split()[:2] == ["got", "after"]
+
+
+AS_NOBODY = """
+import os, sys
+from ksmpreload.cli import main  # imported as root: this interpreter lives under root's home
+
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)  # every uid non-zero: the capabilities go too
+sys.argv = ["ksmpreload", "attach", "--no-predict", sys.argv[1]]
+main()
+"""
+
+
+def test_another_user_without_privilege_is_refused():
+    """The tool run as nobody, without capabilities (as setpriv would run it; the interpreter
+    is not reachable by nobody here, so it drops them itself): ptrace refuses, the target is
+    untouched."""
+    with readers(1) as (proc,):
+        done = subprocess.run([sys.executable, "-c", AS_NOBODY, str(proc.pid)], capture_output=True, text=True,
+                              timeout=60, cwd="/")  # fmt: skip
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert "cannot trace" in done.stderr or "needs root" in done.stderr, done.stderr
+        assert merge_any(proc.pid) == 0
+
+
+class Writer(threading.Thread):
+    """A client that keeps writing new keys to each server and reading them back, until stopped;
+    what it wrote is checked at the end, and any error it met is kept."""
+
+    def __init__(self, clients):
+        super().__init__(daemon=True)
+        self.clients, self.written, self.errors, self.halt = clients, 0, [], threading.Event()
+
+    def run(self):
+        try:
+            while not self.halt.is_set():
+                for client in self.clients:
+                    key = f"w:{self.written}"
+                    client.set(key, value(self.written + 10**6, 3000))
+                    if client.get(key) != value(self.written + 10**6, 3000):
+                        self.errors.append(f"{key} read back wrong")
+                self.written += 1
+        except Exception as error:  # kept for the test to report
+            self.errors.append(repr(error))
+
+    def stop(self):
+        self.halt.set()
+        self.join(timeout=60)
+
+
+def merging_from_exec():
+    ctypes.CDLL(None, use_errno=True).prctl(67, 1, 0, 0, 0)  # PR_SET_MEMORY_MERGE, inherited by exec (6.7+)
+
+
+@contextlib.contextmanager
+def redis_servers(count, merging_from_start):
+    redis = pytest.importorskip("redis")
+    from ksmpreload.workloads import redis as workload
+    from ksmpreload.workloads.servers import free_port
+
+    servers = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            proc = subprocess.Popen(workload.server_command(port), stdout=subprocess.DEVNULL, cwd="/",
+                                    preexec_fn=merging_from_exec if merging_from_start else None)  # fmt: skip
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=60)
+            servers.append((proc, client))
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    if client.ping():
+                        break
+                assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+                time.sleep(0.05)
+        yield servers
+    finally:
+        for proc, _ in servers:
+            proc.kill()
+            proc.wait()
+
+
+REDIS_SIZES = value_sizes(24 << 20)
+PATTERNS = [random.Random(index).randbytes(64) for index in range(32)]
+
+
+def duplicate_items():
+    """The keys and values loaded: each value repeats one of 32 patterns of 64 bytes, so each
+    of its whole pages is one of 32 whatever the offset jemalloc puts it at (a multiple of 64
+    bytes): what merges does not depend on the layout, which differs from run to run."""
+    for index, size in enumerate(REDIS_SIZES):
+        yield f"key:{index}".encode(), (PATTERNS[index % 32] * (size // 64 + 1))[:size]
+
+
+def redis_run(attach_them):
+    """Merged pages of two redis-servers holding the same values once KSM settles: merging from
+    their start, or turned on by attach while a client writes. Every key is read back."""
+    from ksmpreload.workloads import redis as workload
+
+    with redis_servers(2, merging_from_start=not attach_them) as servers:
+        pids, clients = [proc.pid for proc, _ in servers], [client for _, client in servers]
+        for client in clients:
+            workload.load(client, duplicate_items())
+        with scanning.fast_scanning():
+            writer = Writer(clients)
+            writer.start()
+            time.sleep(0.5)
+            if attach_them:
+                done = ksmpreload("attach", "--no-predict", *map(str, pids))
+                assert done.returncode == 0, done.stderr
+            time.sleep(2)
+            writer.stop()
+            assert not writer.errors and writer.written > 10, (writer.errors, writer.written)
+            merged = scanning.wait_until_settled(scanning.ignoring_flutter(lambda: merged_pages(pids)), timeout=120)
+            for client in clients:
+                keys, values = zip(*duplicate_items())
+                assert client.mget(keys) == list(values)
+                written = [f"w:{n}" for n in range(writer.written)]
+                assert client.mget(written) == [value(n + 10**6, 3000) for n in range(writer.written)]
+            if attach_them:
+                assert ksmpreload("detach", *map(str, pids)).returncode == 0
+                assert not any(merge_any(pid) for pid in pids)
+                unmerged(pids)
+        return merged
+
+
+def test_redis_under_a_writing_client_merges_as_if_merging_from_its_start():
+    require(shutil.which("redis-server"), "redis-server is missing (apt-get install redis-server)")
+    from_start = redis_run(attach_them=False)
+    attached = redis_run(attach_them=True)
+    assert from_start > 1000 and attached >= 0.9 * from_start, (attached, from_start)
+
+
+def test_memcached_threads_in_epoll_wait_carry_on():
+    pymemcache = pytest.importorskip("pymemcache.client.base")
+    require(shutil.which("memcached"), "memcached is missing (apt-get install memcached)")
+    from ksmpreload.workloads.servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(["memcached", "-t", "4", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-u", "root"])
+    try:
+        client = pymemcache.Client(("127.0.0.1", port), connect_timeout=5, timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError):
+                client.set("ready", b"1")
+                break
+            assert time.monotonic() < deadline, "memcached did not start"
+            time.sleep(0.05)
+        writer = Writer([client])
+        writer.start()
+        time.sleep(0.5)
+        for _ in range(5):
+            assert ksmpreload("attach", "--no-predict", str(proc.pid)).returncode == 0
+            assert merge_any(proc.pid) == 1
+            assert ksmpreload("detach", str(proc.pid)).returncode == 0
+        writer.stop()
+        assert not writer.errors and writer.written > 10, (writer.errors, writer.written)
+        assert [client.get(f"w:{n}") for n in range(writer.written)] == [
+            value(n + 10**6, 3000) for n in range(writer.written)
+        ]
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+WSGI_APP = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+def test_tree_attaches_a_gunicorn_master_and_its_workers_and_new_workers_inherit(tmp_path):
+    pytest.importorskip("gunicorn")
+    from ksmpreload.workloads.servers import free_port
+
+    (tmp_path / "tiny_app.py").write_text(WSGI_APP)
+    port = free_port()
+    master = subprocess.Popen([sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}",
+                               "tiny_app:app"], cwd=tmp_path, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def workers():
+        return [child.pid for child in psutil.Process(master.pid).children()]
+
+    def get():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            return response.read()
+
+    try:
+        wait_for(lambda: len(workers()) == 2 and get() == b"ok")
+        done = ksmpreload("attach", "--tree", "--no-predict", "--json", str(master.pid))
+        assert done.returncode == 0, done.stderr
+        attached = [entry["pid"] for entry in json.loads(done.stdout)["processes"]]
+        assert attached[0] == master.pid and sorted(attached[1:]) == sorted(workers())
+        assert all(merge_any(pid) == 1 for pid in attached) and get() == b"ok"
+        os.kill(workers()[0], signal.SIGKILL)  # the master forks a new worker: it inherits merging
+        wait_for(lambda: len(set(workers()) - set(attached)) == 1)
+        (new,) = set(workers()) - set(attached)
+        assert merge_any(new) == 1 and get() == b"ok"
+    finally:
+        master.terminate()
+        master.wait(timeout=30)
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if condition():
+                return
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
