@@ -513,6 +513,9 @@ def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
     as_is = (report.potential_pages - (report.shared_outside_ksm_pages or 0)) * page  # a fork's sharing is no saving
     extra_copies = layout.duplicate_bytes / layout.duplicate_chunk_bytes if layout.duplicate_chunk_bytes else 0.0
     gain = round(layout.aligned_gain_bytes * extra_copies)
+    # Content that repeats within its pages (one byte over and over) is equal page by page wherever
+    # it sits: as-is counts it already, and its runs at other offsets must not add it again.
+    wrapped = max(as_is, min(as_is + gain, _zero_page_bytes(report) + layout.duplicate_bytes))
     padding = layout.aligned_runs * page // 2
     return [
         {
@@ -524,16 +527,17 @@ def predictions(report: PotentialReport, layout: LayoutReport) -> list[dict]:
         },
         {
             "remedy": "ksm-wrap",
-            "saved_bytes": as_is + gain,
+            "saved_bytes": wrapped,
             "padding_bytes": padding,
-            "net_saved_bytes": as_is + gain - padding,
+            "net_saved_bytes": wrapped - padding,
             "how": "restart the processes under ksm-wrap: blocks of 8 KiB and more page-aligned and marked",
             "model": "as-is, plus the blocks whose duplicate content sits at other offsets in their pages: "
             f"each run of duplicate chunks is taken for a block of its length plus {layout.run_edge_bytes} "
             "bytes (the parts in the chunks at its ends); from 8 KiB up its whole pages merge once aligned, "
             "and its partial last page where the allocator gives large blocks whole pages (jemalloc, "
             "mimalloc, tcmalloc), for the copies beyond the first; padding about half a page a block. "
-            "Leaves out: blocks made by mmap (aligned already), headers inside a block that differ "
+            "At most the zero pages plus what storing each distinct chunk once saves (duplicate_bytes): "
+            "content that repeats within a page merges as-is wherever it sits. Leaves out: blocks made by mmap (aligned already), headers inside a block that differ "
             "between processes, and small blocks whose runs join into one (counted as one block).",
         },
         *_memcached_prediction(report, layout, extra_copies),
@@ -553,14 +557,17 @@ def memcached_page_slab_sizes() -> str:
     return "slab_sizes=" + "-".join(str(kernel.page_size() << i) for i in range(8))
 
 
+def _zero_page_bytes(report: PotentialReport) -> int:
+    """The part of the page potential that zero pages make."""
+    return (report.potential_pages - report.totals["saving_across"] - report.totals["saving_within"]) * report.page_size
+
+
 def _memcached_prediction(report: PotentialReport, layout: LayoutReport, extra_copies: float) -> list[dict]:
     """The slab-class remedy, when every process read is memcached (none otherwise)."""
     programs = [layout.programs.get(pid) for pid in report.processes]
     if not programs or any(program != "memcached" for program in programs):
         return []
-    zero_part = (
-        report.potential_pages - report.totals["saving_across"] - report.totals["saving_within"]
-    ) * report.page_size
+    zero_part = _zero_page_bytes(report)
     duplicates = round(layout.slab_item_bytes * extra_copies)
     return [
         {
