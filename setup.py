@@ -13,6 +13,8 @@ SHIM = "libksmpreload.so"
 class BuildWithShim(build_py):
     def run(self):
         super().run()
+        if os.environ.get("KSMPRELOAD_BUILD_SHIM") == "0":  # the Debian package builds it with CMake
+            return
         build_dir = os.path.abspath(os.path.join(self.build_temp_dir(), "shim"))
         subprocess.check_call(
             ["cmake", "-S", ".", "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DKSMPRELOAD_TESTS=OFF"]

@@ -4,15 +4,21 @@ No `from __future__ import annotations` here or in entry.py: loading __future__ 
 before the console scripts can catch Ctrl-C, and the interrupt showed as a traceback of ours."""
 
 import os
+import sys
 
 __version__ = "0.1.0"
 
 SHIM_ENV = "KSMPRELOAD_SHIM"
+SHIM = "libksmpreload.so"
 
 
 def shim_path() -> str:
-    """Path of libksmpreload.so: $KSMPRELOAD_SHIM if set (development), else the packaged one."""
-    return os.environ.get(SHIM_ENV) or os.path.join(os.path.dirname(__file__), "libksmpreload.so")
+    """Path of libksmpreload.so: $KSMPRELOAD_SHIM if set (development), else the one pip put in
+    this package, else the Debian package's, in the multiarch library directory (debian/rules)."""
+    packaged = os.path.join(os.path.dirname(__file__), SHIM)
+    if os.environ.get(SHIM_ENV) or os.path.exists(packaged):
+        return os.environ.get(SHIM_ENV) or packaged
+    return os.path.join("/usr/lib", getattr(sys.implementation, "_multiarch", ""), "ksmpreload", SHIM)
 
 
 def merge_this_process() -> str:
