@@ -1,34 +1,30 @@
 """Turn merging on (or off) in a process that is already running: the checks that come first,
 the two ways (prctl(PR_SET_MEMORY_MERGE) for the whole process, or madvise(MADV_MERGEABLE) over
 its private anonymous regions as they are), run inside it by inject.HeldThread, and a record of
-each attach (docs/ATTACH.md), so that detach undoes what attach did and status, top and report
-can say which processes were attached.
+each attach (attached.py) so that detach undoes what attach did (docs/ATTACH.md).
 
-Records live in RECORDS_DIR (root's only: another user's file there would decide what detach
-unmarks), one JSON file a process, valid while a process of that pid and start time runs.
+Ctrl-C, SIGTERM and SIGHUP wait while a process is held (signals_deferred): a madvise loop
+stops at the next region and unmarks what it marked, the thread is let go with every register
+restored, and only then does the signal act.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import stat
-import tempfile
-import time
+import signal
+import threading
 from dataclasses import dataclass
 
-import psutil
-
-from . import kernel
+from . import attached, kernel
 from .errors import KsmError
-from .inject import HeldThread, this_architecture
+from .inject import HeldThread, share_memory, this_architecture
 
 PR_SET_MEMORY_MERGE = 67
 MADV_MERGEABLE, MADV_UNMERGEABLE = 12, 13
-STRATEGIES = ("prctl", "madvise")
+STRATEGIES = attached.STRATEGIES
 DEFAULT_THRESHOLD = 8 << 10  # the shim's: regions smaller than this are left alone by madvise
-RECORDS_DIR = "/run/ksmpreload/attached"
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -41,7 +37,8 @@ class Attached:
     region_bytes: int
     failed_regions: int  # madvise refused (a region unmapped meanwhile, or no memory to unmerge)
     signals_resent: int  # signals that arrived while the thread was held, sent again
-    recorded: bool  # a record was written (attach) or removed (detach); False without root
+    recorded: bool  # a record was written (attach) or removed (detach)
+    note: str = ""  # what the caller should know beyond the counts
 
 
 # ---- what must hold before anything is touched ------------------------------------------------
@@ -71,6 +68,9 @@ def check_target(pid: int, force: bool = False) -> None:
         raise KsmError(f"{pid} ({name}) is a zombie, or its main thread has exited: attach stops that thread")
     if state.startswith("D"):
         raise KsmError(f"{pid} ({name}) waits in the kernel (state D, a vfork parent for one): try again later")
+    parent = int(status.get("PPid", "0").strip() or 0)
+    if parent > 1 and share_memory(pid, parent):
+        raise KsmError(f"{pid} shares its memory with its parent {parent} (a vfork child before exec): try again later")
     tracer = int(status.get("TracerPid", "0").strip() or 0)
     if tracer:
         raise KsmError(f"{pid} is traced already (by {tracer}: a debugger or strace); a process has one tracer")
@@ -115,98 +115,53 @@ def unmarked_regions(pid: int, threshold: int) -> list[tuple[int, int]]:
     ]
 
 
-# ---- records ------------------------------------------------------------------------------------
+# ---- signals wait while a process is held -----------------------------------------------------
+
+_noted: list[int] = []  # signals that arrived while deferred
+_depth = [0]
 
 
-def _started(pid: int) -> float | None:
+def _note(number, frame):
+    _noted.append(number)
+
+
+def interrupted() -> bool:
+    """A deferred Ctrl-C, SIGTERM or SIGHUP is waiting."""
+    return bool(_noted)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Inside the block Ctrl-C, SIGTERM and SIGHUP are only noted (interrupted() says so); at its
+    end they act as they would have, through the handlers they had (KeyboardInterrupt, the
+    command's Terminated). Nested blocks defer to the outermost; other threads cannot."""
+    if _depth[0] or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _noted.clear()
+    previous = {number: signal.signal(number, _note) for number in HELD_SIGNALS}
+    _depth[0] += 1
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
+        yield
+    finally:
+        _depth[0] -= 1
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        if _noted:
+            number = _noted[0]
+            _noted.clear()
+            _deliver(number, previous[number])
 
 
-def _trusted_records_dir(create: bool) -> bool:
-    """RECORDS_DIR exists (made when `create` and root), a directory owned by root that no one
-    else may write."""
-    if create and os.geteuid() == 0:
-        with contextlib.suppress(FileExistsError):
-            os.makedirs(RECORDS_DIR, mode=0o755)
-    try:
-        info = os.lstat(RECORDS_DIR)
-    except OSError:
-        return False
-    return stat.S_ISDIR(info.st_mode) and info.st_uid == 0 and not info.st_mode & 0o022
+def _deliver(number: int, handler) -> None:
+    if callable(handler):
+        handler(number, None)
+    elif handler in (signal.SIG_DFL, None):
+        os.kill(os.getpid(), number)
 
 
-def _record_path(pid: int) -> str:
-    return os.path.join(RECORDS_DIR, f"{pid}.json")
-
-
-def write_record(pid: int, strategy: str, regions: list[tuple[int, int]]) -> bool:
-    """Records an attach (as root only: False otherwise). OSError (a full disk) before anything
-    is done to the process."""
-    if os.geteuid() != 0 or not _trusted_records_dir(create=True):
-        return False
-    record = {"pid": pid, "started": _started(pid), "strategy": strategy, "regions": regions, "time": time.time()}
-    with tempfile.NamedTemporaryFile("w", dir=RECORDS_DIR, prefix=".attach-", delete=False) as temporary:
-        try:
-            json.dump(record, temporary)
-            temporary.flush()
-            os.fsync(temporary.fileno())
-            os.replace(temporary.name, _record_path(pid))
-        except BaseException:
-            os.unlink(temporary.name)
-            raise
-    return True
-
-
-def _parse_record(path: str) -> dict | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd) as file:
-        if os.fstat(fd).st_uid != 0:
-            return None
-        try:
-            record = json.load(file)
-            regions = [(int(start), int(end)) for start, end in record.get("regions", [])]
-            return {**record, "pid": int(record["pid"]), "regions": regions}
-        except (ValueError, KeyError, TypeError):
-            return None
-
-
-def read_record(pid: int) -> dict | None:
-    """The record of the running process `pid`'s attach, or None (none, not root's, corrupt, or
-    left by an earlier process of that pid)."""
-    if not _trusted_records_dir(create=False):
-        return None
-    record = _parse_record(_record_path(pid))
-    if record is None or record["pid"] != pid or record.get("started") != _started(pid):
-        return None
-    return record
-
-
-def remove_record(pid: int) -> bool:
-    try:
-        os.unlink(_record_path(pid))
-        return True
-    except OSError:
-        return False
-
-
-def attached_processes() -> dict[int, dict]:
-    """{pid: record} of the running processes attach turned merging on in."""
-    if not _trusted_records_dir(create=False):
-        return {}
-    found = {}
-    for name in os.listdir(RECORDS_DIR):
-        pid = name.removesuffix(".json")
-        if name.endswith(".json") and pid.isdigit():
-            record = read_record(int(pid))
-            if record:
-                found[int(pid)] = record
-    return found
+class Interrupted(KsmError):
+    """A deferred signal stopped a madvise loop; what it marked is unmarked again."""
 
 
 # ---- attach and detach ----------------------------------------------------------------------
@@ -221,11 +176,13 @@ def _merge_any(pid: int) -> bool:
 
 def _mark(thread: HeldThread, regions: list[tuple[int, int]], keep=frozenset()) -> int:
     """madvise(MADV_MERGEABLE) over each region, inside the held thread; how many it refused.
-    Interrupted half-way (Ctrl-C, an error), it unmarks what it marked (but `keep`, marked by an
-    earlier attach) before the thread is let go: the process is not left half-changed."""
+    Stopped half-way (a deferred Ctrl-C, an error), it unmarks what it marked (but `keep`,
+    marked by an earlier attach) before the thread is let go: nothing is left half-changed."""
     marked = []
     try:
         for start, end in regions:
+            if interrupted():
+                raise Interrupted(f"{thread.pid}: interrupted; the regions this attach marked are unmarked again")
             if thread.call("madvise", start, end - start, MADV_MERGEABLE) == 0:
                 marked.append((start, end))
     except BaseException:
@@ -242,12 +199,21 @@ def _unmark(thread: HeldThread, regions: list[tuple[int, int]]) -> int:
 
 
 def _record_first(pid: int, strategy: str, regions: list[tuple[int, int]]) -> bool:
-    """The attach's record, written before the process is touched: a full disk refuses the
-    attach rather than leave marks that detach could not find."""
+    """The attach's record, written before the process is touched, so that a full disk refuses
+    the attach rather than leave marks detach could not find. Without a place for records, only
+    a non-root prctl attach goes on (detach --force turns that off)."""
+    why_not = attached.why_not_recordable()
+    if why_not and (strategy == "madvise" or os.geteuid() == 0):
+        raise KsmError(f"cannot record the attach ({why_not}); {pid} is untouched")
+    if why_not:
+        return False
     try:
-        return write_record(pid, strategy, regions)
+        attached.write(pid, strategy, regions)
     except OSError as error:
-        raise KsmError(f"cannot record the attach in {RECORDS_DIR}: {error.strerror}; {pid} is untouched") from None
+        raise KsmError(
+            f"cannot record the attach in {attached.RECORDS_DIR}: {error.strerror}; {pid} is untouched"
+        ) from None
+    return True
 
 
 def _turn_on(pid: int, strategy: str, regions: list[tuple[int, int]], earlier: set) -> tuple[int, int]:
@@ -255,6 +221,8 @@ def _turn_on(pid: int, strategy: str, regions: list[tuple[int, int]], earlier: s
     with HeldThread(pid) as thread:
         failed = 0
         if strategy == "prctl":
+            if interrupted():
+                raise Interrupted(f"{pid}: interrupted before the prctl; nothing changed")
             result = thread.call("prctl", PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
             if result < 0:
                 raise KsmError(f"prctl(PR_SET_MEMORY_MERGE, 1) failed in {pid}: {os.strerror(-result)}")
@@ -263,47 +231,62 @@ def _turn_on(pid: int, strategy: str, regions: list[tuple[int, int]], earlier: s
     return failed, len(thread.held)
 
 
+def _plan(pid: int, strategy: str, threshold: int) -> tuple[dict | None, bool, set, list]:
+    """(its record, merging on already, regions an earlier attach marked, regions to mark)."""
+    record = attached.read(pid)
+    if record and record["strategy"] != strategy:
+        raise KsmError(f"{pid} was attached with {record['strategy']}: detach it first to change the strategy")
+    previous = _merge_any(pid) if strategy == "prctl" else record is not None
+    earlier = set(record["regions"]) if record else set()
+    regions = sorted(set(unmarked_regions(pid, threshold)) | earlier) if strategy == "madvise" else []
+    return record, previous, earlier, regions
+
+
 def attach(pid: int, strategy: str | None = None, threshold: int = DEFAULT_THRESHOLD, force: bool = False) -> Attached:
     """Merging on in the running process `pid`: prctl(PR_SET_MEMORY_MERGE, 1), or
     madvise(MADV_MERGEABLE) over its unmarked anonymous regions of `threshold` bytes or more.
     The process is left as it was, and running, whatever happens; KsmError says why not."""
     strategy = choose_strategy(strategy)
     check_target(pid, force)
-    record = read_record(pid)
-    if record and record["strategy"] != strategy:
-        raise KsmError(f"{pid} was attached with {record['strategy']}: detach it first to change the strategy")
-    previous = _merge_any(pid) if strategy == "prctl" else record is not None
-    earlier = set(record["regions"]) if record else set()
-    regions = sorted(set(unmarked_regions(pid, threshold)) | earlier) if strategy == "madvise" else []
-    changes = strategy == "madvise" or not previous  # prctl merging on already: nothing to record
-    recorded = _record_first(pid, strategy, regions) if changes else record is not None
-    try:
-        failed, resent = _turn_on(pid, strategy, regions, earlier)
-    except BaseException:
-        if recorded and changes and not record:
-            remove_record(pid)
-        raise
+    record, previous, earlier, regions = _plan(pid, strategy, threshold)
+    if strategy == "prctl" and previous and not record:
+        note = "its merging was on already (its own prctl, or its service's MemoryKSM): left as it is, not recorded"
+        return Attached(pid, True, strategy, True, 0, 0, 0, 0, False, note)
+    with signals_deferred():
+        recorded = _record_first(pid, strategy, regions)
+        try:
+            failed, resent = _turn_on(pid, strategy, regions, earlier)
+        except BaseException:
+            if recorded and not record:
+                attached.remove(pid)
+            raise
     size = sum(end - start for start, end in regions)
-    return Attached(pid, True, strategy, previous, len(regions), size, failed, resent, recorded)
+    note = "" if recorded else "not recorded (records are root's): detach --force turns it off"
+    return Attached(pid, True, strategy, previous, len(regions), size, failed, resent, recorded, note)
 
 
 def detach(pid: int, force: bool = False) -> Attached:
     """Undoes attach: prctl(PR_SET_MEMORY_MERGE, 0), or MADV_UNMERGEABLE over the regions its
-    record lists (the kernel unmerges their pages). Without a record (not attached by root, or
-    attached before records), prctl merging is turned off where it is on."""
-    record = read_record(pid)
+    record lists (the kernel unmerges their pages). A process with no record keeps its own
+    merging unless `force`: then its prctl merging is turned off."""
+    record = attached.read(pid)
     strategy = record["strategy"] if record else "prctl"
     check_target(pid, force)
-    if strategy == "prctl" and not record and not _merge_any(pid):
-        return Attached(pid, False, strategy, False, 0, 0, 0, 0, False)
+    if not record and not _merge_any(pid):
+        return Attached(pid, False, strategy, False, 0, 0, 0, 0, False, "no record, and prctl merging is off")
+    if not record and not force:
+        raise KsmError(
+            f"{pid} has no record of an attach: its merging is its own (its prctl, its service's MemoryKSM); "
+            "--force turns it off anyway"
+        )
     regions = record["regions"] if strategy == "madvise" else []
-    with HeldThread(pid) as thread:
+    with signals_deferred(), HeldThread(pid) as thread:
         if strategy == "prctl":
             failed, result = 0, thread.call("prctl", PR_SET_MEMORY_MERGE, 0, 0, 0, 0)
         else:
             failed, result = _unmark(thread, regions), 0
-    if result < 0:
-        raise KsmError(f"prctl(PR_SET_MEMORY_MERGE, 0) failed in {pid}: {os.strerror(-result)}")
-    removed = remove_record(pid) if record else False
+        if result < 0:
+            raise KsmError(f"prctl(PR_SET_MEMORY_MERGE, 0) failed in {pid}: {os.strerror(-result)}")
+        removed = attached.remove(pid) if record else False
     size = sum(end - start for start, end in regions)
     return Attached(pid, False, strategy, True, len(regions), size, failed, len(thread.held), removed)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from . import attach, kernel, saving, shimstats
+from . import attached, kernel, saving, shimstats
 from .errors import NeedsRoot, NoSuchProcess
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ def process_attribution(
         cmdline=kernel.short_cmdline(cmdline, comm.strip()),
         ksm_stat=stat,
         shim=counters,
-        attached=(attach.read_record(pid) or {}).get("strategy"),
+        attached=(attached.read(pid) or {}).get("strategy"),
         merged_bytes=stat.get("ksm_merging_pages", 0) * kernel.page_size(),
         padding_bytes=shimstats.memory_cost_bytes(counters),
         ksm_smaps_kib=sum(entry.ksm_kib for entry in entries),

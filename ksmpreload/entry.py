@@ -1,7 +1,6 @@
 """The console scripts. The CLI's imports (click, rich, psutil) take a moment: a Ctrl-C in it
 ends quietly with 130, as one while the command runs does (errors.run_cli)."""
 
-import importlib
 import sys
 
 EXIT_INTERRUPTED = 130  # errors.EXIT_INTERRUPTED, not imported: errors imports click
@@ -19,7 +18,7 @@ def _interrupted(error):
 
 def _run(module):
     try:
-        main = importlib.import_module(module).main
+        main = __import__(module, fromlist=["main"]).main  # importlib may not be loaded yet: no file read
     except BaseException as error:
         if _interrupted(error):
             sys.exit(EXIT_INTERRUPTED)

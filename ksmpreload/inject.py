@@ -20,7 +20,7 @@ import signal
 import time
 
 from .errors import KsmError
-from .kernel import process_maps
+from .kernel import process_exists, process_maps
 
 PTRACE_CONT, PTRACE_SINGLESTEP, PTRACE_DETACH = 7, 9, 17
 PTRACE_GETREGSET, PTRACE_SETREGSET, PTRACE_SEIZE, PTRACE_INTERRUPT = 0x4204, 0x4205, 0x4206, 0x4207
@@ -37,7 +37,7 @@ def _signed(value: int) -> int:
 
 class X86_64:
     name = "x86_64"
-    numbers = {"prctl": 157, "madvise": 28}
+    numbers = {"prctl": 157, "madvise": 28, "kcmp": 312}
     instruction = b"\x0f\x05"  # syscall
     alignment = 1
     ARGUMENTS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
@@ -88,7 +88,7 @@ class Aarch64:
     (nanosleep, poll's timeout) therefore starts again from the beginning (docs/ATTACH.md)."""
 
     name = "aarch64"
-    numbers = {"prctl": 167, "madvise": 233}
+    numbers = {"prctl": 167, "madvise": 233, "kcmp": 272}
     instruction = (0xD4000001).to_bytes(4, "little")  # svc #0
     alignment = 4
     PSR_MODE32 = 0x10  # pstate: the thread runs AArch32 code
@@ -139,6 +139,16 @@ def this_architecture():
     return ARCHITECTURES[machine]
 
 
+KCMP_VM = 1
+
+
+def share_memory(pid: int, other: int) -> bool:
+    """Whether two processes share one address space (kcmp KCMP_VM: a vfork child and its
+    parent until the child execs); False where the kernel cannot say."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(this_architecture().numbers["kcmp"], pid, other, KCMP_VM, 0, 0) == 0
+
+
 def find_instruction(data: bytes, instruction: bytes, alignment: int, base: int, avoid: int | None) -> int | None:
     """The address of the first aligned `instruction` in `data` (mapped at `base`) other than `avoid`."""
     found = data.find(instruction)
@@ -187,11 +197,11 @@ def _read(memory, address: int, size: int) -> bytes:
         return b""
 
 
-def _wait_stop(pid: int) -> tuple[int, bool]:
-    """Waits (STOP_TIMEOUT seconds at most) for the thread's next stop: (the signal it stopped
-    with, whether it is a ptrace event stop: PTRACE_INTERRUPT's, or a group stop). KsmError if
-    the process ended or did not stop."""
-    deadline = time.monotonic() + STOP_TIMEOUT
+def _wait_stop(pid: int, timeout: float | None = STOP_TIMEOUT) -> tuple[int, bool]:
+    """Waits (`timeout` seconds at most; None: as long as it takes) for the thread's next stop:
+    (the signal it stopped with, whether it is a ptrace event stop: PTRACE_INTERRUPT's, or a
+    group stop). KsmError if the process ended or ran exec, or did not stop in time."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
             found, status = os.waitpid(pid, WAIT_ALL | os.WNOHANG)
@@ -200,9 +210,11 @@ def _wait_stop(pid: int) -> tuple[int, bool]:
         if found and os.WIFSTOPPED(status):
             return os.WSTOPSIG(status), (status >> 16) == PTRACE_EVENT_STOP
         if found and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+            if process_exists(pid):  # another thread ran exec: it took over the pid, untraced
+                raise KsmError(f"{pid} ran exec (in another thread) during the attach: attach the new program again")
             raise KsmError(f"{pid} ended while attached")
-        if time.monotonic() > deadline:
-            raise KsmError(f"{pid} did not stop within {STOP_TIMEOUT:g} s (it waits in the kernel)")
+        if deadline is not None and time.monotonic() > deadline:
+            raise KsmError(f"{pid} did not stop within {timeout:g} s (it waits in the kernel)")
         time.sleep(0.001)
 
 
@@ -229,6 +241,7 @@ class HeldThread:
             whole = self._interrupt()
             if not whole or not self.arch.is_64_bit(self.saved):
                 raise KsmError(f"{self.pid} runs 32-bit code: attach runs 64-bit system calls only")
+            self._address = self._instruction_address()
         except BaseException:
             self._let_go()
             raise
@@ -239,14 +252,14 @@ class HeldThread:
 
     def call(self, name: str, *arguments: int) -> int:
         """The result of system call `name` run by the held thread (a negative errno on failure)."""
-        if self._address is None:
-            self._address = self._instruction_address()
         call = self.arch.call_registers(self.saved, self._address, self.arch.numbers[name], arguments)
         try:
             _registers(PTRACE_SETREGSET, self.pid, call)
             while True:
                 _ptrace(PTRACE_SINGLESTEP, self.pid)
-                stopped_by, event = _wait_stop(self.pid)
+                # no time limit: the thread runs the call put in it (an unmerge can take long),
+                # and must not be let go before it stops with every register known
+                stopped_by, event = _wait_stop(self.pid, timeout=None)
                 if stopped_by == signal.SIGTRAP and not event:
                     break
                 if not event:  # a signal, taken from the thread by this stop: sent again at the end

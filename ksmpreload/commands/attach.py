@@ -1,32 +1,35 @@
 """`ksmpreload attach PID...` and `ksmpreload detach PID...`: merging on or off in running processes."""
 
+import functools
+
 import click
 import psutil
 
 from .. import attach as attaching
-from .. import diagnosis, render
-from ..errors import KsmError, NeedsRoot
+from .. import diagnosis, kernel, render
+from ..errors import KsmError
 from ..sizes import SizeParam
 from ..wrap import MAX_THRESHOLD
 
 
 def targets(pids, tree):
-    """The pids, and with --tree their descendants, each once, parents first."""
-    found = list(dict.fromkeys(pids))
+    """(the pids, and with --tree their descendants, each once, parents first; the descendants)."""
+    found, descendants = list(dict.fromkeys(pids)), []
     for pid in pids if tree else ():
         try:
-            found += [child.pid for child in psutil.Process(pid).children(recursive=True) if child.pid not in found]
+            children = psutil.Process(pid).children(recursive=True)
         except psutil.NoSuchProcess:
             raise KsmError(f"no process {pid}") from None
-    return found
+        descendants += [child.pid for child in children if child.pid not in found + descendants]
+    return found + descendants, set(descendants)
 
 
 def predict(pids):
     """The doctor's predictions for `pids` as they are now, or a line saying why there are none."""
     try:
         return diagnosis.remedy_predictions(pids), None
-    except (NeedsRoot, ProcessLookupError) as error:
-        return None, f"no prediction: {error}"
+    except (KsmError, ProcessLookupError) as error:
+        return None, f"no prediction: {getattr(error, 'message', error)}"
 
 
 def prediction_lines(predictions, strategy):
@@ -53,34 +56,71 @@ def result_line(result):
         )
         if result.failed_regions:
             line += f", {result.failed_regions} refused (unmapped meanwhile, or no memory to unmerge)"
-    if result.enabled and not result.recorded:
-        line += "; not recorded (root only): detach turns prctl merging off, but not madvise marks"
-    return line
+    return line + (f"; {result.note}" if result.note else "")
+
+
+def each_process(chosen, descendants, operation):
+    """operation(pid) for each pid in turn: (results, skipped, failed). A descendant that ended
+    or became a zombie meanwhile is skipped; a deferred Ctrl-C stops before the next pid."""
+    results, skipped, failed = [], [], []
+    for pid in chosen:
+        if attaching.interrupted():
+            break
+        try:
+            results.append(operation(pid))
+        except KsmError as error:
+            gone = not kernel.process_alive(pid)
+            (skipped if pid in descendants and gone else failed).append({"pid": pid, "error": error.message})
+    return results, skipped, failed
+
+
+def report(results, skipped, failed, predictions, why_none, as_json):
+    if as_json:
+        render.print_json(
+            {
+                "processes": [vars(result) for result in results],
+                "skipped": skipped,
+                "failed": failed,
+                "predictions": predictions,
+            }  # fmt: skip
+        )
+    else:
+        for result in results:
+            click.echo(result_line(result))
+        for entry in skipped:
+            click.echo(f"{entry['pid']}: skipped, it ended meanwhile")
+        if predictions:
+            click.echo("\n".join(prediction_lines(predictions, results[0].strategy if results else None)))
+        elif why_none:
+            click.echo(why_none)
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise KsmError(f"{first['pid']}: {first['error']}{more}")
 
 
 def run(
     pids, tree, force, as_json, enabled, strategy=None, threshold=attaching.DEFAULT_THRESHOLD, with_prediction=False
 ):
-    chosen = targets(pids, tree)
+    chosen, descendants = targets(pids, tree)
     predictions, why_none = predict(chosen) if with_prediction else (None, None)
     if enabled:
-        done = [attaching.attach(pid, strategy, threshold, force) for pid in chosen]
+        operation = functools.partial(attaching.attach, strategy=strategy, threshold=threshold, force=force)
     else:
-        done = [attaching.detach(pid, force) for pid in chosen]
-    if as_json:
-        render.print_json({"processes": [vars(result) for result in done], "predictions": predictions})
-        return
-    for result in done:
-        click.echo(result_line(result))
-    if predictions:
-        click.echo("\n".join(prediction_lines(predictions, done[0].strategy)))
-    elif why_none:
-        click.echo(why_none)
+        operation = functools.partial(attaching.detach, force=force)
+    with attaching.signals_deferred():  # Ctrl-C: the process in hand is let go, what was done is shown
+        results, skipped, failed = each_process(chosen, descendants, operation)
+        report(results, skipped, failed, predictions, why_none, as_json)
 
 
 PIDS = click.argument("pids", nargs=-1, required=True, type=click.IntRange(min=1))
 TREE = click.option("--tree", is_flag=True, help="The processes and all their descendants.")
-FORCE = click.option("--force", is_flag=True, help="Attach to a process under a seccomp filter too.")
+FORCE = click.option(
+    "--force",
+    is_flag=True,
+    help="A process under a seccomp filter too; for detach, also one with no record of an attach "
+    "(its own prctl merging is turned off).",
+)
 JSON = click.option(
     "--json", "as_json", is_flag=True, help="One JSON object: the processes, and the predictions (attach)."
 )
