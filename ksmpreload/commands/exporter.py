@@ -13,7 +13,7 @@ import click
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .. import attribution, groups, kernel, saving, shimstats
+from .. import attribution, governor, groups, kernel, saving, shimstats
 from ..errors import KsmError, NeedsRoot
 
 DEFAULT_LISTEN = "127.0.0.1:9465"
@@ -100,6 +100,30 @@ def group_metrics(savings, max_groups):
             count.add_metric([by, entry["group"]], entry["processes"])
     yield saved
     yield count
+
+
+GOVERNOR_MODES = ("catch-up", "settled", "nothing")
+
+
+def governor_metrics(state):
+    """The governor's last decision (its state file), or only ksmpreload_governor_running 0."""
+    yield GaugeMetricFamily(f"{PREFIX}_governor_running", "1 while ksmpreload governor runs.", value=int(bool(state)))
+    if not state:
+        return
+    decision = state["decision"]
+    mode = GaugeMetricFamily(f"{PREFIX}_governor_mode", "1 for the governor's mode now.", labels=["mode"])
+    for name in GOVERNOR_MODES:
+        mode.add_metric([name], int(decision["mode"] == name))
+    yield mode
+    for name, help_text, value in (
+        ("pages_per_second", "The scan rate the governor chose.", decision["pages_per_second"]),
+        ("pinned", "1 while the pin file keeps the governor's hands off the knobs.", int(state["pinned"])),
+        ("merged_pages_per_cpu_second", "Pages merged per CPU second of ksmd over the last tick.",
+         state["merged_per_cpu_second"]),
+        ("unscanned_bytes", "Memory of processes using KSM that ksmd has not looked at yet.", state["unscanned_bytes"]),
+    ):  # fmt: skip
+        if value is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_governor_{name}", help_text, value=value)
 
 
 def process_metrics(processes, savings):
@@ -238,6 +262,7 @@ class KsmCollector:
         knobs = kernel.read_knobs()
         yield from knob_metrics(knobs)
         yield from self.ksmd_metrics()
+        yield from governor_metrics(governor.read_state())
         processes, unreadable = kernel.ksm_processes_and_unreadable()
         savings = estimated_savings(processes, knobs)
         yield from process_metrics(processes, savings)

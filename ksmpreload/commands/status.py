@@ -7,7 +7,7 @@ import click
 from rich.console import Group
 from rich.text import Text
 
-from .. import attach, kernel, render
+from .. import attached as attach_records, governor, kernel, render
 from ..sizes import MIB
 
 NOT_SHOWN = "-"  # a ksm_stat field this kernel does not have
@@ -30,7 +30,7 @@ def snapshot():
     knobs = kernel.read_knobs()
     saved = kernel.pages_saved(knobs)
     processes, unreadable = kernel.ksm_processes_and_unreadable()
-    attached = attach.attached_processes()
+    attached = attach_records.attached_processes()
     for process in processes:
         process["attached"] = attached[process["pid"]]["strategy"] if process["pid"] in attached else None
     return {
@@ -38,6 +38,7 @@ def snapshot():
         "pages_saved": saved,
         "mib_saved": round(saved * kernel.page_size() / MIB, 2),
         "processes": processes,
+        "governor": governor.read_state(),
         "notes": kernel.unreadable_notes(unreadable),
     }
 
@@ -76,7 +77,24 @@ def status_view(snap, compact=False):
         else Text(f"no {'readable ' if snap['notes'] else ''}process has KSM-enabled memory")
     )
     layout = render.key_value_columns if compact else render.key_value_lines
-    return Group(layout(snap["ksm"].items()), Text(), saved, Text(), processes, *render.note_lines(snap["notes"]))
+    return Group(
+        layout(snap["ksm"].items()),
+        Text(),
+        saved,
+        Text(governor_line(snap["governor"])),
+        Text(),
+        processes,
+        *render.note_lines(snap["notes"]),
+    )
+
+
+def governor_line(state):
+    """What the governor does, in one line ("no governor runs" without one)."""
+    if state is None:
+        return "governor: none runs (ksmpreload governor sets the scan rate from what is left to gain)"
+    decision = state["decision"]
+    how = "pinned: knobs left as they are" if state["pinned"] else f"{decision['pages_per_second']:g} pages/s"
+    return f"governor: pid {state['pid']}, {decision['mode']}, {how}, because {decision['reasons'][0]}"
 
 
 def show(snap, as_json, json_lines=False):

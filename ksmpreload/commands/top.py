@@ -7,7 +7,7 @@ from rich.console import Group
 from rich.text import Text
 
 from .options import by_option
-from .. import attach, groups, kernel, render, saving, shimstats
+from .. import attached as attach_records, governor, groups, kernel, render, saving, shimstats
 from ..sizes import MIB
 
 SORT_KEYS = {  # --sort choice -> (row key, largest first)
@@ -47,7 +47,7 @@ def process_rows(name_filter, notes, knobs):
     page = kernel.page_size()
     counters = shimstats.all_process_stats(prune=False, problems=notes)
     processes, unreadable = kernel.ksm_processes_and_unreadable()
-    attached = attach.attached_processes()
+    attached = attach_records.attached_processes()
     notes += kernel.unreadable_notes(unreadable)
     rows = []
     for process in processes:
@@ -109,6 +109,7 @@ def snapshot(sort, name_filter, by="process"):
         "by": by,
         "groups" if by != "process" else "processes": rows,
         "totals": totals,
+        "governor": governor.read_state(),
         "notes": notes,
     }
 
@@ -123,6 +124,7 @@ def view(snap, limit):
     header = Text(
         f"KSM saves {mib(snap['saved_bytes'])} MiB machine-wide   "
         + "   ".join(f"{name} {value}" for name, value in snap["ksm"].items())
+        + ("" if snap["governor"] is None else f"   governor: {snap['governor']['decision']['mode']}")
     )
     rows = [
         [

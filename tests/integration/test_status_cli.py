@@ -24,7 +24,7 @@ from mergeable_child import mergeable_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = [sys.executable, "-c", "from ksmpreload.cli import main; main()"]
-SNAPSHOT_KEYS = {"ksm", "pages_saved", "mib_saved", "processes", "notes"}
+SNAPSHOT_KEYS = {"ksm", "pages_saved", "mib_saved", "processes", "governor", "notes"}
 
 
 Result = namedtuple("Result", "exit_code stdout stderr")

@@ -1,0 +1,72 @@
+"""`ksmpreload governor`: ksmd's scan rate set from what is left to gain, until stopped."""
+
+import click
+
+from .. import governor as governing
+from .. import render
+
+
+def decision_lines(decision, tracker=None):
+    lines = [
+        f"mode: {decision.mode}",
+        f"rate: {decision.pages_per_second:g} pages/s "
+        f"(pages_to_scan {decision.pages_to_scan}, sleep_millisecs {decision.sleep_millisecs})",
+        *(f"because {reason}" for reason in decision.reasons),
+    ]
+    if tracker is not None:
+        lines.append(f"ksmd: {100 * tracker.cpu_share:.1f}% of a core over the last second")
+    return lines
+
+
+@click.command()
+@click.option(
+    "--max-cpu",
+    type=click.FloatRange(0.1, 100),
+    default=governing.Settings.max_cpu,
+    show_default=True,
+    help="The most of one core ksmd may use, in percent (measured from its CPU time).",
+)
+@click.option(
+    "--target-seconds",
+    type=click.FloatRange(1, 86400),
+    default=governing.Settings.target_seconds,
+    show_default=True,
+    help="How long one full scan takes while scans still merge or new memory waits "
+    f"({governing.IDLE_FACTOR}x longer once they stop gaining).",
+)
+@click.option(
+    "--tick",
+    type=click.FloatRange(0.1, 60),
+    default=governing.Settings.tick,
+    show_default=True,
+    help="Seconds between two looks.",
+)
+@click.option(
+    "--pin-file",
+    default=governing.PIN_FILE,
+    show_default=True,
+    help="While this file exists (owned by root), the governor changes no knob.",
+)
+@click.option("--once", is_flag=True, help="Print the decision it would take now, with its reasons; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: the decision as JSON.")
+def governor(max_cpu, target_seconds, tick, pin_file, once, as_json):
+    """Set ksmd's scan rate from what is left to gain (root; runs until Ctrl-C or SIGTERM).
+
+    Fast while there is memory ksmd has not looked at (a new process, an attach, a load) or
+    full scans still merge; a trickle once they stop gaining; never above --max-cpu. It turns
+    KSM on when mergeable memory appears, turns the kernel's advisor off while it runs, leaves
+    alone any knob someone else changes, and puts back every knob it changed when it stops.
+    One per machine. `ksmpreload status` and the exporter show its decisions (docs/GOVERNOR.md).
+    """
+    if as_json and not once:
+        raise click.UsageError("--json goes with --once (the running governor's state is in status --json)")
+    settings = governing.Settings(max_cpu=max_cpu, target_seconds=target_seconds, tick=tick)
+    if once:
+        decision, tracker = governing.decide_once(settings)
+        if as_json:
+            render.print_json({**vars(decision), "ksmd_cpu_percent": round(100 * tracker.cpu_share, 2)})
+        else:
+            click.echo("\n".join(decision_lines(decision, tracker)))
+        return
+    click.echo(f"ksmpreload governor: every {tick:g} s, at most {max_cpu:g}% of a core (Ctrl-C to stop)")
+    governing.Governor(settings, pin_file).run()

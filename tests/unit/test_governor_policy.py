@@ -1,0 +1,81 @@
+"""The governor's policy (governor.decide and its Tracker), from samples made up here: the rate
+rises for memory ksmd has not looked at, falls once full scans stop gaining, and stays under
+the CPU cap."""
+
+import pytest
+
+from ksmpreload.governor import (
+    CAP_MARGIN,
+    DEFAULT_PAGE_COST,
+    IDLE_FACTOR,
+    MIN_PAGES_PER_SECOND,
+    Sample,
+    Settings,
+    Tracker,
+    decide,
+    knob_values,
+)
+
+SETTINGS = Settings(max_cpu=10, target_seconds=60)
+
+
+def sample(t, full_scans=0, saved=0, rmap_items=0, anonymous=100_000, cpu=0.0, scanned=0):
+    return Sample(t, 1, full_scans, scanned, saved, rmap_items, anonymous, 1 if anonymous else 0, cpu)
+
+
+def tracked(*samples):
+    tracker = Tracker()
+    for each in samples:
+        tracker.update(each)
+    return tracker
+
+
+def test_memory_not_looked_at_yet_is_caught_up_in_the_target_time():
+    now = sample(1, rmap_items=0)
+    decision = decide(now, tracked(sample(0), now), SETTINGS)
+    assert decision.mode == "catch-up" and decision.pages_per_second == pytest.approx(100_000 / 60, rel=0.01)
+    assert "not looked at yet" in decision.reasons[0]
+
+
+def test_full_scans_that_stop_gaining_slow_it_to_a_trickle():
+    samples = [sample(t, full_scans=t, saved=50_000, rmap_items=100_000) for t in range(4)]  # one scan merged all
+    decision = decide(samples[-1], tracked(sample(-1, saved=0, rmap_items=100_000), *samples), SETTINGS)
+    assert decision.mode == "settled"
+    assert decision.pages_per_second == pytest.approx(100_000 / (60 * IDLE_FACTOR), rel=0.01)
+
+
+def test_a_full_scan_that_still_merges_keeps_it_fast():
+    samples = [sample(t, full_scans=t, saved=10_000 * t, rmap_items=100_000) for t in range(4)]
+    decision = decide(samples[-1], tracked(*samples), SETTINGS)
+    assert decision.mode == "catch-up" and "merged 10000 pages" in decision.reasons[0]
+
+
+def test_no_process_using_ksm_scans_at_the_minimum():
+    now = sample(1, anonymous=0)
+    decision = decide(now, tracked(sample(0, anonymous=0), now), SETTINGS)
+    assert decision.mode == "nothing" and decision.pages_per_second == MIN_PAGES_PER_SECOND
+
+
+def test_the_cpu_cap_bounds_the_rate_by_the_measured_cost_of_a_page():
+    # 1 s of ksmd CPU for 100,000 pages scanned: 10 us a page, so 10% of a core is 10,000 pages/s
+    before, now = sample(0, anonymous=10_000_000), sample(1, anonymous=10_000_000, cpu=1.0, scanned=100_000)
+    tracker = tracked(before, now)
+    decision = decide(now, tracker, SETTINGS)
+    assert tracker.cpu_share == pytest.approx(1.0) and tracker.page_cost == pytest.approx(1e-5)
+    assert decision.pages_per_second == pytest.approx(CAP_MARGIN * 10_000)
+    assert any("capped" in reason for reason in decision.reasons)
+
+
+def test_until_ksmd_is_measured_the_default_cost_bounds_the_rate():
+    before, now = sample(0, anonymous=100_000_000), sample(1, anonymous=100_000_000, cpu=0.01, scanned=500)
+    tracker = tracked(before, now)
+    assert tracker.page_cost == DEFAULT_PAGE_COST, "10 ms for 500 pages is too little to tell"
+    decision = decide(now, tracker, SETTINGS)
+    assert decision.pages_per_second == pytest.approx(CAP_MARGIN * 0.1 / DEFAULT_PAGE_COST)
+
+
+@pytest.mark.parametrize("rate", [MIN_PAGES_PER_SECOND, 333, 1_666.7, 102_900])
+def test_knob_values_scan_about_the_rate(rate):
+    pages, sleep = knob_values(rate)
+    assert pages >= 1 and 10 <= sleep <= 2000
+    assert pages * 1000 / sleep == pytest.approx(rate, rel=0.15)
