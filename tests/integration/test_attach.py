@@ -545,3 +545,20 @@ def test_bad_records_count_as_none_and_go(tmp_path):
         assert ksmpreload("status").returncode == 0 and not os.path.exists(stale)
         done = ksmpreload("attach", "--no-predict", str(proc.pid))
         assert done.returncode == 0 and attached.read(proc.pid)["strategy"] == "prctl"
+
+
+def test_a_process_under_a_seccomp_filter_is_refused_unless_forced(c_programs):
+    proc = subprocess.Popen([c_programs("seccomp_filter")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        refused = ksmpreload("attach", "--no-predict", str(proc.pid))
+        assert refused.returncode == 1 and "seccomp filter" in refused.stderr and "--force" in refused.stderr
+        assert len(refused.stderr.splitlines()) == 1 and merge_any(proc.pid) == 0
+        forced = ksmpreload("attach", "--no-predict", "--force", str(proc.pid))
+        assert forced.returncode == 0 and merge_any(proc.pid) == 1, forced.stderr
+        proc.stdin.write(b"x")
+        proc.stdin.flush()
+        assert proc.wait(timeout=10) == 0, "it read its byte and exited as it would have"
+    finally:
+        proc.kill()
+        proc.wait()
