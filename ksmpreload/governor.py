@@ -20,6 +20,8 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
+import stat
 import tempfile
 import time
 from collections import deque
@@ -31,8 +33,10 @@ from .errors import KsmError
 STATE_DIR = "/run/ksmpreload"
 STATE_FILE = os.path.join(STATE_DIR, "governor.json")
 LOCK_FILE = os.path.join(STATE_DIR, "governor.lock")
+ORIGINALS_FILE = os.path.join(STATE_DIR, "governor-originals.json")  # what to put back, kept before each write
 PIN_FILE = "/etc/ksmpreload/governor.pin"
 GOVERNED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
+RATE_KNOBS = {"pages_to_scan", "sleep_millisecs"}
 GAIN_FRACTION = 0.005  # a full scan that merged less than this share of the pages gained nothing
 GAIN_PAGES = 64  # ... or fewer pages than this (a few pages flutter in any busy process)
 SETTLED_SCANS = 2
@@ -60,7 +64,7 @@ class Sample:
     pages_scanned: int | None  # None where the kernel lacks the counter
     saved_pages: int
     rmap_items: int
-    anonymous_pages: int  # of the processes that use KSM
+    anonymous_pages: int  # that ksmd may scan, of the processes that use KSM (_mergeable_pages)
     processes: int
     ksmd_cpu: float | None
     rate: float = 0.0  # pages a second ksmd is set to scan: pages_to_scan / sleep_millisecs
@@ -83,6 +87,12 @@ def _anonymous_pages(pid: int) -> int:
     return 0
 
 
+def _mergeable_pages(process: dict) -> int:
+    """The pages of a process ksmd may scan: all its anonymous memory when it merges as a whole
+    (prctl), else what ksmd tracks already (madvise marks regions the governor does not read)."""
+    return _anonymous_pages(process["pid"]) if process.get("ksm_merge_any") else process.get("ksm_rmap_items", 0)
+
+
 def take_sample() -> Sample:
     knobs = kernel.read_knobs()
     processes = kernel.ksm_processes()
@@ -94,7 +104,7 @@ def take_sample() -> Sample:
         pages_scanned=knobs.get("pages_scanned"),
         saved_pages=kernel.pages_saved(knobs),
         rmap_items=sum(process.get("ksm_rmap_items", 0) for process in processes),
-        anonymous_pages=sum(_anonymous_pages(process["pid"]) for process in processes),
+        anonymous_pages=sum(_mergeable_pages(process) for process in processes),
         processes=len(processes),
         ksmd_cpu=kernel.cpu_seconds(ksmd) if ksmd else None,
         rate=knobs.get("pages_to_scan", 0) * 1000 / max(knobs.get("sleep_millisecs", 1), 1),
@@ -110,19 +120,27 @@ class Tracker:
     previous: Sample | None = None
     saved_at_scan: int | None = None  # saved pages when the last full scan ended
     scan_gains: deque = field(default_factory=lambda: deque(maxlen=SETTLED_SCANS))
-    recent: deque = field(default_factory=lambda: deque(maxlen=COST_TICKS))  # (cpu, scanned, seconds) a tick
+    recent: deque = field(default_factory=lambda: deque(maxlen=COST_TICKS))  # (cpu, scanned, seconds, rate) a tick
     page_cost: float = DEFAULT_PAGE_COST
     cpu_share: float = 0.0  # of one core
     merged_per_cpu_second: float | None = None
+
+    def steady_at(self, rate: float) -> bool:
+        """Every tick of the window ran at `rate`: its CPU share is that rate's."""
+        return len(self.recent) == self.recent.maxlen and all(entry[3] == rate for entry in self.recent)
 
     def update(self, now: Sample) -> None:
         before, self.previous = self.previous, now
         if before is None:
             self.saved_at_scan = now.saved_pages
             return
-        if None not in (now.ksmd_cpu, before.ksmd_cpu, now.pages_scanned, before.pages_scanned):
-            cpu = now.ksmd_cpu - before.ksmd_cpu
-            self.recent.append((cpu, now.pages_scanned - before.pages_scanned, max(now.time - before.time, 1e-3)))
+        if None not in (now.ksmd_cpu, before.ksmd_cpu):
+            cpu, seconds = now.ksmd_cpu - before.ksmd_cpu, max(now.time - before.time, 1e-3)
+            if None in (now.pages_scanned, before.pages_scanned):  # before 6.7: the rate it was set to
+                scanned = before.rate * seconds
+            else:
+                scanned = now.pages_scanned - before.pages_scanned
+            self.recent.append((cpu, scanned, seconds, before.rate))
             self._measure()
             if cpu > 0.01:
                 self.merged_per_cpu_second = (now.saved_pages - before.saved_pages) / cpu
@@ -131,7 +149,7 @@ class Tracker:
             self.saved_at_scan = now.saved_pages
 
     def _measure(self) -> None:
-        cpu, scanned, seconds = (sum(values) for values in zip(*self.recent))
+        cpu, scanned, seconds, _ = (sum(values) for values in zip(*self.recent))
         self.cpu_share = cpu / seconds
         if cpu >= 0.05 and scanned >= 10_000:
             self.page_cost = cpu / scanned
@@ -179,11 +197,12 @@ def decide(now: Sample, tracker: Tracker, settings: Settings) -> Decision:
 def _capped(rate: float, tracker: Tracker, settings: Settings) -> tuple[float, list[str]]:
     """The rate under the CPU cap, by the measured cost of a page, aiming CAP_MARGIN below it
     (a page's cost varies with what ksmd finds: merging costs more than a checksum), and cut in
-    proportion from the rate set now while ksmd was measured above the cap."""
+    proportion from the rate set now when a whole window at that rate measured ksmd above it."""
     cap = CAP_MARGIN * settings.max_cpu / 100
     allowed = cap / tracker.page_cost
-    if tracker.cpu_share > settings.max_cpu / 100 and tracker.previous and tracker.previous.rate:
-        allowed = min(allowed, tracker.previous.rate * cap / tracker.cpu_share)  # over it: cut in proportion
+    previous = tracker.previous.rate if tracker.previous else 0
+    if tracker.cpu_share > settings.max_cpu / 100 and previous and tracker.steady_at(previous):
+        allowed = min(allowed, previous * cap / tracker.cpu_share)  # over it at this rate: cut in proportion
     if rate <= allowed:
         return rate, []
     return max(allowed, 1.0), [
@@ -216,20 +235,55 @@ def write_state(state: dict) -> None:
     os.replace(temporary.name, STATE_FILE)
 
 
+def _valid_state(state) -> bool:
+    decision = state.get("decision") if isinstance(state, dict) else None
+    return (
+        type(state.get("pid")) is int
+        and isinstance(state.get("pinned"), bool)
+        and isinstance(decision, dict)
+        and isinstance(decision.get("mode"), str)
+        and isinstance(decision.get("pages_per_second"), (int, float))
+        and isinstance(decision.get("reasons"), list)
+        and bool(decision["reasons"])
+    )
+
+
+def _lock_held() -> bool | None:
+    """Whether a governor holds the lock (None: the lock cannot be opened, without root)."""
+    try:
+        fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def read_state() -> dict | None:
-    """The running governor's last decision (its state file), or None when none runs."""
+    """The running governor's last decision (its state file), or None when none runs (or the
+    file is not one it wrote)."""
     try:
         with open(STATE_FILE) as file:
             state = json.load(file)
     except (OSError, ValueError):
         return None
-    return state if isinstance(state, dict) and kernel.process_alive(int(state.get("pid", 0))) else None
+    if not _valid_state(state) or _lock_held() is False:
+        return None
+    return state if kernel.process_alive(state["pid"]) else None
 
 
 class Governor:
     """Sets ksmd's knobs from decide() every tick; every knob it changed is put back when it
-    stops (Ctrl-C, SIGTERM through the command's edge). A knob someone else changes meanwhile,
-    or the pin file, is left alone: the operator wins."""
+    stops (Ctrl-C, SIGTERM through the command's edge), or by the next governor if it was
+    killed (ORIGINALS_FILE). A knob someone else changes meanwhile, or the pin file, is left
+    alone: the operator wins. pages_to_scan and sleep_millisecs are one rate: a change to
+    either hands both over; a change to advisor_mode hands over the rate too."""
 
     def __init__(self, settings: Settings, pin_file: str = PIN_FILE) -> None:
         self.settings, self.pin_file = settings, pin_file
@@ -245,69 +299,87 @@ class Governor:
             raise KsmError("the governor sets KSM's knobs: it needs root (run it with sudo)")
         lock = _lock()
         try:
-            self._stop_advisor()
+            restore_left_over()
             count = 0
             while ticks is None or count < ticks:
                 self.tick()
                 count += 1
                 time.sleep(self.settings.tick)
         finally:
-            self.restore()
-            with contextlib.suppress(OSError):
-                os.unlink(STATE_FILE)
-            os.close(lock)
+            self._clean_up(lock)
 
-    def _stop_advisor(self) -> None:
-        """The kernel's advisor (6.8+) sets pages_to_scan itself: off while the governor runs."""
-        if kernel.read_knob("advisor_mode") not in (None, "none"):
-            self._write("advisor_mode", "none")
+    def _clean_up(self, lock: int) -> None:
+        """Knobs back, state gone, lock released; a second Ctrl-C waits until it is done."""
+        previous = None
+        with contextlib.suppress(ValueError):  # not in the main thread: no handler to change
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.restore()
+            for path in (STATE_FILE, ORIGINALS_FILE):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            os.close(lock)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def tick(self) -> Decision:
         now = take_sample()
         self.tracker.update(now)
         decision = decide(now, self.tracker, self.settings)
-        pinned = self._pinned()
-        if pinned:
-            decision.reasons.insert(0, pinned)
-        else:
+        pinned, why = self._pin()
+        if why:
+            decision.reasons.insert(0, why)
+        if not pinned:
             self._apply(decision, now)
-        write_state(self._state(decision, now, bool(pinned)))
+        write_state(self._state(decision, now, pinned))
         return decision
 
-    def _pinned(self) -> str | None:
-        with contextlib.suppress(OSError):
-            info = os.stat(self.pin_file)
-            if info.st_uid == 0:
-                return f"pinned by {self.pin_file}: the knobs are left as they are"
-        return None
+    def _pin(self) -> tuple[bool, str | None]:
+        """(whether the pin file holds the knobs, a reason to show): a regular file owned by root
+        in a directory only root may write; any other file there is ignored, and said so."""
+        try:
+            info = os.lstat(self.pin_file)
+            parent = os.stat(os.path.dirname(os.path.abspath(self.pin_file)))
+        except OSError:
+            return False, None
+        if stat.S_ISREG(info.st_mode) and info.st_uid == 0 and parent.st_uid == 0 and not parent.st_mode & 0o022:
+            return True, f"pinned by {self.pin_file}: the knobs are left as they are"
+        return False, f"{self.pin_file} ignored: not a regular file of root's in a directory only root may write"
 
     def _apply(self, decision: Decision, now: Sample) -> None:
+        current = {name: kernel.read_knob(name) for name in (*GOVERNED_KNOBS, "advisor_mode")}
+        changed = {name for name, value in self.seen.items() if current[name] != value}
+        if changed & (RATE_KNOBS | {"advisor_mode"}):
+            self.left_alone |= RATE_KNOBS | {"advisor_mode"}  # someone else sets the rate now
+        self.left_alone |= changed
         wanted = {
-            "run": 1 if now.anonymous_pages else None,  # on when mergeable memory appears; never off
+            "advisor_mode": "none" if current["advisor_mode"] not in (None, "none") else None,
+            "run": 1 if now.anonymous_pages and current["run"] == 0 else None,  # 2 (unmerging) is theirs
             "pages_to_scan": decision.pages_to_scan,
             "sleep_millisecs": decision.sleep_millisecs,
         }
         for name, value in wanted.items():
-            current = kernel.read_knob(name)
-            if name in self.seen and current != self.seen[name]:
-                self.left_alone.add(name)  # changed by someone else since the last tick: theirs
-            if name not in self.left_alone and value is not None and current != value:
+            if name not in self.left_alone and value is not None and current[name] != value:
                 self._write(name, value)
-                current = value
-            self.seen[name] = current
+                current[name] = value
+        self.seen = current
 
     def _write(self, name: str, value) -> None:
-        previous = kernel.write_knob(name, value)
-        self.original.setdefault(name, previous)
+        """Writes one knob, the value it had first kept in ORIGINALS_FILE before the write."""
+        previous = kernel.read_knob(name)
+        if name not in self.original:
+            self.original[name] = previous
         self.written[name] = value
+        _save_originals(self.original, self.written)
+        try:
+            kernel.write_knob(name, value)
+        except KsmError:
+            self.left_alone |= RATE_KNOBS if name in RATE_KNOBS else {name}  # refused: not ours to set
 
     def restore(self) -> None:
         """Every knob the governor changed back as it was, unless someone else changed it since."""
-        for name in (*GOVERNED_KNOBS, "advisor_mode"):  # the advisor last: pages_to_scan is read-only under it
-            if name in self.original and name not in self.left_alone:
-                with contextlib.suppress(KsmError):
-                    if kernel.read_knob(name) == self.written.get(name):
-                        kernel.write_knob(name, self.original[name])
+        _restore(self.original, self.written, self.left_alone)
 
     def _state(self, decision: Decision, now: Sample, pinned: bool) -> dict:
         return {
@@ -324,8 +396,38 @@ class Governor:
         }
 
 
+def _restore(original: dict, written: dict, left_alone=frozenset()) -> None:
+    for name in (*GOVERNED_KNOBS, "advisor_mode"):  # the advisor last: pages_to_scan is read-only under it
+        if name not in original or name in left_alone or (name == "run" and original[name] == 2):
+            continue
+        with contextlib.suppress(KsmError, OSError):
+            if kernel.read_knob(name) == written.get(name):
+                kernel.write_knob(name, original[name])
+
+
+def _save_originals(original: dict, written: dict) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=STATE_DIR, prefix=".originals-", delete=False) as temporary:
+        json.dump({"original": original, "written": written}, temporary)
+    os.replace(temporary.name, ORIGINALS_FILE)
+
+
+def restore_left_over() -> None:
+    """The knobs a governor that was killed (SIGKILL, the OOM killer) had changed, put back
+    where they still hold what it wrote; called with the lock held."""
+    try:
+        with open(ORIGINALS_FILE) as file:
+            left = json.load(file)
+        original, written = dict(left["original"]), dict(left["written"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    _restore(original, written)
+    os.unlink(ORIGINALS_FILE)
+
+
 def decide_once(settings: Settings, seconds: float = 1.0) -> tuple[Decision, Tracker]:
-    """What the governor would decide now, from two samples `seconds` apart; changes nothing."""
+    """What a governor starting now would decide, from two samples `seconds` apart (no full
+    scan measured yet); changes nothing."""
+    kernel.require_ksm()
     tracker = Tracker()
     tracker.update(take_sample())
     time.sleep(seconds)

@@ -1,5 +1,6 @@
 """`ksmpreload status`: KSM's knobs and counters, the pages it saves, the processes using it."""
 
+import os
 import sys
 import time
 
@@ -90,6 +91,8 @@ def status_view(snap, compact=False):
 
 def governor_line(state):
     """What the governor does, in one line ("no governor runs" without one)."""
+    if state is None and os.geteuid() != 0:
+        return "governor: not known (its state is root's to read)"
     if state is None:
         return "governor: none runs (ksmpreload governor sets the scan rate from what is left to gain)"
     decision = state["decision"]

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -116,9 +118,9 @@ def test_man_pages_and_completion_come_from_the_installed_commands(installed):
     assert os.path.exists("/usr/share/zsh/vendor-completions/_ksmpreload")
 
 
-def unit_capabilities():
-    """The exporter unit's CapabilityBoundingSet, as setpriv's --bounding-set takes it."""
-    with open(UNIT) as unit:
+def unit_capabilities(path=UNIT):
+    """A unit's CapabilityBoundingSet, as setpriv's --bounding-set takes it."""
+    with open(path) as unit:
         (line,) = [line for line in unit if line.startswith("CapabilityBoundingSet=")]
     return ",".join("+" + cap.lower().removeprefix("cap_") for cap in line.split("=", 1)[1].split())
 
@@ -148,3 +150,35 @@ def test_the_exporter_unit_verifies_and_its_capabilities_are_enough(installed):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_governor_runs_with_its_units_capabilities(installed):
+    """The installed governor, with only the governor unit's capabilities: it sets the knobs
+    (KSM on for a process that merges as a whole), and SIGTERM puts them back (exit 143, which
+    the unit counts as success)."""
+    before = {name: kernel.read_knob(name) for name in ("run", "pages_to_scan", "sleep_millisecs")}
+    drop = ["setpriv", "--bounding-set", f"-all,{unit_capabilities(GOVERNOR_UNIT)}", "--no-new-privs"]
+    holder = subprocess.Popen(["/usr/bin/python3", "-c", "import ctypes, sys; ctypes.CDLL(None).prctl(67, 1, 0, 0, 0); "
+                               "data = bytes(range(256)) * 65536; print('ready', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    governor = None
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        governor = subprocess.Popen([*drop, "/usr/bin/ksmpreload", "governor", "--tick", "0.5"],
+                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while kernel.read_knob("run") != 1:
+            assert governor.poll() is None and time.monotonic() < deadline, governor.stderr.read()
+            time.sleep(0.1)
+        governor.send_signal(signal.SIGTERM)
+        assert governor.wait(timeout=30) == 143
+        assert "SuccessExitStatus=143" in open(GOVERNOR_UNIT).read()
+        assert {name: kernel.read_knob(name) for name in before} == before
+    finally:
+        for proc in (holder, governor):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for name, value in before.items():
+            if kernel.read_knob(name) != value:
+                kernel.write_knob(name, value)

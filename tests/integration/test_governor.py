@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import require_root_ksm
+from conftest import require, require_root_ksm
 from ksmpreload import governor, kernel
 
 HOLDER = """
@@ -39,7 +39,9 @@ def root_ksm_and_knobs_back():
     require_root_ksm()
     before = {name: kernel.read_knob(name) for name in (*governor.GOVERNED_KNOBS, "advisor_mode")}
     yield before
-    for name, value in before.items():  # whatever a failed test left
+    if kernel.read_knob("advisor_mode") not in (None, "none"):  # whatever a failed test left
+        kernel.write_knob("advisor_mode", "none")
+    for name, value in before.items():  # the advisor last: the rate is read-only under it
         if value is not None and kernel.read_knob(name) != value:
             kernel.write_knob(name, value)
 
@@ -154,3 +156,40 @@ def test_once_changes_nothing_and_says_why():
     after = kernel.read_knobs()
     assert {name: after[name] for name in governor.GOVERNED_KNOBS} == {n: before[n] for n in governor.GOVERNED_KNOBS}
     assert governor.read_state() is None, "--once leaves no state behind"
+
+
+def test_unmerging_run_2_is_the_operators_and_never_written_back():
+    """run 2 (unmerge everything) stays 2 while the governor runs and after it stops: writing
+    it back at the end would unmerge what merged meanwhile."""
+    kernel.write_knob("run", 2)
+    with running_governor(), holder(16, "same"):
+        time.sleep(2)
+        assert kernel.read_knob("run") == 2
+    assert kernel.read_knob("run") == 2
+
+
+def test_a_killed_governors_changes_are_put_back_by_the_next(root_ksm_and_knobs_back):
+    before = root_ksm_and_knobs_back
+    with holder(64, "same"):
+        with running_governor("--target-seconds", "4") as first:
+            wait_for(lambda: kernel.read_knob("pages_to_scan") != before["pages_to_scan"], "a rate of its own")
+            first.kill()
+            first.wait()
+        assert kernel.read_knob("pages_to_scan") != before["pages_to_scan"], "SIGKILL: nothing put back"
+        with running_governor("--pin-file", "/nonexistent/pin"):
+            pass  # its first tick: the knobs the killed one changed are put back first
+    assert {name: kernel.read_knob(name) for name in governor.GOVERNED_KNOBS} == {
+        name: before[name] for name in governor.GOVERNED_KNOBS
+    }
+
+
+def test_an_advisor_turned_on_by_the_operator_keeps_the_rate(root_ksm_and_knobs_back):
+    require(kernel.read_knob("advisor_mode") is not None, "this kernel has no advisor (6.8+)")
+    with running_governor() as proc, holder(16, "same"):
+        time.sleep(1.5)
+        kernel.write_knob("advisor_mode", "scan-time")
+        time.sleep(1.5)
+        assert proc.poll() is None and kernel.read_knob("advisor_mode") == "scan-time"
+        assert {"advisor_mode", "pages_to_scan", "sleep_millisecs"} <= set(governor.read_state()["left_alone"])
+    assert kernel.read_knob("advisor_mode") == "scan-time", "the operator's advisor stays on"
+    kernel.write_knob("advisor_mode", "none")

@@ -79,3 +79,22 @@ def test_knob_values_scan_about_the_rate(rate):
     pages, sleep = knob_values(rate)
     assert pages >= 1 and 10 <= sleep <= 2000
     assert pages * 1000 / sleep == pytest.approx(rate, rel=0.15)
+
+
+def test_without_pages_scanned_the_cost_comes_from_the_rate_set():
+    """Before 6.7 there is no pages_scanned: ksmd's CPU over the rate it was set to."""
+    before = Sample(0, 1, 0, None, 0, 0, 10_000_000, 1, 0.0, rate=10_000.0)
+    now = Sample(1, 1, 0, None, 0, 0, 10_000_000, 1, 0.1, rate=10_000.0)
+    tracker = tracked(before, now)
+    assert tracker.cpu_share == pytest.approx(0.1) and tracker.page_cost == pytest.approx(1e-5)
+
+
+def test_over_the_cap_for_a_whole_window_at_one_rate_cuts_in_proportion():
+    """Ten ticks at 5,000 pages/s with ksmd at 20% of a core (a 10% cap): half of it, less the
+    margin. The cut needs the whole window at that rate, so it is not compounded tick by tick."""
+    samples = [Sample(t, 1, 0, 5_000 * t, 0, 0, 10_000_000, 1, 0.2 * t, rate=5_000.0) for t in range(11)]
+    tracker = tracked(*samples)
+    assert tracker.steady_at(5_000.0) and tracker.cpu_share == pytest.approx(0.2)
+    assert decide(samples[-1], tracker, SETTINGS).pages_per_second == pytest.approx(5_000 * CAP_MARGIN * 0.1 / 0.2)
+    tracker.update(Sample(11, 1, 0, 55_000, 0, 0, 10_000_000, 1, 2.2, rate=2_000.0))
+    assert not tracker.steady_at(2_000.0), "a new rate: its window starts again"
