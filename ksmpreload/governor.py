@@ -52,7 +52,7 @@ CAP_MARGIN = 0.8
 @dataclass
 class Settings:
     max_cpu: float = 10.0  # percent of one core
-    target_seconds: float = 60.0
+    target_seconds: float = 10.0
     tick: float = 2.0
 
 

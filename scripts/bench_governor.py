@@ -20,6 +20,7 @@ reached, the saving integrated over time (MiB x s), the saving at the end, and k
 a core over the steady period (nothing new to merge). Needs root and KSM; every knob is put back.
 
     sudo python3 scripts/bench_governor.py [--minutes 10] [--policies ...] [--json F] [--plot F.png]
+    python3 scripts/bench_governor.py --minutes M --from-json F [--plot F.png]   # figures again
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def set_policy(policy):
 
 def run_policy(policy, seconds, redis_mib, worker_mib, random_mib):
     """Samples (t, saved MiB, ksmd CPU s) every second over the sequence, under `policy`."""
-    kernel.write_knob("run", 2)  # unmerge what the policy before left
+    kernel.write_knob("run", 2)  # unmerge what the policy before left (done when the write returns)
+    kernel.write_knob("run", 0)  # off, as a machine starts; run 2 would be an operator's unmerge to the governor
     governor = set_policy(policy)
     ksmd = kernel.ksmd_pid()
     cpu0, t0 = kernel.cpu_seconds(ksmd), time.monotonic()
@@ -166,16 +168,27 @@ def run_policy(policy, seconds, redis_mib, worker_mib, random_mib):
     return samples
 
 
+def seconds_to_90_percent(samples, start, end):
+    """Seconds from `start` until the saving had risen by 90% of what it rose to by `end` (its
+    peak in that window over its value at `start`); None when it rose by less than 1 MiB."""
+    window = [(t, saved) for t, saved, _ in samples if start <= t < end]
+    if not window:
+        return None
+    base = window[0][1]
+    gain = max(saved for _, saved in window) - base
+    if gain < 1:
+        return None
+    return round(next(t for t, saved in window if saved - base >= 0.9 * gain) - start, 1)
+
+
 def summary(samples, seconds):
     """The figures of one policy's samples."""
     integrated = sum(saved for _, saved, _ in samples)  # one sample a second
-    ninety = {}
-    for index, (fraction, phase) in enumerate(PHASES[:3]):
-        end = PHASES[index + 1][0] if index + 1 < len(PHASES) else 1.0
-        window = [(t, saved) for t, saved, _ in samples if fraction * seconds <= t < end * seconds]
-        peak = max((saved for _, saved in window), default=0)
-        reached = [t for t, saved in window if saved >= 0.9 * peak and peak > 0]
-        ninety[phase] = round(reached[0] - fraction * seconds, 1) if reached else None
+    ends = [fraction for fraction, _ in PHASES[1:]] + [1.0]
+    ninety = {
+        phase: seconds_to_90_percent(samples, fraction * seconds, end * seconds)
+        for (fraction, phase), end in zip(PHASES[:3], ends)
+    }
     steady = [(t, cpu) for t, _, cpu in samples if 0.25 * seconds <= t < 0.4 * seconds]
     steady_share = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) > 1 else None
     return {
@@ -214,9 +227,19 @@ def main():
     parser.add_argument("--random-mib", type=int, default=256)
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--from-json", help="no run: the figures and plot again from a --json file of a run")
     args = parser.parse_args()
-    saved = {name: kernel.read_knob(name) for name in KNOBS}
     seconds, results = args.minutes * 60, {}
+    if args.from_json:
+        with open(args.from_json) as saved_run:
+            results = {policy: {**summary(e["samples"], seconds), "samples": e["samples"]}
+                       for policy, e in json.load(saved_run).items()}  # fmt: skip
+        for policy, entry in results.items():
+            print(policy, json.dumps({k: v for k, v in entry.items() if k != "samples"}))
+        if args.plot:
+            plot(results, args.plot)
+        return
+    saved = {name: kernel.read_knob(name) for name in KNOBS}
     try:
         for policy in args.policies.split(","):
             if policy not in POLICIES:
