@@ -65,6 +65,32 @@ def unmerged(pids):
     wait_for(lambda: merged_pages(pids) == 0, "the unmerge", timeout=20)
 
 
+@contextlib.contextmanager
+def c_program(c_programs, name):
+    """One of tests/c's targets, once it has said it is ready (it then blocks reading stdin)."""
+    proc = subprocess.Popen([c_programs(name)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def finishes_after_a_byte(proc):
+    """A tests/c target reads its byte and exits 0, as it would have without attach."""
+    proc.stdin.write(b"x")
+    proc.stdin.flush()
+    return proc.wait(timeout=10) == 0
+
+
+def answers(proc, line):
+    """A reader gets `line` from its pipe and says so."""
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().split()[:2] == ["got", line]
+
+
 def merge_any(pid):
     return (kernel.process_ksm_stat(pid) or {}).get("ksm_merge_any")
 
@@ -84,9 +110,7 @@ def test_attached_processes_merge_and_a_read_they_were_blocked_in_gets_its_data(
             assert all(merge_any(proc.pid) == 0 for proc in procs)
             unmerged(proc.pid for proc in procs)
         for proc in procs:
-            proc.stdin.write("hello\n")
-            proc.stdin.flush()
-            assert proc.stdout.readline().split()[:2] == ["got", "hello"]
+            assert answers(proc, "hello")
             assert proc.wait(timeout=10) == 0
 
 
@@ -143,17 +167,10 @@ def test_a_stopped_process_stays_stopped_and_carries_on_after_sigcont():
 
 
 def test_a_process_in_seccomp_strict_mode_is_refused_and_lives(c_programs):
-    proc = subprocess.Popen([c_programs("seccomp_strict")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b"ready\n"
+    with c_program(c_programs, "seccomp_strict") as proc:
         done = ksmpreload("attach", "--force", str(proc.pid))
         assert done.returncode == 1 and "seccomp strict mode" in done.stderr, done.stderr
-        proc.stdin.write(b"x")
-        proc.stdin.flush()
-        assert proc.wait(timeout=10) == 0, "it read its byte and exited as it would have"
-    finally:
-        proc.kill()
-        proc.wait()
+        assert finishes_after_a_byte(proc), "it read its byte and exited as it would have"
 
 
 MERGE_ITSELF = """
@@ -204,9 +221,7 @@ def test_the_madvise_way_marks_the_regions_and_detach_unmarks_them():
             assert not any(anonymous_marked(proc.pid) for proc in procs)
             unmerged(proc.pid for proc in procs)
         for proc in procs:
-            proc.stdin.write("hello\n")
-            proc.stdin.flush()
-            assert proc.stdout.readline().split()[:2] == ["got", "hello"]
+            assert answers(proc, "hello")
 
 
 CTRL_C = """
@@ -253,9 +268,7 @@ def test_ctrl_c_while_a_process_is_held(strategy, where, at_call, changed):
         assert changed or anonymous_marked(proc.pid) == before, "marks made half-way are undone"
         assert (f"{proc.pid}: merging on" in done.stdout) == changed, done.stdout
         assert (attached.read(proc.pid) is not None) == changed, "a record exactly when it was changed"
-        proc.stdin.write("after\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().split()[:2] == ["got", "after"]
+        assert answers(proc, "after")
 
 
 AS_NOBODY = """
@@ -479,19 +492,12 @@ def wait_for(condition, what="the condition", timeout=30):
 
 
 def test_a_vfork_child_is_refused_and_its_parent_untouched(c_programs):
-    parent = subprocess.Popen([c_programs("vfork_child")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert parent.stdout.readline() == b"ready\n"
+    with c_program(c_programs, "vfork_child") as parent:
         (child,) = psutil.Process(parent.pid).children()
         done = ksmpreload("attach", "--no-predict", str(child.pid))
         assert done.returncode == 1 and "shares its memory with its parent" in done.stderr, done.stderr
         assert merge_any(parent.pid) == 0
-        parent.stdin.write(b"x")
-        parent.stdin.flush()
-        assert parent.wait(timeout=10) == 0
-    finally:
-        parent.kill()
-        parent.wait()
+        assert finishes_after_a_byte(parent)
 
 
 def test_one_failure_among_several_pids_reports_the_others_and_fails():
@@ -548,17 +554,10 @@ def test_bad_records_count_as_none_and_go(tmp_path):
 
 
 def test_a_process_under_a_seccomp_filter_is_refused_unless_forced(c_programs):
-    proc = subprocess.Popen([c_programs("seccomp_filter")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b"ready\n"
+    with c_program(c_programs, "seccomp_filter") as proc:
         refused = ksmpreload("attach", "--no-predict", str(proc.pid))
         assert refused.returncode == 1 and "seccomp filter" in refused.stderr and "--force" in refused.stderr
         assert len(refused.stderr.splitlines()) == 1 and merge_any(proc.pid) == 0
         forced = ksmpreload("attach", "--no-predict", "--force", str(proc.pid))
         assert forced.returncode == 0 and merge_any(proc.pid) == 1, forced.stderr
-        proc.stdin.write(b"x")
-        proc.stdin.flush()
-        assert proc.wait(timeout=10) == 0, "it read its byte and exited as it would have"
-    finally:
-        proc.kill()
-        proc.wait()
+        assert finishes_after_a_byte(proc), "it read its byte and exited as it would have"
