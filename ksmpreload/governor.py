@@ -6,8 +6,8 @@ that use KSM, and decides between two modes:
 - catch-up: there is memory ksmd has not looked at yet (a new process, an attach, a load: the
   anonymous pages of the processes using KSM beyond its rmap items), or the last full scan
   still merged GAIN_FRACTION of their pages: one full scan over them in --target-seconds;
-- settled: neither, for SETTLED_SCANS full scans in a row: one full scan in IDLE_FACTOR times
-  that, a trickle that still finds what changes slowly;
+- settled: neither, for SETTLED_SCANS full scans in a row: one full scan in --settled-seconds,
+  a trickle that still finds what changes slowly (growth is seen without it, as unseen memory);
 
 both capped so that ksmd's CPU time stays under --max-cpu percent of one core (the cost of a
 page measured from ksmd's own CPU time and pages_scanned, and the rate cut again whenever a
@@ -40,7 +40,6 @@ RATE_KNOBS = {"pages_to_scan", "sleep_millisecs"}
 GAIN_FRACTION = 0.005  # a full scan that merged less than this share of the pages gained nothing
 GAIN_PAGES = 64  # ... or fewer pages than this (a few pages flutter in any busy process)
 SETTLED_SCANS = 2
-IDLE_FACTOR = 20
 MIN_PAGES_PER_SECOND = 50.0
 BASE_SLEEP_MS = 20  # ksmd's default; a slower rate sleeps longer rather than scanning < 1 page
 MIN_SLEEP_MS, MAX_SLEEP_MS = 10, 2000
@@ -52,7 +51,8 @@ CAP_MARGIN = 0.8
 @dataclass
 class Settings:
     max_cpu: float = 10.0  # percent of one core
-    target_seconds: float = 10.0
+    target_seconds: float = 2.0  # a full scan while there is something to gain (a scan's CPU is the same at any speed)
+    settled_seconds: float = 600.0  # a full scan once there is not
     tick: float = 2.0
 
 
@@ -147,6 +147,8 @@ class Tracker:
         if now.full_scans > before.full_scans:
             self.scan_gains.append(now.saved_pages - self.saved_at_scan)
             self.saved_at_scan = now.saved_pages
+        if unseen_pages(now):  # new memory: ksmd's first pass over it only takes checksums, merges come after
+            self.scan_gains.clear()
 
     def _measure(self) -> None:
         cpu, scanned, seconds, _ = (sum(values) for values in zip(*self.recent))
@@ -163,6 +165,12 @@ def knob_values(pages_per_second: float) -> tuple[int, int]:
     return pages, min(max(sleep, MIN_SLEEP_MS), MAX_SLEEP_MS)
 
 
+def unseen_pages(now: Sample) -> int:
+    """The pages of KSM processes ksmd has no rmap item for yet, when more than a flutter."""
+    backlog = max(now.anonymous_pages - now.rmap_items, 0)
+    return backlog if backlog > max(GAIN_PAGES, GAIN_FRACTION * now.anonymous_pages) else 0
+
+
 def _gaining(now: Sample, tracker: Tracker) -> tuple[bool, str]:
     threshold = max(GAIN_PAGES, GAIN_FRACTION * now.anonymous_pages)
     if len(tracker.scan_gains) < SETTLED_SCANS:
@@ -177,15 +185,15 @@ def decide(now: Sample, tracker: Tracker, settings: Settings) -> Decision:
     if not now.anonymous_pages:
         rate, mode, reasons = MIN_PAGES_PER_SECOND, "nothing", ["no process uses KSM: nothing to scan"]
     else:
-        backlog = max(now.anonymous_pages - now.rmap_items, 0)
+        backlog = unseen_pages(now)
         gaining, why = _gaining(now, tracker)
-        if backlog > max(GAIN_PAGES, GAIN_FRACTION * now.anonymous_pages):
+        if backlog:
             mode, reasons = "catch-up", [f"{backlog} pages of KSM processes not looked at yet"]
         elif gaining:
             mode, reasons = "catch-up", [why]
         else:
             mode, reasons = "settled", [why]
-        seconds = settings.target_seconds * (1 if mode == "catch-up" else IDLE_FACTOR)
+        seconds = settings.target_seconds if mode == "catch-up" else settings.settled_seconds
         rate = max(now.anonymous_pages / seconds, MIN_PAGES_PER_SECOND)
         reasons.append(f"a full scan of {now.anonymous_pages} pages in {seconds:g} s")
     rate, capped = _capped(rate, tracker, settings)
@@ -391,7 +399,7 @@ class Governor:
             "ksmd_cpu_seconds": now.ksmd_cpu,
             "ksmd_cpu_percent": round(100 * self.tracker.cpu_share, 2),
             "merged_per_cpu_second": self.tracker.merged_per_cpu_second,
-            "unscanned_bytes": max(now.anonymous_pages - now.rmap_items, 0) * kernel.page_size(),
+            "unscanned_bytes": unseen_pages(now) * kernel.page_size(),
             "settings": asdict(self.settings),
         }
 

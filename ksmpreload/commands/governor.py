@@ -31,8 +31,14 @@ def decision_lines(decision, tracker=None):
     type=click.FloatRange(1, 86400),
     default=governing.Settings.target_seconds,
     show_default=True,
-    help="How long one full scan takes while scans still merge or new memory waits "
-    f"({governing.IDLE_FACTOR}x longer once they stop gaining).",
+    help="How long one full scan takes while scans still merge or new memory waits.",
+)
+@click.option(
+    "--settled-seconds",
+    type=click.FloatRange(1, 86400),
+    default=governing.Settings.settled_seconds,
+    show_default=True,
+    help="How long one full scan takes once full scans stop gaining (a trickle).",
 )
 @click.option(
     "--tick",
@@ -49,7 +55,7 @@ def decision_lines(decision, tracker=None):
 )
 @click.option("--once", is_flag=True, help="Print the decision it would take now, with its reasons; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --once: the decision as JSON.")
-def governor(max_cpu, target_seconds, tick, pin_file, once, as_json):
+def governor(max_cpu, target_seconds, settled_seconds, tick, pin_file, once, as_json):
     """Set ksmd's scan rate from what is left to gain (root; runs until Ctrl-C or SIGTERM).
 
     Fast while there is memory ksmd has not looked at (a new process, an attach, a load) or
@@ -60,7 +66,9 @@ def governor(max_cpu, target_seconds, tick, pin_file, once, as_json):
     """
     if as_json and not once:
         raise click.UsageError("--json goes with --once (the running governor's state is in status --json)")
-    settings = governing.Settings(max_cpu=max_cpu, target_seconds=target_seconds, tick=tick)
+    settings = governing.Settings(
+        max_cpu=max_cpu, target_seconds=target_seconds, settled_seconds=settled_seconds, tick=tick
+    )
     if once:
         decision, tracker = governing.decide_once(settings)
         if as_json:

@@ -89,7 +89,7 @@ def decision():
 
 def test_fast_when_memory_appears_a_trickle_once_scans_stop_gaining_knobs_back_on_sigterm(root_ksm_and_knobs_back):
     before = root_ksm_and_knobs_back
-    with running_governor("--target-seconds", "4", "--max-cpu", "50") as proc:
+    with running_governor("--target-seconds", "4", "--settled-seconds", "80", "--max-cpu", "50") as proc:
         with holder(64, "same"):
             wait_for(lambda: decision()["mode"] == "catch-up" and kernel.read_knob("run") == 1, "catch-up")
             fast = decision()["pages_per_second"]
@@ -113,7 +113,7 @@ def ksmd_share(seconds):
 def test_ksmd_stays_under_the_cpu_cap():
     """1 GiB of random data, settled: the governor wants a full scan in 20 s (13,000 pages a
     second, more than half a percent of a core here), and a 0.5% cap holds it below."""
-    with running_governor("--target-seconds", "1", "--max-cpu", "0.5"), holder(1024, "random"):
+    with running_governor("--settled-seconds", "20", "--max-cpu", "0.5"), holder(1024, "random"):
         wait_for(lambda: any("capped" in reason for reason in decision()["reasons"]), "the cap to bind")
         time.sleep(5)  # ksmd measured at the capped rate
         share = ksmd_share(10)
@@ -144,7 +144,7 @@ def test_a_second_instance_and_bad_flags_are_refused_in_one_line():
         second = subprocess.run(["ksmpreload", "governor"], capture_output=True, text=True, timeout=30)
         assert second.returncode == 1 and "another governor runs" in second.stderr, second.stderr
         assert len(second.stderr.splitlines()) == 1
-    for flags in (["--max-cpu", "0"], ["--target-seconds", "-1"], ["--json"]):
+    for flags in (["--max-cpu", "0"], ["--target-seconds", "-1"], ["--settled-seconds", "0"], ["--json"]):
         bad = subprocess.run(["ksmpreload", "governor", *flags], capture_output=True, text=True, timeout=30)
         assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, (flags, bad.stderr)
 

@@ -7,7 +7,6 @@ import pytest
 from ksmpreload.governor import (
     CAP_MARGIN,
     DEFAULT_PAGE_COST,
-    IDLE_FACTOR,
     MIN_PAGES_PER_SECOND,
     Sample,
     Settings,
@@ -16,7 +15,7 @@ from ksmpreload.governor import (
     knob_values,
 )
 
-SETTINGS = Settings(max_cpu=10, target_seconds=60)
+SETTINGS = Settings(max_cpu=10, target_seconds=60, settled_seconds=1200)
 
 
 def sample(t, full_scans=0, saved=0, rmap_items=0, anonymous=100_000, cpu=0.0, scanned=0):
@@ -41,7 +40,20 @@ def test_full_scans_that_stop_gaining_slow_it_to_a_trickle():
     samples = [sample(t, full_scans=t, saved=50_000, rmap_items=100_000) for t in range(4)]  # one scan merged all
     decision = decide(samples[-1], tracked(sample(-1, saved=0, rmap_items=100_000), *samples), SETTINGS)
     assert decision.mode == "settled"
-    assert decision.pages_per_second == pytest.approx(100_000 / (60 * IDLE_FACTOR), rel=0.01)
+    assert decision.pages_per_second == pytest.approx(100_000 / 1200, rel=0.01)
+
+
+def test_new_memory_gets_full_scans_to_merge_before_it_settles():
+    """Settled, then a process arrives: the scan that first sees it only takes checksums, so it
+    takes two full scans after the new memory was seen, neither merging, to settle again."""
+    settled = [sample(t, full_scans=t, saved=50_000, rmap_items=100_000) for t in range(4)]
+    arrival = sample(4, full_scans=3, saved=50_000, rmap_items=100_000, anonymous=200_000)
+    first_pass = sample(5, full_scans=4, saved=50_000, rmap_items=200_000, anonymous=200_000)
+    tracker = tracked(*settled, arrival, first_pass)
+    assert decide(first_pass, tracker, SETTINGS).mode == "catch-up"
+    second_pass = sample(6, full_scans=5, saved=50_000, rmap_items=200_000, anonymous=200_000)
+    tracker.update(second_pass)
+    assert decide(second_pass, tracker, SETTINGS).mode == "settled"
 
 
 def test_a_full_scan_that_still_merges_keeps_it_fast():
