@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import kernel
 from .errors import KsmError
+from .idle import IdleUnmarker
 
 STATE_DIR = "/run/ksmpreload"
 STATE_FILE = os.path.join(STATE_DIR, "governor.json")
@@ -53,6 +54,7 @@ class Settings:
     max_cpu: float = 10.0  # percent of one core
     target_seconds: float = 2.0  # a full scan while there is something to gain (a scan's CPU is the same at any speed)
     settled_seconds: float = 600.0  # a full scan once there is not
+    unmark_idle_seconds: float | None = None  # --unmark-idle: merging off where KSM found nothing this long
     tick: float = 2.0
 
 
@@ -93,9 +95,9 @@ def _mergeable_pages(process: dict) -> int:
     return _anonymous_pages(process["pid"]) if process.get("ksm_merge_any") else process.get("ksm_rmap_items", 0)
 
 
-def take_sample() -> Sample:
+def take_sample(processes: list[dict] | None = None) -> Sample:
     knobs = kernel.read_knobs()
-    processes = kernel.ksm_processes()
+    processes = kernel.ksm_processes() if processes is None else processes
     ksmd = kernel.ksmd_pid()
     return Sample(
         time=time.monotonic(),
@@ -119,6 +121,7 @@ class Tracker:
 
     previous: Sample | None = None
     saved_at_scan: int | None = None  # saved pages when the last full scan ended
+    rmap_at_scan: int = 0  # ksmd's rmap items then
     scan_gains: deque = field(default_factory=lambda: deque(maxlen=SETTLED_SCANS))
     recent: deque = field(default_factory=lambda: deque(maxlen=COST_TICKS))  # (cpu, scanned, seconds, rate) a tick
     page_cost: float = DEFAULT_PAGE_COST
@@ -132,7 +135,7 @@ class Tracker:
     def update(self, now: Sample) -> None:
         before, self.previous = self.previous, now
         if before is None:
-            self.saved_at_scan = now.saved_pages
+            self.saved_at_scan, self.rmap_at_scan = now.saved_pages, now.rmap_items
             return
         if None not in (now.ksmd_cpu, before.ksmd_cpu):
             cpu, seconds = now.ksmd_cpu - before.ksmd_cpu, max(now.time - before.time, 1e-3)
@@ -144,11 +147,12 @@ class Tracker:
             self._measure()
             if cpu > 0.01:
                 self.merged_per_cpu_second = (now.saved_pages - before.saved_pages) / cpu
+        taken_up = _more_than_a_flutter(now.rmap_items - self.rmap_at_scan, now)  # since the last full scan ended
         if now.full_scans > before.full_scans:
             self.scan_gains.append(now.saved_pages - self.saved_at_scan)
-            self.saved_at_scan = now.saved_pages
-        if unseen_pages(now):  # new memory: ksmd's first pass over it only takes checksums, merges come after
-            self.scan_gains.clear()
+            self.saved_at_scan, self.rmap_at_scan = now.saved_pages, now.rmap_items
+        if unseen_pages(now) or taken_up:
+            self.scan_gains.clear()  # new memory: ksmd's first pass over it only takes checksums, merges come after
 
     def _measure(self) -> None:
         cpu, scanned, seconds, _ = (sum(values) for values in zip(*self.recent))
@@ -165,10 +169,18 @@ def knob_values(pages_per_second: float) -> tuple[int, int]:
     return pages, min(max(sleep, MIN_SLEEP_MS), MAX_SLEEP_MS)
 
 
+def unscanned_pages(now: Sample) -> int:
+    """The pages of KSM processes ksmd has no rmap item for yet."""
+    return max(now.anonymous_pages - now.rmap_items, 0)
+
+
+def _more_than_a_flutter(pages: int, now: Sample) -> bool:
+    return pages > max(GAIN_PAGES, GAIN_FRACTION * now.anonymous_pages)
+
+
 def unseen_pages(now: Sample) -> int:
-    """The pages of KSM processes ksmd has no rmap item for yet, when more than a flutter."""
-    backlog = max(now.anonymous_pages - now.rmap_items, 0)
-    return backlog if backlog > max(GAIN_PAGES, GAIN_FRACTION * now.anonymous_pages) else 0
+    """unscanned_pages when more than a flutter (a few pages come and go in any busy process), else 0."""
+    return unscanned_pages(now) if _more_than_a_flutter(unscanned_pages(now), now) else 0
 
 
 def _gaining(now: Sample, tracker: Tracker) -> tuple[bool, str]:
@@ -293,9 +305,10 @@ class Governor:
     alone: the operator wins. pages_to_scan and sleep_millisecs are one rate: a change to
     either hands both over; a change to advisor_mode hands over the rate too."""
 
-    def __init__(self, settings: Settings, pin_file: str = PIN_FILE) -> None:
-        self.settings, self.pin_file = settings, pin_file
+    def __init__(self, settings: Settings, pin_file: str = PIN_FILE, say=lambda line: None) -> None:
+        self.settings, self.pin_file, self.say = settings, pin_file, say
         self.tracker = Tracker()
+        self.unmarker = IdleUnmarker(settings.unmark_idle_seconds) if settings.unmark_idle_seconds else None
         self.original: dict = {}  # knob -> value before the governor first wrote it
         self.written: dict = {}  # knob -> what the governor wrote last
         self.seen: dict = {}  # knob -> its value at the end of the last tick
@@ -305,6 +318,8 @@ class Governor:
         kernel.require_ksm()
         if os.geteuid() != 0:
             raise KsmError("the governor sets KSM's knobs: it needs root (run it with sudo)")
+        if self.unmarker and not kernel.kernel_features()["prctl_merge"]:
+            raise KsmError("--unmark-idle needs ksm_merging_pages in /proc/PID/ksm_stat (kernel 6.4 or newer)")
         lock = _lock()
         try:
             restore_left_over()
@@ -332,7 +347,8 @@ class Governor:
                 signal.signal(signal.SIGINT, previous)
 
     def tick(self) -> Decision:
-        now = take_sample()
+        processes = kernel.ksm_processes()
+        now = take_sample(processes)
         self.tracker.update(now)
         decision = decide(now, self.tracker, self.settings)
         pinned, why = self._pin()
@@ -340,6 +356,11 @@ class Governor:
             decision.reasons.insert(0, why)
         if not pinned:
             self._apply(decision, now)
+            if self.unmarker:
+                for result in self.unmarker.tick(processes, now.full_scans, now.time):
+                    self.say(unmark_line(result))
+        elif self.unmarker:
+            self.unmarker.watching.clear()  # pinned: the idle clocks start again once it is not
         write_state(self._state(decision, now, pinned))
         return decision
 
@@ -399,9 +420,23 @@ class Governor:
             "ksmd_cpu_seconds": now.ksmd_cpu,
             "ksmd_cpu_percent": round(100 * self.tracker.cpu_share, 2),
             "merged_per_cpu_second": self.tracker.merged_per_cpu_second,
-            "unscanned_bytes": unseen_pages(now) * kernel.page_size(),
+            "unscanned_bytes": unscanned_pages(now) * kernel.page_size(),
             "settings": asdict(self.settings),
+            "unmarked": self.unmarker.results if self.unmarker else [],
+            "unmarked_total": self.unmarker.unmarked if self.unmarker else 0,
         }
+
+
+def unmark_line(result: dict) -> str:
+    """One line for an --unmark-idle result."""
+    what = (
+        f"{result['pid']} ({result['comm']}): {result['rmap_items']} pages looked at, {result['merged_pages']} merged"
+    )
+    seen = f"over {result['idle_seconds']} s and {result['full_scans']} full scans"
+    if not result["unmarked"]:
+        return f"left merging in {what} {seen}: {result['why']}"
+    also = f"; {result['why']}" if result.get("why") else ""
+    return f"merging turned off in {what} {seen} (ksmpreload attach {result['pid']} turns it on again){also}"
 
 
 def _restore(original: dict, written: dict, left_alone=frozenset()) -> None:

@@ -197,6 +197,19 @@ def _remove_left_over(path):
         pass
 
 
+def published_strategy(pid: int) -> str | None:
+    """The strategy the shim in `pid` took (prctl, madvise, observe), from the counters file the
+    process maps, read through its root (its mount namespace); None without the shim or before
+    it published."""
+    for line in (kernel.process_maps_text(pid) or "").splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[5].endswith(f"/{pid}.stats"):
+            stats = _parse_file(os.path.join(kernel.PROC_DIR, str(pid), "root", fields[5][1:]), parse_stats, None)
+            if stats:
+                return stats["strategy"]
+    return None
+
+
 def shim_loaded(pid: int) -> bool:
     """libksmpreload.so is mapped in the process (it may not have published counters yet)."""
     return _maps_file(pid, "libksmpreload.so")

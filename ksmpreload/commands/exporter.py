@@ -124,6 +124,9 @@ def governor_metrics(state):
     ):  # fmt: skip
         if value is not None:
             yield GaugeMetricFamily(f"{PREFIX}_governor_{name}", help_text, value=value)
+    yield CounterMetricFamily(f"{PREFIX}_governor_unmarked_processes",
+                              "Processes whose merging the governor's --unmark-idle turned off.",
+                              value=state.get("unmarked_total", 0))  # fmt: skip
 
 
 def process_metrics(processes, savings):

@@ -1,9 +1,12 @@
 """`ksmpreload governor`: ksmd's scan rate set from what is left to gain, until stopped."""
 
+import contextlib
+
 import click
 
 from .. import governor as governing
 from .. import render
+from ..idle import IDLE_SECONDS
 
 
 def decision_lines(decision, tracker=None):
@@ -16,6 +19,12 @@ def decision_lines(decision, tracker=None):
     if tracker is not None:
         lines.append(f"ksmd: {100 * tracker.cpu_share:.1f}% of a core over the last second")
     return lines
+
+
+def _say(line):
+    """A line on the governor's output; a closed output (a pipe whose reader went) loses the line, not the governor."""
+    with contextlib.suppress(OSError):
+        click.echo(line)
 
 
 @click.command()
@@ -41,6 +50,19 @@ def decision_lines(decision, tracker=None):
     help="How long one full scan takes once full scans stop gaining (a trickle).",
 )
 @click.option(
+    "--unmark-idle",
+    is_flag=True,
+    help="Turn merging off (as detach does) in processes where ksmpreload turned it on (ksm-wrap, attach) "
+    "and KSM has merged nothing for --idle-seconds and 3 full scans; their rmap items cost memory and "
+    "their scans CPU.",
+)
+@click.option(
+    "--idle-seconds",
+    type=click.FloatRange(1, 10**7),
+    help=f"With --unmark-idle: how long a process merges nothing before its merging is turned off "
+    f"[default: {IDLE_SECONDS}].",
+)
+@click.option(
     "--tick",
     type=click.FloatRange(0.1, 60),
     default=governing.Settings.tick,
@@ -55,7 +77,7 @@ def decision_lines(decision, tracker=None):
 )
 @click.option("--once", is_flag=True, help="Print the decision it would take now, with its reasons; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --once: the decision as JSON.")
-def governor(max_cpu, target_seconds, settled_seconds, tick, pin_file, once, as_json):
+def governor(max_cpu, target_seconds, settled_seconds, unmark_idle, idle_seconds, tick, pin_file, once, as_json):
     """Set ksmd's scan rate from what is left to gain (root; runs until Ctrl-C or SIGTERM).
 
     Fast while there is memory ksmd has not looked at (a new process, an attach, a load) or
@@ -64,10 +86,20 @@ def governor(max_cpu, target_seconds, settled_seconds, tick, pin_file, once, as_
     alone any knob someone else changes, and puts back every knob it changed when it stops.
     One per machine. `ksmpreload status` and the exporter show its decisions (docs/GOVERNOR.md).
     """
+    if idle_seconds is not None and not unmark_idle:
+        raise click.UsageError("--idle-seconds goes with --unmark-idle")
+    if once and unmark_idle:
+        raise click.UsageError("--once decides the scan rate only; --unmark-idle needs a governor that runs")
+    if settled_seconds < target_seconds:
+        raise click.UsageError("--settled-seconds is shorter than --target-seconds: settled would scan faster")
     if as_json and not once:
         raise click.UsageError("--json goes with --once (the running governor's state is in status --json)")
     settings = governing.Settings(
-        max_cpu=max_cpu, target_seconds=target_seconds, settled_seconds=settled_seconds, tick=tick
+        max_cpu=max_cpu,
+        target_seconds=target_seconds,
+        settled_seconds=settled_seconds,
+        unmark_idle_seconds=(idle_seconds or IDLE_SECONDS) if unmark_idle else None,
+        tick=tick,
     )
     if once:
         decision, tracker = governing.decide_once(settings)
@@ -77,4 +109,4 @@ def governor(max_cpu, target_seconds, settled_seconds, tick, pin_file, once, as_
             click.echo("\n".join(decision_lines(decision, tracker)))
         return
     click.echo(f"ksmpreload governor: every {tick:g} s, at most {max_cpu:g}% of a core (Ctrl-C to stop)")
-    governing.Governor(settings, pin_file).run()
+    governing.Governor(settings, pin_file, say=_say).run()

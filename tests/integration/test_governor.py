@@ -4,12 +4,16 @@ cap, leaves alone a knob someone else sets, puts back every knob on SIGTERM, and
 second instance and bad flags in one line."""
 
 import contextlib
+import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import require, require_root_ksm
 from ksmpreload import governor, kernel
@@ -65,8 +69,8 @@ def running_governor(*options):
 
 
 @contextlib.contextmanager
-def holder(mib, kind):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(mib), kind], stdin=subprocess.PIPE,
+def holder(mib, kind, wrap=()):
+    proc = subprocess.Popen([*wrap, sys.executable, "-c", HOLDER, str(mib), kind], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stdout.readline() == "ready\n"
@@ -193,3 +197,77 @@ def test_an_advisor_turned_on_by_the_operator_keeps_the_rate(root_ksm_and_knobs_
         assert {"advisor_mode", "pages_to_scan", "sleep_millisecs"} <= set(governor.read_state()["left_alone"])
     assert kernel.read_knob("advisor_mode") == "scan-time", "the operator's advisor stays on"
     kernel.write_knob("advisor_mode", "none")
+
+
+def stress_ng_processes(parent):
+    return [parent, *(child.pid for child in psutil.Process(parent).children(recursive=True))]
+
+
+def test_unmark_idle_turns_merging_off_where_ksm_finds_nothing_and_leaves_the_rest():
+    """Under ksm-wrap, stress-ng writing random values (rand-set) merges nothing, and a holder
+    of equal blocks merges. With --unmark-idle --idle-seconds 5, stress-ng's processes have
+    merging turned off (their rmap items go) and keep running; the holder keeps its merged
+    pages. Machine-wide, as the governor is: any other idle ksm-wrap'd process is unmarked too."""
+    require(shutil.which("stress-ng"), "stress-ng is missing (apt-get install stress-ng)")
+    require(shutil.which("promtool"), "promtool is missing (apt-get install prometheus)")
+    require(kernel.kernel_features()["ksm_stat_flags"], "ksm_stat has no ksm_merge_any before about 6.14")
+    stress = subprocess.Popen(["ksm-wrap", "stress-ng", "--vm", "1", "--vm-bytes", "64M", "--vm-method", "rand-set",
+                               "--vm-keep", "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        with holder(64, "same", wrap=["ksm-wrap"]) as same:
+            wait_for(lambda: len(stress_ng_processes(stress.pid)) >= 3, "stress-ng's workers")
+            stressing = stress_ng_processes(stress.pid)
+            options = ("--unmark-idle", "--idle-seconds", "5", "--target-seconds", "1", "--max-cpu", "50")
+            with running_governor(*options):
+                unmarked = lambda: {entry["pid"] for entry in governor.read_state()["unmarked"] if entry["unmarked"]}  # noqa: E731
+                wait_for(lambda: set(stressing) <= unmarked(), "stress-ng's processes unmarked", timeout=120)
+                assert same.pid not in unmarked()
+                for pid in stressing:
+                    assert not kernel.process_ksm_stat(pid)["ksm_merge_any"]
+                wait_for(lambda: all(kernel.process_ksm_stat(pid)["ksm_rmap_items"] == 0 for pid in stressing),
+                         "stress-ng's rmap items freed")  # fmt: skip
+                holder_stat = kernel.process_ksm_stat(same.pid)
+                assert holder_stat["ksm_merge_any"] and holder_stat["ksm_merging_pages"] >= 0.9 * 64 * 256
+                assert governor_samples()[("ksmpreload_governor_unmarked_processes_total", ())] >= len(stressing)
+            assert stress.poll() is None and all(psutil.pid_exists(pid) for pid in stressing)
+    finally:
+        stress.terminate()
+        assert stress.wait(timeout=30) == 0, "stress-ng did not end cleanly after its merging was turned off"
+
+
+def test_idle_seconds_without_unmark_idle_is_refused():
+    bad = subprocess.run(["ksmpreload", "governor", "--idle-seconds", "5"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--idle-seconds goes with --unmark-idle" in bad.stderr
+
+
+def governor_samples():
+    scraped = subprocess.run(["ksmpreload", "exporter", "--once"], capture_output=True, text=True, timeout=60)
+    assert scraped.returncode == 0, scraped.stderr
+    checked = subprocess.run(["promtool", "check", "metrics"], input=scraped.stdout, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped.stdout)
+        for sample in family.samples
+        if sample.name.startswith("ksmpreload_governor_")
+    }
+
+
+def test_status_and_the_exporter_show_the_running_governor():
+    require(shutil.which("promtool"), "promtool is missing (apt-get install prometheus)")
+    with running_governor() as proc, holder(16, "same"):
+        wait_for(lambda: kernel.read_knob("run") == 1, "KSM on")
+        status = json.loads(subprocess.run(["ksmpreload", "status", "--json"], capture_output=True, text=True).stdout)
+        assert status["governor"]["pid"] == proc.pid and status["governor"]["decision"]["mode"] in (
+            "catch-up",
+            "settled",
+        )
+        samples = governor_samples()
+        modes = {labels[0][1]: value for (name, labels), value in samples.items() if name == "ksmpreload_governor_mode"}
+        assert samples[("ksmpreload_governor_running", ())] == 1
+        assert sorted(modes.values()) == [0, 0, 1] and set(modes) == {"catch-up", "settled", "nothing"}
+        assert samples[("ksmpreload_governor_pages_per_second", ())] > 0
+        assert samples[("ksmpreload_governor_unmarked_processes_total", ())] == 0
+        text = subprocess.run(["ksmpreload", "status"], capture_output=True, text=True).stdout
+        assert f"governor: pid {proc.pid}, " in text
+    assert governor_samples() == {("ksmpreload_governor_running", ()): 0}

@@ -44,16 +44,40 @@ def test_full_scans_that_stop_gaining_slow_it_to_a_trickle():
 
 
 def test_new_memory_gets_full_scans_to_merge_before_it_settles():
-    """Settled, then a process arrives: the scan that first sees it only takes checksums, so it
-    takes two full scans after the new memory was seen, neither merging, to settle again."""
+    """Settled, then a process arrives: the pass that takes its checksums cannot merge it, so it
+    takes two more full scans, neither merging, to settle again."""
     settled = [sample(t, full_scans=t, saved=50_000, rmap_items=100_000) for t in range(4)]
     arrival = sample(4, full_scans=3, saved=50_000, rmap_items=100_000, anonymous=200_000)
-    first_pass = sample(5, full_scans=4, saved=50_000, rmap_items=200_000, anonymous=200_000)
-    tracker = tracked(*settled, arrival, first_pass)
-    assert decide(first_pass, tracker, SETTINGS).mode == "catch-up"
-    second_pass = sample(6, full_scans=5, saved=50_000, rmap_items=200_000, anonymous=200_000)
-    tracker.update(second_pass)
-    assert decide(second_pass, tracker, SETTINGS).mode == "settled"
+    tracker = tracked(*settled, arrival)
+    for t in (5, 6):  # the checksum pass, then one pass that merged nothing
+        scan = sample(t, full_scans=t - 1, saved=50_000, rmap_items=200_000, anonymous=200_000)
+        tracker.update(scan)
+        assert decide(scan, tracker, SETTINGS).mode == "catch-up"
+    last = sample(7, full_scans=6, saved=50_000, rmap_items=200_000, anonymous=200_000)
+    tracker.update(last)
+    assert decide(last, tracker, SETTINGS).mode == "settled"
+
+
+def test_memory_taken_up_between_two_ticks_still_gets_its_merging_pass():
+    """ksmd can checksum a whole new process between two ticks, so no tick sees it unseen: the
+    growth of its rmap items clears the gains as well."""
+    settled = [sample(t, full_scans=t, saved=50_000, rmap_items=100_000) for t in range(4)]
+    checksummed = sample(4, full_scans=4, saved=50_000, rmap_items=200_000, anonymous=200_000)
+    tracker = tracked(*settled, checksummed)
+    assert decide(checksummed, tracker, SETTINGS).mode == "catch-up"
+
+
+def test_slow_growth_while_settled_adds_up_to_new_memory():
+    """Settled, a process (madvise: ksmd's rmap items are all the governor sees of it) grows by
+    0.2% a tick, under the flutter of one tick; by the third tick it is more than that since the
+    last full scan ended."""
+    settled = [sample(t, full_scans=t, saved=50_000, rmap_items=1_000_000, anonymous=1_000_000) for t in range(4)]
+    tracker = tracked(*settled)
+    for t, mode in ((4, "settled"), (5, "settled"), (6, "catch-up")):
+        grown = 1_000_000 + 2_000 * (t - 3)
+        now = sample(t, full_scans=3, saved=50_000, rmap_items=grown, anonymous=grown)
+        tracker.update(now)
+        assert decide(now, tracker, SETTINGS).mode == mode, t
 
 
 def test_a_full_scan_that_still_merges_keeps_it_fast():
