@@ -17,7 +17,7 @@ scans. It is run once under each policy:
 
 Per policy: ksmd CPU-seconds, seconds from each arrival to 90% of the saving that phase
 reached, the saving integrated over time (MiB x s), the saving at the end, and ksmd's share of
-a core over the steady period (nothing new to merge). Needs root and KSM; every knob is put back.
+a core over the steady period (25-40%: nothing new to merge) and after the workers left (85-100%). Needs root and KSM; every knob is put back.
 
     sudo python3 scripts/bench_governor.py [--minutes 10] [--policies ...] [--json F] [--plot F.png]
     python3 scripts/bench_governor.py --minutes M --from-json F [--plot F.png]   # figures again
@@ -189,15 +189,22 @@ def summary(samples, seconds):
         phase: seconds_to_90_percent(samples, fraction * seconds, end * seconds)
         for (fraction, phase), end in zip(PHASES[:3], ends)
     }
-    steady = [(t, cpu) for t, _, cpu in samples if 0.25 * seconds <= t < 0.4 * seconds]
-    steady_share = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) > 1 else None
     return {
         "ksmd_cpu_seconds": round(samples[-1][2], 2),
         "seconds_to_90_percent": ninety,
         "integrated_saving_mib_s": round(integrated),
         "saving_at_end_mib": round(samples[-1][1], 1),
-        "steady_ksmd_percent": None if steady_share is None else round(100 * steady_share, 2),
+        "steady_ksmd_percent": ksmd_percent(samples, 0.25 * seconds, 0.4 * seconds),
+        "end_ksmd_percent": ksmd_percent(samples, 0.85 * seconds, seconds),
     }
+
+
+def ksmd_percent(samples, start, end):
+    """ksmd's share of a core from `start` to `end` (seconds into the sequence), in percent."""
+    window = [(t, cpu) for t, _, cpu in samples if start <= t < end]
+    if len(window) < 2:
+        return None
+    return round(100 * (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]), 2)
 
 
 def plot(results, path):

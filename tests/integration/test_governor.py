@@ -217,7 +217,17 @@ def test_unmark_idle_turns_merging_off_where_ksm_finds_nothing_and_leaves_the_re
         with holder(64, "same", wrap=["ksm-wrap"]) as same:
             wait_for(lambda: len(stress_ng_processes(stress.pid)) >= 3, "stress-ng's workers")
             stressing = stress_ng_processes(stress.pid)
-            options = ("--unmark-idle", "--idle-seconds", "5", "--target-seconds", "1", "--max-cpu", "50")
+            options = (
+                "--unmark-idle",
+                "--idle-seconds",
+                "5",
+                "--target-seconds",
+                "1",
+                "--settled-seconds",
+                "10",
+                "--max-cpu",
+                "50",
+            )
             with running_governor(*options):
                 unmarked = lambda: {entry["pid"] for entry in governor.read_state()["unmarked"] if entry["unmarked"]}  # noqa: E731
                 wait_for(lambda: set(stressing) <= unmarked(), "stress-ng's processes unmarked", timeout=120)
