@@ -236,8 +236,11 @@ def _capped(rate: float, tracker: Tracker, settings: Settings) -> tuple[float, l
 
 def _lock() -> int:
     """The machine's one governor lock (a file lock, released when the process ends)."""
-    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
-    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        raise KsmError(f"cannot open the governor's lock {LOCK_FILE}: {error.strerror or error}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -249,10 +252,24 @@ def _lock() -> int:
     return fd
 
 
+def _write_json(path: str, data: dict) -> None:
+    """`data` into `path` whole or not at all (a full /run leaves no half file); KsmError if not."""
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=os.path.dirname(path), prefix=".governor-", delete=False
+        ) as temporary:
+            json.dump(data, temporary)
+        os.replace(temporary.name, path)
+    except OSError as error:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary.name)
+        raise KsmError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def write_state(state: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=STATE_DIR, prefix=".governor-", delete=False) as temporary:
-        json.dump(state, temporary)
-    os.replace(temporary.name, STATE_FILE)
+    _write_json(STATE_FILE, state)
 
 
 def _valid_state(state) -> bool:
@@ -449,9 +466,7 @@ def _restore(original: dict, written: dict, left_alone=frozenset()) -> None:
 
 
 def _save_originals(original: dict, written: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=STATE_DIR, prefix=".originals-", delete=False) as temporary:
-        json.dump({"original": original, "written": written}, temporary)
-    os.replace(temporary.name, ORIGINALS_FILE)
+    _write_json(ORIGINALS_FILE, {"original": original, "written": written})
 
 
 def restore_left_over() -> None:

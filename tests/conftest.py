@@ -70,12 +70,14 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 def allocators():
     """Parameters for tests under glibc's malloc and under Debian's jemalloc (LD_PRELOAD after the shim)."""
-    yield pytest.param((), id="glibc")
-    yield pytest.param(
-        (JEMALLOC,),
-        id="jemalloc",
-        marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
-    )
+    return [
+        pytest.param((), id="glibc"),
+        pytest.param(
+            (JEMALLOC,),
+            id="jemalloc",
+            marks=pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc2 missing"),
+        ),
+    ]
 
 
 @pytest.fixture(scope="session")

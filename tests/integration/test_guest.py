@@ -20,11 +20,11 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 def every_allocator():
     """glibc, jemalloc, and Debian's mimalloc and tcmalloc (in the test packages)."""
-    yield from allocators()
-    for name, path in (("mimalloc", MIMALLOC), ("tcmalloc", TCMALLOC)):
-        yield pytest.param(
-            (path,), id=name, marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing")
-        )
+    others = (("mimalloc", MIMALLOC), ("tcmalloc", TCMALLOC))
+    return allocators() + [
+        pytest.param((path,), id=name, marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing"))
+        for name, path in others
+    ]
 
 
 def rss_added_kib(program, mib, env):

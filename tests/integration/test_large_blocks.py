@@ -69,18 +69,21 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 def allocator_settings():
     """glibc as it comes and with the tunables that change its paths, and the other allocators."""
-    for tunables in (
+    glibc = (
         "",
         "glibc.malloc.tcache_count=0",
         "glibc.malloc.mmap_threshold=65536",
         "glibc.malloc.arena_max=1",
         "glibc.malloc.perturb=165",
-    ):
-        yield pytest.param((), tunables, id="glibc" + (f"-{tunables.split('.')[-1]}" if tunables else ""))
-    for name, path in (("jemalloc", JEMALLOC), ("mimalloc", MIMALLOC), ("tcmalloc", TCMALLOC)):
-        yield pytest.param(
-            (path,), "", id=name, marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing")
-        )
+    )
+    others = (("jemalloc", JEMALLOC), ("mimalloc", MIMALLOC), ("tcmalloc", TCMALLOC))
+    return [
+        pytest.param((), tunables, id="glibc" + (f"-{tunables.split('.')[-1]}" if tunables else ""))
+        for tunables in glibc
+    ] + [
+        pytest.param((path,), "", id=name, marks=pytest.mark.skipif(not os.path.exists(path), reason=f"{name} missing"))
+        for name, path in others
+    ]
 
 
 @pytest.mark.parametrize("threads", ["1", "4"])
