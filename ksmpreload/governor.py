@@ -238,17 +238,26 @@ def _lock() -> int:
     """The machine's one governor lock (a file lock, released when the process ends)."""
     try:
         os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as error:
         raise KsmError(f"cannot open the governor's lock {LOCK_FILE}: {error.strerror or error}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KsmError(f"{LOCK_FILE} is not a regular file: remove it")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise KsmError(f"another governor runs (pid {holder}); one per machine") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as error:
+        os.close(fd)
+        raise KsmError(f"cannot write the governor's lock {LOCK_FILE}: {error.strerror or error}") from None
     return fd
 
 
@@ -302,6 +311,14 @@ def _lock_held() -> bool | None:
         os.close(fd)
 
 
+def state_known() -> bool:
+    """Whether this user can tell if a governor runs (its lock is root's, in a root-only directory)."""
+    return _lock_held() is not None
+
+
+STATE_UNKNOWN_NOTE = "whether a governor runs is not known: its state is root's to read"
+
+
 def read_state() -> dict | None:
     """The running governor's last decision (its state file), or None when none runs (or the
     file is not one it wrote)."""
@@ -339,7 +356,14 @@ class Governor:
             raise KsmError("--unmark-idle needs ksm_merging_pages in /proc/PID/ksm_stat (kernel 6.4 or newer)")
         lock = _lock()
         try:
-            restore_left_over()
+            if self._pin()[0]:
+                _drop_left_over()  # pinned: the knobs are the operator's, also those a killed governor left
+            else:
+                restore_left_over()
+            self.say(
+                f"ksmpreload governor: every {self.settings.tick:g} s, at most {self.settings.max_cpu:g}% of a core "
+                "(Ctrl-C to stop)"
+            )
             count = 0
             while ticks is None or count < ticks:
                 self.tick()
@@ -349,12 +373,14 @@ class Governor:
             self._clean_up(lock)
 
     def _clean_up(self, lock: int) -> None:
-        """Knobs back, state gone, lock released; a second Ctrl-C waits until it is done."""
+        """Knobs back (unless pinned: then they are the operator's), state gone, lock released; a
+        second Ctrl-C waits until it is done."""
         previous = None
         with contextlib.suppress(ValueError):  # not in the main thread: no handler to change
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            self.restore()
+            if not self._pin()[0]:
+                self.restore()
             for path in (STATE_FILE, ORIGINALS_FILE):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -413,11 +439,10 @@ class Governor:
 
     def _write(self, name: str, value) -> None:
         """Writes one knob, the value it had first kept in ORIGINALS_FILE before the write."""
-        previous = kernel.read_knob(name)
-        if name not in self.original:
-            self.original[name] = previous
-        self.written[name] = value
-        _save_originals(self.original, self.written)
+        original = {name: kernel.read_knob(name), **self.original}  # the value before its first write
+        written = {**self.written, name: value}
+        _save_originals(original, written)  # KsmError (a full /run): nothing written, nothing recorded
+        self.original, self.written = original, written
         try:
             kernel.write_knob(name, value)
         except KsmError:
@@ -473,13 +498,20 @@ def restore_left_over() -> None:
     """The knobs a governor that was killed (SIGKILL, the OOM killer) had changed, put back
     where they still hold what it wrote; called with the lock held."""
     try:
-        with open(ORIGINALS_FILE) as file:
-            left = json.load(file)
+        with open(os.open(ORIGINALS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)) as file:
+            info = os.fstat(file.fileno())
+            left = json.load(file) if stat.S_ISREG(info.st_mode) and info.st_uid == 0 else None
         original, written = dict(left["original"]), dict(left["written"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    _restore(original, written)
-    os.unlink(ORIGINALS_FILE)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none, or not one a governor wrote
+        original = written = None
+    if original is not None:
+        _restore(original, written)
+    _drop_left_over()
+
+
+def _drop_left_over() -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(ORIGINALS_FILE)
 
 
 def decide_once(settings: Settings, seconds: float = 1.0) -> tuple[Decision, Tracker]:

@@ -14,8 +14,11 @@ long as the last.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 
 from . import attach, attached, kernel, shimstats
 from .errors import KsmError
@@ -26,6 +29,7 @@ IDLE_MERGED_PAGES = 64
 IDLE_MERGED_SHARE = 1000
 GROWTH_SHARE = 100  # rmap items grown by more than one in this many: new memory, the clock starts again
 KEPT_RESULTS = 50
+UNMARK_SECONDS = 30  # the longest one unmark may hold up the governor
 
 
 @dataclass
@@ -58,9 +62,49 @@ def _grew(process: dict, watch: Watch) -> bool:
     )
 
 
-def _turn_off(pid: int) -> attach.Attached:
+def turn_off_here(pid: int) -> attach.Attached:
     attach.check_target(pid)  # without force: a seccomp filter or a tracer leaves it as it is
     return attach.detach(pid, force=True)
+
+
+def _turn_off(pid: int) -> attach.Attached:
+    """turn_off_here in a child process (python -m ksmpreload.idle PID), so that a target whose
+    thread cannot be held, or whose call does not return (its memory map locked by another
+    thread), costs the governor UNMARK_SECONDS at most: the child is then killed, and the
+    target's thread goes on as after a SIGKILL of attach. A stop of the governor meanwhile waits
+    for the child, which defers its own signals while it holds a thread."""
+    child = subprocess.Popen([sys.executable, "-m", "ksmpreload.idle", str(pid)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = child.communicate(timeout=UNMARK_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        raise KsmError(f"{pid} was not unmarked within {UNMARK_SECONDS} s; let go") from None
+    except BaseException:  # Ctrl-C, SIGTERM: the child finishes what it holds first
+        try:
+            child.wait(timeout=UNMARK_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+    try:
+        answer = json.loads(output)
+        if child.returncode == 0:
+            return attach.Attached(**answer)
+        reason = answer["error"]
+    except (ValueError, TypeError, KeyError):
+        reason = f"the unmark of {pid} ended with {child.returncode}"
+    raise KsmError(reason)
+
+
+def _main(argv: list[str]) -> int:
+    """python -m ksmpreload.idle PID: turn_off_here, its result (or error) as one JSON line."""
+    try:
+        print(json.dumps(asdict(turn_off_here(int(argv[1])))))
+    except (KsmError, OSError) as error:
+        print(json.dumps({"error": str(error) or type(error).__name__}))
+        return 1
+    return 0
 
 
 class IdleUnmarker:
@@ -158,3 +202,7 @@ class IdleUnmarker:
         if done.failed_regions:
             return {**result, "unmarked": True, "why": f"{done.failed_regions} of its regions refused MADV_UNMERGEABLE"}
         return {**result, "unmarked": True}
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv))

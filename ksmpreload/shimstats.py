@@ -8,8 +8,10 @@ A file is current only while its process still maps it; others are left-overs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import struct
 import time
 
@@ -197,17 +199,44 @@ def _remove_left_over(path):
         pass
 
 
+COUNTERS_READ_BYTES = 64 << 10  # the counters and their names lie well within this; the records follow
+
+
 def published_strategy(pid: int) -> str | None:
     """The strategy the shim in `pid` took (prctl, madvise, observe), from the counters file the
-    process maps, read through its root (its mount namespace); None without the shim or before
-    it published."""
+    process maps; None without the shim, before it published, or when the file is not that one.
+    The path is the process's to change, so the file is opened through its root without
+    following a last symlink or blocking (a FIFO), and must be the regular file the mapping
+    names (device and inode), read no further than COUNTERS_READ_BYTES."""
+    if not shim_loaded(pid):
+        return None
     for line in (kernel.process_maps_text(pid) or "").splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5].startswith("/") and fields[5].endswith(f"/{pid}.stats"):
-            stats = _parse_file(os.path.join(kernel.PROC_DIR, str(pid), "root", fields[5][1:]), parse_stats, None)
-            if stats:
-                return stats["strategy"]
+            data = _read_mapped(pid, fields[3], fields[4], fields[5])
+            with contextlib.suppress(ValueError):
+                return parse_stats(data)["strategy"] if data else None
     return None
+
+
+def _read_mapped(pid: int, device: str, inode: str, path: str) -> bytes | None:
+    """The start of the file at `path` in pid's root when it is the mapped one (maps' device
+    "major:minor" in hex, and inode), else None."""
+    try:
+        major, minor = (int(part, 16) for part in device.split(":"))
+        fd = os.open(
+            os.path.join(kernel.PROC_DIR, str(pid), "root", path[1:]), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        )
+    except (OSError, ValueError):
+        return None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode) or (info.st_dev, str(info.st_ino)) != (os.makedev(major, minor), inode):
+            return None
+        try:
+            return file.read(COUNTERS_READ_BYTES)
+        except OSError:
+            return None
 
 
 def shim_loaded(pid: int) -> bool:

@@ -9,6 +9,7 @@ from ..workloads.runner import WORKLOADS
 from ..workloads.runner import check_options
 from .workload_view import MEASURED_COLUMNS, measured_cells, refuse_without_workload, vanished_lines, workload_options
 from ..sizes import MIB
+from .options import FiniteRange
 
 COLUMNS = [
     ("allocator", "left"),
@@ -116,7 +117,7 @@ def plot(results, path, title):
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=1),
+    type=FiniteRange(min=1),
     default=120,
     show_default=True,
     metavar="SECONDS",
@@ -124,7 +125,7 @@ def plot(results, path, title):
 )
 @click.option(
     "--warmup",
-    type=click.FloatRange(min=0),
+    type=FiniteRange(min=0),
     default=1.0,
     show_default=True,
     metavar="SECONDS",
@@ -135,7 +136,7 @@ def plot(results, path, title):
 )
 @click.option(
     "--load-timeout",
-    type=click.FloatRange(min=1),
+    type=FiniteRange(min=1),
     default=1800,
     show_default=True,
     metavar="SECONDS",

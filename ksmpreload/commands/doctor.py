@@ -15,6 +15,7 @@ from .. import attribution, diagnosis, kernel, render, scanning
 from ..errors import EXIT_NOT_FOUND, KsmError
 from ..processes import ksm_wrap_command, merged_pages, process_tree
 from ..sizes import MIB
+from .options import FiniteRange
 
 START_SECONDS = 1.0  # a started command gets this long to allocate before the wait for merging
 
@@ -150,7 +151,7 @@ def split_targets(args):
 @click.option("--json", "as_json", is_flag=True, help="The findings as one JSON object.")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteRange(min=0),
     default=120,
     show_default=True,
     metavar="SECONDS",

@@ -119,14 +119,15 @@ def governor_metrics(state):
         ("pages_per_second", "The scan rate the governor chose.", decision["pages_per_second"]),
         ("pinned", "1 while the pin file keeps the governor's hands off the knobs.", int(state["pinned"])),
         ("merged_pages_per_cpu_second", "Pages merged per CPU second of ksmd over the last tick.",
-         state["merged_per_cpu_second"]),
-        ("unscanned_bytes", "Memory of processes using KSM that ksmd has not looked at yet.", state["unscanned_bytes"]),
+         state.get("merged_per_cpu_second")),
+        ("unscanned_bytes", "Memory of processes using KSM that ksmd has not looked at yet.",
+         state.get("unscanned_bytes")),
     ):  # fmt: skip
-        if value is not None:
+        if isinstance(value, (int, float)):  # a field the state lacks is left out
             yield GaugeMetricFamily(f"{PREFIX}_governor_{name}", help_text, value=value)
     yield CounterMetricFamily(f"{PREFIX}_governor_unmarked_processes",
                               "Processes whose merging the governor's --unmark-idle turned off.",
-                              value=state.get("unmarked_total", 0))  # fmt: skip
+                              value=state.get("unmarked_total") if isinstance(state.get("unmarked_total"), int) else 0)  # fmt: skip
 
 
 def process_metrics(processes, savings):
@@ -265,7 +266,10 @@ class KsmCollector:
         knobs = kernel.read_knobs()
         yield from knob_metrics(knobs)
         yield from self.ksmd_metrics()
-        yield from governor_metrics(governor.read_state())
+        if governor.state_known():  # else absent, not "none runs": the exporter runs without root
+            yield from governor_metrics(governor.read_state())
+        else:
+            self.note([governor.STATE_UNKNOWN_NOTE])
         processes, unreadable = kernel.ksm_processes_and_unreadable()
         savings = estimated_savings(processes, knobs)
         yield from process_metrics(processes, savings)

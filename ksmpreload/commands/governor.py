@@ -7,6 +7,7 @@ import click
 from .. import governor as governing
 from .. import render
 from ..idle import IDLE_SECONDS
+from .options import FiniteRange
 
 
 def decision_lines(decision, tracker=None):
@@ -30,21 +31,21 @@ def _say(line):
 @click.command()
 @click.option(
     "--max-cpu",
-    type=click.FloatRange(0.1, 100),
+    type=FiniteRange(0.1, 100),
     default=governing.Settings.max_cpu,
     show_default=True,
     help="The most of one core ksmd may use, in percent (measured from its CPU time).",
 )
 @click.option(
     "--target-seconds",
-    type=click.FloatRange(1, 86400),
+    type=FiniteRange(1, 86400),
     default=governing.Settings.target_seconds,
     show_default=True,
     help="How long one full scan takes while scans still merge or new memory waits.",
 )
 @click.option(
     "--settled-seconds",
-    type=click.FloatRange(1, 86400),
+    type=FiniteRange(1, 86400),
     default=governing.Settings.settled_seconds,
     show_default=True,
     help="How long one full scan takes once full scans stop gaining (a trickle).",
@@ -58,13 +59,13 @@ def _say(line):
 )
 @click.option(
     "--idle-seconds",
-    type=click.FloatRange(1, 10**7),
+    type=FiniteRange(1, 10**7),
     help=f"With --unmark-idle: how long a process merges nothing before its merging is turned off "
     f"[default: {IDLE_SECONDS}].",
 )
 @click.option(
     "--tick",
-    type=click.FloatRange(0.1, 60),
+    type=FiniteRange(0.1, 60),
     default=governing.Settings.tick,
     show_default=True,
     help="Seconds between two looks.",
@@ -108,5 +109,4 @@ def governor(max_cpu, target_seconds, settled_seconds, unmark_idle, idle_seconds
         else:
             click.echo("\n".join(decision_lines(decision, tracker)))
         return
-    click.echo(f"ksmpreload governor: every {tick:g} s, at most {max_cpu:g}% of a core (Ctrl-C to stop)")
     governing.Governor(settings, pin_file, say=_say).run()

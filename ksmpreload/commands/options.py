@@ -1,8 +1,20 @@
 """Options that several subcommands share."""
 
+import math
+
 import click
 
 from .. import groups
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that refuses nan, which its bounds let through."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail("nan is not a number", param, ctx)
+        return number
 
 
 def by_option(help_text: str):

@@ -1,6 +1,5 @@
 """`ksmpreload status`: KSM's knobs and counters, the pages it saves, the processes using it."""
 
-import os
 import sys
 import time
 
@@ -10,6 +9,7 @@ from rich.text import Text
 
 from .. import attached as attach_records, governor, kernel, render
 from ..sizes import MIB
+from .options import FiniteRange
 
 NOT_SHOWN = "-"  # a ksm_stat field this kernel does not have
 
@@ -40,7 +40,8 @@ def snapshot():
         "mib_saved": round(saved * kernel.page_size() / MIB, 2),
         "processes": processes,
         "governor": governor.read_state(),
-        "notes": kernel.unreadable_notes(unreadable),
+        "notes": kernel.unreadable_notes(unreadable)
+        + ([] if governor.state_known() else [governor.STATE_UNKNOWN_NOTE]),
     }
 
 
@@ -91,7 +92,7 @@ def status_view(snap, compact=False):
 
 def governor_line(state):
     """What the governor does, in one line ("no governor runs" without one)."""
-    if state is None and os.geteuid() != 0:
+    if state is None and not governor.state_known():
         return "governor: not known (its state is root's to read)"
     if state is None:
         return "governor: none runs (ksmpreload governor sets the scan rate from what is left to gain)"
@@ -126,7 +127,7 @@ def watch_stream(seconds, as_json):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
 @click.option(
     "--watch",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteRange(min=0, min_open=True),
     metavar="SECONDS",
     help="Refresh every SECONDS until Ctrl-C: in place on a terminal, else one "
     "snapshot per interval (with --json, one object per line).",

@@ -6,9 +6,9 @@ import click
 from rich.console import Group
 from rich.text import Text
 
-from .options import by_option
 from .. import attached as attach_records, governor, groups, kernel, render, saving, shimstats
 from ..sizes import MIB
+from .options import FiniteRange, by_option
 
 SORT_KEYS = {  # --sort choice -> (row key, largest first)
     "saved": ("net_saved", True),
@@ -110,7 +110,7 @@ def snapshot(sort, name_filter, by="process"):
         "groups" if by != "process" else "processes": rows,
         "totals": totals,
         "governor": governor.read_state(),
-        "notes": notes,
+        "notes": notes + ([] if governor.state_known() else [governor.STATE_UNKNOWN_NOTE]),
     }
 
 
@@ -169,7 +169,7 @@ def view(snap, limit):
 @click.option("--filter", "name_filter", metavar="TEXT", help="Only processes whose command line contains TEXT.")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=FiniteRange(min=0.1),
     default=2.0,
     show_default=True,
     metavar="SECONDS",

@@ -143,12 +143,33 @@ def test_the_pin_file_keeps_its_hands_off(tmp_path, root_ksm_and_knobs_back):
             assert kernel.read_knob("pages_to_scan") == root_ksm_and_knobs_back["pages_to_scan"]
 
 
+def test_a_pin_made_while_it_runs_keeps_its_hands_off_when_it_stops_too(tmp_path):
+    pin = tmp_path / "pin"
+    with running_governor("--pin-file", str(pin)) as proc, holder(16, "same"):
+        wait_for(lambda: kernel.read_knob("run") == 1 and decision()["mode"] == "catch-up", "KSM on, catching up")
+        pin.write_text("")
+        wait_for(lambda: governor.read_state()["pinned"], "the pin seen")
+        pinned = {name: kernel.read_knob(name) for name in governor.GOVERNED_KNOBS}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert {name: kernel.read_knob(name) for name in governor.GOVERNED_KNOBS} == pinned, (
+            "the knobs are the operator's"
+        )
+
+
 def test_a_second_instance_and_bad_flags_are_refused_in_one_line():
     with running_governor():
         second = subprocess.run(["ksmpreload", "governor"], capture_output=True, text=True, timeout=30)
         assert second.returncode == 1 and "another governor runs" in second.stderr, second.stderr
         assert len(second.stderr.splitlines()) == 1
-    for flags in (["--max-cpu", "0"], ["--target-seconds", "-1"], ["--settled-seconds", "0"], ["--json"]):
+    bad_flags = (
+        ["--max-cpu", "0"],
+        ["--target-seconds", "-1"],
+        ["--settled-seconds", "0"],
+        ["--json"],
+        ["--tick", "nan"],
+    )
+    for flags in bad_flags:
         bad = subprocess.run(["ksmpreload", "governor", *flags], capture_output=True, text=True, timeout=30)
         assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, (flags, bad.stderr)
 

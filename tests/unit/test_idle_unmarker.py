@@ -176,3 +176,8 @@ def test_a_reused_pid_starts_over(made_up_processes):
     assert off == []
     watcher.tick([process()], full_scans=10, now=200)
     assert off == [100]
+
+
+def test_the_unmark_runs_in_a_child_and_its_refusal_comes_back_as_one_error():
+    with pytest.raises(KsmError, match="no process 999999999"):
+        idle._turn_off(999_999_999)
