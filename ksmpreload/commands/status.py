@@ -83,7 +83,7 @@ def status_view(snap, compact=False):
         layout(snap["ksm"].items()),
         Text(),
         saved,
-        Text(governor_line(snap["governor"])),
+        *([Text(line)] if (line := governor_line(snap["governor"])) else []),
         Text(),
         processes,
         *render.note_lines(snap["notes"]),
@@ -91,9 +91,10 @@ def status_view(snap, compact=False):
 
 
 def governor_line(state):
-    """What the governor does, in one line ("no governor runs" without one)."""
+    """What the governor does, in one line ("no governor runs" without one); None when that is
+    not known (without root: a note says so)."""
     if state is None and not governor.state_known():
-        return "governor: not known (its state is root's to read)"
+        return None
     if state is None:
         return "governor: none runs (ksmpreload governor sets the scan rate from what is left to gain)"
     decision = state["decision"]
