@@ -208,9 +208,10 @@ def published_strategy(pid: int) -> str | None:
     The path is the process's to change, so the file is opened through its root without
     following a last symlink or blocking (a FIFO), and must be the regular file the mapping
     names (device and inode), read no further than COUNTERS_READ_BYTES."""
-    if not shim_loaded(pid):
+    lines = (kernel.process_maps_text(pid) or "").splitlines()
+    if not any(line.rstrip().endswith("libksmpreload.so") for line in lines):
         return None
-    for line in (kernel.process_maps_text(pid) or "").splitlines():
+    for line in lines:
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5].startswith("/") and fields[5].endswith(f"/{pid}.stats"):
             data = _read_mapped(pid, fields[3], fields[4], fields[5])
